@@ -1,0 +1,31 @@
+"""The ``rnndrop`` command.
+
+rnndrop demo [--steps N]       train a small LSTM with each scheme on delayed recall
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="rnndrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="train a small LSTM with each dropout scheme (CPU, ~2 min)")
+    demo.add_argument("--steps", type=int, default=1500, help="training steps per scheme")
+    demo.add_argument("--distance", type=int, default=10, help="recall distance d")
+    demo.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        run_demo(steps=args.steps, distance=args.distance, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

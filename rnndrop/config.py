@@ -1,0 +1,342 @@
+"""Dropout schemes as data.
+
+A scheme is one frozen :class:`RecurrentDropout`: a rate per *site* (where in the
+LSTM the mask acts) plus a mask policy shared by the sites. Named constructors build
+the schemes from the literature; every field can also be set directly, from Python or
+from a YAML block. This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+__all__ = ["RATE_FIELDS", "RecurrentDropout", "check_rate"]
+
+TimePolicy = Literal["per_step", "per_sequence"]
+BatchPolicy = Literal["per_sample", "per_batch"]
+Scaling = Literal["inverted", "classic"]
+
+#: The dropout sites of :class:`RecurrentDropout`, in the order the docs list them.
+RATE_FIELDS: tuple[str, ...] = (
+    "embedding",
+    "input",
+    "between_layers",
+    "recurrent",
+    "output",
+    "candidate",
+    "weight_hh",
+    "zoneout_hidden",
+    "zoneout_cell",
+)
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "time": ("per_step", "per_sequence"),
+    "batch": ("per_sample", "per_batch"),
+    "embedding_batch": ("per_sample", "per_batch"),
+    "scaling": ("inverted", "classic"),
+}
+
+
+def check_rate(name: str, p: Any) -> float:
+    """Return ``p`` as a float, or raise ``ValueError`` naming ``name`` if it is not in [0, 1)."""
+    if isinstance(p, bool) or not isinstance(p, numbers.Real):
+        raise ValueError(f"{name} must be a number in [0, 1), got {p!r} ({type(p).__name__})")
+    p = float(p)
+    if not (0.0 <= p < 1.0) or math.isnan(p):
+        hint = " (a rate of 1 drops everything; use a value below 1)" if p == 1.0 else ""
+        raise ValueError(f"{name} must be in [0, 1), got {p}{hint}")
+    return p
+
+
+@dataclass(frozen=True)
+class RecurrentDropout:
+    r"""Where and how an LSTM drops units.
+
+    LSTM step (torch's gate order i, f, g, o)::
+
+        i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
+        c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)
+        h_t = σ(o) ⊙ tanh(c_t)
+
+    Each site below has its own rate ``p`` in [0, 1). With ``scaling="inverted"``
+    (default) kept values are multiplied by ``1/(1-p)`` in training and eval is the
+    identity; with ``scaling="classic"`` (Srivastava et al. 2014) training masks are
+    0/1 and eval multiplies by ``1-p``. Zoneout never rescales.
+
+    Sites:
+        embedding: whole word types (rows of the embedding matrix); used by
+            :class:`rnndrop.nn.EmbeddingDropout` and the language model, not by the LSTM.
+        input: ``x_t`` entering the first layer.
+        between_layers: ``h_t`` of layer ``l`` where it enters layer ``l+1``.
+        recurrent: ``h_{t-1}`` where it enters ``W_hh`` (not where it is the output).
+        output: ``h_t`` leaving the last layer.
+        candidate: ``tanh(g)`` in the cell update only (Semeniuta et al. 2016).
+        weight_hh: elements of ``W_hh`` (DropConnect), one mask per forward call,
+            shared over time and batch (Merity et al. 2017).
+        zoneout_hidden / zoneout_cell: per unit and step, keep the previous value
+            instead of the new one; eval uses the expectation
+            ``z·prev + (1-z)·new`` (Krueger et al. 2016).
+
+    Mask policy (for input, between_layers, recurrent, output and candidate):
+        time: ``"per_sequence"`` (one mask shared by all steps: variational / locked)
+            or ``"per_step"`` (a fresh mask every step).
+        batch: ``"per_sample"`` (each sequence its own mask) or ``"per_batch"`` (one
+            mask for the batch; recurrent per-batch per-sequence masks then run on the
+            fused kernel, folded into the columns of ``W_hh``).
+        tied: one mask for all four gates (``True``) or one per gate (``False``,
+            Gal's untied form) on the input, between-layer and recurrent sites.
+        embedding_batch: the batch policy of the embedding site (AWD: ``"per_batch"``).
+        scaling: ``"inverted"`` or ``"classic"``.
+
+    Zoneout masks are always drawn per step and per sample, as in Krueger et al.
+    """
+
+    embedding: float = 0.0  # whole word types (rows of the embedding matrix)
+    input: float = 0.0  # x_t entering the first layer
+    between_layers: float = 0.0  # h_t of layer l entering layer l + 1
+    recurrent: float = 0.0  # h_{t-1} where it enters W_hh
+    output: float = 0.0  # h_t leaving the last layer
+    candidate: float = 0.0  # tanh(g) in the cell update (Semeniuta)
+    weight_hh: float = 0.0  # DropConnect on W_hh, one mask per forward (Merity)
+    zoneout_hidden: float = 0.0  # probability of keeping h_{t-1} per unit (Krueger)
+    zoneout_cell: float = 0.0  # probability of keeping c_{t-1} per unit (Krueger)
+    time: TimePolicy = "per_sequence"  # mask shared over time, or fresh each step
+    batch: BatchPolicy = "per_sample"  # mask per sequence, or one for the batch
+    tied: bool = True  # one mask for the four gates, or one per gate
+    embedding_batch: BatchPolicy = "per_batch"  # word-type mask shared by the batch?
+    scaling: Scaling = "inverted"  # 1/(1-p) in training, or ×(1-p) at test
+
+    def __post_init__(self) -> None:
+        for name in RATE_FIELDS:
+            object.__setattr__(self, name, check_rate(name, getattr(self, name)))
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        if not isinstance(self.tied, bool):
+            raise ValueError(f"tied must be True or False, got {self.tied!r}")
+        self._warn_no_effect()
+
+    # -- derived views -------------------------------------------------------------
+
+    @property
+    def any(self) -> bool:
+        """True if any site has a non-zero rate."""
+        return any(getattr(self, n) > 0 for n in RATE_FIELDS)
+
+    @property
+    def gate_sites(self) -> bool:
+        """True if a site that ``tied`` affects is active."""
+        return self.input > 0 or self.between_layers > 0 or self.recurrent > 0
+
+    @property
+    def masked_sites(self) -> bool:
+        """True if a site that ``time``/``batch`` affect is active."""
+        return (
+            self.input > 0
+            or self.between_layers > 0
+            or self.recurrent > 0
+            or self.output > 0
+            or self.candidate > 0
+        )
+
+    def _warn_no_effect(self) -> None:
+        defaults = {f.name: f.default for f in fields(self)}
+        idle = []
+        if not self.tied and not self.gate_sites:
+            idle.append("tied=False (no input, between_layers or recurrent rate is set)")
+        for name in ("time", "batch"):
+            if getattr(self, name) != defaults[name] and not self.masked_sites:
+                idle.append(f"{name}={getattr(self, name)!r} (no masked site has a rate)")
+        if self.embedding_batch != defaults["embedding_batch"] and self.embedding == 0:
+            idle.append("embedding_batch (embedding rate is 0)")
+        scaled = [n for n in RATE_FIELDS if not n.startswith("zoneout") and getattr(self, n) > 0]
+        if self.scaling == "classic" and not scaled:
+            idle.append("scaling='classic' (only zoneout is set, and zoneout never rescales)")
+        if idle:
+            warnings.warn(
+                "RecurrentDropout: these settings have no effect: " + "; ".join(idle),
+                UserWarning,
+                stacklevel=4,
+            )
+
+    # -- serialisation -------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (for YAML, JSON and checkpoints); :meth:`from_dict` inverts it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RecurrentDropout:
+        """Build from a dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        if isinstance(data, RecurrentDropout):
+            return data
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"RecurrentDropout: unknown field(s) {unknown}; valid fields are {sorted(known)}"
+            )
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> RecurrentDropout:
+        """A copy with some fields changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> str:
+        """Short human-readable summary: the non-zero rates and the policy."""
+        rates = ", ".join(f"{n}={getattr(self, n):g}" for n in RATE_FIELDS if getattr(self, n))
+        if not rates:
+            return "none"
+        policy = f"{self.time}, {self.batch}" + ("" if self.tied else ", untied")
+        if self.scaling != "inverted":
+            policy += f", {self.scaling}"
+        return f"{rates} [{policy}]"
+
+    # -- the schemes of the literature ---------------------------------------------
+
+    @classmethod
+    def none(cls) -> RecurrentDropout:
+        """No dropout anywhere: the network is a plain ``nn.LSTM``."""
+        return cls()
+
+    @classmethod
+    def naive(cls, p: float = 0.5, *, embedding: float = 0.0) -> RecurrentDropout:
+        """Zaremba, Sutskever & Vinyals 2014, "Recurrent neural network regularization".
+
+        Dropout on the non-recurrent connections only (input, between layers,
+        output), a fresh mask at every step; the recurrence is left intact.
+        PTB medium used ``p=0.5``, large ``p=0.65``.
+        """
+        return cls(
+            embedding=embedding,
+            input=p,
+            between_layers=p,
+            output=p,
+            time="per_step",
+        )
+
+    @classmethod
+    def naive_recurrent(cls, p: float = 0.5, *, recurrent: float | None = None) -> RecurrentDropout:
+        """Per-step masks on ``h_{t-1}`` as well as on the non-recurrent connections.
+
+        The scheme Zaremba et al. and Gal & Ghahramani warn against: a fresh mask on
+        the recurrence every step injects noise that compounds over time. Kept
+        because measuring that damage is the point of a long-range study.
+        """
+        return cls(
+            input=p,
+            between_layers=p,
+            output=p,
+            recurrent=p if recurrent is None else recurrent,
+            time="per_step",
+        )
+
+    @classmethod
+    def variational(
+        cls,
+        p: float = 0.25,
+        *,
+        recurrent: float | None = None,
+        embedding: float = 0.0,
+        tied: bool = True,
+    ) -> RecurrentDropout:
+        """Gal & Ghahramani 2016, "A theoretically grounded application of dropout in RNNs".
+
+        One mask per sequence, shared by every step, on the inputs, between layers,
+        the recurrent ``h_{t-1}`` and the outputs (``z_t ⊙ m``, the same ``m`` for all
+        ``t``). ``tied=False`` draws a separate mask for each gate (the paper's
+        "untied" LSTM). PTB medium: ``p=0.5`` (untied ``recurrent=0.2``), embedding 0.2.
+        """
+        return cls(
+            embedding=embedding,
+            input=p,
+            between_layers=p,
+            output=p,
+            recurrent=p if recurrent is None else recurrent,
+            time="per_sequence",
+            tied=tied,
+        )
+
+    @classmethod
+    def zoneout(cls, hidden: float = 0.05, cell: float = 0.5) -> RecurrentDropout:
+        """Krueger et al. 2016, "Zoneout: regularizing RNNs by randomly preserving hidden
+        activations".
+
+        ``c_t = d^c ⊙ c_{t-1} + (1-d^c) ⊙ c̃_t``, ``h_t = d^h ⊙ h_{t-1} + (1-d^h) ⊙ o_t ⊙ tanh(c̃_t)``
+        with ``d ~ Bernoulli(z)`` per unit and step; eval uses ``E[d] = z``.
+        The paper's char-PTB setting is ``hidden=0.05, cell=0.5``.
+        """
+        return cls(zoneout_hidden=hidden, zoneout_cell=cell)
+
+    @classmethod
+    def weight_drop(cls, p: float = 0.5) -> RecurrentDropout:
+        """Merity, Keskar & Socher 2017 (AWD-LSTM) weight drop: DropConnect on ``W_hh``.
+
+        One mask over the elements of ``W_hh`` per forward call, shared by every step
+        and sequence, so the fused kernel runs unchanged.
+        """
+        return cls(weight_hh=p)
+
+    @classmethod
+    def semeniuta(cls, p: float = 0.25, *, time: TimePolicy = "per_step") -> RecurrentDropout:
+        """Semeniuta, Severyn & Barth 2016, "Recurrent dropout without memory loss".
+
+        ``c_t = f ⊙ c_{t-1} + i ⊙ d(g)``: only the candidate update is dropped, so
+        the memory ``c_{t-1}`` itself is never erased. The paper found per-step masks
+        work here (``time="per_step"``) because the cell path is untouched.
+        """
+        return cls(candidate=p, time=time)
+
+    @classmethod
+    def awd(
+        cls,
+        dropoute: float = 0.1,
+        dropouti: float = 0.65,
+        dropouth: float = 0.3,
+        dropout: float = 0.4,
+        wdrop: float = 0.5,
+    ) -> RecurrentDropout:
+        """Merity, Keskar & Socher 2017, "Regularizing and optimizing LSTM language models".
+
+        AWD-LSTM's flags map onto sites: ``dropoute → embedding`` (word types, one
+        mask for the batch), ``dropouti → input``, ``dropouth → between_layers``,
+        ``dropout → output`` (all "locked": one mask per sequence) and
+        ``wdrop → weight_hh``. Defaults are awd-lstm-lm's ``main.py`` defaults; its
+        README uses ``dropouti=0.4, dropouth=0.25`` for PTB and ``dropouth=0.2`` for
+        WikiText-2.
+        """
+        return cls(
+            embedding=dropoute,
+            input=dropouti,
+            between_layers=dropouth,
+            output=dropout,
+            weight_hh=wdrop,
+            time="per_sequence",
+            batch="per_sample",
+            embedding_batch="per_batch",
+        )
+
+    @classmethod
+    def preset(cls, name: str, **kwargs: Any) -> RecurrentDropout:
+        """Build a named scheme: ``RecurrentDropout.preset("variational", p=0.3)``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown dropout preset {name!r}; choose from {sorted(PRESETS)}")
+        return getattr(cls, name)(**kwargs)
+
+
+PRESETS: tuple[str, ...] = (
+    "none",
+    "naive",
+    "naive_recurrent",
+    "variational",
+    "zoneout",
+    "weight_drop",
+    "semeniuta",
+    "awd",
+)

@@ -1,0 +1,260 @@
+"""Dropout for recurrent networks as pure functions.
+
+Every function takes the rate and a ``training`` flag explicitly and returns its
+input untouched when ``training`` is false or the rate is 0. Masks come from
+:func:`bernoulli_mask`, which all of rnndrop uses, so a seed fixes every mask.
+Imports only torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from .config import check_rate
+
+__all__ = [
+    "activation_regularization",
+    "bernoulli_mask",
+    "drop_path",
+    "embedding_dropout",
+    "keep_probability",
+    "locked_dropout",
+    "sequence_mask",
+    "temporal_activation_regularization",
+    "zoneout",
+]
+
+_LEVELS = 1 << 16  # masks compare 16-bit random integers with a threshold
+
+# SplitMix64 constants, as signed int64 (torch has no uint64 arithmetic)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
+
+
+def keep_probability(p: float) -> float:
+    """The keep probability a mask with drop rate ``p`` really has.
+
+    Masks compare 16-bit random integers against a threshold, so ``1 - p`` is
+    rounded to a multiple of 2^-16 (an error below 7.7e-6). Inverted dropout scales
+    by this realised value, so the mask's expectation is exactly 1.
+    """
+    return round((1.0 - p) * _LEVELS) / _LEVELS
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    word = torch.empty((), dtype=torch.int64)
+    return int(word.random_(-(2**63), 2**63 - 1, generator=generator))
+
+
+def _shr(z: Tensor, k: int) -> Tensor:
+    return (z >> k) & ((1 << (64 - k)) - 1)  # logical shift of an int64
+
+
+def _mask_bits(n: int, seed: int, threshold: int, device: torch.device) -> Tensor:
+    """Boolean keep-mask from SplitMix64 words ``mix(seed + (w+1)·golden)`` (torch ops)."""
+    z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64, device=device)
+    z = z.mul_(_GOLDEN).add_(seed)
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return z.view(torch.int16)[:n] < threshold
+
+
+def bernoulli_mask(
+    shape: tuple[int, ...] | torch.Size,
+    p: float,
+    *,
+    scale: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A dropout mask: 1 (or ``1/keep``) with the keep probability, 0 with probability ``p``.
+
+    One 64-bit seed is drawn from torch's CPU generator (``generator`` or the global
+    one, so ``torch.manual_seed`` fixes every mask); the mask's bits come from
+    SplitMix64 run as a counter-based generator, 16 bits per element. The bits depend
+    only on the seed: CPU and CUDA, the compiled kernel and plain torch ops give the
+    same mask.
+
+    Args:
+        shape: shape of the mask.
+        p: drop rate in [0, 1).
+        scale: multiply kept entries by ``1/keep`` (inverted dropout); else they are 1.
+        device, dtype: of the returned mask.
+        generator: a CPU ``torch.Generator`` to draw the seed from.
+    """
+    keep = keep_probability(p)
+    value = 1.0 / keep if scale else 1.0
+    device = torch.device(device or "cpu")
+    n = math.prod(int(s) for s in shape)
+    if keep >= 1.0 or n == 0:
+        return torch.full(tuple(shape), value, device=device, dtype=dtype)
+    seed = _draw_seed(generator)
+    threshold = int(keep * _LEVELS) - _LEVELS // 2
+    ext = _ext.loaded()
+    if ext is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
+        mask = ext.bernoulli_mask(n, seed, threshold, value, dtype == torch.float64)
+        return mask.view(tuple(shape))
+    mask = _mask_bits(n, seed, threshold, device).view(tuple(shape)).to(dtype)
+    return mask.mul_(value) if scale else mask
+
+
+def _policy_shape(x: Tensor, time_dim: int, batch_dim: int, per_step: bool, per_sample: bool):
+    shape = list(x.shape)
+    if not per_step:
+        shape[time_dim] = 1
+    if not per_sample:
+        shape[batch_dim] = 1
+    return tuple(shape)
+
+
+def locked_dropout(
+    x: Tensor,
+    p: float,
+    training: bool = True,
+    *,
+    batch_first: bool = False,
+    per_step: bool = False,
+    per_sample: bool = True,
+    scale: bool = True,
+) -> Tensor:
+    """Dropout on a sequence whose mask is shared over time ("locked", "variational").
+
+    Gal & Ghahramani 2016; Merity et al. 2017: ``y_t = x_t ⊙ m`` with one ``m`` for all
+    ``t``. ``per_step=True`` gives ordinary dropout (a new mask each step);
+    ``per_sample=False`` shares the mask across the batch too.
+
+    Args:
+        x: ``(T, B, F)`` or ``(B, T, F)`` with ``batch_first``; more trailing dims are fine.
+        p: drop rate in [0, 1).
+        training: apply the mask only if true.
+        scale: inverted dropout (``1/(1-p)``) if true, 0/1 masks otherwise.
+    """
+    p = check_rate("p", p)
+    if not training or p == 0.0:
+        return x
+    time_dim, batch_dim = (1, 0) if batch_first else (0, 1)
+    shape = _policy_shape(x, time_dim, batch_dim, per_step, per_sample)
+    mask = bernoulli_mask(shape, p, scale=scale, device=x.device, dtype=x.dtype)
+    return x * mask
+
+
+def embedding_dropout(
+    indices: Tensor,
+    weight: Tensor,
+    p: float,
+    training: bool = True,
+    *,
+    per_sample: bool = False,
+    batch_first: bool = False,
+    scale: bool = True,
+    padding_idx: int | None = None,
+) -> Tensor:
+    """Embedding lookup that drops whole word types.
+
+    Gal & Ghahramani 2016; Merity et al. 2017: each row of the embedding matrix is
+    zeroed with probability ``p``, so every occurrence of a dropped word in a sequence
+    vanishes together. ``per_sample=False`` (AWD) draws one mask over the vocabulary
+    for the batch; ``per_sample=True`` one per sequence.
+
+    Args:
+        indices: token ids, ``(T, B)`` (or ``(B, T)`` with ``batch_first``) or ``(T,)``.
+        weight: ``(V, E)`` embedding matrix.
+        p: drop rate in [0, 1).
+
+    Shape:
+        returns ``indices.shape + (E,)``.
+    """
+    p = check_rate("p", p)
+    out = torch.nn.functional.embedding(indices, weight, padding_idx)
+    if not training or p == 0.0:
+        return out
+    vocab = weight.shape[0]
+    if per_sample and indices.dim() >= 2:
+        batch_dim = 0 if batch_first else 1
+        n_seq = indices.shape[batch_dim]
+        mask = bernoulli_mask((n_seq, vocab), p, scale=scale, device=weight.device, dtype=out.dtype)
+        seq = torch.arange(n_seq, device=indices.device)
+        shape = [1] * indices.dim()
+        shape[batch_dim] = n_seq
+        keep = mask[seq.view(shape).expand_as(indices), indices]
+    else:
+        mask = bernoulli_mask((vocab,), p, scale=scale, device=weight.device, dtype=out.dtype)
+        keep = mask[indices]
+    return out * keep.unsqueeze(-1)
+
+
+def zoneout(
+    prev: Tensor,
+    new: Tensor,
+    p: float,
+    training: bool = True,
+    *,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Zoneout (Krueger et al. 2016): keep each unit's previous value with probability p.
+
+    ``y = d ⊙ prev + (1-d) ⊙ new`` with ``d ~ Bernoulli(p)`` in training and ``d = p``
+    (the expectation) in eval. No rescaling.
+
+    Args:
+        prev, new: tensors of the same shape.
+        p: zoneout rate in [0, 1).
+        mask: a precomputed 0/1 ``d`` (overrides sampling).
+    """
+    p = check_rate("p", p)
+    if p == 0.0:
+        return new
+    if mask is None:
+        if not training:
+            return torch.lerp(new, prev, p)
+        mask = bernoulli_mask(new.shape, p, scale=False, device=new.device, dtype=new.dtype)
+        mask = 1.0 - mask  # bernoulli_mask gives 1 with prob 1-p; d must be 1 with prob p
+    return torch.lerp(new, prev, mask)
+
+
+def drop_path(x: Tensor, p: float, training: bool = True, *, scale: bool = True) -> Tensor:
+    """DropPath / stochastic depth (Huang et al. 2016): drop a whole residual branch per sample.
+
+    Args:
+        x: the branch output, ``(B, ...)``; one keep/drop decision per sample.
+        p: drop rate in [0, 1).
+    """
+    p = check_rate("p", p)
+    if not training or p == 0.0:
+        return x
+    shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return x * bernoulli_mask(shape, p, scale=scale, device=x.device, dtype=x.dtype)
+
+
+def sequence_mask(lengths: Tensor, max_len: int, *, batch_first: bool = False) -> Tensor:
+    """Boolean ``(T, B)`` (or ``(B, T)``) mask, true at positions before each length."""
+    steps = torch.arange(max_len, device=lengths.device)
+    valid = steps[:, None] < lengths[None, :]
+    return valid.t() if batch_first else valid
+
+
+def activation_regularization(output: Tensor, alpha: float) -> Tensor:
+    """AR (Merity et al. 2017): ``α · mean(h_t²)`` on the *dropped* output of the last layer."""
+    if alpha == 0:
+        return output.new_zeros(())
+    return alpha * output.pow(2).mean()
+
+
+def temporal_activation_regularization(
+    raw_output: Tensor, beta: float, *, batch_first: bool = False
+) -> Tensor:
+    """TAR (Merity et al. 2017): ``β · mean((h_t - h_{t-1})²)`` on the *undropped* output."""
+    if beta == 0:
+        return raw_output.new_zeros(())
+    t = 1 if batch_first else 0
+    diff = raw_output.narrow(t, 1, raw_output.shape[t] - 1) - raw_output.narrow(
+        t, 0, raw_output.shape[t] - 1
+    )
+    return beta * diff.pow(2).mean()

@@ -1,0 +1,196 @@
+"""Where the LSTM's masks come from: one place that draws every mask of a forward call.
+
+:class:`ForwardMasks` turns a :class:`~rnndrop.config.RecurrentDropout` into the
+tensors each site needs for one call, following the policy (per step or per
+sequence, per sample or per batch, tied or per gate, inverted or classic scaling),
+and, when asked, records them under their site names for inspection and statistics.
+:func:`needs_loop` and :func:`is_active` decide the execution path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..config import RecurrentDropout
+from ..functional import bernoulli_mask
+
+__all__ = ["ForwardMasks", "is_active", "needs_loop"]
+
+
+def is_active(cfg: RecurrentDropout, num_layers: int, sample: bool) -> bool:
+    """True if the config changes anything in a forward with (``sample``) or without masks."""
+    if cfg.zoneout_hidden > 0 or cfg.zoneout_cell > 0:
+        return True
+    rates = [cfg.input, cfg.recurrent, cfg.output, cfg.candidate, cfg.weight_hh]
+    if num_layers > 1:
+        rates.append(cfg.between_layers)
+    return any(r > 0 for r in rates) and (sample or cfg.scaling == "classic")
+
+
+def folds(cfg: RecurrentDropout) -> bool:
+    """Masks constant over time and batch fold into a weight's columns (fused path)."""
+    return cfg.time == "per_sequence" and cfg.batch == "per_batch"
+
+
+def needs_loop(cfg: RecurrentDropout, layer: int, sample: bool) -> bool:
+    """True if this layer must run the time loop instead of the fused op."""
+    if cfg.zoneout_hidden > 0 or cfg.zoneout_cell > 0:
+        return True
+    if not sample:
+        return cfg.candidate > 0 and cfg.scaling == "classic"
+    p_in = cfg.input if layer == 0 else cfg.between_layers
+    return (
+        cfg.candidate > 0
+        or (cfg.recurrent > 0 and not folds(cfg))
+        or (p_in > 0 and not cfg.tied and not folds(cfg))
+    )
+
+
+def site_name(site: str, layer: int, direction: int = 0) -> str:
+    """Key of a recorded mask, e.g. ``recurrent/l1_reverse``."""
+    return f"{site}/l{layer}" + ("_reverse" if direction else "")
+
+
+class ForwardMasks:
+    """The masks of one forward call of an LSTM.
+
+    Args:
+        cfg: the scheme.
+        T, B: steps and batch size of the call.
+        hidden_size: ``H``.
+        like: a tensor whose device and dtype the masks take.
+        sample: draw masks (training or MC) or use their expectations.
+        record: a dict to store every mask under its site name, or None.
+    """
+
+    def __init__(
+        self,
+        cfg: RecurrentDropout,
+        T: int,
+        B: int,
+        hidden_size: int,
+        like: Tensor,
+        sample: bool,
+        record: dict[str, Tensor] | None = None,
+    ) -> None:
+        self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
+        self.device, self.dtype = like.device, like.dtype
+        self.scale = cfg.scaling == "inverted"
+        self.Tm = T if cfg.time == "per_step" else 1
+        self.Bm = B if cfg.batch == "per_sample" else 1
+        self.folds = folds(cfg)
+        self.record = record
+
+    # ---- drawing ------------------------------------------------------------------
+
+    def _draw(self, name: str, p: float, shape: tuple[int, ...]) -> Tensor:
+        m = bernoulli_mask(shape, p, scale=self.scale, device=self.device, dtype=self.dtype)
+        return self._keep(name, m)
+
+    def _keep(self, name: str, m: Tensor) -> Tensor:
+        if self.record is not None:
+            self.record[name] = m
+        return m
+
+    def _policy(self, name: str, p: float, *lead: int, features: int) -> Tensor:
+        """A mask broadcastable to ``(*lead, T, B, features)`` under the config's policy."""
+        return self._draw(name, p, (*lead, self.Tm, self.Bm, features))
+
+    def _full(self, value: float) -> Tensor:
+        return torch.full((1, self.B, self.H), value, device=self.device, dtype=self.dtype)
+
+    # ---- sites ----------------------------------------------------------------------
+
+    def input_rate(self, layer: int) -> float:
+        """Rate of the input (layer 0) or between-layers site, 0 if it does nothing now."""
+        p = self.cfg.input if layer == 0 else self.cfg.between_layers
+        return p if (self.sample or self.cfg.scaling == "classic") else 0.0
+
+    def input(self, layer: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Mask the layer's input.
+
+        Returns ``(x, gate_masks)``: tied masks are applied to ``x`` here; untied ones
+        come back as ``(4, 1, F)`` column masks for ``W_ih`` (per-batch per-sequence) or
+        ``(4, T|1, B|1, F)`` per-gate masks for the loop layer.
+        """
+        p = self.input_rate(layer)
+        if p == 0:
+            return x, None
+        if not self.sample:
+            return x * (1 - p), None
+        name = site_name("input" if layer == 0 else "between_layers", layer)
+        features = x.shape[-1]
+        if self.cfg.tied:
+            return x * self._policy(name, p, features=features), None
+        if self.folds:
+            return x, self._draw(name, p, (4, 1, features))
+        return x, self._policy(name, p, 4, features=features)
+
+    def weight_hh(self, layer: int, d: int, w_hh: Tensor) -> Tensor:
+        """``W_hh`` as this call uses it: weight drop, folded recurrent masks, classic scaling."""
+        c = self.cfg
+        if c.weight_hh > 0:
+            if self.sample:
+                w_hh = w_hh * self._draw(site_name("weight_hh", layer, d), c.weight_hh, w_hh.shape)
+            elif c.scaling == "classic":
+                w_hh = w_hh * (1 - c.weight_hh)
+        if c.recurrent > 0:
+            if self.sample and self.folds:
+                G, rows = (1, w_hh.shape[0]) if c.tied else (4, self.H)
+                name = site_name("recurrent", layer, d)
+                m = self._draw(name, c.recurrent, (G, 1, w_hh.shape[1]))
+                w_hh = (w_hh.view(G, rows, -1) * m).view_as(w_hh)
+            elif not self.sample and c.scaling == "classic":
+                w_hh = w_hh * (1 - c.recurrent)
+        return w_hh
+
+    def recurrent(self, layer: int, d: int) -> Tensor | None:
+        """``(T|1, G, B, H)`` mask on ``h_{t-1}`` for the loop (None if folded or absent)."""
+        c = self.cfg
+        if c.recurrent == 0 or not self.sample or self.folds:
+            return None
+        G = 1 if c.tied else 4
+        m = self._draw(site_name("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.H))
+        return m.expand(self.Tm, G, self.B, self.H)
+
+    def candidate(self, layer: int, d: int) -> Tensor | None:
+        """``(T|1, B, H)`` mask on ``tanh(g)``."""
+        c = self.cfg
+        if c.candidate == 0:
+            return None
+        if self.sample:
+            name = site_name("candidate", layer, d)
+            return self._policy(name, c.candidate, features=self.H).expand(self.Tm, self.B, -1)
+        return self._full(1 - c.candidate) if c.scaling == "classic" else None
+
+    def zoneout(self, kind: str, layer: int, d: int, pad: Tensor | None) -> Tensor | None:
+        """Weight of the previous value: 0/1 ~ Bernoulli(z) sampled, z otherwise, 1 past the end.
+
+        Args:
+            kind: ``"hidden"`` or ``"cell"``.
+            pad: ``(T, B, 1)`` bool, true past each sequence's length (packed input).
+        """
+        z = self.cfg.zoneout_hidden if kind == "hidden" else self.cfg.zoneout_cell
+        if z == 0:
+            m = None
+        elif self.sample:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
+            shape = (self.T, self.B, self.H)
+            keep_new = bernoulli_mask(shape, z, scale=False, device=self.device, dtype=self.dtype)
+            m = self._keep(site_name(f"zoneout_{kind}", layer, d), 1 - keep_new)
+        else:
+            m = self._full(z)
+        if pad is None:
+            return m
+        if m is None:
+            return pad.expand(self.T, self.B, self.H).to(self.dtype)
+        return torch.where(pad, torch.ones((), dtype=self.dtype, device=self.device), m)
+
+    def output(self, out: Tensor) -> Tensor:
+        """Output dropout on the last layer's ``h`` sequence."""
+        p = self.cfg.output
+        if p == 0:
+            return out
+        if not self.sample:
+            return out * (1 - p) if self.cfg.scaling == "classic" else out
+        return out * self._policy("output", p, features=out.shape[-1])
