@@ -242,6 +242,7 @@ class LSTMLayer(torch.autograd.Function):
         return dx, dw_ih, db, dw_hh, dh0, dc0, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # a hand-written autograd node (and C++): opaque to dynamo
 def lstm_layer(
     x: Tensor,
     w_ih: Tensor | None,

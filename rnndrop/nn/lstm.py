@@ -20,6 +20,13 @@ from .masks import ForwardMasks, is_active, needs_loop
 
 __all__ = ["LSTM"]
 
+
+@torch.compiler.disable  # as nn.LSTM under dynamo: inductor cannot lower this op
+def _fused_lstm(*args):
+    """The fused ATen/cuDNN LSTM op, with nn.LSTM's arguments."""
+    return _VF.lstm(*args)
+
+
 DropoutSpec = RecurrentDropout | Mapping[str, Any] | str | float | None
 
 
@@ -219,9 +226,9 @@ class LSTM(StochasticModule):
         if not is_active(self.dropout, self.num_layers, sample):  # exactly what nn.LSTM runs
             args = (h0, c0), self._flat_weights, self.bias, self.num_layers, 0.0, self.training
             if packed:
-                out, h_n, c_n = _VF.lstm(x, batch_sizes, *args, self.bidirectional)
+                out, h_n, c_n = _fused_lstm(x, batch_sizes, *args, self.bidirectional)
             else:
-                out, h_n, c_n = _VF.lstm(x, *args, self.bidirectional, self.batch_first)
+                out, h_n, c_n = _fused_lstm(x, *args, self.bidirectional, self.batch_first)
             pre = out
         else:
             if packed:
@@ -318,9 +325,9 @@ class LSTM(StochasticModule):
     def _fused(self, x, h0, c0, weights, num_layers, lengths):
         args = (h0, c0), weights, self.bias, num_layers, 0.0, self.training, self.bidirectional
         if lengths is None:
-            return _VF.lstm(x, *args, False)
+            return _fused_lstm(x, *args, False)
         packed = pack_padded_sequence(x, lengths)
-        out, h_n, c_n = _VF.lstm(packed.data, packed.batch_sizes, *args)
+        out, h_n, c_n = _fused_lstm(packed.data, packed.batch_sizes, *args)
         out, _ = pad_packed_sequence(PackedSequence(out, packed.batch_sizes), total_length=len(x))
         return out, h_n, c_n
 

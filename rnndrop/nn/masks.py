@@ -55,6 +55,12 @@ def site_name(site: str, layer: int, direction: int = 0) -> str:
 class ForwardMasks:
     """The masks of one forward call of an LSTM.
 
+    Recorded masks, by site name (see :func:`site_name`), broadcast against:
+    ``input``/``between_layers`` ``(T, B, F)`` tied or ``(4, T, B, F)`` untied (one per
+    gate); ``recurrent`` ``(T, G, B, H)``; ``candidate`` ``(T, B, H)``; ``zoneout_*``
+    ``(T, B, H)`` (1 = keep the previous value); ``weight_hh`` ``(4H, H)``; ``output``
+    ``(T, B, F)``. Size-1 dims are shared (per sequence / per batch).
+
     Args:
         cfg: the scheme.
         T, B: steps and batch size of the call.
@@ -123,8 +129,8 @@ class ForwardMasks:
         features = x.shape[-1]
         if self.cfg.tied:
             return x * self._policy(name, p, features=features), None
-        if self.folds:
-            return x, self._draw(name, p, (4, 1, features))
+        if self.folds:  # recorded as (4, 1, 1, F) like the per-gate masks below
+            return x, self._draw(name, p, (4, 1, 1, features)).view(4, 1, features)
         return x, self._policy(name, p, 4, features=features)
 
     def weight_hh(self, layer: int, d: int, w_hh: Tensor) -> Tensor:
@@ -138,8 +144,8 @@ class ForwardMasks:
         if c.recurrent > 0:
             if self.sample and self.folds:
                 G, rows = (1, w_hh.shape[0]) if c.tied else (4, self.H)
-                name = site_name("recurrent", layer, d)
-                m = self._draw(name, c.recurrent, (G, 1, w_hh.shape[1]))
+                name = site_name("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
+                m = self._draw(name, c.recurrent, (1, G, 1, w_hh.shape[1])).view(G, 1, -1)
                 w_hh = (w_hh.view(G, rows, -1) * m).view_as(w_hh)
             elif not self.sample and c.scaling == "classic":
                 w_hh = w_hh * (1 - c.recurrent)

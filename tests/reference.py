@@ -1,0 +1,116 @@
+"""An independent, deliberately plain LSTM with dropout, written from DESIGN.md §2.
+
+It shares no code with rnndrop's LSTM: one autograd-tracked Python step per time step,
+masks taken from what the module recorded (``record_masks``) or, without sampling,
+the expectations each site's scaling implies. Tests compare the module (fused and loop
+paths, C++ and PyTorch loops) against it, outputs and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _expectation(cfg, site: str) -> float:
+    """What a site multiplies by when masks are not sampled."""
+    p = getattr(cfg, site)
+    return 1.0 - p if cfg.scaling == "classic" and p > 0 else 1.0
+
+
+def reference_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None, sample: bool = True):
+    """Run ``lstm``'s parameters and scheme by the book.
+
+    Args:
+        lstm: an ``rnndrop.nn.LSTM`` (only its parameters and config are read).
+        x: ``(T, B, I)`` time-major input.
+        hx: optional ``(h0, c0)``.
+        masks: the module's ``last_masks`` from the forward being checked (``sample``).
+        sample: masks were sampled (training / MC) or not (deterministic eval).
+
+    Returns:
+        ``output (T, B, D·H)``, ``(h_n, c_n)``, ``pre_dropout_output``.
+    """
+    cfg = lstm.dropout
+    masks = masks or {}
+    T, B, _ = x.shape
+    L, D, H = lstm.num_layers, lstm.num_directions, lstm.hidden_size
+    if hx is None:
+        h0 = x.new_zeros(L * D, B, H)
+        c0 = x.new_zeros(L * D, B, H)
+    else:
+        h0, c0 = hx
+    layer_in = x
+    h_n, c_n = [], []
+    for layer in range(L):
+        site = "input" if layer == 0 else "between_layers"
+        m_in = masks.get(f"{site}/l{layer}") if sample else None
+        tied_in = m_in is not None and cfg.tied
+        if tied_in:
+            layer_in = layer_in * m_in
+        elif not sample:
+            layer_in = layer_in * _expectation(cfg, site)
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih = getattr(lstm, "weight_ih" + sfx)
+            w_hh = getattr(lstm, "weight_hh" + sfx)
+            b = (
+                (getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx))
+                if lstm.bias
+                else 0
+            )
+            key = f"/l{layer}" + ("_reverse" if d else "")
+            if sample:
+                w_hh = w_hh * masks["weight_hh" + key] if ("weight_hh" + key) in masks else w_hh
+                rec = masks.get("recurrent" + key)
+                cand = masks.get("candidate" + key)
+                zh = masks.get("zoneout_hidden" + key)
+                zc = masks.get("zoneout_cell" + key)
+            else:
+                w_hh = w_hh * _expectation(cfg, "weight_hh") * _expectation(cfg, "recurrent")
+                rec = None
+                cand = _expectation(cfg, "candidate")
+                zh, zc = cfg.zoneout_hidden, cfg.zoneout_cell
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            steps = range(T - 1, -1, -1) if d else range(T)
+            out_t = [None] * T
+            for t in steps:
+                xt = layer_in[t]
+                if m_in is not None and not tied_in:  # untied: one input mask per gate
+                    xg = [xt * m_in[k, min(t, m_in.shape[1] - 1)] for k in range(4)]
+                else:
+                    xg = [xt] * 4
+                if rec is None:
+                    hg = [h] * 4
+                else:
+                    r = rec[min(t, rec.shape[0] - 1)]
+                    hg = [h * r[min(k, r.shape[0] - 1)] for k in range(4)]
+                pre = [
+                    xg[k] @ w_ih[k * H : (k + 1) * H].t() + hg[k] @ w_hh[k * H : (k + 1) * H].t()
+                    for k in range(4)
+                ]
+                pre = torch.cat(pre, -1) + b
+                i, f, g, o = pre.chunk(4, -1)
+                i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+                if isinstance(cand, Tensor):
+                    g = g * cand[min(t, cand.shape[0] - 1)]
+                elif cand is not None:
+                    g = g * cand
+                ct = f * c + i * g
+                ht = o * ct.tanh()
+                zct = zc[t] if isinstance(zc, Tensor) else zc
+                zht = zh[t] if isinstance(zh, Tensor) else zh
+                c = zct * c + (1 - zct) * ct if zc is not None else ct
+                h = zht * h + (1 - zht) * ht if zh is not None else ht
+                out_t[t] = h
+            outs.append(torch.stack(out_t))
+            h_n.append(h)
+            c_n.append(c)
+        layer_in = torch.cat(outs, -1)
+    pre = layer_in
+    if sample and "output" in masks:
+        out = pre * masks["output"]
+    else:
+        out = pre * (_expectation(cfg, "output") if not sample else 1.0)
+    return out, (torch.stack(h_n), torch.stack(c_n)), pre

@@ -1,0 +1,84 @@
+"""Bad input gets an error that names the problem."""
+
+import pytest
+import torch
+
+from rnndrop import functional as F
+from rnndrop.config import RecurrentDropout as RD
+from rnndrop.nn import LSTM, DropPath, EmbeddingDropout, LockedDropout, Zoneout
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"input_size": 0, "hidden_size": 4}, "input_size"),
+        ({"input_size": 3, "hidden_size": -1}, "hidden_size"),
+        ({"input_size": 3, "hidden_size": 4, "num_layers": 0}, "num_layers"),
+        ({"input_size": 3, "hidden_size": 4, "proj_size": 4}, "proj_size"),
+        ({"input_size": 3.0, "hidden_size": 4}, "input_size"),
+        ({"input_size": 3, "hidden_size": 4, "proj_size": 2, "dropout": RD.zoneout()}, "proj_size"),
+        ({"input_size": 3, "hidden_size": 4, "dropout": {"inputs": 0.2}}, "inputs"),
+        ({"input_size": 3, "hidden_size": 4, "dropout": "gal"}, "gal"),
+        ({"input_size": 3, "hidden_size": 4, "dropout": 1.2}, "between_layers"),
+    ],
+)
+def test_constructor_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LSTM(**kwargs)
+
+
+def test_dropout_of_wrong_type():
+    with pytest.raises(TypeError, match="RecurrentDropout"):
+        LSTM(3, 4, dropout=[0.1])
+
+
+@pytest.mark.parametrize("dropout", [None, RD.variational(0.2)])
+def test_forward_errors(dropout):
+    lstm = LSTM(3, 4, 2, dropout=dropout)
+    with pytest.raises(ValueError, match="2D or 3D"):
+        lstm(torch.randn(2, 3, 4, 3))
+    with pytest.raises(RuntimeError, match=r"input_size\. Expected 3, got 5"):
+        lstm(torch.randn(6, 2, 5))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 4\)"):
+        lstm(torch.randn(6, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[1\] size"):
+        lstm(torch.randn(6, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(2, 3, 4)))
+    with pytest.raises(RuntimeError, match="3-D"):
+        lstm(torch.randn(6, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4)))
+    with pytest.raises(ValueError, match="dtype"):
+        lstm(torch.randn(6, 2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="tuple"):
+        lstm(torch.randn(6, 2, 3), torch.zeros(2, 2, 4))
+
+
+@pytest.mark.parametrize("bad", [-0.5, 1.0, 2, "a"])
+def test_functional_and_module_rates(bad):
+    x = torch.randn(3, 2, 4)
+    for call in (
+        lambda: F.locked_dropout(x, bad),
+        lambda: F.drop_path(x, bad),
+        lambda: F.zoneout(x, x, bad),
+        lambda: F.embedding_dropout(torch.zeros(3, 2, dtype=torch.long), torch.randn(5, 4), bad),
+        lambda: LockedDropout(bad),
+        lambda: DropPath(bad),
+        lambda: Zoneout(bad),
+        lambda: EmbeddingDropout(5, 4, p=bad),
+    ):
+        with pytest.raises(ValueError, match=r"\bp\b"):
+            call()
+
+
+def test_compiled_loop_request_without_kernel(monkeypatch):
+    from rnndrop.nn.cells import lstm_layer
+
+    x = torch.randn(2, 1, 4 * 3, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="compiled LSTM loop is not available"):
+        lstm_layer(
+            x,
+            None,
+            None,
+            torch.randn(12, 3, dtype=torch.float16),
+            torch.zeros(1, 3, dtype=torch.float16),
+            torch.zeros(1, 3, dtype=torch.float16),
+            compiled=True,
+        )
