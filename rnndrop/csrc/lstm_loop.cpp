@@ -12,6 +12,7 @@
 // Layouts (all contiguous):
 //   x         (T, B, I)     layer input, or (T, B, 4H) input projection if w_ih is None
 //   w_ih      (4H, I), bias (4H) (b_ih + b_hh), w_hh (4H, H); gates i f g o
+//   in_mask   (4, Tm, B, I) per-gate input masks (untied), or None
 //   rec_mask  (Tm, G, B, H) mask on h_{t-1}, G = 1 (tied) or 4 (one per gate)
 //   cand_mask (Tm, B, H)    mask on tanh(g)
 //   zone_h/c  (Tz, B, H)    weight of the previous value (0/1 train, z eval, 1 padded)
@@ -49,7 +50,7 @@ bool onednn_usable() {
   return allowed && g_onednn.load() && &at::native::mkldnn_matmul != nullptr;
 }
 
-// out = beta * out + a @ b  (2-D; out may be a column slice of a wider matrix)
+// out = beta * out + a @ b  (2-D, or 3-D batched; out may be a strided view)
 void gemm(const Tensor& a, const Tensor& b, Tensor out, float beta) {
   if (a.scalar_type() == at::kFloat && onednn_usable()) {
     try {
@@ -59,7 +60,13 @@ void gemm(const Tensor& a, const Tensor& b, Tensor out, float beta) {
       g_onednn.store(false);  // unsupported here: use ATen from now on
     }
   }
-  if (beta == 0.0f) {
+  if (a.dim() == 3) {  // batched over gates; out may be a strided view
+    if (beta == 0.0f) {
+      out.copy_(at::bmm(a, b));
+    } else {
+      out.baddbmm_(a, b, beta, 1.0);
+    }
+  } else if (beta == 0.0f) {
     at::mm_out(out, a, b);
   } else {
     out.addmm_(a, b, beta, 1.0);
@@ -227,27 +234,46 @@ MaskAt<T> mask_at(const OptT& m, const T* fill) {
 
 // ---- the layer ---------------------------------------------------------------------
 
+// acts (T, B, 4H) = x W_ih^T, or per gate (x * in_mask_k) W_ih_k^T for untied input masks.
+template <typename T>
+Tensor project(const Tensor& x, const Tensor& w_ih, const OptT& in_mask, int64_t H) {
+  const int64_t T_ = x.size(0), B = x.size(1);
+  auto acts = at::empty({T_, B, 4 * H}, x.options());
+  auto a2 = acts.view({T_ * B, 4 * H});
+  if (!has(in_mask)) {
+    gemm(x.view({T_ * B, -1}), w_ih.t().contiguous(), a2, 0.0f);
+    return acts;
+  }
+  for (int64_t k = 0; k < 4; ++k) {
+    auto xm = (x * (*in_mask)[k]).view({T_ * B, -1});
+    gemm(xm, w_ih.narrow(0, k * H, H).t().contiguous(), a2.narrow(1, k * H, H), 0.0f);
+  }
+  return acts;
+}
+
+// A (B, 4H) gate buffer seen as (4, B, H), gate-major, without a copy.
+inline Tensor by_gate(const Tensor& g, int64_t H) {
+  return g.view({g.size(0), 4, H}).permute({1, 0, 2});
+}
+
 template <typename T>
 std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& bias,
-                                 const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
-                                 const OptT& rec_mask, const OptT& cand_mask, const OptT& zone_h,
-                                 const OptT& zone_c, bool reverse) {
+                                 const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
+                                 const Tensor& c0, const OptT& rec_mask, const OptT& cand_mask,
+                                 const OptT& zone_h, const OptT& zone_c, bool reverse) {
   const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_rec = has(rec_mask), has_zc = has(zone_c);
   const bool plain = !has(cand_mask) && !has(zone_h) && !has_zc;
   const int64_t G = has_rec ? rec_mask->size(1) : 1;
-  Tensor acts;
-  if (has(w_ih)) {
-    acts = at::empty({T_, B, 4 * H}, x.options());
-    gemm(x.view({T_ * B, -1}), w_ih->t().contiguous(), acts.view({T_ * B, 4 * H}), 0.0f);
-  } else {
-    acts = x.clone();
-  }
+  Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H) : x.clone();
   auto h_seq = at::empty({T_, B, H}, x.options());
   auto c_seq = at::empty({T_, B, H}, x.options());
   auto ct_seq = has_zc ? at::empty({T_, B, H}, x.options()) : Tensor();
-  auto hm_seq = has_rec ? at::empty({T_, G, B, H}, x.options()) : Tensor();
-  auto whh_t = w_hh.t().contiguous();  // (H, 4H): the layout oneDNN runs fastest
+  // masked h_{t-1}, gate-major (G, T, B, H): per-gate blocks contiguous for dW_hh
+  auto hm_seq = has_rec ? at::empty({G, T_, B, H}, x.options()) : Tensor();
+  // W_hh^T (H, 4H) tied, or W_hh_k^T stacked (4, H, H) per gate: the layouts oneDNN runs fastest
+  auto whh_t = G == 1 ? w_hh.t().contiguous()
+                      : w_hh.view({4, H, H}).transpose(1, 2).contiguous();
   Rows<T> rows(4 * H);
   std::vector<T> scratch(H);
   const T* b_ptr = has(w_ih) && has(bias) ? bias->data_ptr<T>() : rows.zeros.data();
@@ -260,6 +286,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   T* Hs = h_seq.data_ptr<T>();
   T* Cs = c_seq.data_ptr<T>();
   T* CTs = has_zc ? ct_seq.data_ptr<T>() : nullptr;
+  T* HM = has_rec ? hm_seq.data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
@@ -267,18 +294,16 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
     const T* cp = s == 0 ? c0.data_ptr<T>() : Cs + tp * BH;
     Tensor a = acts[t];
     if (has_rec) {  // hm_t = h_{t-1} * m_t, per gate group
-      Tensor hm = hm_seq[t];
-      T* out = hm.data_ptr<T>();
       const T* m = rm + t * rm_stride;
       for (int64_t k = 0; k < G; ++k) {
-        for (int64_t q = 0; q < BH; ++q) out[k * BH + q] = hp[q] * m[k * BH + q];
+        T* out = HM + (k * T_ + t) * BH;
+        for (int64_t q = 0; q < BH; ++q) out[q] = hp[q] * m[k * BH + q];
       }
-      for (int64_t k = 0; k < G; ++k) {
-        if (G == 1) {
-          gemm(hm[0], whh_t, a, 1.0f);
-        } else {
-          gemm(hm[k], whh_t.narrow(1, k * H, H), a.narrow(1, k * H, H), 1.0f);
-        }
+      Tensor hm = hm_seq.select(1, t);  // (G, B, H)
+      if (G == 1) {
+        gemm(hm[0], whh_t, a, 1.0f);
+      } else {
+        gemm(hm, whh_t, by_gate(a, H), 1.0f);  // one batched GEMM for the four gates
       }
     } else {
       gemm(s == 0 ? h0 : h_seq[tp], whh_t, a, 1.0f);
@@ -301,12 +326,12 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
 // Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias}; the last three only with w_ih.
 template <typename T>
 std::vector<Tensor> backward_impl(const OptT& dh_seq, const Tensor& dc_last, const Tensor& x,
-                                  const OptT& w_ih, bool has_bias, const Tensor& w_hh,
-                                  const Tensor& h0, const Tensor& c0, const Tensor& acts,
-                                  const Tensor& h_seq, const Tensor& c_seq, const OptT& ct_seq,
-                                  const OptT& hm_seq, const OptT& rec_mask, const OptT& cand_mask,
-                                  const OptT& zone_h, const OptT& zone_c, bool reverse,
-                                  bool need_x, bool need_w) {
+                                  const OptT& w_ih, bool has_bias, const OptT& in_mask,
+                                  const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& acts, const Tensor& h_seq, const Tensor& c_seq,
+                                  const OptT& ct_seq, const OptT& hm_seq, const OptT& rec_mask,
+                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
+                                  bool reverse, bool need_x, bool need_w) {
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_rec = has(rec_mask), has_zc = has(zone_c), has_out = has(dh_seq);
   const int64_t G = has_rec ? rec_mask->size(1) : 1;
@@ -314,6 +339,7 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const Tensor& dc_last, con
   auto dh = at::zeros({B, H}, acts.options());  // carry, then total dL/dh_t
   auto dc = dc_last.clone();
   auto dh_rec = at::empty({G, B, H}, acts.options());
+  auto w_gate = w_hh.view({4, H, H});  // W_hh_k, for the untied batched GEMM
   Rows<T> rows(H);
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
@@ -347,13 +373,11 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const Tensor& dc_last, con
                       cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d, DC + b * H, gb,
                       gb + H, gb + 2 * H, gb + 3 * H);
     }
-    Tensor g = dgates[t];
-    for (int64_t k = 0; k < G; ++k) {  // dL/d(masked h_{t-1}) = dgates_t W_hh
-      if (G == 1) {
-        gemm(g, w_hh, dh_rec[0], 0.0f);
-      } else {
-        gemm(g.narrow(1, k * H, H), w_hh.narrow(0, k * H, H), dh_rec[k], 0.0f);
-      }
+    Tensor g = dgates[t];  // dL/d(masked h_{t-1}) = dgates_t W_hh, per gate group
+    if (G == 1) {
+      gemm(g, w_hh, dh_rec[0], 0.0f);
+    } else {
+      gemm(by_gate(g, H), w_gate, dh_rec, 0.0f);
     }
     t_next = t;
   }
@@ -368,15 +392,11 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const Tensor& dc_last, con
   auto dg2 = dgates.view({T_ * B, 4 * H});
   if (need_w) {  // dW_hh = sum_t dgates_t^T (masked h_{t-1}): one GEMM per gate group
     auto dw = at::empty({4 * H, H}, acts.options());
-    if (has_rec) {
-      for (int64_t k = 0; k < G; ++k) {
-        auto hm = (*hm_seq).select(1, k).reshape({T_ * B, H});
-        if (G == 1) {
-          gemm(dg2.t(), hm, dw, 0.0f);
-        } else {
-          gemm(dg2.narrow(1, k * H, H).t(), hm, dw.narrow(0, k * H, H), 0.0f);
-        }
-      }
+    if (has_rec && G == 1) {
+      gemm(dg2.t(), (*hm_seq)[0].view({T_ * B, H}), dw, 0.0f);
+    } else if (has_rec) {  // (4, H, TB) @ (4, TB, H), batched over gates
+      gemm(dg2.view({T_ * B, 4, H}).permute({1, 2, 0}), hm_seq->view({4, T_ * B, H}),
+           dw.view({4, H, H}), 0.0f);
     } else {  // h_{t-1} is h_seq shifted by one step, h0 at the first step
       const int64_t first = reverse ? T_ - 1 : 0;
       auto rest = reverse ? dgates.narrow(0, 0, T_ - 1) : dgates.narrow(0, 1, T_ - 1);
@@ -390,50 +410,58 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const Tensor& dc_last, con
     out[3] = dw;
   }
   if (has(w_ih)) {
-    auto x2 = x.view({T_ * B, -1});
-    if (need_x) {
-      out[4] = at::empty_like(x);
-      gemm(dg2, *w_ih, out[4].view({T_ * B, -1}), 0.0f);
+    if (need_x) out[4] = at::zeros_like(x);
+    if (need_w) out[5] = at::empty_like(*w_ih);
+    for (int64_t k = 0; k < (has(in_mask) ? 4 : 1); ++k) {
+      // tied: one GEMM over all gates; untied: gate k sees x * in_mask_k
+      auto dgk = has(in_mask) ? dg2.narrow(1, k * H, H) : dg2;
+      auto wk = has(in_mask) ? w_ih->narrow(0, k * H, H) : *w_ih;
+      if (need_x) {
+        auto dxk = at::empty_like(x);
+        gemm(dgk, wk, dxk.view({T_ * B, -1}), 0.0f);
+        out[4].add_(has(in_mask) ? dxk * (*in_mask)[k] : dxk);
+      }
+      if (need_w) {
+        auto xk = has(in_mask) ? (x * (*in_mask)[k]).contiguous() : x;
+        auto dwk = has(in_mask) ? out[5].narrow(0, k * H, H) : out[5];
+        gemm(dgk.t(), xk.view({T_ * B, -1}), dwk, 0.0f);
+      }
     }
-    if (need_w) {
-      out[5] = at::empty_like(*w_ih);
-      gemm(dg2.t(), x2, out[5], 0.0f);
-      if (has_bias) out[6] = dg2.sum(0);
-    }
+    if (need_w && has_bias) out[6] = dg2.sum(0);
   }
   return out;
 }
 
 std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT& bias,
-                                  const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
-                                  const OptT& rec_mask, const OptT& cand_mask,
+                                  const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
+                                  const Tensor& c0, const OptT& rec_mask, const OptT& cand_mask,
                                   const OptT& zone_h, const OptT& zone_c, bool reverse) {
   TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
                   c0.is_contiguous(),
               "rnndrop layer_forward: inputs must be contiguous");
   if (x.scalar_type() == at::kDouble) {
-    return forward_impl<double>(x, w_ih, bias, w_hh, h0, c0, rec_mask, cand_mask, zone_h,
-                                zone_c, reverse);
+    return forward_impl<double>(x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask, cand_mask,
+                                zone_h, zone_c, reverse);
   }
   TORCH_CHECK(x.scalar_type() == at::kFloat, "rnndrop layer_forward: float32/float64 only");
-  return forward_impl<float>(x, w_ih, bias, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c,
-                             reverse);
+  return forward_impl<float>(x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask, cand_mask, zone_h,
+                             zone_c, reverse);
 }
 
 std::vector<Tensor> layer_backward(const OptT& dh_seq, const Tensor& dc_last, const Tensor& x,
-                                   const OptT& w_ih, bool has_bias, const Tensor& w_hh,
-                                   const Tensor& h0, const Tensor& c0, const Tensor& acts,
-                                   const Tensor& h_seq, const Tensor& c_seq, const OptT& ct_seq,
-                                   const OptT& hm_seq, const OptT& rec_mask,
-                                   const OptT& cand_mask, const OptT& zone_h,
-                                   const OptT& zone_c, bool reverse, bool need_x, bool need_w) {
+                                   const OptT& w_ih, bool has_bias, const OptT& in_mask,
+                                   const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
+                                   const Tensor& acts, const Tensor& h_seq, const Tensor& c_seq,
+                                   const OptT& ct_seq, const OptT& hm_seq, const OptT& rec_mask,
+                                   const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
+                                   bool reverse, bool need_x, bool need_w) {
   if (acts.scalar_type() == at::kDouble) {
-    return backward_impl<double>(dh_seq, dc_last, x, w_ih, has_bias, w_hh, h0, c0, acts, h_seq,
-                                 c_seq, ct_seq, hm_seq, rec_mask, cand_mask, zone_h, zone_c,
-                                 reverse, need_x, need_w);
+    return backward_impl<double>(dh_seq, dc_last, x, w_ih, has_bias, in_mask, w_hh, h0, c0, acts,
+                                 h_seq, c_seq, ct_seq, hm_seq, rec_mask, cand_mask, zone_h,
+                                 zone_c, reverse, need_x, need_w);
   }
-  return backward_impl<float>(dh_seq, dc_last, x, w_ih, has_bias, w_hh, h0, c0, acts, h_seq,
-                              c_seq, ct_seq, hm_seq, rec_mask, cand_mask, zone_h, zone_c,
+  return backward_impl<float>(dh_seq, dc_last, x, w_ih, has_bias, in_mask, w_hh, h0, c0, acts,
+                              h_seq, c_seq, ct_seq, hm_seq, rec_mask, cand_mask, zone_h, zone_c,
                               reverse, need_x, need_w);
 }
 

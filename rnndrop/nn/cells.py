@@ -120,14 +120,22 @@ def _recurrent_gemm(out: Tensor, hm: Tensor, w_hh: Tensor) -> None:
         out[:, sl].addmm_(hm[k], w_hh[sl].t())
 
 
-def _loop_forward(x, w_ih, bias, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c, reverse):
+def _project(x: Tensor, w_ih: Tensor, bias: Tensor | None, in_mask: Tensor | None) -> Tensor:
+    """x W_ihᵀ + b for all steps; per gate (x ⊙ m_k) W_ih,kᵀ with untied input masks."""
+    if in_mask is None:
+        acts = torch.nn.functional.linear(x, w_ih)
+    else:
+        H = w_ih.shape[0] // 4
+        acts = torch.cat([(x * in_mask[k]) @ w_ih[k * H : (k + 1) * H].t() for k in range(4)], -1)
+    return acts if bias is None else acts.add_(bias)
+
+
+def _loop_forward(
+    x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c, reverse
+):
     T, B, _ = x.shape
     H = w_hh.shape[1]
-    if w_ih is None:
-        acts = x.clone()
-    else:
-        x2 = x.reshape(T * B, -1)
-        acts = (x2 @ w_ih.t() if bias is None else torch.addmm(bias, x2, w_ih.t())).view(T, B, -1)
+    acts = x.clone() if w_ih is None else _project(x, w_ih, bias, in_mask)
     h_seq = x.new_empty(T, B, H)
     c_seq = x.new_empty(T, B, H)
     ct_seq = x.new_empty(T, B, H) if zone_c is not None else None
@@ -148,7 +156,7 @@ def _loop_forward(x, w_ih, bias, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone
     return h_seq, c_seq, acts, ct_seq, hm_seq
 
 
-def _loop_backward(dh_seq, dc_last, x, w_ih, has_bias, w_hh, h0, c0, acts, h_seq, c_seq,
+def _loop_backward(dh_seq, dc_last, x, w_ih, has_bias, in_mask, w_hh, h0, c0, acts, h_seq, c_seq,
                    ct_seq, hm_seq, rec_mask, cand_mask, zone_h, zone_c, reverse,
                    need_x, need_w):  # fmt: skip
     T, B, _ = acts.shape
@@ -182,10 +190,17 @@ def _loop_backward(dh_seq, dc_last, x, w_ih, has_bias, w_hh, h0, c0, acts, h_seq
     dx = dw_ih = db = None
     if w_ih is not None:
         dg2 = dgates.view(T * B, -1)
-        dx = (dg2 @ w_ih).view_as(x) if need_x else None
-        if need_w:
-            dw_ih = dg2.t() @ x.reshape(T * B, -1)
-            db = dg2.sum(0) if has_bias else None
+        if in_mask is None:
+            dx = (dg2 @ w_ih).view_as(x) if need_x else None
+            dw_ih = dg2.t() @ x.reshape(T * B, -1) if need_w else None
+        else:  # gate k saw x ⊙ m_k
+            gates = [slice(k * H, (k + 1) * H) for k in range(4)]
+            if need_x:
+                dx = sum((dg2[:, g] @ w_ih[g]).view_as(x) * in_mask[k] for k, g in enumerate(gates))
+            if need_w:
+                xs = [(x * in_mask[k]).reshape(T * B, -1) for k in range(4)]
+                dw_ih = torch.cat([dg2[:, g].t() @ xs[k] for k, g in enumerate(gates)])
+        db = dg2.sum(0) if need_w and has_bias else None
     return dgates, dh0, dc, dw_hh, dx, dw_ih, db
 
 
@@ -209,29 +224,29 @@ class LSTMLayer(torch.autograd.Function):
     """Forward and backward of one layer and direction, the time loop included."""
 
     @staticmethod
-    def forward(ctx, x, w_ih, bias, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c, reverse,
-                compiled):  # fmt: skip
-        args = (x, w_ih, bias, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c, reverse)
+    def forward(ctx, x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c,
+                reverse, compiled):  # fmt: skip
+        args = (x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask, cand_mask, zone_h, zone_c, reverse)
         if compiled:
             h_seq, c_seq, acts, ct_seq, hm_seq = _ext.load().forward(*args)
         else:
             h_seq, c_seq, acts, ct_seq, hm_seq = _loop_forward(*args)
         ctx.reverse, ctx.compiled, ctx.has_bias = reverse, compiled, bias is not None
-        ctx.save_for_backward(x, w_ih, w_hh, h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq,
-                              rec_mask, cand_mask, zone_h, zone_c)  # fmt: skip
+        ctx.save_for_backward(x, w_ih, in_mask, w_hh, h0, c0, acts, h_seq, c_seq, ct_seq,
+                              hm_seq, rec_mask, cand_mask, zone_h, zone_c)  # fmt: skip
         return h_seq, (c_seq[0] if reverse else c_seq[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dh_seq, dc_last):
-        (x, w_ih, w_hh, h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq,
+        (x, w_ih, in_mask, w_hh, h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq,
          rec_mask, cand_mask, zone_h, zone_c) = ctx.saved_tensors  # fmt: skip
         if dc_last is None:
             dc_last = torch.zeros_like(c0)
         need = ctx.needs_input_grad
-        need_x, need_w = need[0], any(need[1:4])
+        need_x, need_w = need[0], need[1] or need[2] or need[4]
         args = (None if dh_seq is None else dh_seq.contiguous(), dc_last.contiguous(), x, w_ih,
-                ctx.has_bias, w_hh, h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq, rec_mask,
+                ctx.has_bias, in_mask, w_hh, h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq, rec_mask,
                 cand_mask, zone_h, zone_c, ctx.reverse, need_x, need_w)  # fmt: skip
         if ctx.compiled:
             dgates, dh0, dc0, dw_hh, dx, dw_ih, db = _ext.load().backward(*args)
@@ -239,7 +254,7 @@ class LSTMLayer(torch.autograd.Function):
             dgates, dh0, dc0, dw_hh, dx, dw_ih, db = _loop_backward(*args)
         if w_ih is None:
             dx = dgates
-        return dx, dw_ih, db, dw_hh, dh0, dc0, None, None, None, None, None, None
+        return dx, dw_ih, db, None, dw_hh, dh0, dc0, None, None, None, None, None, None
 
 
 @torch.compiler.disable  # a hand-written autograd node (and C++): opaque to dynamo
@@ -251,6 +266,7 @@ def lstm_layer(
     h0: Tensor,
     c0: Tensor,
     *,
+    in_mask: Tensor | None = None,
     rec_mask: Tensor | None = None,
     cand_mask: Tensor | None = None,
     zone_h: Tensor | None = None,
@@ -265,6 +281,7 @@ def lstm_layer(
             projection including biases (for untied input masks, projected per gate).
         w_ih: ``(4H, I)`` input weight, or None.
         bias: ``(4H,)`` ``b_ih + b_hh``, or None.
+        in_mask: ``(4, T or 1, B or 1, I)`` input mask per gate (untied), or None.
         w_hh: ``(4H, H)`` recurrent weight as used this call.
         h0, c0: ``(B, H)`` initial state.
         rec_mask: ``(T or 1, G, B, H)`` mask on ``h_{t-1}``; ``G`` = 1 (tied) or 4 (per gate).
@@ -288,6 +305,7 @@ def lstm_layer(
         x.contiguous(),
         None if w_ih is None else w_ih.contiguous(),
         None if bias is None else bias.contiguous(),
+        prep(in_mask),
         w_hh.contiguous(),
         h0.contiguous(),
         c0.contiguous(),

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import _VF, Tensor, nn
-from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .. import _ext
@@ -349,18 +348,19 @@ class LSTM(StochasticModule):
         for d in range(self.num_directions):
             w_ih, w_hh, *b = self._params(layer, d)
             bias = b[0] + b[1] if self.bias else None
-            x_in = x
-            if xmask is not None and not m.folds:  # untied per-sample masks: project per gate
-                x_in, w_ih, bias = self._project_per_gate(x, w_ih, bias, xmask), None, None
+            in_mask = None
+            if xmask is not None and not m.folds:  # untied per-sample masks: one per gate
+                in_mask = xmask
             elif xmask is not None:
                 w_ih = (w_ih.view(4, H, -1) * xmask).view_as(w_ih)
             h_seq, c_last = lstm_layer(
-                x_in,
+                x,
                 w_ih,
                 bias,
                 m.weight_hh(layer, d, w_hh),
                 h0[d],
                 c0[d],
+                in_mask=in_mask,
                 rec_mask=m.recurrent(layer, d),
                 cand_mask=m.candidate(layer, d),
                 zone_h=m.zoneout("hidden", layer, d, pad),
@@ -371,19 +371,6 @@ class LSTM(StochasticModule):
             hn.append(h_seq[0] if d else h_seq[-1])
             cn.append(c_last)
         return torch.cat(outs, -1), torch.stack(hn), torch.stack(cn)
-
-    def _project_per_gate(self, x, w_ih, bias, xmask) -> Tensor:
-        """x W_ihᵀ + b for all steps with a separate input mask per gate (untied)."""
-        H = self.hidden_size
-        parts = [
-            F.linear(
-                x * xmask[k],
-                w_ih[k * H : (k + 1) * H],
-                None if bias is None else bias[k * H : (k + 1) * H],
-            )
-            for k in range(4)
-        ]
-        return torch.cat(parts, -1)
 
     def _params(self, layer: int, d: int) -> list[Tensor]:
         n = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
