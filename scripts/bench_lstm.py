@@ -48,24 +48,27 @@ SCHEMES = {
 
 def time_fwd_bwd(model, x, reps: int) -> float:
     times = []
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         out, (_, c) = model(x)
         (out.sum() + c.sum()).backward()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def bench(config: str, schemes: list[str], rounds: int, reps: int, dtype) -> list[tuple]:
+def bench(config: str, schemes: list[str], rounds: int, reps: int, dtype, device) -> list[tuple]:
     I, H, L, T, B = CONFIGS[config]
     torch.manual_seed(0)
-    ref = torch.nn.LSTM(I, H, L).to(dtype)
+    ref = torch.nn.LSTM(I, H, L).to(device, dtype)
     models = {"nn.LSTM": ref}
     for name in schemes:
-        m = LSTM(I, H, L, dropout=SCHEMES[name]).to(dtype)
+        m = LSTM(I, H, L, dropout=SCHEMES[name]).to(device, dtype)
         m.load_state_dict(ref.state_dict())
         models[name] = m
-    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
+    x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=True)
     for m in models.values():  # warm up (and build the kernel)
         time_fwd_bwd(m, x, 2)
     ms = {n: [] for n in models}
@@ -80,24 +83,21 @@ def bench(config: str, schemes: list[str], rounds: int, reps: int, dtype) -> lis
             t = time_fwd_bwd(m, x, reps)
             ms[name].append(t)
             ratios[name].append(t / base)
-    path = {n: _path(m) for n, m in models.items()}
+    path = {n: _path(m, device) for n, m in models.items()}
     return [
         (config, n, statistics.median(ms[n]) * 1e3, statistics.median(ratios[n]), path[n])
         for n in models
     ]
 
 
-def _path(m) -> str:
+def _path(m, device: str) -> str:
     if not isinstance(m, LSTM):
         return "fused (torch)"
     loop = any(needs_loop(m.dropout, layer, True) for layer in range(m.num_layers))
     if not loop:
         return "fused"
-    return (
-        "loop (C++)"
-        if os.environ.get("RNNDROP_LOOP") != "python" and _ext.load()
-        else "loop (python)"
-    )
+    compiled = device == "cpu" and os.environ.get("RNNDROP_LOOP") != "python" and _ext.load()
+    return "loop (C++)" if compiled else "loop (python)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--loop", choices=["auto", "python"], default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--float64", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     if args.loop == "python":
         os.environ["RNNDROP_LOOP"] = "python"
@@ -117,14 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.float64 if args.float64 else torch.float32
     print(
         f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {dtype}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {dtype}, "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
         f"rounds={args.rounds} reps={args.reps}; median over rounds",
         file=sys.stdout,
     )
     print("| config | scheme | path | fwd+bwd ms | ratio to nn.LSTM |")
     print("|---|---|---|---|---|")
     for config in args.configs:
-        for row in bench(config, args.schemes, args.rounds, args.reps, dtype):
+        for row in bench(config, args.schemes, args.rounds, args.reps, dtype, args.device):
             cfg, name, ms, ratio, path = row
             print(f"| {cfg} | {name} | {path} | {ms:.1f} | {ratio:.2f} |", flush=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,7 +24,13 @@ __all__ = ["LSTM"]
 @torch.compiler.disable  # as nn.LSTM under dynamo: inductor cannot lower this op
 def _fused_lstm(*args):
     """The fused ATen/cuDNN LSTM op, with nn.LSTM's arguments."""
-    return _VF.lstm(*args)
+    if not args[0].is_cuda:
+        return _VF.lstm(*args)
+    with warnings.catch_warnings():
+        # cuDNN copies weights that are not views of one buffer (dropped weights never
+        # are); the copy is what weight drop needs, so its warning says nothing here
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        return _VF.lstm(*args)
 
 
 DropoutSpec = RecurrentDropout | Mapping[str, Any] | str | float | None
