@@ -185,7 +185,40 @@ class LSTM(StochasticModule):
             nn.init.uniform_(weight, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
-        """No-op, for code written against ``nn.LSTM`` (weights are passed per call)."""
+        """On CUDA, make the weights views of one cuDNN buffer, as ``nn.LSTM`` does.
+
+        cuDNN then uses them in place instead of copying them every call. A no-op on
+        CPU, for mixed dtypes/devices, or where torch no longer offers the call.
+        """
+        w = self._flat_weights
+        first = w[0]
+        if not first.is_cuda or len({p.data_ptr() for p in w}) != len(w):
+            return
+        if any(p.dtype != first.dtype or not torch.backends.cudnn.is_acceptable(p) for p in w):
+            return
+        try:
+            import torch.backends.cudnn.rnn as cudnn_rnn
+
+            with torch.cuda.device_of(first), torch.no_grad():
+                if torch._use_cudnn_rnn_flatten_weight():
+                    torch._cudnn_rnn_flatten_weight(
+                        w,
+                        (4 if self.bias else 2) + (1 if self.proj_size else 0),
+                        self.input_size,
+                        cudnn_rnn.get_cudnn_mode("LSTM"),
+                        self.hidden_size,
+                        self.proj_size,
+                        self.num_layers,
+                        self.batch_first,
+                        self.bidirectional,
+                    )
+        except (AttributeError, RuntimeError):  # private API moved: copying still works
+            return
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self.flatten_parameters()
+        return out
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
