@@ -10,7 +10,12 @@ import lightning as L
 import pytest
 import torch
 
-from rnndrop.data import LanguageModelDataModule, PixelMNISTDataModule, SyntheticDataModule
+from rnndrop.data import (
+    BPTTBatches,
+    LanguageModelDataModule,
+    PixelMNISTDataModule,
+    SyntheticDataModule,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -139,20 +144,25 @@ class TinyLM(L.LightningModule):
         self.emb = torch.nn.Embedding(vocab_size, 4)
         self.out = torch.nn.Linear(4, vocab_size)
         self.seen: list[torch.Tensor] = []
+        self.val_batches = 0
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         self.seen.append(x.clone())
         return torch.nn.functional.cross_entropy(self.out(self.emb(x)).flatten(0, 1), y.flatten())
 
+    def validation_step(self, batch, batch_idx):
+        self.val_batches += 1
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_lm_resume_mid_epoch_in_lightning(text_dir, tmp_path):
+@pytest.mark.parametrize("variable", [False, True])  # sized and unsized train loaders
+def test_lm_resume_mid_epoch_in_lightning(text_dir, tmp_path, variable):
     def fit(max_steps, ckpt=None, save=None):
         dm = LanguageModelDataModule(
-            "folder", data_dir=str(text_dir), batch_size=4, bptt=12, variable_bptt=True
+            "folder", data_dir=str(text_dir), batch_size=4, bptt=12, variable_bptt=variable
         )
         model = TinyLM(dm.vocab_size)
         trainer = L.Trainer(
@@ -169,6 +179,26 @@ def test_lm_resume_mid_epoch_in_lightning(text_dir, tmp_path):
     rest = fit(10, ckpt=tmp_path / "mid.ckpt")
     assert len(first) == 4 and len(first) + len(rest) == len(full)
     assert all(torch.equal(a, b) for a, b in zip(first + rest, full, strict=True))
+
+
+def test_lm_variable_epochs_run_to_their_end(text_dir):
+    # variable lengths give each epoch its own number of chunks; none may be cut short
+    dm = LanguageModelDataModule(
+        "folder", data_dir=str(text_dir), batch_size=4, bptt=6, variable_bptt=True, seed=3
+    )
+    model = TinyLM(dm.vocab_size)
+    trainer = L.Trainer(
+        max_epochs=4, logger=False, enable_checkpointing=False, num_sanity_val_steps=0,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(model, dm)
+    ids = dm.corpus.train
+    n = len(ids) // 4
+    expected = BPTTBatches(ids[: 4 * n].view(4, n), 6, variable=True, seed=3)
+    counts = [len(expected.lengths(e)) for e in range(4)]
+    assert len(set(counts)) > 1  # the test needs epochs of different lengths
+    assert [x.shape[1] for x in model.seen] == [n for e in range(4) for n in expected.lengths(e)]
+    assert model.val_batches == 4 * len(dm.val_dataloader())  # validated after every epoch
 
 
 def test_lightning_cli_links_data_attributes(text_dir):

@@ -89,7 +89,8 @@ class BPTTBatches:
     With ``variable=True`` the lengths follow AWD-LSTM (:func:`variable_lengths`: mean ``bptt``
     with probability 0.95 else ``bptt/2``, then ``N(mean, 5)``, at least 5), drawn from a
     generator seeded by ``(seed, epoch)``: the same seed gives the same chunks in every run,
-    a new epoch gives new lengths. AWD also scales the learning rate by ``T / bptt`` for each
+    a new epoch gives new lengths, and so a slightly different number of chunks (``len()`` is
+    that of the current epoch). AWD also scales the learning rate by ``T / bptt`` for each
     chunk; ``x.shape[1]`` is ``T``.
 
     DDP: with ``world_size > 1`` the ``B`` rows are split into ``world_size`` contiguous blocks

@@ -16,6 +16,7 @@ Batches are batch-first: ``x`` is ``(B, T)`` tokens or ``(B, T, F)`` floats; ``y
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import lightning as L
@@ -107,20 +108,41 @@ def _from_task(name: str) -> property:
 
 
 # input_kind, vocab_size, ... are the task's: known right after __init__
-for _name in [
-    "input_kind",
-    "vocab_size",
-    "input_size",
-    "num_classes",
-    "output_size",
-    "target",
-    "loss",
-    "baseline_loss",
-    "distance",
-    "seq_len",
-    "name",
-]:
+_TASK_ATTRS = ("input_kind", "vocab_size", "input_size", "num_classes", "output_size", "target",
+               "loss", "baseline_loss", "distance", "seq_len", "name")  # fmt: skip
+for _name in _TASK_ATTRS:
     setattr(SyntheticDataModule, _name, _from_task(_name))
+
+
+class _Unsized:
+    """BPTTBatches without ``__len__``, so Lightning runs each variable-length epoch to its end.
+
+    Lightning takes ``len()`` once per fit and ends every epoch at that count, but variable
+    chunk lengths change the count from epoch to epoch. Without a length Lightning keeps one
+    batch prefetched, so the saved state is that of the batch before the newest one handed
+    out: a resumed run starts with the batch that was waiting in the prefetch buffer.
+    """
+
+    def __init__(self, batches: BPTTBatches) -> None:
+        self.batches = batches
+        self._before: dict[str, Any] | None = None  # state before the newest batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._before = None
+        for x, y in self.batches:
+            state = self.batches.state_dict()
+            self._before = dict(
+                state, index=state["index"] - 1, position=state["position"] - x.shape[1]
+            )
+            yield x, y
+        self._before = None  # the pass is over: everything was consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._before if self._before is not None else self.batches.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._before = None
+        self.batches.load_state_dict(state)
 
 
 class LanguageModelDataModule(L.LightningDataModule):
@@ -130,6 +152,10 @@ class LanguageModelDataModule(L.LightningDataModule):
     shuffled, so the model can carry its state), resumable mid-epoch through its
     ``state_dict``, which Lightning saves in checkpoints. The vocabulary is saved in the data
     module's own state: restoring a checkpoint checks that the ids have not shifted.
+
+    With ``variable_bptt`` the train loader has no ``len()``: the number of chunks changes
+    from epoch to epoch, and Lightning, which reads ``len()`` once, would cut later epochs
+    short. Use an integer ``val_check_interval`` (or the default 1.0) with it.
 
     Under DDP each rank gets its own ``batch_size`` streams: the corpus is cut into
     ``batch_size x world_size`` streams and rank ``r`` takes block ``r``. The LM loaders run in
@@ -250,9 +276,11 @@ class LanguageModelDataModule(L.LightningDataModule):
             world_size=world,
         )
 
-    def train_dataloader(self) -> BPTTBatches:
+    def train_dataloader(self) -> BPTTBatches | _Unsized:
         self.train_batches = self._batches("train", self.batch_size, train=True)
-        return self.train_batches
+        # variable lengths change the number of chunks every epoch, but Lightning takes len()
+        # once and would end later epochs at the first one's count: give it no len() instead
+        return _Unsized(self.train_batches) if self.variable_bptt else self.train_batches
 
     def val_dataloader(self) -> BPTTBatches:
         return self._batches("valid", self.eval_batch_size)
