@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-__all__ = ["RATE_FIELDS", "RecurrentDropout", "check_rate"]
+__all__ = ["RATE_FIELDS", "RecurrentDropout", "TransformerDropout", "check_rate"]
 
 TimePolicy = Literal["per_step", "per_sequence"]
 BatchPolicy = Literal["per_sample", "per_batch"]
@@ -53,8 +53,47 @@ def check_rate(name: str, p: Any) -> float:
     return p
 
 
+class _Rates:
+    """What the dropout configs share: validated rates, dict round trip, a summary."""
+
+    _RATES: tuple[str, ...] = ()
+
+    def _check_rates(self) -> None:
+        for name in self._RATES:
+            object.__setattr__(self, name, check_rate(name, getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (for YAML, JSON and checkpoints); :meth:`from_dict` inverts it."""
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """Build from a dict; unknown keys raise ``ValueError`` listing the valid ones."""
+        if isinstance(data, cls):
+            return data
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(known)}"
+            )
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any):
+        """A copy with some fields changed (validated like the original)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    @property
+    def any(self) -> bool:
+        """True if any site has a non-zero rate."""
+        return any(getattr(self, n) > 0 for n in self._RATES)
+
+    def _rates_text(self) -> str:
+        return ", ".join(f"{n}={getattr(self, n):g}" for n in self._RATES if getattr(self, n))
+
+
 @dataclass(frozen=True)
-class RecurrentDropout:
+class RecurrentDropout(_Rates):
     r"""Where and how an LSTM drops units.
 
     LSTM step (torch's gate order i, f, g, o)::
@@ -111,9 +150,10 @@ class RecurrentDropout:
     embedding_batch: BatchPolicy = "per_batch"  # word-type mask shared by the batch?
     scaling: Scaling = "inverted"  # 1/(1-p) in training, or ×(1-p) at test
 
+    _RATES = RATE_FIELDS
+
     def __post_init__(self) -> None:
-        for name in RATE_FIELDS:
-            object.__setattr__(self, name, check_rate(name, getattr(self, name)))
+        self._check_rates()
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
@@ -123,11 +163,6 @@ class RecurrentDropout:
         self._warn_no_effect()
 
     # -- derived views -------------------------------------------------------------
-
-    @property
-    def any(self) -> bool:
-        """True if any site has a non-zero rate."""
-        return any(getattr(self, n) > 0 for n in RATE_FIELDS)
 
     @property
     def gate_sites(self) -> bool:
@@ -167,30 +202,9 @@ class RecurrentDropout:
 
     # -- serialisation -------------------------------------------------------------
 
-    def to_dict(self) -> dict[str, Any]:
-        """A plain dict (for YAML, JSON and checkpoints); :meth:`from_dict` inverts it."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RecurrentDropout:
-        """Build from a dict; unknown keys raise ``ValueError`` listing the valid ones."""
-        if isinstance(data, RecurrentDropout):
-            return data
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"RecurrentDropout: unknown field(s) {unknown}; valid fields are {sorted(known)}"
-            )
-        return cls(**dict(data))
-
-    def replace(self, **changes: Any) -> RecurrentDropout:
-        """A copy with some fields changed (validated like the original)."""
-        return dataclasses.replace(self, **changes)
-
     def describe(self) -> str:
         """Short human-readable summary: the non-zero rates and the policy."""
-        rates = ", ".join(f"{n}={getattr(self, n):g}" for n in RATE_FIELDS if getattr(self, n))
+        rates = self._rates_text()
         if not rates:
             return "none"
         policy = f"{self.time}, {self.batch}" + ("" if self.tied else ", untied")
@@ -340,3 +354,56 @@ PRESETS: tuple[str, ...] = (
     "semeniuta",
     "awd",
 )
+
+
+@dataclass(frozen=True)
+class TransformerDropout(_Rates):
+    r"""Where a causal pre-norm transformer drops units.
+
+    One block (Vaswani et al. 2017, pre-norm as in GPT-2)::
+
+        x = x + DropPath(Drop_res(Attn(LN(x))))       Attn's softmax(QKᵀ/√d) → Drop_att
+        x = x + DropPath(Drop_res(W_2 Drop_ffn(GELU(W_1 LN(x)))))
+
+    All dropout is inverted (1/(1-p) in training, identity in eval) and per element, except
+    DropPath, which drops a whole residual branch per sample (Huang et al. 2016).
+
+    Sites:
+        embedding: the sum of token and position embeddings entering the first block.
+        attention: the attention probabilities (``dropout_p`` of scaled dot-product
+            attention, in training and MC mode only).
+        residual: each branch's output before it is added back (after attention and after
+            the FFN).
+        ffn: the FFN's hidden activation.
+        drop_path: the largest DropPath rate; block ``l`` of ``L`` uses
+            ``drop_path · l / (L - 1)`` (linear depth schedule, 0 for the first block).
+    """
+
+    embedding: float = 0.0  # token + position embeddings
+    attention: float = 0.0  # attention probabilities
+    residual: float = 0.0  # branch outputs before the residual add
+    ffn: float = 0.0  # FFN hidden activation
+    drop_path: float = 0.0  # stochastic depth, largest rate (last block)
+
+    _RATES = ("embedding", "attention", "residual", "ffn", "drop_path")
+
+    def __post_init__(self) -> None:
+        self._check_rates()
+
+    def describe(self) -> str:
+        """Short human-readable summary: the non-zero rates."""
+        return self._rates_text() or "none"
+
+    def drop_path_rate(self, block: int, num_blocks: int) -> float:
+        """DropPath rate of ``block`` (0-based) under the linear depth schedule."""
+        return 0.0 if num_blocks <= 1 else self.drop_path * block / (num_blocks - 1)
+
+    @classmethod
+    def none(cls) -> TransformerDropout:
+        """No dropout anywhere."""
+        return cls()
+
+    @classmethod
+    def standard(cls, p: float = 0.1) -> TransformerDropout:
+        """Vaswani et al. 2017 / GPT-2: ``p`` on embeddings, attention and residual branches."""
+        return cls(embedding=p, attention=p, residual=p)

@@ -1,8 +1,8 @@
-import os
 import time
 from pathlib import Path
 
 import pytest
+from conftest import shared_data_dir
 
 from rnndrop.data.corpus import (
     CorpusError,
@@ -146,14 +146,7 @@ def test_reads_megabytes_in_seconds(tmp_path):
     assert time.perf_counter() - start < 10.0
 
 
-def shared_data_dir() -> Path | None:
-    """../shared/data (relative to the repo root) or $RNNDROP_SHARED_DATA, if present."""
-    env = os.environ.get("RNNDROP_SHARED_DATA")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
-    return path if path.is_dir() else None
-
-
-SHARED = shared_data_dir()
+SHARED = shared_data_dir()  # from conftest
 needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data not present")
 
 

@@ -14,13 +14,16 @@ from .dropout import (
     mc_dropout,
 )
 from .lstm import LSTM, as_dropout
+from .transformer import CausalTransformer, TransformerBlock
 
 __all__ = [
     "LSTM",
+    "CausalTransformer",
     "DropPath",
     "EmbeddingDropout",
     "LockedDropout",
     "StochasticModule",
+    "TransformerBlock",
     "Zoneout",
     "as_dropout",
     "mc_dropout",

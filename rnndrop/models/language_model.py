@@ -1,0 +1,111 @@
+"""A word- or character-level language model: embedding -> encoder -> decoder."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+from ..config import RecurrentDropout, TransformerDropout
+from ..nn import EmbeddingDropout
+from .encoders import EncoderKind, build_encoder
+
+__all__ = ["LMOutput", "LanguageModel"]
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor  # (B, T, V)
+    state: Any  # to carry into the next chunk (None for the transformer)
+    output: Tensor  # (B, T, H) the encoder's output after output dropout (for AR)
+    raw_output: Tensor  # (B, T, H) before output dropout (for TAR)
+
+
+class LanguageModel(nn.Module):
+    r"""``p(w_t | w_<t)`` from an rnndrop LSTM (any scheme) or a causal transformer.
+
+    ``e_t = E[w_t]`` (word types dropped with ``dropout.embedding``, Gal & Ghahramani
+    2016), ``h = encoder(e)``, ``logits_t = W h_t + b``. With ``tie_weights`` the decoder
+    shares the embedding matrix (Press & Wolf 2017; Inan et al. 2017); for the LSTM the
+    last layer is then ``embedding_size`` wide, as in AWD-LSTM.
+
+    Args:
+        vocab_size: vocabulary (linked from the data module by the CLI).
+        embedding_size: width of the embeddings.
+        hidden_size: LSTM width, or the transformer's ``d_model``.
+        num_layers: LSTM layers or transformer blocks.
+        encoder: ``"lstm"`` or ``"transformer"``.
+        dropout: the LSTM's scheme; its ``embedding`` rate applies to either encoder.
+        transformer_dropout: the transformer's sites.
+        num_heads, ffn_size, positions, max_len: transformer shape.
+        tie_weights: share the embedding and decoder weights.
+        init_range: if set, every parameter ~ U(-r, r) (Zaremba et al. 2014 used 0.1 small,
+            0.05 medium, 0.04 large); else embedding U(-0.1, 0.1), zero decoder bias, the
+            encoder's own initialisation (pytorch/examples, AWD-LSTM).
+
+    Shape:
+        tokens ``(B, T)`` -> :class:`LMOutput` with logits ``(B, T, V)``.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int = 10000,
+        embedding_size: int = 200,
+        hidden_size: int = 200,
+        num_layers: int = 2,
+        encoder: EncoderKind = "lstm",
+        dropout: RecurrentDropout | None = None,
+        transformer_dropout: TransformerDropout | None = None,
+        num_heads: int = 4,
+        ffn_size: int | None = None,
+        positions: str = "sinusoidal",
+        max_len: int = 1024,
+        tie_weights: bool = False,
+        init_range: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.dropout = dropout = RecurrentDropout.from_dict(dropout or {})
+        transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
+        if tie_weights and encoder == "transformer" and hidden_size != embedding_size:
+            raise ValueError(
+                "tie_weights with the transformer needs hidden_size == embedding_size, got "
+                f"{hidden_size} and {embedding_size}"
+            )
+        self.embedding = EmbeddingDropout(
+            vocab_size,
+            embedding_size,
+            dropout.embedding,
+            per_sample=dropout.embedding_batch == "per_sample",
+            batch_first=True,
+            scaling=dropout.scaling,
+        )
+        self.encoder = build_encoder(
+            encoder,
+            embedding_size,
+            hidden_size,
+            num_layers,
+            dropout,
+            transformer_dropout,
+            last_size=embedding_size if tie_weights else None,
+            num_heads=num_heads,
+            ffn_size=ffn_size,
+            positions=positions,
+            max_len=max_len,
+        )
+        self.decoder = nn.Linear(self.encoder.output_size, vocab_size)
+        if tie_weights:
+            self.decoder.weight = self.embedding.weight
+        self.vocab_size, self.encoder_kind = vocab_size, encoder
+        self._init(init_range)
+
+    def _init(self, init_range: float | None) -> None:
+        if init_range is not None:
+            for p in self.parameters():
+                nn.init.uniform_(p, -init_range, init_range)
+            return
+        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+
+    def forward(self, tokens: Tensor, state: Any = None) -> LMOutput:
+        emb = self.embedding(tokens)  # (B, T, E)
+        out, raw, state = self.encoder(emb, state)  # (B, T, H)
+        return LMOutput(self.decoder(out), state, out, raw)
