@@ -8,9 +8,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from .lit.cli import main as cli_main
+
+        return cli_main(None if from_command_line else argv)
     parser = argparse.ArgumentParser(
         prog="rnndrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -33,3 +33,37 @@ def shared_data_dir() -> Path | None:
     env = os.environ.get("RNNDROP_SHARED_DATA")
     path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
     return path if path.is_dir() else None
+
+
+@pytest.fixture
+def text_corpus(tmp_path):
+    """A tiny train/valid/test word corpus (8 letters as words), generated."""
+    import random
+
+    rng = random.Random(0)
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for split, lines in (("train", 200), ("valid", 30), ("test", 30)):
+        text = "\n".join(" ".join(rng.choice("abcdefgh") for _ in range(9)) for _ in range(lines))
+        (root / f"{split}.txt").write_text(text + "\n")
+    return root
+
+
+@pytest.fixture
+def fake_mnist(tmp_path, monkeypatch):
+    """Four idx.gz files of random images; the sha256 check is bypassed for them only."""
+    import gzip
+    import struct
+
+    root = tmp_path / "mnist"
+    root.mkdir()
+    for prefix, n in (("train", 40), ("t10k", 10)):
+        images = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+        labels = (torch.arange(n) % 10).to(torch.uint8)
+        for kind, arr, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+            header = struct.pack(">i", magic) + b"".join(struct.pack(">i", s) for s in arr.shape)
+            (root / f"{prefix}-{kind}-ubyte.gz").write_bytes(
+                gzip.compress(header + arr.numpy().tobytes())
+            )
+    monkeypatch.setattr("rnndrop.data.modules.fetch", lambda name, d, download=False: root)
+    return root

@@ -102,6 +102,14 @@ class SyntheticTask(Dataset):
     def generate(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def memory_mask(self, y: Tensor) -> Tensor:
+        """Targets that test memory (where accuracy is reported): every target by default.
+
+        Shape:
+            ``y`` as the task's targets -> bool of the same shape.
+        """
+        return y != IGNORE if y.dtype == torch.long else torch.ones_like(y, dtype=torch.bool)
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(distance={self.distance}, size={self.size}, "
@@ -147,6 +155,11 @@ class CopyTask(SyntheticTask):
     @property
     def baseline_loss(self) -> float:
         return self.n_copy * math.log(self.n_symbols) / self.seq_len
+
+    def memory_mask(self, y: Tensor) -> Tensor:
+        """Only the last ``K`` steps, the recalled symbols (the blanks before are certain)."""
+        steps = torch.arange(y.shape[-1], device=y.device)
+        return (steps >= self.distance + self.n_copy).expand_as(y)
 
     def generate(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         k, t = self.n_copy, self.distance

@@ -13,9 +13,14 @@ from torch import Tensor, nn
 from ..config import RecurrentDropout, TransformerDropout
 from ..nn import LSTM, CausalTransformer
 
-__all__ = ["EncoderKind", "LSTMStack", "TransformerEncoder", "build_encoder"]
+__all__ = ["EncoderKind", "LSTMStack", "TransformerEncoder", "build_encoder", "plain_config"]
 
 EncoderKind = Literal["lstm", "transformer"]
+
+
+def plain_config(args: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments as plain data (dropout configs become dicts)."""
+    return {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in args.items()}
 
 
 class LSTMStack(nn.Module):

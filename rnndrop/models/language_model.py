@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ..config import RecurrentDropout, TransformerDropout
 from ..nn import EmbeddingDropout
 from .encoders import EncoderKind, build_encoder
+from .encoders import plain_config as _plain
 
 __all__ = ["LMOutput", "LanguageModel"]
 
@@ -63,8 +64,13 @@ class LanguageModel(nn.Module):
         init_range: float | None = None,
     ) -> None:
         super().__init__()
+        # the constructor's arguments, for hparams and for rebuilding from a checkpoint
+        self.config = _plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         self.dropout = dropout = RecurrentDropout.from_dict(dropout or {})
         transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
+        self.config.update(
+            dropout=dropout.to_dict(), transformer_dropout=transformer_dropout.to_dict()
+        )
         if tie_weights and encoder == "transformer" and hidden_size != embedding_size:
             raise ValueError(
                 "tie_weights with the transformer needs hidden_size == embedding_size, got "
@@ -105,7 +111,14 @@ class LanguageModel(nn.Module):
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
 
+    def features(self, tokens: Tensor) -> Tensor:
+        """What the encoder reads: ``(B, T)`` tokens -> ``(B, T, E)`` embeddings."""
+        return self.embedding(tokens)
+
+    def readout(self, out: Tensor) -> Tensor:
+        """Encoder output ``(..., H)`` -> logits ``(..., V)``."""
+        return self.decoder(out)
+
     def forward(self, tokens: Tensor, state: Any = None) -> LMOutput:
-        emb = self.embedding(tokens)  # (B, T, E)
-        out, raw, state = self.encoder(emb, state)  # (B, T, H)
-        return LMOutput(self.decoder(out), state, out, raw)
+        out, raw, state = self.encoder(self.features(tokens), state)  # (B, T, H)
+        return LMOutput(self.readout(out), state, out, raw)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from ..config import RecurrentDropout, TransformerDropout
 from .encoders import EncoderKind, build_encoder
+from .encoders import plain_config as _plain
 
 __all__ = ["SeqOutput", "SequenceModel"]
 
@@ -58,6 +59,8 @@ class SequenceModel(nn.Module):
         max_len: int = 2048,
     ) -> None:
         super().__init__()
+        # the constructor's arguments, for hparams and for rebuilding from a checkpoint
+        self.config = _plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         if target not in ("per_step", "last"):
             raise ValueError(f"target must be 'per_step' or 'last', got {target!r}")
         if input_kind == "tokens":
@@ -72,13 +75,17 @@ class SequenceModel(nn.Module):
         else:
             raise ValueError(f"input_kind must be 'tokens' or 'float', got {input_kind!r}")
         self.dropout = dropout = RecurrentDropout.from_dict(dropout or {})
+        transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
+        self.config.update(
+            dropout=dropout.to_dict(), transformer_dropout=transformer_dropout.to_dict()
+        )
         self.encoder = build_encoder(
             encoder,
             features,
             hidden_size,
             num_layers,
             dropout,
-            TransformerDropout.from_dict(transformer_dropout or {}),
+            transformer_dropout,
             num_heads=num_heads,
             ffn_size=ffn_size,
             positions=positions,
@@ -87,7 +94,15 @@ class SequenceModel(nn.Module):
         self.head = nn.Linear(self.encoder.output_size, output_size)
         self.target, self.input_kind = target, input_kind
 
+    def features(self, x: Tensor) -> Tensor:
+        """What the encoder reads: embedded tokens or the float features, ``(B, T, F)``."""
+        return self.embed(x)
+
+    def readout(self, out: Tensor) -> Tensor:
+        """Encoder output ``(..., H)`` -> predictions ``(..., O)``."""
+        return self.head(out)
+
     def forward(self, x: Tensor, state: Any = None) -> SeqOutput:
-        out, raw, state = self.encoder(self.embed(x), state)  # (B, T, H)
+        out, raw, state = self.encoder(self.features(x), state)  # (B, T, H)
         h = out if self.target == "per_step" else out[:, -1]
-        return SeqOutput(self.head(h), state, out, raw)
+        return SeqOutput(self.readout(h), state, out, raw)

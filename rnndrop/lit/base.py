@@ -1,0 +1,234 @@
+"""What the Lightning tasks share: optimisers, NT-ASGD averaging, max-norm, exact resume."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..nn import LSTM
+
+__all__ = ["OptimizerName", "SplitMetric", "Task", "detach_state", "max_norm_"]
+
+OptimizerName = Literal["sgd", "nt_asgd", "adam", "adamw"]
+
+
+class SplitMetric(nn.Module):
+    """One token- (or sample-) weighted running mean per split, moved with the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics import MeanMetric
+
+        # "train" would clash with nn.Module.train as a ModuleDict key
+        self.means = nn.ModuleDict({f"{s}_": MeanMetric() for s in ("train", "val", "test")})
+
+    def __getitem__(self, split: str):
+        return self.means[f"{split}_"]
+
+
+def detach_state(state: Any) -> Any:
+    """Detach a recurrent state (tensors in nested tuples/lists) for truncated BPTT."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state.detach()
+    return type(state)(detach_state(s) for s in state)
+
+
+def max_norm_(module: nn.Module, max_norm: float) -> None:
+    """Max-norm constraint (Srivastava et al. 2014): ``‖w_j‖₂ ≤ c`` for the incoming weights
+    of every unit, i.e. each row of every ``nn.Linear`` weight and LSTM ``weight_*`` matrix
+    (embedding rows are word vectors, not units, and are left alone). In place."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                weights = [m.weight]
+            elif isinstance(m, LSTM | nn.LSTM):
+                weights = [
+                    p for n, p in m.named_parameters(recurse=False) if n.startswith("weight")
+                ]
+            else:
+                continue
+            for w in weights:
+                w.copy_(torch.renorm(w, 2, 0, max_norm))
+
+
+class Task(L.LightningModule):
+    """Base of :class:`LanguageModelTask` and :class:`SequenceTask`.
+
+    Args:
+        optimizer: ``"sgd"``, ``"nt_asgd"`` (SGD, then averaged iterates once validation
+            loss stops improving for ``nonmono`` epochs: Merity et al. 2017), ``"adam"`` or
+            ``"adamw"``.
+        lr, momentum, weight_decay: optimiser settings.
+        lr_decay, decay_start: multiply the learning rate by ``lr_decay`` every epoch from
+            epoch ``decay_start`` on (Zaremba et al. 2014: 0.5 after 4 epochs for small).
+        nonmono: NT-ASGD's patience, in validations.
+        max_norm: if set, renormalise each unit's incoming weights to at most this L2 norm
+            after every step (Srivastava et al. 2014).
+    """
+
+    #: metrics shown in TensorBoard's HPARAMS tab (declared at fit start, logged later)
+    hp_metrics: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 1.0,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        lr_decay: float = 1.0,
+        decay_start: int = 0,
+        nonmono: int = 5,
+        max_norm: float | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("sgd", "nt_asgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be sgd, nt_asgd, adam or adamw, got {optimizer!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 < lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {lr_decay}")
+        self.optim = {"name": optimizer, "lr": lr, "momentum": momentum,
+                      "weight_decay": weight_decay, "lr_decay": lr_decay,
+                      "decay_start": decay_start}  # fmt: skip
+        self.nonmono, self.max_norm = nonmono, max_norm
+        self.val_history: list[float] = []  # validation losses, for NT-ASGD's trigger
+        self.averaged: dict[str, torch.Tensor] | None = None  # NT-ASGD running average
+        self.n_averaged = 0
+        self._backup: dict[str, torch.Tensor] | None = None
+
+    # ---- optimisation --------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.parameters() if p.requires_grad]
+        if o["name"] in ("sgd", "nt_asgd"):
+            opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
+                                  weight_decay=o["weight_decay"])  # fmt: skip
+        elif o["name"] == "adam":
+            opt = torch.optim.Adam(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        else:
+            opt = torch.optim.AdamW(params, lr=o["lr"], weight_decay=o["weight_decay"])
+        if o["lr_decay"] == 1.0:
+            return opt
+        decay, start = o["lr_decay"], o["decay_start"]
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda epoch: decay ** max(0, epoch + 1 - start)
+        )  # epoch is the number of finished epochs: epochs 0..start-1 run at lr
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.max_norm is not None:
+            max_norm_(self, self.max_norm)
+        if self.averaged is not None:  # ASGD's average of the iterates since the trigger
+            self.n_averaged += 1
+            with torch.no_grad():
+                for name, p in self.named_parameters():
+                    a = self.averaged[name]
+                    a.add_(p.detach() - a, alpha=1.0 / self.n_averaged)
+
+    def note_validation(self, loss: float) -> None:
+        """Record a validation loss; start NT-ASGD averaging when it stops improving."""
+        if self.trainer.sanity_checking:
+            return
+        self.val_history.append(loss)
+        h, n = self.val_history, self.nonmono
+        waiting = self.optim["name"] == "nt_asgd" and self.averaged is None
+        if waiting and len(h) > n and loss > min(h[:-n]):
+            self.averaged = {k: p.detach().clone() for k, p in self.named_parameters()}
+            self.n_averaged = 1
+            rank_zero_info(f"NT-ASGD: averaging the iterates from validation {len(h)} on")
+
+    # evaluate (and finish) with the averaged weights, as AWD-LSTM does
+    def _swap_in_average(self) -> None:
+        if self.averaged is not None and self._backup is None:
+            self._backup = {k: p.detach().clone() for k, p in self.named_parameters()}
+            self._load_params(self.averaged)
+
+    def _swap_out_average(self) -> None:
+        if self._backup is not None:
+            self._load_params(self._backup)
+            self._backup = None
+
+    def _load_params(self, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for k, p in self.named_parameters():
+                p.copy_(values[k])
+
+    def on_validation_epoch_start(self) -> None:
+        self._swap_in_average()
+
+    def on_validation_epoch_end(self) -> None:
+        self._swap_out_average()
+
+    def on_train_end(self) -> None:
+        if self.averaged is not None:  # the final model is the averaged one
+            self._load_params(self.averaged)
+
+    # ---- TensorBoard HPARAMS ---------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        for logger in self.loggers:
+            if isinstance(logger, TensorBoardLogger) and self.hp_metrics:
+                logger.log_hyperparams(self.hparams, {m: math.nan for m in self.hp_metrics})
+
+    # ---- exact resume ---------------------------------------------------------------------
+
+    def batches_done_this_epoch(self) -> int:
+        """Training batches already run in the current epoch (> 0 after a mid-epoch resume)."""
+        try:
+            return int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        except AttributeError:  # Lightning moved its loop internals: assume a fresh epoch
+            return 0
+
+    def extra_state(self) -> dict[str, Any]:
+        """Task state that a checkpoint must carry besides weights and optimiser."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`extra_state`."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        checkpoint["rnndrop"] = {  # tensors and plain types only: loads with weights_only
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": (
+                    name,
+                    torch.from_numpy(keys.copy()),
+                    int(pos),
+                    int(has_gauss),
+                    float(gauss),
+                ),
+                "python": random.getstate(),
+            },
+            "val_history": list(self.val_history),
+            "averaged": self.averaged,
+            "n_averaged": self.n_averaged,
+            **self.extra_state(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("rnndrop")
+        if state is None:
+            return
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+        random.setstate(rng["python"])
+        self.val_history = list(state["val_history"])
+        self.averaged, self.n_averaged = state["averaged"], state["n_averaged"]
+        self.load_extra_state(state)

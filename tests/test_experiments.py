@@ -1,0 +1,90 @@
+"""Every config in experiments/ parses and trains a step through `rnndrop fit` (generated data)."""
+
+from pathlib import Path
+
+import pytest
+
+from rnndrop.lit.cli import make_cli
+
+EXP = Path(__file__).resolve().parents[1] / "experiments"
+PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large", "awd",
+       "transformer", "zoneout_char"]  # fmt: skip
+SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist"]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+         "--trainer.fast_dev_run=1", "--trainer.logger=false"]  # fmt: skip
+
+
+def test_every_config_is_covered():
+    found = {p.relative_to(EXP).as_posix() for p in EXP.rglob("*.yaml")}
+    covered = {f"ptb/{c}.yaml" for c in PTB} | {f"synthetic/{c}.yaml" for c in SYNTHETIC}
+    covered |= {"ptb/base.yaml", "synthetic/base.yaml", "wikitext2/awd.yaml"}
+    assert found == covered
+
+
+def small_lm(corpus):
+    return [f"--data.init_args.data_dir={corpus}", "--data.init_args.corpus=folder",
+            "--data.init_args.batch_size=4", "--data.init_args.eval_batch_size=4",
+            "--data.init_args.bptt=8", "--model.init_args.mc_samples=0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", [*PTB, "wikitext2"])
+def test_ptb_configs_run(name, text_corpus):
+    configs = [EXP / "ptb/base.yaml"]
+    if name == "wikitext2":
+        configs += [EXP / "ptb/awd.yaml", EXP / "wikitext2/awd.yaml"]
+    else:
+        configs.append(EXP / f"ptb/{name}.yaml")
+    args = ["fit", *[f"--config={c}" for c in configs], *QUIET, *small_lm(text_corpus)]
+    if name == "zoneout_char":
+        args.append("--data.init_args.tokenization=char")
+    cli = make_cli(args)
+    assert cli.trainer.global_step == 1
+    assert cli.model.model.vocab_size == cli.datamodule.vocab_size  # linked from the data
+
+
+@pytest.mark.parametrize("name", SYNTHETIC)
+def test_synthetic_configs_run(name, fake_mnist):
+    args = ["fit", f"--config={EXP / 'synthetic/base.yaml'}",
+            f"--config={EXP / f'synthetic/{name}.yaml'}", *QUIET]  # fmt: skip
+    if name == "pixel_mnist":
+        args += [f"--data.init_args.data_dir={fake_mnist}", "--data.init_args.val_size=10",
+                 "--data.init_args.batch_size=8"]  # fmt: skip
+    else:
+        args += ["--data.init_args.train_size=64", "--data.init_args.val_size=32"]
+    cli = make_cli(args)
+    assert cli.trainer.global_step == 1
+    dm, net = cli.datamodule, cli.model.model
+    assert net.head.out_features == dm.output_size and cli.model.loss_kind == dm.loss
+
+
+def test_published_settings_reach_the_model(text_corpus):
+    cli = make_cli([f"--config={EXP / 'ptb/base.yaml'}", f"--config={EXP / 'ptb/awd.yaml'}",
+                    *small_lm(text_corpus)], run=False)  # fmt: skip
+    net = cli.model.model
+    first, last = net.encoder.parts
+    assert (first.hidden_size, first.num_layers, last.hidden_size) == (1150, 2, 400)
+    assert net.decoder.weight is net.embedding.weight  # tied
+    assert first.dropout.weight_hh == 0.5 and first.dropout.output == 0.25  # between layers
+    assert last.dropout.input == 0 and last.dropout.output == 0.4
+    assert cli.model.optim["name"] == "nt_asgd" and cli.datamodule.variable_bptt
+
+
+def test_default_command_trains_something(tmp_path):
+    cli = make_cli(
+        ["fit", *QUIET, "--data.init_args.train_size=32", "--data.init_args.val_size=16"]
+    )
+    assert cli.trainer.global_step == 1 and type(cli.model).__name__ == "SequenceTask"
+
+
+def test_bad_key_and_value_are_named(capsys):
+    for arg, names in (
+        ("--model.init_args.model.init_args.dropout.recurent=0.3", ["recurent"]),
+        ("--model.init_args.model.init_args.dropout.recurrent=1.5", ["recurrent", "1.5"]),
+        ("--data.init_args.task=copyy", ["copyy"]),
+    ):
+        # a bad key fails parsing (exit, message on stderr); a bad rate fails building the
+        # config (ValueError): either way the message names what is wrong
+        with pytest.raises((SystemExit, ValueError)) as info:
+            make_cli([arg], run=False)
+        text = capsys.readouterr().err + (str(info.value) if info.type is ValueError else "")
+        assert all(n in text for n in names), text

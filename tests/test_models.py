@@ -1,0 +1,194 @@
+"""Models, the transformer baseline and gradient-through-time."""
+
+import math
+
+import pytest
+import torch
+
+from rnndrop.analysis import gradient_through_time
+from rnndrop.config import RecurrentDropout as RD
+from rnndrop.config import TransformerDropout as TD
+from rnndrop.models import LanguageModel, SequenceModel
+from rnndrop.nn import LSTM, CausalTransformer, mc_dropout
+
+
+def test_awd_stack_applies_every_mask_once():
+    lm = LanguageModel(30, 6, 10, 3, dropout=RD.awd(0.0, 0.3, 0.2, 0.25, 0.4), tie_weights=True)
+    first, last = lm.encoder.parts
+    for part in (first, last):
+        part.record_masks = True
+    lm(torch.randint(0, 30, (4, 5)))
+    assert sorted(first.last_masks) == [
+        "between_layers/l1",
+        "input/l0",
+        "output",
+        "weight_hh/l0",
+        "weight_hh/l1",
+    ]
+    assert sorted(last.last_masks) == ["output", "weight_hh/l0"]  # no second input mask
+    assert (first.last_masks["output"] == 0).float().mean() > 0  # first part's output = between
+    assert last.hidden_size == 6 and lm.decoder.weight is lm.embedding.weight
+
+
+def test_awd_stack_equals_one_lstm_without_dropout():
+    lm = LanguageModel(30, 10, 10, 3, tie_weights=False)
+    single = LSTM(10, 10, 3, batch_first=True)
+    single.load_state_dict(lm.encoder.parts[0].state_dict())
+    x = torch.randint(0, 30, (2, 7))
+    out, _, (h, _) = lm.encoder(lm.features(x))
+    ref, (rh, _) = single(lm.features(x))
+    assert torch.equal(out, ref) and torch.equal(h, rh)
+
+
+def test_language_model_carries_state():
+    lm = LanguageModel(20, 6, 8, 2).eval()
+    x = torch.randint(0, 20, (3, 10))
+    whole = lm(x).logits
+    first = lm(x[:, :4])
+    second = lm(x[:, 4:], first.state).logits
+    torch.testing.assert_close(torch.cat([first.logits, second], 1), whole)
+
+
+def test_sequence_model_inputs_and_errors():
+    m = SequenceModel("float", input_size=3, output_size=1, target="last")
+    assert m(torch.randn(2, 9, 3)).prediction.shape == (2, 1)
+    m = SequenceModel("tokens", vocab_size=7, output_size=5)
+    assert m(torch.randint(0, 7, (2, 9))).prediction.shape == (2, 9, 5)
+    for kw, match in [
+        ({"input_kind": "tokens"}, "vocab_size"),
+        ({"input_kind": "float"}, "input_size"),
+        ({"input_kind": "image"}, "input_kind"),
+        ({"input_kind": "float", "input_size": 2, "target": "first"}, "target"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            SequenceModel(**kw)
+
+
+# ---- transformer -------------------------------------------------------------------------
+
+
+def test_transformer_is_causal():
+    m = CausalTransformer(4, 16, 2, 4).eval()
+    x = torch.randn(9, 2, 4)
+    y = m(x)[0]
+    x2 = x.clone()
+    x2[6] += 1.0
+    y2 = m(x2)[0]
+    assert torch.equal(y[:6], y2[:6]) and not torch.allclose(y[6:], y2[6:])
+
+
+def test_transformer_dropout_sites_and_modes():
+    cfg = TD(embedding=0.3, attention=0.3, residual=0.3, ffn=0.3, drop_path=0.4)
+    m = CausalTransformer(4, 16, 5, 4, dropout=cfg)
+    assert [b.drop_path for b in m.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+    x = torch.randn(7, 3, 4)
+    assert not torch.equal(m(x)[0], m(x)[0])  # training samples
+    m.eval()
+    assert torch.equal(m(x)[0], m(x)[0])  # eval is deterministic
+    with mc_dropout(m):
+        assert not torch.equal(m(x)[0], m(x)[0])  # MC samples in eval mode
+
+
+@pytest.mark.parametrize("site", ["embedding", "attention", "residual", "ffn", "drop_path"])
+def test_each_transformer_site_acts(site):
+    m = CausalTransformer(4, 16, 2, 4, dropout=TD(**{site: 0.5}))
+    x = torch.randn(7, 3, 4)
+    torch.manual_seed(0)
+    a = m(x)[0]
+    torch.manual_seed(1)
+    assert not torch.equal(a, m(x)[0])  # a different seed changes the output: the site draws
+
+
+def test_transformer_batch_first_and_positions():
+    a = CausalTransformer(4, 8, 1, 2, positions="learned", max_len=6)
+    b = CausalTransformer(4, 8, 1, 2, positions="learned", max_len=6, batch_first=True)
+    b.load_state_dict(a.state_dict())
+    a.eval(), b.eval()
+    x = torch.randn(5, 2, 4)
+    torch.testing.assert_close(a(x)[0], b(x.transpose(0, 1))[0].transpose(0, 1))
+    with pytest.raises(ValueError, match="max_len"):
+        a(torch.randn(7, 2, 4))
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"num_heads": 3}, "divisible"),
+        ({"positions": "rope"}, "positions"),
+        ({"dropout": {"attention": 1.2}}, "attention"),
+        ({"dropout": {"atention": 0.1}}, "atention"),
+    ],
+)
+def test_transformer_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CausalTransformer(4, 16, 1, **{"num_heads": 4, **kw})
+
+
+def test_transformer_language_model_swaps_in():
+    lm = LanguageModel(20, 16, 16, 2, encoder="transformer", tie_weights=True)
+    out = lm(torch.randint(0, 20, (3, 8)))
+    assert out.logits.shape == (3, 8, 20) and out.state is None
+    with pytest.raises(ValueError, match="hidden_size == embedding_size"):
+        LanguageModel(20, 8, 16, 2, encoder="transformer", tie_weights=True)
+
+
+# ---- gradient through time ---------------------------------------------------------------
+
+
+class LinearEncoder(torch.nn.Module):
+    """h_t = a h_{t-1} + x_t, with the encoder contract (out, pre-dropout out, state)."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = a
+
+    def forward(self, x, state=None):
+        h = torch.zeros(x.shape[0], x.shape[2]) if state is None else state
+        outs = []
+        for t in range(x.shape[1]):
+            h = self.a * h + x[:, t]
+            outs.append(h)
+        out = torch.stack(outs, 1)
+        return out, out, h
+
+
+class LinearRecurrence(torch.nn.Module):
+    """Read out h_T: ∂L/∂x_{T-1-k} = a^k ∂L/∂h_T, a closed form to check against."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.encoder = LinearEncoder(a)
+
+    def features(self, x):
+        return x
+
+    def readout(self, h):
+        return h
+
+
+def test_gradient_through_time_closed_form():
+    a = 0.8
+    model = LinearRecurrence(a)
+    x = torch.randn(5, 12, 3)
+    y = torch.randn(5)  # one unit, MSE read-out: L = Σ_b (h_T,b - y_b)^2
+    x1 = x[..., :1]
+    norms = gradient_through_time(model, x1, y, distances=[0, 1, 4, 11])
+    h_T = model.encoder(x1)[2].squeeze(-1)
+    dL_dh = (2 * (h_T - y)).abs()  # d/dh (h - y)^2 summed per sample
+    for k, v in norms.items():
+        assert v == pytest.approx(float((dL_dh * a**k).mean()), rel=1e-5)
+
+
+def test_gradient_through_time_modes_on_an_lstm():
+    torch.manual_seed(0)
+    m = SequenceModel("tokens", vocab_size=6, output_size=6, hidden_size=16, num_layers=2)
+    x = torch.randint(0, 6, (8, 30))
+    y = torch.randint(0, 6, (8, 30))
+    inp = gradient_through_time(m, x, y, [0, 2, 10, 29])
+    st = gradient_through_time(m, x, y, [1, 2, 10, 29], wrt="state")
+    assert all(math.isfinite(v) and v >= 0 for v in [*inp.values(), *st.values()])
+    assert inp[0] > inp[29] and st[1] > st[29]  # an untrained LSTM forgets
+    with pytest.raises(ValueError, match="distances"):
+        gradient_through_time(m, x, y, [30])
+    with pytest.raises(ValueError, match="target"):
+        gradient_through_time(m, x, torch.full_like(y, -100), [1])
