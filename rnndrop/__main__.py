@@ -1,6 +1,9 @@
 """The ``rnndrop`` command.
 
-rnndrop demo [--steps N]       train a small LSTM with each scheme on delayed recall
+rnndrop study long-range --quick    the quick long-range study (CPU, minutes)
+rnndrop fit --config a.yaml         train (LightningCLI: fit | validate | test | predict)
+rnndrop export-tb runs/...          TensorBoard scalars -> CSV / Markdown table
+rnndrop demo [--steps N]            train a small LSTM with each scheme on delayed recall
 """
 
 from __future__ import annotations
@@ -18,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
         from .lit.cli import main as cli_main
 
         return cli_main(None if from_command_line else argv)
+    if argv and argv[0] == "study":
+        from .study.cli import main as study_main
+
+        return study_main(argv[1:])
+    if argv and argv[0] == "export-tb":
+        from .tbexport import main as export_main
+
+        return export_main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="rnndrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

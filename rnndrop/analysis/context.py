@@ -1,0 +1,121 @@
+"""How much context a language model uses (Khandelwal, He, Qi & Jurafsky 2018).
+
+"Sharp nearby, fuzzy far away": perturb the context farther than ``d`` tokens from the
+target and measure how much the loss on the *same* targets rises. Three perturbations:
+
+- ``shuffle``: the far tokens are permuted (word order destroyed, words kept);
+- ``replace``: the far tokens are replaced by tokens drawn from the text's unigram
+  distribution (words destroyed, length kept);
+- ``cut``: the context is truncated to the last ``d`` tokens (restricted context).
+
+Each target is predicted from a fixed window of ``window`` preceding tokens read from a zero
+state, so the unperturbed reference and every perturbation see the same targets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["MODES", "context_usage", "effective_context"]
+
+MODES = ("shuffle", "replace", "cut")
+
+
+@torch.no_grad()
+def _last_step_nll(model: nn.Module, x: Tensor, y: Tensor, batch_size: int) -> Tensor:
+    """Per-target NLL of ``y`` given contexts ``x`` (N, L): the prediction after the last token."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        logits = model(x[i : i + batch_size]).logits[:, -1].float()  # (b, V)
+        out.append(F.cross_entropy(logits, y[i : i + batch_size], reduction="none"))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def context_usage(
+    model: nn.Module,
+    stream: Tensor,
+    distances: Sequence[int],
+    *,
+    modes: Sequence[str] = MODES,
+    window: int = 200,
+    n_targets: int = 500,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Loss increase when the context beyond each distance is perturbed.
+
+    Args:
+        model: a language model: ``model(tokens (B, T)).logits`` is ``(B, T, V)``, the
+            prediction of the token after each position (e.g. :class:`~rnndrop.models.
+            LanguageModel`). It is run in eval mode.
+        stream: held-out token ids, ``(N,)``.
+        distances: the ``d`` to probe (``1 <= d < window``); the ``d`` tokens right before
+            the target are never touched.
+        modes: any of ``"shuffle"``, ``"replace"``, ``"cut"``.
+        window: context length of the unperturbed reference.
+        n_targets: targets sampled uniformly from the stream (seeded).
+
+    Returns:
+        ``{"loss": reference NLL, "increase": {mode: {d: mean NLL increase (nats)}},
+        "stderr": {mode: {d: standard error of that mean}}}``.
+    """
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise ValueError(f"unknown context perturbation(s) {bad}; choose from {list(MODES)}")
+    if any(not 1 <= d < window for d in distances):
+        raise ValueError(f"distances must lie in [1, {window - 1}], got {list(distances)}")
+    if len(stream) <= window + 1:
+        raise ValueError(f"stream of {len(stream)} tokens is too short for window={window}")
+    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        t = torch.randint(window, len(stream), (n_targets,), generator=gen)
+        idx = t[:, None] - window + torch.arange(window)[None, :]
+        x, y = stream[idx].to(device), stream[t].to(device)  # (N, window), (N,)
+        ref = _last_step_nll(model, x, y, batch_size)
+        unigram = torch.bincount(stream, minlength=int(stream.max()) + 1).double()
+        increase: dict[str, dict[int, float]] = {m: {} for m in modes}
+        stderr: dict[str, dict[int, float]] = {m: {} for m in modes}
+        for mode in modes:
+            for d in distances:
+                xp = _perturb(x, d, mode, unigram, gen)
+                diff = _last_step_nll(model, xp, y, batch_size) - ref
+                increase[mode][d] = float(diff.mean())
+                stderr[mode][d] = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+    finally:
+        model.train(was)
+    return {"loss": float(ref.mean()), "increase": increase, "stderr": stderr}
+
+
+def _perturb(x: Tensor, d: int, mode: str, unigram: Tensor, gen: torch.Generator) -> Tensor:
+    far = x.shape[1] - d  # positions [0, far) lie more than d tokens before the target
+    if mode == "cut":
+        return x[:, far:]
+    out = x.clone()
+    if mode == "shuffle":
+        keys = torch.rand(x.shape[0], far, generator=gen)
+        out[:, :far] = x[:, :far].gather(1, keys.argsort(1).to(x.device))
+    else:  # replace
+        draws = torch.multinomial(unigram, x.shape[0] * far, replacement=True, generator=gen)
+        out[:, :far] = draws.view(x.shape[0], far).to(x.device)
+    return out
+
+
+def effective_context(increase: dict[int, float], threshold: float) -> int | None:
+    """Smallest probed ``d`` from which on every increase stays below ``threshold`` nats.
+
+    The model no longer uses (in this perturbation's sense) what lies beyond it. ``None``
+    if even the largest probed distance matters.
+    """
+    ds = sorted(increase)
+    for i, d in enumerate(ds):
+        if all(increase[e] < threshold for e in ds[i:]):
+            return d
+    return None

@@ -1,0 +1,89 @@
+"""``rnndrop study long-range``: run (or continue) a study and write its report.
+
+rnndrop study long-range --quick                       # the README's main job (CPU, minutes)
+rnndrop study long-range --config experiments/long_range/full.yaml --workers 2
+rnndrop study long-range --config s.yaml --list-cells  # number the cells
+rnndrop study long-range --config s.yaml --cell 7      # one cell (a scheduler array job)
+rnndrop study long-range --config s.yaml --report-only # aggregate what has finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from importlib.resources import files
+
+from .config import load_study
+from .report import write_report
+from .runner import is_finished, load_result, run_study
+
+__all__ = ["main"]
+
+QUICK = files("rnndrop.study").joinpath("quick.yaml")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rnndrop study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("kind", choices=["long-range"], help="the study to run")
+    p.add_argument("--config", help="study YAML (fields of rnndrop.study.StudyConfig)")
+    p.add_argument("--quick", action="store_true", help="the built-in quick study (~10 min CPU)")
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="cells run in parallel processes, each with cpu_count/workers threads (default: "
+        "one per CPU core, up to 8: the study's small models run best on one thread each)",
+    )  # fmt: skip
+    p.add_argument("--cell", type=int, nargs="+", help="run only these cell numbers")
+    p.add_argument("--list-cells", action="store_true", help="print the numbered cells and exit")
+    p.add_argument("--report-only", action="store_true", help="only write the report")
+    p.add_argument("--out-dir", help="where runs go (default: the config's out_dir, runs/)")
+    p.add_argument("--name", help="study name (its folder under out_dir)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (ValueError, FileNotFoundError) as err:  # a bad config or cell number: say which
+        print(f"rnndrop study: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.quick and args.config:
+        print("rnndrop study: give --quick or --config, not both", file=sys.stderr)
+        return 2
+    path = str(QUICK) if args.quick or not args.config else args.config
+    study = load_study(path, out_dir=args.out_dir, name=args.name)
+    cells = study.cells()
+    if args.list_cells:
+        for i, cell in enumerate(cells):
+            done = "done" if is_finished(study, cell) else "todo"
+            print(f"{i:4d}  {done}  {cell}")
+        return 0
+    start = time.perf_counter()
+    if not args.report_only:
+        workers = args.workers or min(8, os.cpu_count() or 1)
+        run_study(study, workers=workers, only=args.cell, progress=not args.no_progress)
+    if args.cell is not None and not args.report_only:
+        return 0  # one array job: the report is written once all cells have finished
+    results = [r for c in cells if (r := load_result(study, c)) is not None]
+    if not results:
+        print(f"rnndrop study: no finished cells under {study.root}", file=sys.stderr)
+        return 1
+    paths = write_report(study, results)
+    missing = len(cells) - len(results)
+    note = f" ({missing} cell(s) not finished yet)" if missing else ""
+    print(f"report{note}: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    print(f"wall time {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    print(paths["markdown"].read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

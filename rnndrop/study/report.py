@@ -1,0 +1,213 @@
+"""A study's report: results.csv, a Markdown summary with 95% intervals, plots, TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..analysis import mean_ci, normalized_accuracy, solved_distance
+from .config import StudyConfig
+
+__all__ = ["score", "write_report"]
+
+COLUMNS = ["study", "task", "scheme", "rate", "label", "encoder", "distance", "seed",
+           "config_hash", "status", "acc", "loss", "loss_vs_baseline", "score", "acc_mc",
+           "loss_mc", "mc_tv", "mc_entropy", "mc_std", "seconds"]  # fmt: skip
+
+
+def score(result: dict[str, Any]) -> float:
+    """How well a cell remembers, 0 = no better than memoryless, 1 = perfect.
+
+    Classification: normalised accuracy ``(acc - chance) / (1 - chance)`` where memory is
+    tested; regression: ``1 - loss / baseline_loss``.
+    """
+    m, task = result["metrics"], result["task"]
+    if result["status"] != "ok" or not m:
+        return math.nan
+    if task["loss"] == "cross_entropy":
+        return normalized_accuracy(m["acc"], task["chance"])
+    return 1.0 - m["loss"] / task["baseline_loss"]
+
+
+def _row(study: StudyConfig, r: dict[str, Any]) -> dict[str, Any]:
+    m, c = r["metrics"], r["cell"]
+    row = {"study": study.name, "task": study.task, "scheme": c["scheme"], "rate": c["rate"],
+           "label": c["label"], "encoder": r["spec"]["encoder"], "distance": c["distance"],
+           "seed": c["seed"], "config_hash": r["config_hash"], "status": r["status"].split(":")[0],
+           "seconds": round(r["seconds"], 1), "score": score(r)}  # fmt: skip
+    for k in ("acc", "loss", "acc_mc", "loss_mc", "mc_tv", "mc_entropy", "mc_std"):
+        row[k] = m.get(k, math.nan)
+    row["loss_vs_baseline"] = m.get("loss", math.nan) / r["task"]["baseline_loss"]
+    return row
+
+
+def _fmt(mean: float, half: float, digits: int = 2) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def _by(rows, key) -> dict[Any, list[dict[str, Any]]]:
+    out: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return out
+
+
+def write_report(study: StudyConfig, results: list[dict[str, Any]]) -> dict[str, Path]:
+    """Write results.csv, summary.md, PNG plots and a TensorBoard summary under the study root.
+
+    Returns the paths written.
+    """
+    root = study.root
+    root.mkdir(parents=True, exist_ok=True)
+    rows = [_row(study, r) for r in results]
+    paths = {"csv": root / "results.csv", "markdown": root / "summary.md"}
+    with paths["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    distances = sorted({r["distance"] for r in rows})
+    table = _score_table(study, rows, labels, distances)
+    md = _markdown(study, rows, labels, distances, table, results)
+    paths["markdown"].write_text(md)
+    paths.update(_plots(study, rows, labels, distances, results))
+    _tensorboard(study, paths, md)
+    return paths
+
+
+def _score_table(study, rows, labels, distances):
+    cell = _by(rows, lambda r: (r["label"], r["distance"]))
+    table = {}
+    for label in labels:
+        for d in distances:
+            table[label, d] = mean_ci([r["score"] for r in cell.get((label, d), [])])
+    return table
+
+
+def _markdown(study, rows, labels, distances, table, results) -> str:
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [
+        f"# {study.name}: {study.task}, distances {distances}",
+        "",
+        f"{len(rows)} runs; {len(seeds)} seed(s) each; {study.steps} steps of "
+        f"{study.batch_size} samples per run; model {study.model}. Score: normalised accuracy "
+        "where memory is tested ((acc - chance) / (1 - chance); 1 - loss/baseline for "
+        "regression), mean ± 95% interval over seeds (Student t). Solved: the largest "
+        f"distance up to which the mean score stays >= {study.solved_threshold}.",
+        "",
+        "| scheme | " + " | ".join(f"d={d}" for d in distances) + " | solved up to |",
+        "|---|" + "---|" * (len(distances) + 1),
+    ]
+    for label in labels:
+        means = {d: table[label, d][0] for d in distances if not math.isnan(table[label, d][0])}
+        solved = solved_distance(means, study.solved_threshold)
+        cells = [_fmt(*table[label, d]) for d in distances]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {solved if solved else '–'} |")
+    mc = [r for r in rows if not math.isnan(r["mc_tv"])]
+    if mc:
+        lines += ["", "Monte Carlo dropout at test time (mean over seeds): total-variation gap "
+                  "between MC-averaged and deterministic predictions / predictive entropy (nats).",
+                  "", "| scheme | " + " | ".join(f"d={d}" for d in distances) + " |",
+                  "|---|" + "---|" * len(distances)]  # fmt: skip
+        cell = _by(mc, lambda r: (r["label"], r["distance"]))
+        for label in labels:
+            vals = []
+            for d in distances:
+                group = cell.get((label, d), [])
+                tv, ent = mean_ci([r["mc_tv"] for r in group])[0], mean_ci(
+                    [r["mc_entropy"] for r in group])[0]  # fmt: skip
+                vals.append("–" if math.isnan(tv) else f"{tv:.3f} / {ent:.2f}")
+            lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    grads = _gradient_summary(results, max(distances))
+    if grads:
+        ks = sorted({k for g in grads.values() for k in g})
+        lines += ["", f"Gradient norm through time at d={max(distances)}: "
+                  "‖∂L_T/∂x_(T-1-k)‖ (input), mean over seeds.", "",
+                  "| scheme | " + " | ".join(f"k={k}" for k in ks) + " |",
+                  "|---|" + "---|" * len(ks)]  # fmt: skip
+        for label, g in grads.items():
+            lines.append(f"| {label} | " + " | ".join(
+                f"{g[k]:.2e}" if k in g else "–" for k in ks) + " |")  # fmt: skip
+    diverged = [r for r in rows if r["status"] != "ok"]
+    if diverged:
+        lines += [
+            "",
+            f"{len(diverged)} run(s) diverged (non-finite loss): "
+            + ", ".join(f"{r['label']} d={r['distance']} seed={r['seed']}" for r in diverged),
+        ]
+    total = sum(r["seconds"] for r in rows)
+    lines += ["", f"Compute: {total / 60:.1f} CPU-minutes of training and evaluation in total."]
+    return "\n".join(lines) + "\n"
+
+
+def _gradient_summary(results, distance: int, wrt: str = "input") -> dict[str, dict[int, float]]:
+    by_label: dict[str, list[dict[str, float]]] = defaultdict(list)
+    for r in results:
+        if r["cell"]["distance"] == distance and r["status"] == "ok":
+            by_label[r["cell"]["label"]].append(r["grad_through_time"].get(wrt, {}))
+    out = {}
+    for label, gs in by_label.items():
+        ks = sorted({int(k) for g in gs for k in g})
+        out[label] = {k: mean_ci([g[str(k)] for g in gs if str(k) in g])[0] for k in ks}
+    return out
+
+
+def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = {}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    cell = _by(rows, lambda r: (r["label"], r["distance"]))
+    for label in labels:
+        stats = [mean_ci([r["score"] for r in cell.get((label, d), [])]) for d in distances]
+        err = [0.0 if math.isnan(h) else h for _, h in stats]
+        ax.errorbar(distances, [m for m, _ in stats], yerr=err, marker="o", capsize=3, label=label)
+    ax.axhline(study.solved_threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("dependency distance")
+    ax.set_ylabel("score (normalised accuracy)")
+    ax.set_title(f"{study.task}: memory against distance")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["score_png"] = study.root / "score_vs_distance.png"
+    fig.savefig(paths["score_png"], dpi=120)
+    plt.close(fig)
+
+    grads = _gradient_summary(results, max(distances))
+    if grads:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for label, g in grads.items():
+            ks = [k for k in sorted(g) if k > 0 and g[k] > 0]
+            ax.loglog(ks, [g[k] for k in ks], marker=".", label=label)
+        ax.set_xlabel("k (steps back from the loss)")
+        ax.set_ylabel("‖∂L_T / ∂x_(T-1-k)‖")
+        ax.set_title(f"gradient norm through time, d={max(distances)}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths["gradient_png"] = study.root / "grad_through_time.png"
+        fig.savefig(paths["gradient_png"], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def _tensorboard(study: StudyConfig, paths: dict[str, Path], markdown: str) -> None:
+    """The report's figures and table in a TensorBoard run of their own: <root>/summary."""
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(study.root / "summary"))
+    for key in ("score_png", "gradient_png"):
+        if key in paths:
+            img = np.asarray(Image.open(paths[key]).convert("RGB"))
+            writer.add_image(f"report/{key[:-4]}", img, dataformats="HWC")
+    writer.add_text("report/summary", markdown)
+    writer.close()

@@ -1,0 +1,194 @@
+"""Running a study: one Lightning run per cell, skipping finished cells, N worker processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import Cell, StudyConfig
+
+__all__ = ["is_finished", "load_result", "run_cell", "run_study"]
+
+RESULT = "result.json"
+
+
+def load_result(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
+    """The cell's saved result, or None if absent or unreadable."""
+    path = study.cell_dir(cell) / RESULT
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_finished(study: StudyConfig, cell: Cell) -> bool:
+    """True if the cell has a result for exactly this configuration (same hash)."""
+    result = load_result(study, cell)
+    return result is not None and result.get("config_hash") == study.cell_hash(cell)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)  # atomic: a killed cell never leaves a half-written result
+
+
+def run_cell(study: StudyConfig, cell: Cell, *, progress: bool = False) -> dict[str, Any]:
+    """Train and evaluate one cell; write ``result.json`` into its run directory."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..analysis import evaluate_sequence_model, gradient_through_time
+    from ..data import SyntheticDataModule
+    from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
+    from ..models import SequenceModel
+    from .config import resolve_scheme
+
+    start = time.perf_counter()
+    if not progress:  # a summary line per cell instead of Lightning's banners
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    out = study.cell_dir(cell)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cell.seed, verbose=False)
+    encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
+    dm = SyntheticDataModule(
+        study.task, cell.distance, study.task_args, train_size=study.steps * study.batch_size,
+        val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
+        seed=cell.seed,
+    )  # fmt: skip
+    kind = {"dropout": dropout} if encoder == "lstm" else {"transformer_dropout": dropout}
+    model = SequenceModel(
+        dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
+        output_size=dm.output_size, target=dm.target, encoder=encoder, **kind,
+        **study.model_for(cell.scheme),
+    )  # fmt: skip
+    task = SequenceTask(model, loss=dm.loss, baseline_loss=dm.baseline_loss,
+                        optimizer=study.optimizer, lr=study.lr)  # fmt: skip
+    logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
+    trainer = L.Trainer(
+        max_steps=study.steps, max_epochs=1, val_check_interval=min(study.val_every, study.steps),
+        logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
+        enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[NaNGuard(save_every_n_steps=0)], default_root_dir=str(out),
+        log_every_n_steps=max(1, min(50, study.steps // 30)),
+    )  # fmt: skip
+    status = "ok"
+    try:
+        trainer.fit(task, dm)
+    except NonFiniteLossError as err:  # record it, keep the sweep going
+        status = f"diverged: {err}"
+    metrics: dict[str, float] = {}
+    grads: dict[str, dict[int, float]] = {}
+    if status == "ok":
+        test = dm.test_dataloader()
+        metrics = evaluate_sequence_model(model, test, task=dm.task, mc_samples=study.mc_samples)
+        x, y = next(iter(test))
+        ks = study.grad_distances
+        if ks is not None:
+            ks = [k for k in ks if k < x.shape[1]]
+        grads["input"] = gradient_through_time(model, x, y, ks)
+        if encoder == "lstm":
+            ks_state = None if ks is None else [k for k in ks if k >= 1]
+            grads["state"] = gradient_through_time(model, x, y, ks_state, wrt="state")
+        _log_final(logger, cell, encoder, metrics, grads)
+    result = {
+        "cell": {"scheme": cell.scheme, "rate": cell.rate, "distance": cell.distance,
+                 "seed": cell.seed, "label": cell.label},
+        "config_hash": study.cell_hash(cell), "spec": study.cell_spec(cell), "status": status,
+        "task": {"name": study.task, "baseline_loss": dm.baseline_loss, "loss": dm.loss,
+                 "chance": 1.0 / dm.output_size if dm.loss == "cross_entropy" else None},
+        "metrics": metrics,
+        "grad_through_time": {w: {str(k): v for k, v in g.items()} for w, g in grads.items()},
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+    _write_json(out / RESULT, result)
+    return result
+
+
+def _log_final(logger, cell: Cell, encoder: str, metrics, grads) -> None:
+    """Final metrics as hparams (HPARAMS tab) and gradient norm against k as a curve."""
+    hp = {"scheme": cell.scheme, "rate": cell.rate if cell.rate is not None else 0.0,
+          "distance": cell.distance, "seed": cell.seed, "encoder": encoder}  # fmt: skip
+    logger.log_hyperparams(hp, {f"final/{k}": v for k, v in metrics.items()})
+    for wrt, norms in grads.items():
+        for k, v in sorted(norms.items()):
+            if math.isfinite(v):
+                logger.experiment.add_scalar(f"final/grad_through_time_{wrt}", v, global_step=k)
+    logger.experiment.flush()
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _work(study: StudyConfig, cell: Cell) -> dict[str, Any]:
+    return run_cell(study, cell)
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    c, m = result["cell"], result["metrics"]
+    if result["status"] != "ok":
+        return f"{c['label']} d={c['distance']} seed={c['seed']}: {result['status'][:80]}"
+    score = f"acc {m['acc']:.3f}" if "acc" in m else f"mse {m['loss']:.4f}"
+    ratio = m["loss"] / result["task"]["baseline_loss"]
+    return (f"{c['label']} d={c['distance']} seed={c['seed']}: {score}, loss/baseline "
+            f"{ratio:.3f} ({result['seconds']:.0f} s)")  # fmt: skip
+
+
+def run_study(
+    study: StudyConfig,
+    *,
+    workers: int = 1,
+    only: list[int] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell (or the cells numbered ``only``); return all results.
+
+    Finished cells (a ``result.json`` with the same config hash) are skipped, so a killed
+    sweep continues where it stopped. ``workers > 1`` runs cells in that many processes,
+    each with ``cpu_count // workers`` threads.
+    """
+    from tqdm.auto import tqdm
+
+    cells = study.cells()
+    if only is not None:
+        bad = [i for i in only if not 0 <= i < len(cells)]
+        if bad:
+            raise ValueError(f"cell numbers {bad} out of range: the study has {len(cells)} cells")
+        cells = [cells[i] for i in only]
+    todo = [c for c in cells if not is_finished(study, c)]
+    print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, "
+          f"{len(todo)} to run, {min(workers, len(todo))} worker(s); results under {study.root}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    workers = max(1, min(workers, len(todo)))
+    bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not progress or not todo)
+    if workers <= 1:
+        for cell in todo:
+            bar.write(summary_line(run_cell(study, cell, progress=progress)))
+            bar.update()
+    else:
+        import multiprocessing as mp
+
+        from .. import _ext
+
+        _ext.load()  # build the loop kernel once here, not in every worker at the same time
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(workers, ctx, _init_worker, (threads,)) as pool:
+            futures = [pool.submit(_work, study, c) for c in todo]
+            for future in as_completed(futures):
+                bar.write(summary_line(future.result()))
+                bar.update()
+    bar.close()
+    return [r for c in cells if (r := load_result(study, c)) is not None]
