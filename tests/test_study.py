@@ -311,3 +311,32 @@ def test_slurm_array_script_runs_cells_then_report(tmp_path):
     assert "| none |" in report.stdout and (done.root / "results.csv").is_file()
     no_task = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert no_task.returncode != 0 and "array job" in no_task.stderr
+
+
+def test_context_study_on_a_text_folder(tmp_path, text_corpus, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({
+        "name": "ctx", "corpus": "folder", "data_dir": str(text_corpus),
+        "schemes": ["none", "variational"], "rates": [0.2], "seeds": [0],
+        "model": {"embedding_size": 8, "hidden_size": 8, "num_layers": 1}, "steps": 5,
+        "batch_size": 4, "bptt": 6, "window": 12, "distances": [1, 3, 6], "n_targets": 20,
+        "out_dir": str(tmp_path / "runs"),
+    }))  # fmt: skip
+    assert study_main(["context", "--config", str(cfg), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "| none |" in out and "| variational_p0.2 |" in out
+    root = tmp_path / "runs" / "ctx" / "folder"
+    rows = list(csv.DictReader((root / "context.csv").open()))
+    assert len(rows) == 2 * 3 * 3  # runs x modes x distances
+    for row in rows:
+        assert math.isfinite(float(row["increase"])) and float(row["loss"]) > 0
+    assert (root / "context_usage.png").read_bytes()[:4] == b"\x89PNG"
+    tags = _tags(root / "none" / "seed=0")
+    assert "final/context_increase_shuffle" in tags["scalars"]
+    assert "report/context" in _tags(root / "summary")["images"]
+    # finished runs are not rerun
+    assert study_main(["context", "--config", str(cfg), "--no-progress"]) == 0
+    assert "0 to run" in capsys.readouterr().err
+    cfg.write_text(json.dumps({"corpus": "folder"}))
+    assert study_main(["context", "--config", str(cfg)]) == 2
+    assert "data_dir" in capsys.readouterr().err

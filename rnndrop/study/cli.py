@@ -5,6 +5,7 @@ rnndrop study long-range --config experiments/long_range/full.yaml --workers 2
 rnndrop study long-range --config s.yaml --list-cells  # number the cells
 rnndrop study long-range --config s.yaml --cell 7      # one cell (a scheduler array job)
 rnndrop study long-range --config s.yaml --report-only # aggregate what has finished
+rnndrop study context --config experiments/long_range/context_ptb.yaml  # LM context usage
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rnndrop study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("kind", choices=["long-range"], help="the study to run")
-    p.add_argument("--config", help="study YAML (fields of rnndrop.study.StudyConfig)")
+    p.add_argument("kind", choices=["long-range", "context"], help="the study to run")
+    p.add_argument("--config", help="study YAML (fields of StudyConfig / ContextStudyConfig)")
     p.add_argument("--quick", action="store_true", help="the built-in quick study (~10 min CPU)")
     p.add_argument(
         "--workers", type=int, default=None,
@@ -54,7 +55,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _context(args: argparse.Namespace) -> int:
+    from .context import load_context_study, run_context_study, write_context_report
+
+    if not args.config or args.quick or args.cell or args.list_cells:
+        print("rnndrop study context: give --config (no --quick, --cell, --list-cells)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    study = load_context_study(args.config, out_dir=args.out_dir, name=args.name)
+    if not args.report_only:
+        results = run_context_study(study, progress=not args.no_progress)
+    else:
+        from .context import _result
+
+        results = [r for c in study.cells() if (r := _result(study, c)) is not None]
+    if not results:
+        print(f"rnndrop study: no finished runs under {study.root}", file=sys.stderr)
+        return 1
+    paths = write_context_report(study, results)
+    print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    print(paths["markdown"].read_text())
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
+    if args.kind == "context":
+        return _context(args)
     if args.quick and args.config:
         print("rnndrop study: give --quick or --config, not both", file=sys.stderr)
         return 2

@@ -132,6 +132,7 @@ class StudyConfig:
     eval_size: int = 1000  # held-out samples for the final evaluation
     mc_samples: int = 8  # MC dropout passes in the final evaluation (0: off)
     grad_distances: list[int] | None = None  # k for gradient norm through time
+    report_grad_distance: int | None = None  # the report's gradient curves (default: middle d)
     solved_threshold: float = 0.9  # normalised accuracy that counts as solved
     out_dir: str = "runs"
 

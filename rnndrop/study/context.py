@@ -1,0 +1,336 @@
+"""How much context a language model uses under each dropout scheme (Khandelwal et al. 2018).
+
+``rnndrop study context --config c.yaml``: for every scheme x rate x seed, train a language
+model on a corpus for the same number of steps, then probe it with
+:func:`rnndrop.analysis.context_usage` on held-out text: the loss increase when tokens farther
+than ``d`` are shuffled, replaced or cut, on the same targets for every ``d``. The effective
+context of a run is the smallest probed ``d`` beyond which the increase stays below
+``context_threshold`` times the reference loss (Khandelwal et al. use about 1%).
+
+Runs live in ``runs/<name>/<corpus>/<scheme>/seed=<s>``, resumable like the long-range study;
+the report is ``context.csv`` (a row per run, mode and ``d``), ``context.md`` and
+``context_usage.png`` under ``runs/<name>/<corpus>``, and a TensorBoard run ``summary``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import BUILTIN_SCHEMES, resolve_scheme
+
+__all__ = ["ContextCell", "ContextStudyConfig", "load_context_study", "run_context_study"]
+
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ContextCell:
+    scheme: str
+    rate: float | None
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return self.scheme if self.rate is None else f"{self.scheme}_p{self.rate:g}"
+
+    def __str__(self) -> str:
+        return f"{self.label} seed={self.seed}"
+
+
+@dataclass
+class ContextStudyConfig:
+    """Schemes x rates x seeds of language models on one corpus, each probed for context use.
+
+    ``corpus`` is ``ptb``, ``ptb_char``, ``wikitext2`` (from ``data_dir`` /
+    ``$RNNDROP_DATA_DIR``) or ``folder`` (``data_dir`` holding train/valid/test text files).
+    """
+
+    name: str = "context"
+    corpus: str = "ptb"
+    data_dir: str | None = None
+    schemes: list[str] = field(default_factory=lambda: ["none", "naive", "variational"])
+    rates: list[float] = field(default_factory=lambda: [0.25])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    custom_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model: dict[str, Any] = field(
+        default_factory=lambda: {"embedding_size": 200, "hidden_size": 200, "num_layers": 2}
+    )
+    steps: int = 2000
+    batch_size: int = 20
+    bptt: int = 35
+    optimizer: str = "adam"
+    lr: float = 2e-3
+    gradient_clip_val: float = 1.0
+    window: int = 200  # context of the unperturbed reference
+    distances: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 100, 150])
+    modes: list[str] = field(default_factory=lambda: ["shuffle", "replace", "cut"])
+    n_targets: int = 1000
+    context_threshold: float = 0.01  # relative loss increase that counts as "still used"
+    out_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        from ..analysis.context import MODES
+
+        known = {**BUILTIN_SCHEMES, **self.custom_schemes}
+        unknown = [s for s in self.schemes if s not in known]
+        if unknown:
+            raise ValueError(f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}")
+        if self.corpus not in ("ptb", "ptb_char", "wikitext2", "folder"):
+            raise ValueError(f"corpus must be ptb, ptb_char, wikitext2 or folder, got "
+                             f"{self.corpus!r}")  # fmt: skip
+        if self.corpus == "folder" and not self.data_dir:
+            raise ValueError("corpus 'folder' needs data_dir, the folder with train/valid/test")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad:
+            raise ValueError(f"unknown mode(s) {bad}; choose from {list(MODES)}")
+        if any(not 1 <= d < self.window for d in self.distances):
+            raise ValueError(f"distances must lie in [1, window - 1 = {self.window - 1}], got "
+                             f"{self.distances}")  # fmt: skip
+        for name in ("steps", "batch_size", "bptt", "n_targets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        for s in self.schemes:
+            for p in self.rates_for(s):
+                resolve_scheme(self.scheme_spec(s), p)
+
+    def scheme_spec(self, scheme: str) -> dict[str, Any]:
+        return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
+
+    def rates_for(self, scheme: str) -> list[float | None]:
+        from .config import _uses_rate
+
+        return list(self.rates) if _uses_rate(self.scheme_spec(scheme)) else [None]
+
+    def cells(self) -> list[ContextCell]:
+        return [ContextCell(s, p, seed) for s in self.schemes for p in self.rates_for(s)
+                for seed in self.seeds]  # fmt: skip
+
+    @property
+    def root(self) -> Path:
+        return Path(self.out_dir) / self.name / self.corpus
+
+    def cell_dir(self, cell: ContextCell) -> Path:
+        return self.root / cell.label / f"seed={cell.seed}"
+
+    def cell_spec(self, cell: ContextCell) -> dict[str, Any]:
+        encoder, dropout = resolve_scheme(self.scheme_spec(cell.scheme), cell.rate)
+        d = self.to_dict()
+        for k in ("name", "schemes", "rates", "seeds", "custom_schemes", "out_dir", "data_dir"):
+            d.pop(k)
+        model = {**self.model, **self.scheme_spec(cell.scheme).get("model", {})}
+        cell_keys = {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed}
+        return {**d, **cell_keys, "format": FORMAT, "encoder": encoder, "dropout": dropout,
+                "model": model}  # fmt: skip
+
+    def cell_hash(self, cell: ContextCell) -> str:
+        blob = json.dumps(self.cell_spec(cell), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_context_study(path: str | Path, **overrides: Any) -> ContextStudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"study config {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(ContextStudyConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown context-study setting(s) {unknown}; valid: {sorted(known)}")
+    return ContextStudyConfig(**data)
+
+
+def _result(study: ContextStudyConfig, cell: ContextCell) -> dict[str, Any] | None:
+    try:
+        r = json.loads((study.cell_dir(cell) / "result.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return r if r.get("config_hash") == study.cell_hash(cell) else None
+
+
+def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: bool = False):
+    """Train one language model and probe its use of context; write ``result.json``."""
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..analysis import context_usage, effective_context
+    from ..data import LanguageModelDataModule
+    from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
+    from ..models import LanguageModel
+    from .runner import _write_json
+
+    start = time.perf_counter()
+    if not progress:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    out = study.cell_dir(cell)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cell.seed, verbose=False)
+    spec = study.cell_spec(cell)
+    dm = LanguageModelDataModule(study.corpus, data_dir=study.data_dir,
+                                 batch_size=study.batch_size, bptt=study.bptt)  # fmt: skip
+    dm.setup("fit")
+    kind = "dropout" if spec["encoder"] == "lstm" else "transformer_dropout"
+    model = LanguageModel(dm.vocab_size, encoder=spec["encoder"], **{kind: spec["dropout"]},
+                          **spec["model"])  # fmt: skip
+    task = LanguageModelTask(model, optimizer=study.optimizer, lr=study.lr)
+    logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
+    trainer = L.Trainer(
+        max_steps=study.steps, max_epochs=-1, logger=logger, enable_checkpointing=False,
+        gradient_clip_val=study.gradient_clip_val, enable_progress_bar=progress,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[NaNGuard(save_every_n_steps=0)], default_root_dir=str(out),
+        log_every_n_steps=max(1, min(50, study.steps // 30)),
+    )  # fmt: skip
+    status, probe, effective = "ok", {}, {}
+    try:
+        trainer.fit(task, dm)
+    except NonFiniteLossError as err:
+        status = f"diverged: {err}"
+    if status == "ok":
+        stream = dm.corpus["test"]
+        probe = context_usage(model, stream, study.distances, modes=study.modes,
+                              window=study.window, n_targets=study.n_targets, seed=0)  # fmt: skip
+        threshold = study.context_threshold * probe["loss"]
+        effective = {m: effective_context(probe["increase"][m], threshold) for m in study.modes}
+        hp = {"scheme": cell.scheme, "rate": cell.rate or 0.0, "seed": cell.seed}
+        final = {f"final/effective_context_{m}": math.nan if v is None else float(v)
+                 for m, v in effective.items()}  # fmt: skip
+        final["final/loss"] = probe["loss"]
+        logger.log_hyperparams(hp, final)
+        for m, inc in probe["increase"].items():
+            for d, v in sorted(inc.items()):
+                logger.experiment.add_scalar(f"final/context_increase_{m}", v, global_step=d)
+        logger.experiment.flush()
+    result = {
+        "cell": {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed,
+                 "label": cell.label},
+        "config_hash": study.cell_hash(cell), "spec": spec, "status": status, "probe": probe,
+        "effective_context": effective, "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+    _write_json(out / "result.json", result)
+    return result
+
+
+def run_context_study(study: ContextStudyConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every unfinished cell in this process; return all finished results."""
+    from tqdm.auto import tqdm
+
+    cells = study.cells()
+    todo = [c for c in cells if _result(study, c) is None]
+    print(f"context study {study.name}: {len(cells)} runs, {len(todo)} to run; results under "
+          f"{study.root}", file=sys.stderr, flush=True)  # fmt: skip
+    bar = tqdm(total=len(todo), desc=study.name, unit="run", disable=not progress or not todo)
+    for cell in todo:
+        r = run_context_cell(study, cell, progress=progress)
+        eff = ", ".join(f"{m} {v}" for m, v in r["effective_context"].items())
+        loss = r["probe"].get("loss", math.nan)
+        bar.write(f"{cell}: {r['status'][:60]}; loss {loss:.3f}; effective context {eff} "
+                  f"({r['seconds']:.0f} s)")  # fmt: skip
+        bar.update()
+    bar.close()
+    return [r for c in cells if (r := _result(study, c)) is not None]
+
+
+def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]]):
+    """``context.csv``, ``context.md``, ``context_usage.png`` and a TensorBoard summary."""
+    import csv
+
+    from ..analysis import mean_ci
+    from .report import _by, _fmt, _tensorboard
+
+    root = study.root
+    root.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in results if r["status"] == "ok"]
+    rows = [{"label": r["cell"]["label"], "scheme": r["cell"]["scheme"], "rate": r["cell"]["rate"],
+             "seed": r["cell"]["seed"], "config_hash": r["config_hash"], "mode": m, "distance": d,
+             "increase": v, "stderr": _get(r["probe"]["stderr"][m], d),
+             "loss": r["probe"]["loss"]}
+            for r in ok for m, inc in r["probe"]["increase"].items()
+            for d, v in inc.items()]  # fmt: skip
+    paths = {"csv": root / "context.csv", "markdown": root / "context.md"}
+    with paths["csv"].open("w", newline="") as f:
+        cols = ["label", "scheme", "rate", "seed", "config_hash", "mode", "distance",
+                "increase", "stderr", "loss"]  # fmt: skip
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(rows)
+    labels = list(dict.fromkeys(r["cell"]["label"] for r in ok))
+    by_label = _by(ok, lambda r: r["cell"]["label"])
+    lines = [f"# {study.name}: context usage on {study.corpus}", "",
+             f"{len(ok)} runs, {study.steps} steps each, model {study.model}. Loss increase "
+             "(nats) when the context beyond d is perturbed, on the same targets "
+             f"(window {study.window}, {study.n_targets} targets); effective context: smallest d "
+             f"beyond which the increase stays below {study.context_threshold:.0%} of the "
+             "loss. Mean ± 95% interval over seeds.", "",
+             "| scheme | test loss | " + " | ".join(f"eff. context ({m})" for m in study.modes)
+             + " |", "|---|---|" + "---|" * len(study.modes)]  # fmt: skip
+    for label in labels:
+        group = by_label[label]
+        loss = _fmt(*mean_ci([r["probe"]["loss"] for r in group]), digits=3)
+        effs = []
+        for m in study.modes:
+            vals = [r["effective_context"][m] for r in group]
+            effs.append(
+                _fmt(*mean_ci([math.nan if v is None else float(v) for v in vals]), 1)
+                if any(v is not None for v in vals)
+                else f"> {max(study.distances)}"
+            )
+        lines.append(f"| {label} | {loss} | " + " | ".join(effs) + " |")
+    for m in study.modes:
+        lines += ["", f"Loss increase, {m}:", "",
+                  "| scheme | " + " | ".join(f"d={d}" for d in study.distances) + " |",
+                  "|---|" + "---|" * len(study.distances)]  # fmt: skip
+        for label in labels:
+            vals = [_fmt(*mean_ci([_get(r["probe"]["increase"][m], d) for r in by_label[label]]),
+                         digits=3) for d in study.distances]  # fmt: skip
+            lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    md = "\n".join(lines) + "\n"
+    paths["markdown"].write_text(md)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(study.modes), figsize=(4.2 * len(study.modes), 3.6),
+                             squeeze=False)  # fmt: skip
+    for ax, m in zip(axes[0], study.modes, strict=True):
+        for label in labels:
+            stats = [mean_ci([_get(r["probe"]["increase"][m], d) for r in by_label[label]])
+                     for d in study.distances]  # fmt: skip
+            err = [0.0 if math.isnan(h) else h for _, h in stats]
+            ax.errorbar(study.distances, [s for s, _ in stats], yerr=err, marker="o", ms=3,
+                        capsize=2, label=label)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("d (tokens kept intact before the target)")
+        ax.set_ylabel("loss increase (nats)")
+        ax.set_title(m)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    paths["context_png"] = root / "context_usage.png"
+    fig.savefig(paths["context_png"], dpi=120)
+    plt.close(fig)
+    _tensorboard(study, paths, md, images=("context_png",))
+    return paths
+
+
+def _get(increase: dict, d: int) -> float:
+    """JSON turns the int keys into strings; results straight from a run keep ints."""
+    return increase[str(d)] if str(d) in increase else increase[d]
