@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from rnndrop.lit.cli import make_cli
 
@@ -10,6 +11,7 @@ EXP = Path(__file__).resolve().parents[1] / "experiments"
 PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large", "awd",
        "transformer", "zoneout_char"]  # fmt: skip
 SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist"]
+STUDIES = ["full", "context_ptb"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.fast_dev_run=1", "--trainer.logger=false"]  # fmt: skip
 
@@ -18,6 +20,7 @@ def test_every_config_is_covered():
     found = {p.relative_to(EXP).as_posix() for p in EXP.rglob("*.yaml")}
     covered = {f"ptb/{c}.yaml" for c in PTB} | {f"synthetic/{c}.yaml" for c in SYNTHETIC}
     covered |= {"ptb/base.yaml", "synthetic/base.yaml", "wikitext2/awd.yaml"}
+    covered |= {f"long_range/{c}.yaml" for c in STUDIES}
     assert found == covered
 
 
@@ -88,3 +91,66 @@ def test_bad_key_and_value_are_named(capsys):
             make_cli([arg], run=False)
         text = capsys.readouterr().err + (str(info.value) if info.type is ValueError else "")
         assert all(n in text for n in names), text
+
+
+TINY_STUDY = {"steps": 2, "batch_size": 4, "eval_size": 8, "mc_samples": 1, "val_every": 1}
+
+
+@pytest.mark.parametrize("which", ["quick", "full"])
+def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
+    from rnndrop.study import load_study, run_study
+    from rnndrop.study.cli import QUICK
+
+    path = QUICK if which == "quick" else EXP / "long_range/full.yaml"
+    study = load_study(path, out_dir=str(tmp_path), **TINY_STUDY)
+    assert len(study.cells()) == {"quick": 36, "full": 180}[which]
+    cells = study.cells()
+    picks = [
+        cells.index(next(c for c in cells if c.scheme == s))
+        for s in ("none", "variational", "transformer_standard")
+        if s in study.schemes
+    ]
+    results = run_study(study, only=picks, progress=False)
+    assert [r["status"] for r in results] == ["ok"] * len(picks)
+
+
+def test_context_study_config_runs(tmp_path, text_corpus):
+    from rnndrop.study.context import load_context_study, run_context_study
+
+    study = load_context_study(
+        EXP / "long_range/context_ptb.yaml", corpus="folder", data_dir=str(text_corpus),
+        out_dir=str(tmp_path), steps=2, schemes=["variational"], window=12, distances=[1, 5],
+        n_targets=8, model={"embedding_size": 8, "hidden_size": 8, "num_layers": 1},
+    )  # fmt: skip
+    (result,) = run_context_study(study, progress=False)
+    assert result["status"] == "ok" and set(result["probe"]["increase"]) == set(study.modes)
+
+
+@pytest.mark.parametrize("which", ["lm", "synthetic"])
+def test_cli_resumes_and_tests_from_a_checkpoint(which, tmp_path, text_corpus):
+    """`rnndrop fit --ckpt_path` continues a run; `rnndrop test --ckpt_path` evaluates it.
+
+    LightningCLI parses the checkpoint's hyperparameters back into the model's arguments, so
+    they must be in its class_path/init_args form.
+    """
+    if which == "lm":
+        base = [f"--config={EXP / 'ptb/base.yaml'}",
+                f"--config={EXP / 'ptb/zaremba_small.yaml'}", *small_lm(text_corpus),
+                "--model.init_args.model.init_args.hidden_size=8"]  # fmt: skip
+    else:
+        base = [f"--config={EXP / 'synthetic/base.yaml'}",
+                f"--config={EXP / 'synthetic/delayed_recall.yaml'}",
+                "--data.init_args.train_size=64", "--data.init_args.val_size=32",
+                "--data.init_args.batch_size=8"]  # fmt: skip
+    quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+             "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
+             f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]  # fmt: skip
+    first = make_cli(["fit", *base, *quiet, "--trainer.max_epochs=1"])
+    (ckpt,) = (tmp_path / "checkpoints").glob("epoch=0-*.ckpt")
+    assert first.trainer.global_step == 3
+    hp = torch.load(ckpt, weights_only=False)["hyper_parameters"]["model"]
+    assert hp["class_path"].startswith("rnndrop.models.") and "init_args" in hp
+    resumed = make_cli(["fit", *base, *quiet, "--trainer.max_epochs=2", f"--ckpt_path={ckpt}"])
+    assert resumed.trainer.global_step == 6 and resumed.trainer.current_epoch == 2
+    tested = make_cli(["test", *base, *quiet, f"--ckpt_path={ckpt}"])
+    assert tested.trainer.state.finished

@@ -34,6 +34,20 @@ class SplitMetric(nn.Module):
         return self.means[f"{split}_"]
 
 
+def model_hparams(model) -> dict[str, Any]:
+    """The model as LightningCLI writes it (``class_path`` + ``init_args``), for hparams.
+
+    In this form ``rnndrop fit|test --ckpt_path`` can parse a checkpoint's hyperparameters
+    back into the model's arguments (LightningCLI does so), and the HPARAMS tab shows them.
+    """
+    cls = type(model)
+    from .. import models
+
+    module = "rnndrop.models" if getattr(models, cls.__name__, None) is cls else cls.__module__
+    return {"class_path": f"{module}.{cls.__qualname__}",
+            "init_args": dict(getattr(model, "config", {}))}  # fmt: skip
+
+
 def detach_state(state: Any) -> Any:
     """Detach a recurrent state (tensors in nested tuples/lists) for truncated BPTT."""
     if state is None:

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from ..functional import activation_regularization, temporal_activation_regularization
 from ..models import LanguageModel
 from ..nn import mc_dropout
-from .base import OptimizerName, SplitMetric, Task, detach_state
+from .base import OptimizerName, SplitMetric, Task, detach_state, model_hparams
 
 __all__ = ["LanguageModelTask"]
 
@@ -81,7 +81,7 @@ class LanguageModelTask(Task):
         self.loss_reduction = loss_reduction
         self.model = model
         self.save_hyperparameters(ignore=["model"])
-        self.hparams["model"] = dict(getattr(model, "config", {}), cls=type(model).__name__)
+        self.hparams["model"] = model_hparams(model)
         self.alpha, self.beta, self.mc_samples, self.bpc = alpha, beta, mc_samples, bpc
         self.lr_scale_by_length = lr_scale_by_length
         self.state: dict[str, Any] = dict.fromkeys(SPLITS)

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from ..models import SequenceModel
-from .base import OptimizerName, SplitMetric, Task
+from .base import OptimizerName, SplitMetric, Task, model_hparams
 
 __all__ = ["SequenceTask"]
 
@@ -57,7 +57,7 @@ class SequenceTask(Task):
             raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
         self.model = model
         self.save_hyperparameters(ignore=["model"])
-        self.hparams["model"] = dict(getattr(model, "config", {}), cls=type(model).__name__)
+        self.hparams["model"] = model_hparams(model)
         self.loss_kind, self.baseline_loss = loss, baseline_loss
         self.loss_avg = SplitMetric()
         self.acc_avg = SplitMetric()

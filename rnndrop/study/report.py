@@ -175,6 +175,14 @@ def _gradient_summary(results, distance: int, wrt: str = "input") -> dict[str, d
     return out
 
 
+def _style(label: str, labels: list[str]) -> dict[str, Any]:
+    """Distinct colours for up to 20 schemes; transformer schemes dashed."""
+    import matplotlib
+
+    color = matplotlib.colormaps["tab20" if len(labels) > 10 else "tab10"](labels.index(label))
+    return {"color": color, "ls": "--" if label.startswith("transformer") else "-"}
+
+
 def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
     import matplotlib
 
@@ -187,7 +195,8 @@ def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
     for label in labels:
         stats = [mean_ci([r["score"] for r in cell.get((label, d), [])]) for d in distances]
         err = [0.0 if math.isnan(h) else h for _, h in stats]
-        ax.errorbar(distances, [m for m, _ in stats], yerr=err, marker="o", capsize=3, label=label)
+        ax.errorbar(distances, [m for m, _ in stats], yerr=err, marker="o", capsize=3, label=label,
+                    **_style(label, labels))  # fmt: skip
     ax.axhline(study.solved_threshold, color="grey", lw=0.8, ls="--")
     ax.set_ylim(-0.05, 1.05)  # few seeds give t-intervals wider than the score's range
     ax.set_xticks(distances)
@@ -206,7 +215,7 @@ def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         for label, g in grads.items():
             ks = [k for k in sorted(g) if k > 0 and g[k] > 0]
-            ax.loglog(ks, [g[k] for k in ks], marker=".", label=label)
+            ax.loglog(ks, [g[k] for k in ks], marker=".", label=label, **_style(label, labels))
         ax.set_xlabel("k (steps back from the loss)")
         ax.set_ylabel("‖∂L_T / ∂x_(T-1-k)‖, relative to the nearest k")
         ax.set_title(f"gradient norm through time, d={d_grad}")
