@@ -340,3 +340,14 @@ def test_context_study_on_a_text_folder(tmp_path, text_corpus, capsys):
     cfg.write_text(json.dumps({"corpus": "folder"}))
     assert study_main(["context", "--config", str(cfg)]) == 2
     assert "data_dir" in capsys.readouterr().err
+
+
+def test_parallel_workers_give_the_same_results(tmp_path):
+    """Cells run in spawned worker processes match the same cells run in-process."""
+    serial = tiny(tmp_path / "a", schemes=["variational"], distances=[3, 4], mc_samples=0)
+    parallel = tiny(tmp_path / "b", schemes=["variational"], distances=[3, 4], mc_samples=0)
+    one = run_study(serial, progress=False)
+    two = run_study(parallel, workers=2, progress=False)
+    assert [r["config_hash"] for r in one] == [r["config_hash"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)
