@@ -11,7 +11,7 @@ EXP = Path(__file__).resolve().parents[1] / "experiments"
 PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large", "awd",
        "transformer", "zoneout_char"]  # fmt: skip
 SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist"]
-STUDIES = ["full", "context_ptb"]
+STUDIES = ["full", "context_ptb", "context_ptb_short"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.fast_dev_run=1", "--trainer.logger=false"]  # fmt: skip
 
@@ -114,11 +114,12 @@ def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
     assert [r["status"] for r in results] == ["ok"] * len(picks)
 
 
-def test_context_study_config_runs(tmp_path, text_corpus):
+@pytest.mark.parametrize("name", ["context_ptb", "context_ptb_short"])
+def test_context_study_config_runs(name, tmp_path, text_corpus):
     from rnndrop.study.context import load_context_study, run_context_study
 
     study = load_context_study(
-        EXP / "long_range/context_ptb.yaml", corpus="folder", data_dir=str(text_corpus),
+        EXP / f"long_range/{name}.yaml", corpus="folder", data_dir=str(text_corpus),
         out_dir=str(tmp_path), steps=2, schemes=["variational"], window=12, distances=[1, 5],
         n_targets=8, model={"embedding_size": 8, "hidden_size": 8, "num_layers": 1},
     )  # fmt: skip
