@@ -90,19 +90,67 @@ def bernoulli_mask(
         generator: a CPU ``torch.Generator`` to draw the seed from.
     """
     keep = keep_probability(p)
-    value = 1.0 / keep if scale else 1.0
-    device = torch.device(device or "cpu")
     n = math.prod(int(s) for s in shape)
     if keep >= 1.0 or n == 0:
+        value = 1.0 / keep if scale else 1.0
         return torch.full(tuple(shape), value, device=device, dtype=dtype)
-    seed = _draw_seed(generator)
-    threshold = int(keep * _LEVELS) - _LEVELS // 2
+    return seeded_mask(shape, p, _draw_seed(generator), scale=scale, device=device, dtype=dtype)
+
+
+def _threshold_value(p: float, scale: bool) -> tuple[int, float]:
+    keep = keep_probability(p)
+    return int(keep * _LEVELS) - _LEVELS // 2, (1.0 / keep if scale else 1.0)
+
+
+def seeded_mask(
+    shape: tuple[int, ...] | torch.Size,
+    p: float,
+    seed: int,
+    *,
+    scale: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The mask :func:`bernoulli_mask` returns after drawing ``seed``: a pure function of it.
+
+    Lets a caller draw the seed once, apply the mask without storing it
+    (:func:`seeded_mask_mul`) and rebuild it later, e.g. for backward.
+    """
+    threshold, value = _threshold_value(p, scale)
+    device = torch.device(device or "cpu")
+    n = math.prod(int(s) for s in shape)
+    if keep_probability(p) >= 1.0:
+        return torch.full(tuple(shape), value, device=device, dtype=dtype)
     ext = _ext.loaded()
     if ext is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
-        mask = ext.bernoulli_mask(n, seed, threshold, value, dtype == torch.float64)
-        return mask.view(tuple(shape))
+        return ext.bernoulli_mask(n, seed, threshold, value, dtype == torch.float64).view(
+            tuple(shape)
+        )
     mask = _mask_bits(n, seed, threshold, device).view(tuple(shape)).to(dtype)
-    return mask.mul_(value) if scale else mask
+    return mask.mul_(value) if value != 1.0 else mask
+
+
+def seeded_mask_mul(x: Tensor, p: float, seed: int, *, scale: bool = True, out: Tensor) -> Tensor:
+    """``out = x * seeded_mask(x.shape, p, seed)``; ``out`` may be ``x``.
+
+    With the compiled kernel (CPU, float32/64, contiguous) the mask is never stored:
+    weight drop multiplies ``W_hh`` forward and its gradient backward with one seed.
+    """
+    ext = _ext.loaded()
+    if keep_probability(p) >= 1.0:
+        return torch.mul(x, _threshold_value(p, scale)[1], out=out)
+    if (
+        ext is not None
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous()
+        and out.is_contiguous()
+    ):
+        threshold, value = _threshold_value(p, scale)
+        ext.mask_mul(x, seed, threshold, value, out)
+        return out
+    mask = seeded_mask(x.shape, p, seed, scale=scale, device=x.device, dtype=x.dtype)
+    return torch.mul(x, mask, out=out)
 
 
 def _policy_shape(x: Tensor, time_dim: int, batch_dim: int, per_step: bool, per_sample: bool):

@@ -127,3 +127,27 @@ def test_core_imports_without_lightning():
         "LSTM(3, 4)(__import__('torch').randn(2, 1, 3))\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_seeded_mask_mul_matches_the_mask(compiled, dtype, monkeypatch):
+    """x * mask(seed) without storing the mask, in place too, equals the stored mask's product."""
+    from rnndrop import _ext
+    from rnndrop.functional import seeded_mask, seeded_mask_mul
+
+    if compiled and _ext.load() is None:
+        pytest.skip("compiled kernel unavailable")
+    if not compiled:
+        monkeypatch.setattr(_ext, "loaded", lambda: None)
+    x = torch.randn(37, 5, dtype=dtype)  # odd size: the kernel's tail loop runs
+    for p, scale in ((0.3, True), (0.5, False), (1e-7, True)):
+        mask = seeded_mask(x.shape, p, 99, scale=scale, dtype=dtype)
+        out = seeded_mask_mul(x, p, 99, scale=scale, out=torch.empty_like(x))
+        assert torch.equal(out, x * mask)
+        y = x.clone()
+        seeded_mask_mul(y, p, 99, scale=scale, out=y)
+        assert torch.equal(y, x * mask)
+    kept = seeded_mask((100_000,), 0.3, 5) != 0
+    n = kept.numel()
+    assert abs(kept.float().mean().item() - 0.7) < 4 * (0.7 * 0.3 / n) ** 0.5

@@ -87,3 +87,86 @@ def test_torch_compile():
     torch.testing.assert_close(lstm.weight_hh_l0.grad, g)
     compiled.eval()
     assert torch.equal(compiled(x)[0], lstm(x)[0])
+
+
+# ---- the pooled CPU path (rnndrop.nn.workspace) -------------------------------------------
+
+
+def _run(lstm, xs, seed):
+    torch.manual_seed(seed)
+    lstm.zero_grad()
+    outs = [lstm(x)[0] for x in xs]  # every forward before any backward
+    sum(o.sum() for o in outs).backward()
+    return [o.detach() for o in outs], [p.grad.clone() for p in lstm.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        RD.weight_drop(0.5),
+        RD.variational(0.3, tied=False).replace(batch="per_batch", weight_hh=0.4),
+        RD.weight_drop(0.3).replace(scaling="classic"),
+    ],
+    ids=["weight_drop", "folded+weight_drop", "classic"],
+)
+def test_pooled_weights_equal_plain_ops(scheme, dtype):
+    """Reused storage and seed-rebuilt masks give bitwise what plain autograd ops give,
+    also with two forwards alive before one backward (each must keep its own W_hh)."""
+    lstm = LSTM(4, 6, 2, dropout=scheme, dtype=dtype)
+    plain = copy.deepcopy(lstm)
+    plain.__dict__["_workspace"] = None  # masked_weight falls back to w * mask
+    xs = [torch.randn(5, 3, 4, dtype=dtype) for _ in range(2)]
+    for seed in (0, 1):  # the second round reuses the first round's storage
+        out_a, grads_a = _run(lstm, xs, seed)
+        out_b, grads_b = _run(plain, xs, seed)
+        assert not torch.equal(out_a[0], out_a[1])
+        for a, b in zip(out_a + grads_a, out_b + grads_b, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_buffers_reuse_storage_only_when_free():
+    from rnndrop.nn.workspace import WeightBuffers, _use_count
+
+    if _use_count is None:
+        pytest.skip("this torch has no storage use count: the pool is off")
+    pool, w = WeightBuffers(), torch.randn(8, 3)
+    a = pool.empty_like(("hh", 0, 0), w)
+    b = pool.empty_like(("hh", 0, 0), w)
+    assert a.data_ptr() != b.data_ptr() and a.shape == w.shape and a.is_contiguous()
+    ptr = a.data_ptr()
+    saved = a.view(-1)  # a view keeps the storage alive
+    del a
+    assert pool.empty_like(("hh", 0, 0), w).data_ptr() != ptr
+    del saved
+    assert pool.empty_like(("hh", 0, 0), w).data_ptr() == ptr
+    assert pool.empty_like(("hh", 0, 0), w.double()).dtype == torch.float64
+    held = [pool.empty_like(("ih", 0, 0), w) for _ in range(pool.max_per_key + 2)]
+    assert len({t.data_ptr() for t in held}) == len(held)  # past the cap: fresh tensors
+
+
+def test_masked_weight_gradcheck():
+    from rnndrop.nn.workspace import WeightBuffers, masked_weight
+
+    w = torch.randn(8, 3, dtype=torch.float64, requires_grad=True)
+    fold = (torch.rand(4, 1, 3, dtype=torch.float64) > 0.5).double() * 2
+    pool = WeightBuffers()
+
+    def f(w):
+        return masked_weight(w, p=0.5, seed=123, fold=fold, buffers=pool, key=("hh", 0, 0))
+
+    assert torch.autograd.gradcheck(f, (w,))
+
+
+def test_copies_start_with_an_empty_pool():
+    import pickle
+
+    _, lstm = make(0.5)
+    lstm(torch.randn(3, 2, 4))[0].sum().backward()
+    assert copy.deepcopy(lstm)._workspace._slots == {}
+    twin = pickle.loads(pickle.dumps(lstm))
+    assert twin._workspace._slots == {}
+    torch.manual_seed(0)
+    a = twin(torch.ones(3, 2, 4))[0]
+    torch.manual_seed(0)
+    assert torch.equal(a, lstm(torch.ones(3, 2, 4))[0])

@@ -477,33 +477,68 @@ inline uint64_t splitmix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
-template <typename T>
-void fill_mask(T* __restrict out, int64_t n, uint64_t seed, int16_t threshold, T value) {
+// MODE 0: out[i] = m_i; 1: out[i] = src[i] * m_i; 2: out[i] *= m_i (in place), with
+// m_i = value or 0 as above. One instantiation per mode keeps every loop branch-free and
+// its pointers unaliased, so gcc vectorises the mixing (a runtime branch here cost 50x).
+template <typename T, int MODE>
+void fill_mask(T* __restrict out, const T* __restrict src, int64_t n, uint64_t seed,
+               int16_t threshold, T value) {
+  auto put = [&](int64_t i, int16_t s) {
+    const T m = s < threshold ? value : T(0);
+    if constexpr (MODE == 0) out[i] = m;
+    if constexpr (MODE == 1) out[i] = src[i] * m;
+    if constexpr (MODE == 2) out[i] *= m;
+  };
   const int64_t words = n / 4;
   for (int64_t w = 0; w < words; ++w) {
     uint64_t z = splitmix64(seed + static_cast<uint64_t>(w + 1) * 0x9E3779B97F4A7C15ULL);
     for (int k = 0; k < 4; ++k) {
-      int16_t s = static_cast<int16_t>(static_cast<uint16_t>(z >> (16 * k)));
-      out[4 * w + k] = s < threshold ? value : T(0);
+      put(4 * w + k, static_cast<int16_t>(static_cast<uint16_t>(z >> (16 * k))));
     }
   }
   for (int64_t i = 4 * words; i < n; ++i) {
     uint64_t z = splitmix64(seed + static_cast<uint64_t>(i / 4 + 1) * 0x9E3779B97F4A7C15ULL);
-    int16_t s = static_cast<int16_t>(static_cast<uint16_t>(z >> (16 * (i % 4))));
-    out[i] = s < threshold ? value : T(0);
+    put(i, static_cast<int16_t>(static_cast<uint16_t>(z >> (16 * (i % 4)))));
+  }
+}
+
+template <typename T>
+void fill(Tensor& out, const Tensor* src, int64_t seed, int64_t threshold, double value) {
+  T* o = out.data_ptr<T>();
+  const auto sd = static_cast<uint64_t>(seed);
+  const auto thr = static_cast<int16_t>(threshold);
+  const auto v = static_cast<T>(value);
+  if (src == nullptr) {
+    fill_mask<T, 0>(o, nullptr, out.numel(), sd, thr, v);
+  } else if (src->data_ptr<T>() == o) {
+    fill_mask<T, 2>(o, nullptr, out.numel(), sd, thr, v);
+  } else {
+    fill_mask<T, 1>(o, src->data_ptr<T>(), out.numel(), sd, thr, v);
   }
 }
 
 Tensor bernoulli_mask(int64_t n, int64_t seed, int64_t threshold, double value, bool dbl) {
   auto out = at::empty({n}, at::TensorOptions().dtype(dbl ? at::kDouble : at::kFloat));
-  const auto thr = static_cast<int16_t>(threshold);
-  const auto sd = static_cast<uint64_t>(seed);
   if (dbl) {
-    fill_mask<double>(out.data_ptr<double>(), n, sd, thr, value);
+    fill<double>(out, nullptr, seed, threshold, value);
   } else {
-    fill_mask<float>(out.data_ptr<float>(), n, sd, thr, static_cast<float>(value));
+    fill<float>(out, nullptr, seed, threshold, value);
   }
   return out;
+}
+
+// out = src * mask(seed) without materialising the mask; out may be src (in place).
+// Weight drop uses it forward and, with the same seed, backward.
+void mask_mul(const Tensor& src, int64_t seed, int64_t threshold, double value, Tensor out) {
+  TORCH_CHECK(src.is_contiguous() && out.is_contiguous() && src.numel() == out.numel(),
+              "mask_mul: src and out must be contiguous and of the same size");
+  TORCH_CHECK(src.scalar_type() == out.scalar_type(), "mask_mul: dtype mismatch");
+  if (src.scalar_type() == at::kDouble) {
+    fill<double>(out, &src, seed, threshold, value);
+  } else {
+    TORCH_CHECK(src.scalar_type() == at::kFloat, "mask_mul: float32 or float64 only");
+    fill<float>(out, &src, seed, threshold, value);
+  }
 }
 
 bool uses_onednn() { return onednn_usable(); }
@@ -515,4 +550,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &layer_backward, "LSTM layer with the time loop, backward");
   m.def("uses_onednn", &uses_onednn, "True if GEMMs run in oneDNN");
   m.def("bernoulli_mask", &bernoulli_mask, "SplitMix64 dropout mask (see functional.py)");
+  m.def("mask_mul", &mask_mul, "out = src * SplitMix64 dropout mask, mask never stored");
 }

@@ -17,6 +17,7 @@ from ..config import RecurrentDropout
 from .cells import lstm_layer
 from .dropout import StochasticModule
 from .masks import ForwardMasks, is_active, needs_loop
+from .workspace import WeightBuffers
 
 __all__ = ["LSTM"]
 
@@ -142,6 +143,7 @@ class LSTM(StochasticModule):
         self.force_loop = False  # run the time loop even where the fused op would do
         self.record_masks = False  # keep the last forward's masks in self.last_masks
         self.last_masks: dict[str, Tensor] = {}
+        self._workspace = WeightBuffers()  # storage reused by per-call weights (CPU)
         self._check_dropout()
 
         kw = {"device": device, "dtype": dtype}
@@ -217,6 +219,8 @@ class LSTM(StochasticModule):
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
+        if self.__dict__.get("_workspace") is not None:  # absent if pickled by older versions
+            self._workspace.clear()
         self.flatten_parameters()
         return out
 
@@ -338,7 +342,8 @@ class LSTM(StochasticModule):
         if sample and x.device.type == "cpu":
             _ext.load()  # build on first use: fast masks and the compiled loop
         record = {} if self.record_masks else None
-        m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record)
+        pool = self.__dict__.get("_workspace")  # absent in modules pickled by older versions
+        m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool)
         loop = [self.force_loop or needs_loop(cfg, layer, sample) for layer in range(L)]
         if not any(loop) and not (L > 1 and m.input_rate(1) > 0):  # one fused call
             x, fold = m.input(0, x)
@@ -374,9 +379,8 @@ class LSTM(StochasticModule):
         weights = []
         for d in range(self.num_directions):
             w_ih, w_hh, *rest = self._params(layer, d)
-            if fold is not None:  # untied per-batch input masks: one column mask per gate
-                w_ih = (w_ih.view(4, self.hidden_size, -1) * fold).view_as(w_ih)
-            weights += [w_ih, m.weight_hh(layer, d, w_hh), *rest]
+            # untied per-batch input masks fold into W_ih: one column mask per gate
+            weights += [m.weight_ih(layer, d, w_ih, fold), m.weight_hh(layer, d, w_hh), *rest]
         return weights
 
     def _loop_layer(self, m: ForwardMasks, layer, x, xmask, h0, c0, lengths):
@@ -384,7 +388,7 @@ class LSTM(StochasticModule):
         if lengths is not None:  # zoneout weight 1 past each end: the state is carried
             steps = torch.arange(m.T, device=x.device)[:, None]
             pad = (steps >= lengths.to(x.device)[None, :]).unsqueeze(-1)  # (T, B, 1)
-        H, outs, hn, cn = self.hidden_size, [], [], []
+        outs, hn, cn = [], [], []
         for d in range(self.num_directions):
             w_ih, w_hh, *b = self._params(layer, d)
             bias = b[0] + b[1] if self.bias else None
@@ -392,7 +396,7 @@ class LSTM(StochasticModule):
             if xmask is not None and not m.folds:  # untied per-sample masks: one per gate
                 in_mask = xmask
             elif xmask is not None:
-                w_ih = (w_ih.view(4, H, -1) * xmask).view_as(w_ih)
+                w_ih = m.weight_ih(layer, d, w_ih, xmask)
             h_seq, c_last = lstm_layer(
                 x,
                 w_ih,

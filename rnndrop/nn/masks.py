@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ..config import RecurrentDropout
-from ..functional import bernoulli_mask
+from ..functional import _draw_seed, bernoulli_mask, seeded_mask
+from .workspace import WeightBuffers, masked_weight
 
 __all__ = ["ForwardMasks", "is_active", "needs_loop"]
 
@@ -68,6 +69,7 @@ class ForwardMasks:
         like: a tensor whose device and dtype the masks take.
         sample: draw masks (training or MC) or use their expectations.
         record: a dict to store every mask under its site name, or None.
+        buffers: the module's pool for per-call weights (see :mod:`rnndrop.nn.workspace`).
     """
 
     def __init__(
@@ -79,6 +81,7 @@ class ForwardMasks:
         like: Tensor,
         sample: bool,
         record: dict[str, Tensor] | None = None,
+        buffers: WeightBuffers | None = None,
     ) -> None:
         self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
         self.device, self.dtype = like.device, like.dtype
@@ -87,6 +90,7 @@ class ForwardMasks:
         self.Bm = B if cfg.batch == "per_sample" else 1
         self.folds = folds(cfg)
         self.record = record
+        self.buffers = buffers
 
     # ---- drawing ------------------------------------------------------------------
 
@@ -133,23 +137,36 @@ class ForwardMasks:
             return x, self._draw(name, p, (4, 1, 1, features)).view(4, 1, features)
         return x, self._policy(name, p, 4, features=features)
 
+    def weight_ih(self, layer: int, d: int, w_ih: Tensor, fold: Tensor | None) -> Tensor:
+        """``W_ih`` with untied per-batch input masks ``(4, 1, F)`` folded into its columns."""
+        return masked_weight(w_ih, fold=fold, buffers=self.buffers, key=("ih", layer, d))
+
     def weight_hh(self, layer: int, d: int, w_hh: Tensor) -> Tensor:
         """``W_hh`` as this call uses it: weight drop, folded recurrent masks, classic scaling."""
         c = self.cfg
+        seed = fold = None
         if c.weight_hh > 0:
             if self.sample:
-                w_hh = w_hh * self._draw(site_name("weight_hh", layer, d), c.weight_hh, w_hh.shape)
+                seed = _draw_seed(None)  # the mask is rebuilt from it, never stored
+                if self.record is not None:
+                    self._keep(
+                        site_name("weight_hh", layer, d),
+                        seeded_mask(w_hh.shape, c.weight_hh, seed, scale=self.scale,
+                                    device=self.device, dtype=self.dtype),
+                    )  # fmt: skip
             elif c.scaling == "classic":
                 w_hh = w_hh * (1 - c.weight_hh)
         if c.recurrent > 0:
             if self.sample and self.folds:
-                G, rows = (1, w_hh.shape[0]) if c.tied else (4, self.H)
+                G = 1 if c.tied else 4
                 name = site_name("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
-                m = self._draw(name, c.recurrent, (1, G, 1, w_hh.shape[1])).view(G, 1, -1)
-                w_hh = (w_hh.view(G, rows, -1) * m).view_as(w_hh)
+                fold = self._draw(name, c.recurrent, (1, G, 1, w_hh.shape[1])).view(G, 1, -1)
             elif not self.sample and c.scaling == "classic":
                 w_hh = w_hh * (1 - c.recurrent)
-        return w_hh
+        return masked_weight(
+            w_hh, p=c.weight_hh, seed=seed, scale=self.scale, fold=fold,
+            buffers=self.buffers, key=("hh", layer, d),
+        )  # fmt: skip
 
     def recurrent(self, layer: int, d: int) -> Tensor | None:
         """``(T|1, G, B, H)`` mask on ``h_{t-1}`` for the loop (None if folded or absent)."""
