@@ -47,7 +47,7 @@ class NaNGuard(Callback):
     def _save(self, trainer: L.Trainer) -> None:
         root = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = root / "checkpoints" / "last_good.ckpt"
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
 
     def _fail(self, trainer: L.Trainer, what: str) -> None:
         where = f"epoch {trainer.current_epoch}, global step {trainer.global_step}"
