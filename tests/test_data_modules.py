@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from rnndrop.data import (
     BPTTBatches,
@@ -66,6 +67,34 @@ def test_synthetic_same_batches_with_workers():
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
     first = batches(0)[0][0]  # the shuffle order is seeded too
     assert torch.equal(first, zero[0][0])
+
+
+def test_epoch_shuffle_is_the_dataloader_order_but_a_function_of_the_epoch():
+    from rnndrop.data.modules import EpochShuffle, ResumableLoader
+
+    data = list(range(10))
+    gen = torch.Generator().manual_seed(3)
+    plain = DataLoader(data, batch_size=10, shuffle=True, generator=gen)
+    passes = [next(iter(plain)).tolist() for _ in range(4)]  # what training used to see
+    assert len({tuple(p) for p in passes}) == 4
+    order = EpochShuffle(10, 3)
+    assert [order.order(e) for e in range(4)] == passes
+    assert EpochShuffle(10, 3).order(3) == passes[3]  # no history needed
+    assert order.order(1) == passes[1]  # and going back works
+
+    loader = ResumableLoader(data, batch_size=4, num_workers=0, seed=3)
+    assert [torch.cat(list(loader)).tolist() for _ in range(2)] == passes[:2]
+    it = iter(loader)  # pass 2
+    assert next(it).tolist() == passes[2][:4]
+    state = loader.state_dict()
+    assert state["epoch"] == 2 and state["batches"] == 1
+    again = ResumableLoader(data, batch_size=4, num_workers=0, seed=3)
+    again.load_state_dict(state)
+    assert [b.tolist() for b in again] == [passes[2][4:8], passes[2][8:]]
+    assert again.state_dict() == dict(state, epoch=3, batches=0)
+    assert torch.cat(list(again)).tolist() == passes[3]
+    with pytest.raises(ValueError, match=r"batch_size=5.*batch_size=4"):
+        again.load_state_dict(dict(state, batch_size=5))
 
 
 # language model ---------------------------------------------------------------------------------

@@ -61,6 +61,31 @@ def test_lm_resume_mid_epoch_gives_the_same_loss_curve(text_corpus, tmp_path):
     assert first + rest == full  # bit for bit: masks (RNG), state, data position restored
 
 
+def test_synthetic_resume_mid_epoch_gives_the_same_loss_curve(tmp_path):
+    """Shuffled synthetic data: the resumed run continues the epoch's order where it stopped."""
+
+    def run(max_steps, ckpt=None, save=None):
+        L.seed_everything(0)
+        dm = SyntheticDataModule("delayed_recall", distance=3, train_size=24, val_size=8,
+                                 batch_size=8)  # fmt: skip
+        net = SequenceModel("tokens", vocab_size=dm.vocab_size, output_size=dm.num_classes,
+                            hidden_size=8, dropout=RD.variational(0.3))  # fmt: skip
+        task = SequenceTask(net, lr=0.05)
+        losses = Losses()
+        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
+                            limit_val_batches=0, callbacks=[losses], **QUIET)  # fmt: skip
+        trainer.fit(task, dm, ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return losses.values
+
+    full = run(8)  # 3 batches an epoch: the cut at 4 is inside epoch 1
+    first = run(4, save=tmp_path / "mid.ckpt")
+    rest = run(8, ckpt=tmp_path / "mid.ckpt")
+    assert len(full) == 8 and len(first) == 4 and len(rest) == 4
+    assert first + rest == full
+
+
 def test_nan_guard_stops_before_the_update_and_keeps_a_good_checkpoint(tmp_path):
     class Poison(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

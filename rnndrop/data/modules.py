@@ -53,6 +53,101 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool, 
     )
 
 
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A shuffled order that is a function of ``(seed, epoch)`` alone, and can skip ahead.
+
+    Pass ``e`` is the permutation a ``DataLoader(shuffle=True, generator=
+    torch.Generator().manual_seed(seed))`` with ``num_workers=0`` gives in its ``e``-th pass
+    (it draws a worker seed, then a ``randperm``, from that generator each pass), without
+    needing the passes before it. :class:`ResumableLoader` sets ``epoch`` and ``skip``.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+        self._gen: tuple[int, torch.Generator] | None = None  # (passes drawn, generator)
+
+    def order(self, epoch: int) -> list[int]:
+        """The permutation of pass ``epoch``."""
+        done, gen = self._gen if self._gen else (0, torch.Generator().manual_seed(self.seed))
+        if done > epoch:  # went back (a resume): replay from the seed
+            done, gen = 0, torch.Generator().manual_seed(self.seed)
+        while True:
+            torch.empty((), dtype=torch.int64).random_(generator=gen)  # DataLoader's worker seed
+            perm = torch.randperm(self.n, generator=gen).tolist()
+            done += 1
+            if done > epoch:
+                self._gen = (done, gen)
+                return perm
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order(self.epoch)[self.skip :])
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class ResumableLoader(DataLoader):
+    """A shuffled training DataLoader whose position Lightning saves in checkpoints.
+
+    Each ``iter()`` is the next pass (epoch) over the data, in :class:`EpochShuffle`'s order.
+    Lightning stores ``state_dict()`` of every training loader that has one and hands it back
+    on resume, so a run stopped mid-epoch continues with the batch it would have drawn next
+    (same pass, same position) instead of restarting the epoch. Like
+    :class:`~rnndrop.data.BPTTBatches` it counts its own passes rather than trusting the
+    trainer's epoch, which Lightning advances when ``max_steps`` stops a run mid-epoch.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> None:
+        self.order = EpochShuffle(len(dataset), seed)  # type: ignore[arg-type]
+        super().__init__(
+            dataset,
+            batch_size=batch_size,
+            sampler=self.order,
+            num_workers=num_workers,
+            # worker seeds from here, not from the global RNG that dropout masks use
+            generator=torch.Generator().manual_seed(seed),
+            persistent_workers=num_workers > 0,
+        )
+        self._epoch, self._yielded, self._resume = 0, 0, False
+
+    def __iter__(self) -> Iterator[Any]:
+        if not self._resume and self._yielded:  # a fresh iter() after a (broken-off) pass
+            self._epoch, self._yielded = self._epoch + 1, 0
+        self._resume = False
+        self.order.epoch, self.order.skip = self._epoch, self._yielded * self.batch_size  # type: ignore[operator]
+        for batch in super().__iter__():
+            self._yielded += 1
+            yield batch
+        self._epoch, self._yielded, self._resume = self._epoch + 1, 0, True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches": self._yielded, "size": self.order.n,
+                "batch_size": self.batch_size}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("size", self.order.n), ("batch_size", self.batch_size)):
+            if state.get(key, mine) != mine:
+                raise ValueError(
+                    f"cannot resume the training data: the checkpoint has {key}={state[key]}, "
+                    f"this data module {key}={mine} (resume with the same data settings)"
+                )
+        self._epoch, self._yielded, self._resume = int(state["epoch"]), int(state["batches"]), True
+
+
+def _train_loader(module: L.LightningDataModule, dataset: Dataset) -> DataLoader:
+    """The training loader: resumable mid-epoch, except where Lightning swaps the sampler.
+
+    Under DDP (a ``DistributedSampler``: per-epoch order, a resume restarts the epoch) and
+    with ``overfit_batches`` Lightning rebuilds the loader with its own sampler, which only a
+    plain ``DataLoader`` allows.
+    """
+    bs, workers, seed = module.batch_size, module.num_workers, module.seed  # type: ignore[attr-defined]
+    trainer = module.trainer
+    if _rank_world(module)[1] > 1 or (trainer is not None and trainer.overfit_batches):
+        return _loader(dataset, bs, workers, True, seed)
+    return ResumableLoader(dataset, bs, workers, seed)
+
+
 class SyntheticDataModule(L.LightningDataModule):
     """A synthetic long-range task (see :mod:`rnndrop.data.synthetic`), generated on the fly.
 
@@ -94,7 +189,7 @@ class SyntheticDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.datasets["train"], self.batch_size, self.num_workers, True, self.seed)
+        return _train_loader(self, self.datasets["train"])
 
     def val_dataloader(self) -> DataLoader:
         return _loader(self.datasets["val"], self.eval_batch_size, self.num_workers, False, 0)
@@ -383,7 +478,7 @@ class PixelMNISTDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> DataLoader:
-        return _loader(self.datasets["train"], self.batch_size, self.num_workers, True, self.seed)
+        return _train_loader(self, self.datasets["train"])
 
     def val_dataloader(self) -> DataLoader:
         return _loader(self.datasets["val"], self.eval_batch_size, self.num_workers, False, 0)
