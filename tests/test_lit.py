@@ -106,6 +106,25 @@ def test_nan_guard_stops_before_the_update_and_keeps_a_good_checkpoint(tmp_path)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
+def test_nan_guard_never_keeps_weights_poisoned_by_a_gradient(tmp_path):
+    class PoisonGrad(Callback):  # finite loss, NaN gradient: only the weights show it
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                pl_module.model.head.bias.grad.fill_(float("nan"))
+
+    dm = SyntheticDataModule("adding", distance=10, train_size=64, val_size=16, batch_size=8)
+    net = SequenceModel("float", input_size=2, output_size=1, target="last", hidden_size=8)
+    task = SequenceTask(net, loss="mse", baseline_loss=dm.baseline_loss, optimizer="sgd")
+    guard = NaNGuard(save_every_n_steps=1)
+    trainer = L.Trainer(max_epochs=3, default_root_dir=tmp_path, logger=False,
+                        callbacks=[guard, PoisonGrad()], **QUIET)  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match=r"non-finite weights in model\.head\.bias"):
+        trainer.fit(task, dm)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last_good.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2  # saved before the poisoned step, not overwritten
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
 def tags(run_dir):
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     ea.Reload()
@@ -183,11 +202,12 @@ def test_zaremba_learning_rate_schedule():
 def test_nt_asgd_triggers_and_averages_iterates():
     task = LanguageModelTask(LanguageModel(10, 4, 4, 1), optimizer="nt_asgd", nonmono=2)
     task._trainer = SimpleNamespace(sanity_checking=False)
-    for loss in (5.0, 4.0, 3.0, 3.5):
+    # awd-lstm-lm: trigger when loss > min(previous[:-nonmono])
+    for loss in (5.0, 4.0, 3.0, 3.5, 3.6):
         task.note_validation(loss)
-    assert task.averaged is None  # 3.5 is not worse than the best before the last 2
-    task.note_validation(3.6)  # worse than min(5, 4, 3): trigger
-    assert task.averaged is not None
+        assert task.averaged is None  # 3.5 > min(5)? no; 3.6 > min(5, 4)? no
+    task.note_validation(3.2)  # 3.2 > min(5, 4, 3): trigger
+    assert task.averaged is not None and task.val_history[-1] == 3.2
     w = task.model.decoder.bias
     iterates = [w.detach().clone()]
     for step in range(3):

@@ -154,13 +154,15 @@ class Task(L.LightningModule):
         """Record a validation loss; start NT-ASGD averaging when it stops improving."""
         if self.trainer.sanity_checking:
             return
-        self.val_history.append(loss)
+        # awd-lstm-lm's rule: worse than the best of the earlier losses, the last `nonmono`
+        # of them left out (the current loss is not yet in the history)
         h, n = self.val_history, self.nonmono
         waiting = self.optim["name"] == "nt_asgd" and self.averaged is None
         if waiting and len(h) > n and loss > min(h[:-n]):
             self.averaged = {k: p.detach().clone() for k, p in self.named_parameters()}
             self.n_averaged = 1
-            rank_zero_info(f"NT-ASGD: averaging the iterates from validation {len(h)} on")
+            rank_zero_info(f"NT-ASGD: averaging the iterates from validation {len(h) + 1} on")
+        h.append(loss)
 
     # evaluate (and finish) with the averaged weights, as AWD-LSTM does
     def _swap_in_average(self) -> None:

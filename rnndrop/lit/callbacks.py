@@ -45,6 +45,11 @@ class NaNGuard(Callback):
         self.path: Path | None = None
 
     def _save(self, trainer: L.Trainer) -> None:
+        # a non-finite gradient with a finite loss poisons the weights silently: never keep
+        # such weights as "good" (check_grads=True stops at the gradient itself)
+        for name, p in trainer.lightning_module.named_parameters():
+            if not torch.isfinite(p).all():
+                self._fail(trainer, f"non-finite weights in {name} (from a non-finite gradient)")
         root = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = root / "checkpoints" / "last_good.ckpt"
         trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable

@@ -114,6 +114,14 @@ class RnndropCLI(LightningCLI):
             sys.stderr.write(f"could not parse the hyperparameters stored in {ckpt_path}\n")
             raise
 
+    def instantiate_classes(self) -> None:
+        # a value the parser accepts but a class rejects (a rate of 1.5, an unknown task name)
+        # gets the same treatment as a bad key: the message and exit code 2, no traceback
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            self.parser.error(str(err))
+
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.fast_dev_run:
             self.trainer.test(self.model, datamodule=self.datamodule)
