@@ -95,6 +95,8 @@ def test_resume_skips_finished_and_reruns_killed_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(study_runner, "run_cell", lambda s, c, **kw: ran.append(c) or real(s, c))
     results = run_study(study, progress=False)
     assert ran == [second] and len(results) == 2
+    events = [p.name for p in killed.glob("events.out.tfevents.*")]
+    assert events and "events.out.tfevents.partial" not in events  # the partial run is gone
     ran.clear()
     run_study(study, progress=False)
     assert ran == []  # everything finished: nothing reruns

@@ -59,6 +59,10 @@ def run_cell(study: StudyConfig, cell: Cell, *, progress: bool = False) -> dict[
             logging.getLogger(name).setLevel(logging.WARNING)
     out = study.cell_dir(cell)
     out.mkdir(parents=True, exist_ok=True)
+    # a cell killed before writing result.json left a partial run here: start clean, so the
+    # TensorBoard curves and an export read only this run
+    for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
+        stale.unlink(missing_ok=True)
     L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
     dm = SyntheticDataModule(
