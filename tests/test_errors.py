@@ -82,3 +82,22 @@ def test_compiled_loop_request_without_kernel(monkeypatch):
             torch.zeros(1, 3, dtype=torch.float16),
             compiled=True,
         )
+
+
+def test_between_layers_alone_on_one_layer_warns():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"between_layers=0\.3 does nothing with num_layers=1"):
+        LSTM(3, 4, 1, dropout=RD(between_layers=0.3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same rate does work with two layers or beside others
+        LSTM(3, 4, 2, dropout=RD(between_layers=0.3))
+        LSTM(3, 4, 1, dropout=RD.naive(0.3))
+
+
+def test_state_of_another_dtype_is_named():
+    lstm = LSTM(3, 4, 1, dropout=RD.variational(0.2))
+    x = torch.randn(5, 2, 3)
+    hx = (torch.zeros(1, 2, 4, dtype=torch.float64), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match=r"hx\[0\] is torch.float64 on cpu but the input is"):
+        lstm(x, hx)

@@ -57,7 +57,8 @@ class LSTMStack(nn.Module):
                 ]
             )
         else:
-            first = dropout.replace(output=dropout.between_layers)
+            inner = dropout.between_layers if num_layers > 2 else 0.0  # 1 layer: no use
+            first = dropout.replace(output=dropout.between_layers, between_layers=inner)
             second = dropout.replace(input=0.0, between_layers=0.0)
             self.parts = nn.ModuleList(
                 [

@@ -237,6 +237,14 @@ class LSTM(StochasticModule):
 
     def _check_dropout(self) -> None:
         cfg = self.dropout
+        if self.num_layers == 1 and cfg.between_layers > 0 and not is_active(cfg, 1, True):
+            warnings.warn(
+                f"LSTM: between_layers={cfg.between_layers} does nothing with num_layers=1 and "
+                "no other rate is set: this LSTM trains without dropout (use input/output for "
+                "a single layer)",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.proj_size and any(needs_loop(cfg, layer, s) for layer in (0, 1) for s in (0, 1)):
             raise ValueError(
                 "LSTM: proj_size > 0 is supported with fused-path schemes only (input, "
@@ -331,6 +339,11 @@ class LSTM(StochasticModule):
         for i, (t, size) in enumerate(((h0, (LD, B, H_out)), (c0, (LD, B, H)))):
             if tuple(t.shape) != size:
                 raise RuntimeError(f"Expected hidden[{i}] size {size}, got {list(t.shape)}")
+            if (t.dtype, t.device) != (x.dtype, x.device) and not torch.is_autocast_enabled():
+                raise ValueError(
+                    f"LSTM: hx[{i}] is {t.dtype} on {t.device} but the input is {x.dtype} on "
+                    f"{x.device}; convert the state: hx[{i}].to(input)"
+                )
         if sorted_idx is not None:
             h0, c0 = h0.index_select(1, sorted_idx), c0.index_select(1, sorted_idx)
         return h0, c0
