@@ -147,7 +147,7 @@ def test_reads_megabytes_in_seconds(tmp_path):
 
 
 SHARED = shared_data_dir()  # from conftest
-needs_shared = pytest.mark.skipif(SHARED is None, reason="../shared/data not present")
+needs_shared = pytest.mark.skipif(SHARED is None, reason="opt-in: set RNNDROP_SHARED_DATA")
 
 
 @pytest.mark.shared_data
