@@ -65,6 +65,7 @@ def test_grid_end_to_end(tmp_path):
         assert float(row["score"]) == pytest.approx(score(r))
     md = paths["markdown"].read_text()
     assert "| none |" in md and "| variational_p0.3 |" in md and "d=5" in md
+    assert "‖∂L_T/∂x_(T-1-k)‖" in md and "‖∂L_T/∂h_(T-1-k)‖" in md  # input and state tables
     for key in ("score_png", "gradient_png"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     tags = _tags(study.root / "summary")

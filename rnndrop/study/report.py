@@ -124,12 +124,13 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
                 vals.append("–" if math.isnan(tv) else f"{tv:.3f} / {ent:.2f}")
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     d_grad = grad_distance(study, distances)
-    grads = _gradient_summary(results, d_grad)
-    if grads:
+    for wrt, what, note in GRADIENTS:
+        grads = _gradient_summary(results, d_grad, wrt)
+        if not grads:
+            continue
         ks = sorted({k for g in grads.values() for k in g})
-        lines += ["", f"Gradient norm through time at d={d_grad}: ‖∂L_T/∂x_(T-1-k)‖ relative "
-                  f"to k={ks[0]} (input; deterministic net, one held-out batch), mean over "
-                  "seeds.", "",
+        lines += ["", f"Gradient norm through time at d={d_grad}: {what} relative to k={ks[0]} "
+                  f"({note}; deterministic net, one held-out batch), mean over seeds.", "",
                   "| scheme | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---|" + "---|" * len(ks)]  # fmt: skip
         for label, g in grads.items():
@@ -145,6 +146,14 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
     total = sum(r["seconds"] for r in rows)
     lines += ["", f"Compute: {total / 60:.1f} CPU-minutes of training and evaluation in total."]
     return "\n".join(lines) + "\n"
+
+
+# (key in result.json, what is measured, note): the input gradient exists for every encoder,
+# the hidden-state one for LSTMs only
+GRADIENTS = (
+    ("input", "‖∂L_T/∂x_(T-1-k)‖", "encoder input, every encoder"),
+    ("state", "‖∂L_T/∂h_(T-1-k)‖", "LSTM hidden state, all layers"),
+)
 
 
 def grad_distance(study: StudyConfig, distances: list[int]) -> int:
@@ -210,16 +219,18 @@ def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
     plt.close(fig)
 
     d_grad = grad_distance(study, distances)
-    grads = _gradient_summary(results, d_grad)
-    if grads:
-        fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        for label, g in grads.items():
-            ks = [k for k in sorted(g) if k > 0 and g[k] > 0]
-            ax.loglog(ks, [g[k] for k in ks], marker=".", label=label, **_style(label, labels))
-        ax.set_xlabel("k (steps back from the loss)")
-        ax.set_ylabel("‖∂L_T / ∂x_(T-1-k)‖, relative to the nearest k")
-        ax.set_title(f"gradient norm through time, d={d_grad}")
-        ax.legend(fontsize=7)
+    panels = [(w, what, _gradient_summary(results, d_grad, w)) for w, what, _ in GRADIENTS]
+    panels = [p for p in panels if p[2]]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.2), squeeze=False)
+        for ax, (wrt, what, grads) in zip(axes[0], panels, strict=True):
+            for label, g in grads.items():
+                ks = [k for k in sorted(g) if k > 0 and g[k] > 0]
+                ax.loglog(ks, [g[k] for k in ks], marker=".", label=label, **_style(label, labels))
+            ax.set_xlabel("k (steps back from the loss)")
+            ax.set_ylabel(f"{what}, relative to the nearest k")
+            ax.set_title(f"gradient norm through time ({wrt}), d={d_grad}")
+            ax.legend(fontsize=7)
         fig.tight_layout()
         paths["gradient_png"] = study.root / "grad_through_time.png"
         fig.savefig(paths["gradient_png"], dpi=120)
