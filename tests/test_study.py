@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -345,12 +346,17 @@ def test_context_study_on_a_text_folder(tmp_path, text_corpus, capsys):
     assert "data_dir" in capsys.readouterr().err
 
 
-def test_parallel_workers_give_the_same_results(tmp_path):
-    """Cells run in spawned worker processes match the same cells run in-process."""
+def test_parallel_workers_give_the_same_results(tmp_path, capfd):
+    """Cells run in spawned worker processes match the same cells run in-process, and each
+    worker shows its run's step bar."""
     serial = tiny(tmp_path / "a", schemes=["variational"], distances=[3, 4], mc_samples=0)
     parallel = tiny(tmp_path / "b", schemes=["variational"], distances=[3, 4], mc_samples=0)
     one = run_study(serial, progress=False)
-    two = run_study(parallel, workers=2, progress=False)
+    capfd.readouterr()
+    two = run_study(parallel, workers=2, progress=True)
+    err = capfd.readouterr().err
+    for cell in parallel.cells():  # each worker's per-run bar: "<cell>: 100%|...| 6/6 [...step/s]"
+        assert re.search(re.escape(f"{cell}:") + r"[^\n\r]*\d+/\d+ \[[^\]]*step", err), err
     assert [r["config_hash"] for r in one] == [r["config_hash"] for r in two]
     for a, b in zip(one, two, strict=True):
         assert a["metrics"]["loss"] == pytest.approx(b["metrics"]["loss"], rel=1e-5)

@@ -42,8 +42,34 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a killed cell never leaves a half-written result
 
 
-def run_cell(study: StudyConfig, cell: Cell, *, progress: bool = False) -> dict[str, Any]:
-    """Train and evaluate one cell; write ``result.json`` into its run directory."""
+def _step_bar(cell: Cell, steps: int, position: int):
+    """A one-line training-step bar for a cell run in a worker (Lightning's own bar would
+    fight the other workers' for the terminal)."""
+    from lightning.pytorch.callbacks import Callback
+    from tqdm.auto import tqdm
+
+    class StepBar(Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.bar = tqdm(total=steps, desc=str(cell), unit="step", position=position,
+                            leave=False, dynamic_ncols=True)  # fmt: skip
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            self.bar.update(trainer.global_step - self.bar.n)
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            self.bar.close()
+
+    return StepBar()
+
+
+def run_cell(
+    study: StudyConfig, cell: Cell, *, progress: bool = False, bar_position: int | None = None
+) -> dict[str, Any]:
+    """Train and evaluate one cell; write ``result.json`` into its run directory.
+
+    ``progress`` shows Lightning's progress bar and logs; ``bar_position`` (workers) a
+    one-line step bar at that terminal row instead.
+    """
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -83,7 +109,9 @@ def run_cell(study: StudyConfig, cell: Cell, *, progress: bool = False) -> dict[
         max_steps=study.steps, max_epochs=1, val_check_interval=min(study.val_every, study.steps),
         logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[NaNGuard(save_every_n_steps=0)], default_root_dir=str(out),
+        callbacks=[NaNGuard(save_every_n_steps=0)]
+        + ([_step_bar(cell, study.steps, bar_position)] if bar_position is not None else []),
+        default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
     status = "ok"
@@ -131,12 +159,19 @@ def _log_final(logger, cell: Cell, encoder: str, metrics, grads) -> None:
     logger.experiment.flush()
 
 
-def _init_worker(threads: int) -> None:
+_SLOT: dict[str, int | None] = {"row": None}  # this worker's terminal row for its step bar
+
+
+def _init_worker(threads: int, slots: Any, bars: bool) -> None:
     torch.set_num_threads(threads)
+    if bars:
+        with slots.get_lock():
+            slots.value += 1
+            _SLOT["row"] = slots.value  # row 0 is the sweep's bar
 
 
 def _work(study: StudyConfig, cell: Cell) -> dict[str, Any]:
-    return run_cell(study, cell)
+    return run_cell(study, cell, bar_position=_SLOT["row"])
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -189,7 +224,9 @@ def run_study(
 
         threads = max(1, (os.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(workers, ctx, _init_worker, (threads,)) as pool:
+        slots = ctx.Value("i", 0)
+        init = (threads, slots, progress)
+        with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
             futures = [pool.submit(_work, study, c) for c in todo]
             for future in as_completed(futures):
                 bar.write(summary_line(future.result()))
