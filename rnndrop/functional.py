@@ -220,9 +220,24 @@ def embedding_dropout(
         returns ``indices.shape + (E,)``.
     """
     p = check_rate("p", p)
-    out = torch.nn.functional.embedding(indices, weight, padding_idx)
     if not training or p == 0.0:
-        return out
+        return torch.nn.functional.embedding(indices, weight, padding_idx)
+    return _embedding_dropout(indices, weight, p, per_sample=per_sample, batch_first=batch_first,
+                              scale=scale, padding_idx=padding_idx)[0]  # fmt: skip
+
+
+def _embedding_dropout(
+    indices: Tensor,
+    weight: Tensor,
+    p: float,
+    *,
+    per_sample: bool,
+    batch_first: bool,
+    scale: bool,
+    padding_idx: int | None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`embedding_dropout` in training, also returning its mask over the vocabulary."""
+    out = torch.nn.functional.embedding(indices, weight, padding_idx)
     vocab = weight.shape[0]
     if per_sample and indices.dim() >= 2:
         batch_dim = 0 if batch_first else 1
@@ -235,7 +250,7 @@ def embedding_dropout(
     else:
         mask = bernoulli_mask((vocab,), p, scale=scale, device=weight.device, dtype=out.dtype)
         keep = mask[indices]
-    return out * keep.unsqueeze(-1)
+    return out * keep.unsqueeze(-1), mask
 
 
 def zoneout(

@@ -199,6 +199,30 @@ def test_zaremba_learning_rate_schedule():
     assert seen == [1.0, 1.0, 1.0, 1.0, 0.5, 0.25, 0.125]  # halved each epoch after the 4th
 
 
+def test_mask_statistics_cover_embedding_and_transformer_sites(text_corpus, tmp_path):
+    from rnndrop.config import TransformerDropout
+
+    dm = LanguageModelDataModule("folder", data_dir=str(text_corpus), batch_size=8, bptt=16)
+    net = LanguageModel(dm.vocab_size, 32, 32, 2, encoder="transformer", ffn_size=256,
+                        dropout=RD(embedding=0.3),
+                        transformer_dropout=TransformerDropout(embedding=0.2, residual=0.2,
+                                                               ffn=0.4, drop_path=0.5))  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="tf", default_hp_metric=False)
+    trainer = L.Trainer(max_steps=2, logger=logger, log_every_n_steps=1, limit_val_batches=0,
+                        callbacks=[MaskStatistics(every_n_steps=1)], **QUIET)  # fmt: skip
+    trainer.fit(LanguageModelTask(net, lr=0.5), dm)
+    ea = EventAccumulator(str(logger.log_dir))
+    ea.Reload()
+    rates = {t: ea.Scalars(t)[-1].value for t in ea.Tags()["scalars"] if t.startswith("masks/")}
+    sites = {t.rsplit("/", 1)[-1] for t in rates}
+    assert {"embedding", "residual_attn", "residual_ffn", "ffn", "drop_path_ffn"} <= sites
+    # ffn: 8 x 16 x 256 units per block, drop rate 0.4 within 5 binomial standard errors
+    (ffn,) = [v for t, v in rates.items() if t.endswith("blocks.1/ffn")]
+    assert abs(ffn - 0.4) < 5 * (0.4 * 0.6 / (8 * 16 * 256)) ** 0.5
+    assert all(0.0 <= v <= 1.0 for v in rates.values())
+    assert not any(getattr(m, "record_masks", False) for m in net.modules())  # switched off
+
+
 def test_nt_asgd_triggers_and_averages_iterates():
     task = LanguageModelTask(LanguageModel(10, 4, 4, 1), optimizer="nt_asgd", nonmono=2)
     task._trainer = SimpleNamespace(sanity_checking=False)

@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..analysis import gradient_through_time
-from ..nn import LSTM
+from ..nn.dropout import StochasticModule
 
 __all__ = [
     "GradientThroughTime",
@@ -97,16 +97,20 @@ class LearningRateLogger(LearningRateMonitor):
             super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
-def _lstms(module: torch.nn.Module) -> list[tuple[str, LSTM]]:
-    return [(n or "lstm", m) for n, m in module.named_modules() if isinstance(m, LSTM)]
+def _recorders(module: torch.nn.Module) -> list[tuple[str, StochasticModule]]:
+    return [(n or "model", m) for n, m in module.named_modules() if isinstance(m, StochasticModule)]
 
 
 class MaskStatistics(Callback):
     """Log the observed drop rate of every mask site, every ``every_n_steps`` steps.
 
-    Tags ``masks/<module>/<site>`` (e.g. ``masks/model.encoder.parts.0/recurrent/l0``): the
-    fraction of zeros in the mask (for zoneout, the fraction of units that kept their
-    previous value). Compare with the configured rates to see the masks at work.
+    Tags ``masks/<module>/<site>``, e.g. ``masks/model.encoder.parts.0/recurrent/l0``,
+    ``masks/model.embedding/embedding`` (word types), ``masks/model.encoder.net.blocks.0/ffn``:
+    the fraction of zeros in the mask (for zoneout, the fraction of units that kept their
+    previous value). Compare with the configured rates to see the masks at work. Every
+    :class:`~rnndrop.nn.dropout.StochasticModule` that records masks takes part: the LSTM,
+    embedding dropout and the transformer's embedding, residual, FFN and DropPath sites
+    (attention dropout happens inside the fused attention kernel and cannot be seen).
     """
 
     def __init__(self, every_n_steps: int = 100) -> None:
@@ -115,15 +119,15 @@ class MaskStatistics(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._recording = trainer.global_step % self.every == 0
-        for _, m in _lstms(pl_module):
+        for _, m in _recorders(pl_module):
             m.record_masks = self._recording
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._recording:
             return
         logs = {}
-        for name, m in _lstms(pl_module):
-            for site, mask in m.last_masks.items():
+        for name, m in _recorders(pl_module):
+            for site, mask in getattr(m, "last_masks", {}).items():
                 kept_prev = site.startswith("zoneout")
                 rate = (mask != 0) if kept_prev else (mask == 0)
                 logs[f"masks/{name}/{site}"] = rate.float().mean()

@@ -30,11 +30,16 @@ class StochasticModule(nn.Module):
     """
 
     mc: bool = False
+    record_masks: bool = False  # keep this forward's masks in ``last_masks``, by site name
 
     @property
     def sampling(self) -> bool:
         """True if masks are sampled in this forward (training or MC mode)."""
         return self.training or self.mc
+
+    def _keep_mask(self, site: str, mask: Tensor) -> None:
+        if self.record_masks:
+            self.__dict__.setdefault("last_masks", {})[site] = mask
 
 
 @contextlib.contextmanager
@@ -147,16 +152,17 @@ class EmbeddingDropout(nn.Embedding, StochasticModule):
         if not self.sampling:
             out = super().forward(indices)
             return out * (1 - self.p) if self.scaling == "classic" and self.p else out
-        return F.embedding_dropout(
+        out, mask = F._embedding_dropout(
             indices,
             self.weight,
             self.p,
-            True,
             per_sample=self.per_sample,
             batch_first=self.batch_first,
             scale=self.scaling == "inverted",
             padding_idx=self.padding_idx,
         )
+        self._keep_mask("embedding", mask)  # (V,) or (B, V): one entry per word type
+        return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", p={self.p}, per_sample={self.per_sample}"

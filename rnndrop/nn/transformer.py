@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import TransformerDropout
-from ..functional import drop_path
+from ..functional import bernoulli_mask, drop_path
 from .dropout import StochasticModule
 
 __all__ = ["CausalTransformer", "TransformerBlock", "sinusoidal_positions"]
@@ -66,12 +66,16 @@ class TransformerBlock(StochasticModule):
         self.fc1 = nn.Linear(d_model, ffn_size)
         self.fc2 = nn.Linear(ffn_size, d_model)
 
-    def _drop(self, x: Tensor, p: float) -> Tensor:
-        return F.dropout(x, p, training=True) if self.sampling and p > 0 else x
+    def _drop(self, x: Tensor, p: float, site: str) -> Tensor:
+        return _dropout(self, x, p, site)
 
-    def _branch(self, x: Tensor) -> Tensor:
-        x = self._drop(x, self.cfg.residual)
-        return drop_path(x, self.drop_path, self.sampling)
+    def _branch(self, x: Tensor, name: str) -> Tensor:
+        x = self._drop(x, self.cfg.residual, f"residual_{name}")
+        if not (self.record_masks and self.sampling and self.drop_path > 0):
+            return drop_path(x, self.drop_path, self.sampling)
+        m = bernoulli_mask((x.shape[0], 1, 1), self.drop_path, device=x.device, dtype=x.dtype)
+        self._keep_mask(f"drop_path_{name}", m)  # what drop_path draws: one seed, same mask
+        return x * m
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -79,9 +83,9 @@ class TransformerBlock(StochasticModule):
         q, k, v = (t.view(B, T, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
         p_att = self.cfg.attention if self.sampling else 0.0  # dropout_p only when sampling
         a = F.scaled_dot_product_attention(q, k, v, dropout_p=p_att, is_causal=True)
-        x = x + self._branch(self.proj(a.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
-        h = self._drop(F.gelu(self.fc1(self.ln2(x))), self.cfg.ffn)
-        return x + self._branch(self.fc2(h))
+        x = x + self._branch(self.proj(a.transpose(1, 2).reshape(B, T, C)), "attn")  # (B, T, C)
+        h = self._drop(F.gelu(self.fc1(self.ln2(x))), self.cfg.ffn, "ffn")
+        return x + self._branch(self.fc2(h), "ffn")
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, drop_path={self.drop_path:g}"
@@ -175,8 +179,7 @@ class CausalTransformer(StochasticModule):
             h = h + self.pos.weight[:T]
         else:
             h = h + sinusoidal_positions(T, self.d_model, h.device, h.dtype)
-        if self.sampling and self.dropout.embedding > 0:
-            h = F.dropout(h, self.dropout.embedding, training=True)
+        h = _dropout(self, h, self.dropout.embedding, "embedding")
         for block in self.blocks:
             h = block(h)
         out = self.ln_f(h)  # (B, T, d_model)
@@ -186,6 +189,21 @@ class CausalTransformer(StochasticModule):
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout.describe()}, positions={self.positions}"
+
+
+def _dropout(module: StochasticModule, x: Tensor, p: float, site: str) -> Tensor:
+    """``F.dropout`` while sampling; with ``record_masks`` an explicit mask, kept by site.
+
+    The recorded mask comes from :func:`~rnndrop.functional.bernoulli_mask`, not from
+    ``F.dropout``'s generator, so a recording step draws other masks than it would have.
+    """
+    if not module.sampling or p == 0:
+        return x
+    if not module.record_masks:
+        return F.dropout(x, p, training=True)
+    mask = bernoulli_mask(x.shape, p, device=x.device, dtype=x.dtype)
+    module._keep_mask(site, mask)
+    return x * mask
 
 
 def _init_weights(m: nn.Module) -> None:
