@@ -317,6 +317,23 @@ def test_slurm_array_script_runs_cells_then_report(tmp_path):
     assert no_task.returncode != 0 and "array job" in no_task.stderr
 
 
+def test_context_study_runs_the_transformer_within_its_training_context(tmp_path, text_corpus):
+    from rnndrop.study.context import load_context_study, run_context_study
+
+    base = {"corpus": "folder", "data_dir": str(text_corpus), "schemes": ["transformer_standard"],
+            "rates": [0.1], "seeds": [0], "steps": 3, "batch_size": 4, "distances": [1, 3],
+            "n_targets": 10, "out_dir": str(tmp_path), "model": {"embedding_size": 8,
+            "hidden_size": 8, "num_layers": 1, "num_heads": 2}}  # fmt: skip
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(json.dumps({**base, "bptt": 6, "window": 12}))
+    with pytest.raises(ValueError, match=r"window=12 > bptt=6.*transformer_standard"):
+        load_context_study(cfg)
+    cfg.write_text(json.dumps({**base, "bptt": 8, "window": 8}))
+    (result,) = run_context_study(load_context_study(cfg), progress=False)
+    assert result["status"] == "ok"
+    assert {int(d) for d in result["probe"]["increase"]["cut"]} == {1, 3}  # JSON keys
+
+
 def test_context_study_on_a_text_folder(tmp_path, text_corpus, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({

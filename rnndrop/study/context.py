@@ -105,6 +105,13 @@ class ContextStudyConfig:
         for s in self.schemes:
             for p in self.rates_for(s):
                 resolve_scheme(self.scheme_spec(s), p)
+        transformers = [s for s in self.schemes if self.scheme_spec(s)["encoder"] != "lstm"]
+        if transformers and self.window > self.bptt:
+            raise ValueError(
+                f"window={self.window} > bptt={self.bptt}: the transformer scheme(s) "
+                f"{transformers} carry no state across chunks, so in training they never see "
+                "more than bptt tokens; probe with window <= bptt or train with bptt >= window"
+            )
 
     def scheme_spec(self, scheme: str) -> dict[str, Any]:
         return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
