@@ -8,8 +8,8 @@ import torch
 from rnndrop.lit.cli import make_cli
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
-PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large", "awd",
-       "transformer", "zoneout_char"]  # fmt: skip
+PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large",
+       "gal_medium_tied", "gal_large_tied", "awd", "transformer", "zoneout_char"]  # fmt: skip
 SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist"]
 STUDIES = ["full", "context_ptb", "context_ptb_short"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -35,6 +35,8 @@ def test_ptb_configs_run(name, text_corpus):
     configs = [EXP / "ptb/base.yaml"]
     if name == "wikitext2":
         configs += [EXP / "ptb/awd.yaml", EXP / "wikitext2/awd.yaml"]
+    elif name.endswith("_tied"):  # a delta on the untied config
+        configs += [EXP / f"ptb/{name.removesuffix('_tied')}.yaml", EXP / f"ptb/{name}.yaml"]
     else:
         configs.append(EXP / f"ptb/{name}.yaml")
     args = ["fit", *[f"--config={c}" for c in configs], *QUIET, *small_lm(text_corpus)]
@@ -43,6 +45,9 @@ def test_ptb_configs_run(name, text_corpus):
     cli = make_cli(args)
     assert cli.trainer.global_step == 1
     assert cli.model.model.vocab_size == cli.datamodule.vocab_size  # linked from the data
+    if name.endswith("_tied"):  # the delta flips tied and keeps every rate of the base config
+        d = cli.model.model.dropout
+        assert d.tied and d.recurrent > 0 and d.embedding > 0 and d.output == 0.5
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
@@ -104,7 +109,7 @@ def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
 
     path = QUICK if which == "quick" else EXP / "long_range/full.yaml"
     study = load_study(path, out_dir=str(tmp_path), **TINY_STUDY)
-    assert len(study.cells()) == {"quick": 36, "full": 180}[which]
+    assert len(study.cells()) == {"quick": 36, "full": 225}[which]
     cells = study.cells()
     picks = [
         cells.index(next(c for c in cells if c.scheme == s))
