@@ -192,3 +192,28 @@ def test_gradient_through_time_modes_on_an_lstm():
         gradient_through_time(m, x, y, [30])
     with pytest.raises(ValueError, match="target"):
         gradient_through_time(m, x, torch.full_like(y, -100), [1])
+
+
+def test_gradient_through_time_state_matches_a_step_by_step_lstm_cell():
+    """wrt="state" is ∂L_T/∂h_(T-1-k) of the step-by-step graph (h and c separate nodes)."""
+    torch.manual_seed(1)
+    m = SequenceModel("tokens", vocab_size=5, output_size=5, hidden_size=8, num_layers=1)
+    x = torch.randint(0, 5, (4, 12))
+    y = torch.randint(0, 5, (4, 12))
+    ks = [1, 2, 5, 11]
+    got = gradient_through_time(m, x, y, ks, wrt="state")
+    lstm = m.encoder.parts[0]
+    cell = torch.nn.LSTMCell(lstm.input_size, lstm.hidden_size)
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in lstm.state_dict().items()})
+    feats = m.features(x).detach()
+    h = c = torch.zeros(4, 8)
+    hs = []
+    for t in range(12):
+        h, c = cell(feats[:, t], (h, c))
+        h.retain_grad()
+        hs.append(h)
+    loss = torch.nn.functional.cross_entropy(m.readout(h), y[:, -1], reduction="sum")
+    loss.backward()
+    for k in ks:
+        want = hs[11 - k].grad.norm(dim=1).mean()
+        assert got[k] == pytest.approx(float(want), rel=1e-4), k

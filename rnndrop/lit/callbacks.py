@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..analysis import gradient_through_time
+from ..models.encoders import LSTMStack
 from ..nn.dropout import StochasticModule
 
 __all__ = [
@@ -140,15 +141,16 @@ class MaskStatistics(Callback):
 class GradientThroughTime(Callback):
     """Gradient norm through time on a fixed validation batch, as scalars and a figure.
 
-    Every ``every_n_epochs`` validations, ``‖∂L_T/∂x_{T-1-k}‖`` (``wrt="input"``) or
-    ``‖∂L_T/∂h_{T-1-k}‖`` (``wrt="state"``, LSTMs) of the last step's loss for distances
+    Every ``every_n_epochs`` validations, ``‖∂L_T/∂h_{T-1-k}‖`` (``wrt="state"``: the LSTM's
+    hidden state, all layers) or ``‖∂L_T/∂x_{T-1-k}‖`` (``wrt="input"``: the encoder's input,
+    any encoder) of the last step's loss for distances
     ``k`` (see :func:`rnndrop.analysis.gradient_through_time`), logged as
     ``grad_through_time/k=<k>`` and as a log-scale plot in TensorBoard's IMAGES tab.
 
     Args:
         every_n_epochs: how often.
         distances: the ``k``; default: about 12 log-spaced ones.
-        wrt: ``"input"`` or ``"state"``.
+        wrt: ``"state"``, ``"input"``, or ``"auto"``: the state for LSTMs, else the input.
         max_batch: samples of the first validation batch to use.
     """
 
@@ -156,7 +158,7 @@ class GradientThroughTime(Callback):
         self,
         every_n_epochs: int = 1,
         distances: Sequence[int] | None = None,
-        wrt: str = "input",
+        wrt: str = "auto",
         max_batch: int = 32,
     ) -> None:
         self.every, self.distances, self.wrt, self.max_batch = (
@@ -178,12 +180,15 @@ class GradientThroughTime(Callback):
         if trainer.sanity_checking or trainer.current_epoch % self.every:
             return
         x, y = (t.to(pl_module.device) for t in self._fixed_batch(trainer))
-        norms = gradient_through_time(pl_module.model, x, y, self.distances, wrt=self.wrt)
+        wrt = self.wrt
+        if wrt == "auto":
+            wrt = "state" if isinstance(pl_module.model.encoder, LSTMStack) else "input"
+        norms = gradient_through_time(pl_module.model, x, y, self.distances, wrt=wrt)
         pl_module.log_dict({f"grad_through_time/k={k}": v for k, v in norms.items()})
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure(
-                    "grad_through_time", _plot(norms, self.wrt), trainer.global_step
+                    "grad_through_time", _plot(norms, wrt), trainer.global_step
                 )
 
 
