@@ -46,6 +46,19 @@ def keep_probability(p: float) -> float:
     return round((1.0 - p) * _LEVELS) / _LEVELS
 
 
+def _functorch_active() -> bool:
+    """Inside a ``torch.func`` transform (grad, vmap, ...) tensors have no storage the
+    compiled kernel could write: masks come from plain torch ops there."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active is not None and active())
+
+
+def _traced() -> bool:
+    """Under ``torch.compile`` or a ``torch.func`` transform."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling()) or _functorch_active()
+
+
 def _draw_seed(generator: torch.Generator | None) -> int:
     word = torch.empty((), dtype=torch.int64)
     return int(word.random_(-(2**63), 2**63 - 1, generator=generator))
@@ -55,6 +68,15 @@ def _shr(z: Tensor, k: int) -> Tensor:
     return (z >> k) & ((1 << (64 - k)) - 1)  # logical shift of an int64
 
 
+def _eager(fn):
+    """Keep ``fn`` out of ``torch.compile`` graphs: inductor's int64 code for the mixing below
+    does not give the eager bits (measured: different, and biased, masks), and a mask must
+    not depend on whether the model is compiled."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return disable(fn) if disable is not None else fn
+
+
+@_eager
 def _mask_bits(n: int, seed: int, threshold: int, device: torch.device) -> Tensor:
     """Boolean keep-mask from SplitMix64 words ``mix(seed + (w+1)·golden)`` (torch ops)."""
     z = torch.arange(1, (n + 3) // 4 + 1, dtype=torch.int64, device=device)
@@ -121,7 +143,7 @@ def seeded_mask(
     n = math.prod(int(s) for s in shape)
     if keep_probability(p) >= 1.0:
         return torch.full(tuple(shape), value, device=device, dtype=dtype)
-    ext = _ext.loaded()
+    ext = None if _functorch_active() else _ext.loaded()
     if ext is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64):
         return ext.bernoulli_mask(n, seed, threshold, value, dtype == torch.float64).view(
             tuple(shape)
@@ -136,7 +158,7 @@ def seeded_mask_mul(x: Tensor, p: float, seed: int, *, scale: bool = True, out: 
     With the compiled kernel (CPU, float32/64, contiguous) the mask is never stored:
     weight drop multiplies ``W_hh`` forward and its gradient backward with one seed.
     """
-    ext = _ext.loaded()
+    ext = None if _functorch_active() else _ext.loaded()
     if keep_probability(p) >= 1.0:
         return torch.mul(x, _threshold_value(p, scale)[1], out=out)
     if (

@@ -151,3 +151,21 @@ def test_seeded_mask_mul_matches_the_mask(compiled, dtype, monkeypatch):
     kept = seeded_mask((100_000,), 0.3, 5) != 0
     n = kept.numel()
     assert abs(kept.float().mean().item() - 0.7) < 4 * (0.7 * 0.3 / n) ** 0.5
+
+
+@pytest.mark.slow
+def test_masks_are_the_same_under_torch_compile(monkeypatch):
+    """The pure-torch mask bits stay out of compiled graphs: inductor's int64 code gave other
+    (and biased) bits, so a compiled model would have drawn different masks."""
+    from rnndrop import _ext
+    from rnndrop.functional import seeded_mask
+
+    monkeypatch.setattr(_ext, "loaded", lambda: None)  # the torch-ops path, as on CUDA
+
+    def f(x, seed):
+        return x * seeded_mask(x.shape, 0.5, seed)
+
+    compiled = torch.compile(f, dynamic=False)
+    x = torch.ones(4000)
+    for seed in (123456789123, -5, 2**62 + 7):
+        assert torch.equal(compiled(x, seed), f(x, seed))

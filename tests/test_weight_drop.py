@@ -170,3 +170,19 @@ def test_copies_start_with_an_empty_pool():
     a = twin(torch.ones(3, 2, 4))[0]
     torch.manual_seed(0)
     assert torch.equal(a, lstm(torch.ones(3, 2, 4))[0])
+
+
+def test_torch_func_grad_through_weight_drop():
+    """Under torch.func transforms the plain ops run: grad of a functional call works and
+    matches autograd on the module with the same seed."""
+    from torch.func import functional_call, grad
+
+    _, lstm = make(0.5)
+    x = torch.randn(5, 3, 4)
+    params = {k: v.detach() for k, v in lstm.named_parameters()}
+    torch.manual_seed(3)
+    g = grad(lambda p: functional_call(lstm, p, (x,))[0].sum())(params)
+    torch.manual_seed(3)
+    lstm(x)[0].sum().backward()
+    for name, p in lstm.named_parameters():
+        torch.testing.assert_close(g[name], p.grad)

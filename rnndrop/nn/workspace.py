@@ -15,8 +15,9 @@ arithmetic: on the 2-core VM a plain ``W_hh.clone()`` fed to the fused op measur
   it, i.e. the graph that saved the previous product has been freed. A second forward before
   backward gets a storage of its own, so reuse can never change a saved tensor.
 
-Used on CPU only (CUDA's caching allocator already reuses memory) and outside
-``torch.compile``; elsewhere, and if torch lacks the use-count query, plain ops run.
+Used on CPU only (CUDA's caching allocator already reuses memory), outside ``torch.compile``
+and ``torch.func`` transforms; elsewhere, and if torch lacks the use-count query, plain ops
+run.
 """
 
 from __future__ import annotations
@@ -27,16 +28,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..functional import seeded_mask, seeded_mask_mul
+from ..functional import _traced, seeded_mask, seeded_mask_mul
 
 __all__ = ["MaskedWeight", "WeightBuffers", "masked_weight"]
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
 
 
 class WeightBuffers:
@@ -53,7 +49,7 @@ class WeightBuffers:
         self._lock = threading.Lock()
 
     def usable(self, like: Tensor) -> bool:
-        return _use_count is not None and like.device.type == "cpu" and not _compiling()
+        return _use_count is not None and like.device.type == "cpu" and not _traced()
 
     def empty_like(self, key: tuple, like: Tensor) -> Tensor:
         """A contiguous tensor shaped like ``like``, on storage no live tensor uses."""
