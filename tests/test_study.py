@@ -145,6 +145,10 @@ def test_transformer_scheme_runs_in_a_study(tmp_path):
     assert result["spec"]["model"]["num_layers"] == 2  # the scheme's own model override
     assert result["spec"]["dropout"]["attention"] == 0.3
     assert set(result["grad_through_time"]) == {"input"}  # no recurrent state to probe
+    from rnndrop.study import write_report
+
+    md = write_report(study, [result])["markdown"].read_text()
+    assert "‖∂L_T/∂x_(T-1-k)‖" in md and "‖∂L_T/∂h_(T-1-k)‖" not in md  # no empty state table
 
 
 @pytest.mark.parametrize(

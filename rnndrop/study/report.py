@@ -169,7 +169,9 @@ def _gradient_summary(results, distance: int, wrt: str = "input") -> dict[str, d
     by_label: dict[str, list[dict[str, float]]] = defaultdict(list)
     for r in results:
         if r["cell"]["distance"] == distance and r["status"] == "ok":
-            by_label[r["cell"]["label"]].append(r["grad_through_time"].get(wrt, {}))
+            g = r["grad_through_time"].get(wrt)
+            if g:  # the transformer has no hidden state to probe
+                by_label[r["cell"]["label"]].append(g)
     out = {}
     for label, gs in by_label.items():
         # relative to the nearest k: a run that solved the task has a small loss and so small
