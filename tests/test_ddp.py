@@ -33,6 +33,12 @@ SCRIPT = textwrap.dedent(
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
+        def teardown(self, stage):
+            # gloo's threads must stop before the worker exits, else a rare abort at exit
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+                torch.distributed.destroy_process_group()
+
     if __name__ == "__main__":
         L.seed_everything(0, verbose=False)
         dm = SyntheticDataModule("delayed_recall", distance=2, task_args={"length": 12},
