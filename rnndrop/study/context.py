@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import sys
 import time
@@ -180,14 +179,11 @@ def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: boo
     from ..data import LanguageModelDataModule
     from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
     from ..models import LanguageModel
-    from .runner import _write_json
+    from .runner import _fresh_run_dir, _write_json
 
     start = time.perf_counter()
-    if not progress:
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     out = study.cell_dir(cell)
-    out.mkdir(parents=True, exist_ok=True)
+    _fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     spec = study.cell_spec(cell)
     dm = LanguageModelDataModule(study.corpus, data_dir=study.data_dir,

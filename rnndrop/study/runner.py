@@ -42,6 +42,20 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)  # atomic: a killed cell never leaves a half-written result
 
 
+def _fresh_run_dir(out: Path, progress: bool) -> None:
+    """Prepare a cell's run directory; quiet Lightning unless ``progress``.
+
+    A cell killed before writing result.json left a partial run here: its TensorBoard events
+    go, so the curves and an export read only the new run.
+    """
+    if not progress:  # a summary line per cell instead of Lightning's banners
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
+        stale.unlink(missing_ok=True)
+
+
 def _step_bar(cell: Cell, steps: int, position: int):
     """A one-line training-step bar for a cell run in a worker (Lightning's own bar would
     fight the other workers' for the terminal)."""
@@ -80,15 +94,8 @@ def run_cell(
     from .config import resolve_scheme
 
     start = time.perf_counter()
-    if not progress:  # a summary line per cell instead of Lightning's banners
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
     out = study.cell_dir(cell)
-    out.mkdir(parents=True, exist_ok=True)
-    # a cell killed before writing result.json left a partial run here: start clean, so the
-    # TensorBoard curves and an export read only this run
-    for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
-        stale.unlink(missing_ok=True)
+    _fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
     dm = SyntheticDataModule(
