@@ -314,8 +314,13 @@ def drop_path(x: Tensor, p: float, training: bool = True, *, scale: bool = True)
     p = check_rate("p", p)
     if not training or p == 0.0:
         return x
+    return x * _drop_path_mask(x, p, scale)
+
+
+def _drop_path_mask(x: Tensor, p: float, scale: bool = True) -> Tensor:
+    """The ``(B, 1, ...)`` mask :func:`drop_path` multiplies ``x`` by."""
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-    return x * bernoulli_mask(shape, p, scale=scale, device=x.device, dtype=x.dtype)
+    return bernoulli_mask(shape, p, scale=scale, device=x.device, dtype=x.dtype)
 
 
 def sequence_mask(lengths: Tensor, max_len: int, *, batch_first: bool = False) -> Tensor:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import TransformerDropout
-from ..functional import bernoulli_mask, drop_path
+from ..functional import _drop_path_mask, bernoulli_mask
 from .dropout import StochasticModule
 
 __all__ = ["CausalTransformer", "TransformerBlock", "sinusoidal_positions"]
@@ -71,10 +71,10 @@ class TransformerBlock(StochasticModule):
 
     def _branch(self, x: Tensor, name: str) -> Tensor:
         x = self._drop(x, self.cfg.residual, f"residual_{name}")
-        if not (self.record_masks and self.sampling and self.drop_path > 0):
-            return drop_path(x, self.drop_path, self.sampling)
-        m = bernoulli_mask((x.shape[0], 1, 1), self.drop_path, device=x.device, dtype=x.dtype)
-        self._keep_mask(f"drop_path_{name}", m)  # what drop_path draws: one seed, same mask
+        if not (self.sampling and self.drop_path > 0):
+            return x
+        m = _drop_path_mask(x, self.drop_path)  # as drop_path
+        self._keep_mask(f"drop_path_{name}", m)
         return x * m
 
     def forward(self, x: Tensor) -> Tensor:
