@@ -42,17 +42,23 @@ def lm_setup(corpus, **task_kw):
     return LanguageModelTask(net, **task_kw), dm
 
 
+def loss_curve(setup, max_steps, ckpt=None, save=None):
+    """Training losses of a seeded run of ``setup() -> (task, dm)``, optionally resumed from
+    ``ckpt`` and saved to ``save`` at the end."""
+    L.seed_everything(0)
+    task, dm = setup()
+    losses = Losses()
+    trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[losses], **QUIET)  # fmt: skip
+    trainer.fit(task, dm, ckpt_path=ckpt)
+    if save:
+        trainer.save_checkpoint(save)
+    return losses.values
+
+
 def test_lm_resume_mid_epoch_gives_the_same_loss_curve(text_corpus, tmp_path):
     def run(max_steps, ckpt=None, save=None):
-        L.seed_everything(0)
-        task, dm = lm_setup(text_corpus, lr=0.5)
-        losses = Losses()
-        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
-                            limit_val_batches=0, callbacks=[losses], **QUIET)  # fmt: skip
-        trainer.fit(task, dm, ckpt_path=ckpt)
-        if save:
-            trainer.save_checkpoint(save)
-        return losses.values
+        return loss_curve(lambda: lm_setup(text_corpus, lr=0.5), max_steps, ckpt, save)
 
     full = run(12)
     first = run(5, save=tmp_path / "mid.ckpt")
@@ -64,20 +70,15 @@ def test_lm_resume_mid_epoch_gives_the_same_loss_curve(text_corpus, tmp_path):
 def test_synthetic_resume_mid_epoch_gives_the_same_loss_curve(tmp_path):
     """Shuffled synthetic data: the resumed run continues the epoch's order where it stopped."""
 
-    def run(max_steps, ckpt=None, save=None):
-        L.seed_everything(0)
+    def setup():
         dm = SyntheticDataModule("delayed_recall", distance=3, train_size=24, val_size=8,
                                  batch_size=8)  # fmt: skip
         net = SequenceModel("tokens", vocab_size=dm.vocab_size, output_size=dm.num_classes,
                             hidden_size=8, dropout=RD.variational(0.3))  # fmt: skip
-        task = SequenceTask(net, lr=0.05)
-        losses = Losses()
-        trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
-                            limit_val_batches=0, callbacks=[losses], **QUIET)  # fmt: skip
-        trainer.fit(task, dm, ckpt_path=ckpt)
-        if save:
-            trainer.save_checkpoint(save)
-        return losses.values
+        return SequenceTask(net, lr=0.05), dm
+
+    def run(max_steps, ckpt=None, save=None):
+        return loss_curve(setup, max_steps, ckpt, save)
 
     full = run(8)  # 3 batches an epoch: the cut at 4 is inside epoch 1
     first = run(4, save=tmp_path / "mid.ckpt")

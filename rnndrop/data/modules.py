@@ -68,9 +68,9 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
 
     def order(self, epoch: int) -> list[int]:
         """The permutation of pass ``epoch``."""
-        done, gen = self._gen if self._gen else (0, torch.Generator().manual_seed(self.seed))
-        if done > epoch:  # went back (a resume): replay from the seed
-            done, gen = 0, torch.Generator().manual_seed(self.seed)
+        if self._gen is None or self._gen[0] > epoch:  # first call, or back (a resume): replay
+            self._gen = (0, torch.Generator().manual_seed(self.seed))
+        done, gen = self._gen
         while True:
             torch.empty((), dtype=torch.int64).random_(generator=gen)  # DataLoader's worker seed
             perm = torch.randperm(self.n, generator=gen).tolist()
