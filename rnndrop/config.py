@@ -16,7 +16,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-__all__ = ["RATE_FIELDS", "RecurrentDropout", "TransformerDropout", "check_rate"]
+__all__ = [
+    "PRESETS",
+    "RATE_FIELDS",
+    "SITES",
+    "DropoutSpec",
+    "RecurrentDropout",
+    "Site",
+    "TransformerDropout",
+    "as_dropout",
+    "check_rate",
+]
 
 TimePolicy = Literal["per_step", "per_sequence"]
 BatchPolicy = Literal["per_sample", "per_batch"]
@@ -34,6 +44,49 @@ RATE_FIELDS: tuple[str, ...] = (
     "zoneout_hidden",
     "zoneout_cell",
 )
+
+
+@dataclass(frozen=True)
+class Site:
+    """What the engine needs to know of one dropout site of :class:`RecurrentDropout`.
+
+    Attributes:
+        path: where the site runs when its masks are drawn. ``"model"``: outside the
+            recurrent layer (the embedding); ``"fused"``: beside the fused op (masks on its
+            input or output, or a dropped weight); ``"fused_if_tied_or_folds"``: fused when
+            tied, or when per-batch per-sequence (folded into ``W_ih``'s columns), else
+            loop; ``"fused_if_folds"``: fused only when per-batch per-sequence (folded into
+            ``W_hh``'s columns), else loop; ``"loop"``: needs the time loop, and so does its
+            classic-scaling eval; ``"loop_always"``: needs the time loop in eval too
+            (zoneout's expectation).
+        policy: the ``time``/``batch`` policy applies to it.
+        gated: ``tied`` applies to it (a mask per gate when untied).
+        scaled: inverted/classic scaling applies to it.
+        layers: ``"first"`` (layer 0 only), ``"inner"`` (layers 1...), ``"last"``, or ``"all"``.
+        cells: the cells it means something for.
+    """
+
+    path: str
+    policy: bool = True
+    gated: bool = False
+    scaled: bool = True
+    layers: str = "all"
+    cells: tuple[str, ...] = ("lstm", "gru")
+
+
+#: One table of sites: it drives the execution path, activity and the "no effect" warnings.
+SITES: dict[str, Site] = {
+    "embedding": Site("model", policy=False),
+    "input": Site("fused_if_tied_or_folds", gated=True, layers="first"),
+    "between_layers": Site("fused_if_tied_or_folds", gated=True, layers="inner"),
+    "recurrent": Site("fused_if_folds", gated=True),
+    "output": Site("fused", layers="last"),
+    "candidate": Site("loop"),
+    "weight_hh": Site("fused", policy=False),
+    "zoneout_hidden": Site("loop_always", policy=False, scaled=False),
+    "zoneout_cell": Site("loop_always", policy=False, scaled=False, cells=("lstm",)),
+}
+
 _CHOICES: dict[str, tuple[str, ...]] = {
     "time": ("per_step", "per_sequence"),
     "batch": ("per_sample", "per_batch"),
@@ -164,21 +217,23 @@ class RecurrentDropout(_Rates):
 
     # -- derived views -------------------------------------------------------------
 
+    def active_sites(self, **where: Any) -> list[str]:
+        """Sites with a non-zero rate whose :class:`Site` entry matches ``where``."""
+        return [
+            n
+            for n, site in SITES.items()
+            if getattr(self, n) > 0 and all(getattr(site, k) == v for k, v in where.items())
+        ]
+
     @property
     def gate_sites(self) -> bool:
         """True if a site that ``tied`` affects is active."""
-        return self.input > 0 or self.between_layers > 0 or self.recurrent > 0
+        return bool(self.active_sites(gated=True))
 
     @property
     def masked_sites(self) -> bool:
-        """True if a site that ``time``/``batch`` affect is active."""
-        return (
-            self.input > 0
-            or self.between_layers > 0
-            or self.recurrent > 0
-            or self.output > 0
-            or self.candidate > 0
-        )
+        """True if a site that ``time``/``batch`` affect is active (in the layer)."""
+        return any(SITES[n].path != "model" for n in self.active_sites(policy=True))
 
     def _warn_no_effect(self) -> None:
         defaults = {f.name: f.default for f in fields(self)}
@@ -190,8 +245,7 @@ class RecurrentDropout(_Rates):
                 idle.append(f"{name}={getattr(self, name)!r} (no masked site has a rate)")
         if self.embedding_batch != defaults["embedding_batch"] and self.embedding == 0:
             idle.append("embedding_batch (embedding rate is 0)")
-        scaled = [n for n in RATE_FIELDS if not n.startswith("zoneout") and getattr(self, n) > 0]
-        if self.scaling == "classic" and not scaled:
+        if self.scaling == "classic" and not self.active_sites(scaled=True):
             idle.append("scaling='classic' (only zoneout is set, and zoneout never rescales)")
         if idle:
             warnings.warn(
@@ -354,6 +408,37 @@ PRESETS: tuple[str, ...] = (
     "semeniuta",
     "awd",
 )
+
+
+DropoutSpec = RecurrentDropout | Mapping[str, Any] | str | float | None
+
+
+def as_dropout(dropout: DropoutSpec) -> RecurrentDropout:
+    """Turn what users pass as ``dropout`` into a :class:`RecurrentDropout`, once.
+
+    Accepts a config, a dict of its fields (``{"preset": "variational", "p": 0.3}`` builds
+    a preset with arguments), a preset name (``"variational"``), ``None`` (no dropout) or a
+    float, which means what it means for ``torch.nn.LSTM``/``GRU``: per-step dropout on the
+    outputs of every layer but the last (``0.0``: no dropout at all).
+    """
+    if dropout is None:
+        return RecurrentDropout()
+    if isinstance(dropout, RecurrentDropout):
+        return dropout
+    if isinstance(dropout, str):
+        return RecurrentDropout.preset(dropout)
+    if isinstance(dropout, Mapping):
+        if "preset" in dropout:
+            args = {k: v for k, v in dropout.items() if k != "preset"}
+            return RecurrentDropout.preset(dropout["preset"], **args)
+        return RecurrentDropout.from_dict(dropout)
+    if isinstance(dropout, numbers.Real) and not isinstance(dropout, bool):
+        p = check_rate("dropout", dropout)
+        return RecurrentDropout(between_layers=p, time="per_step") if p else RecurrentDropout()
+    raise TypeError(
+        "dropout must be a RecurrentDropout, a dict of its fields, a preset name, a float or "
+        f"None; got {type(dropout).__name__}"
+    )
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from . import _ext
+from .kernels.cpp import build as _ext
 from .config import check_rate
 
 __all__ = [

@@ -16,15 +16,13 @@ def _seed():
 @pytest.fixture(params=["cpp", "python"])
 def loop_impl(request, monkeypatch):
     """Run a test with the compiled C++ loop and again with the pure-PyTorch loop."""
-    if request.param == "python":
-        monkeypatch.setenv("RNNDROP_LOOP", "python")
-    else:
-        from rnndrop import _ext
+    if request.param == "cpp":
+        from rnndrop.kernels.cpp import build
 
-        if _ext.disabled():
+        if build.disabled():
             pytest.skip("RNNDROP_EXTENSION=0: compiled loop disabled")
-        assert _ext.load() is not None, "the C++ loop kernel failed to build"
-        monkeypatch.delenv("RNNDROP_LOOP", raising=False)
+        assert build.load() is not None, "the C++ loop kernel failed to build"
+    monkeypatch.setenv("RNNDROP_LOOP", request.param)
     return request.param
 
 

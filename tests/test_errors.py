@@ -19,7 +19,7 @@ from rnndrop.nn import LSTM, DropPath, EmbeddingDropout, LockedDropout, Zoneout
         ({"input_size": 3, "hidden_size": 4, "proj_size": 2, "dropout": RD.zoneout()}, "proj_size"),
         ({"input_size": 3, "hidden_size": 4, "dropout": {"inputs": 0.2}}, "inputs"),
         ({"input_size": 3, "hidden_size": 4, "dropout": "gal"}, "gal"),
-        ({"input_size": 3, "hidden_size": 4, "dropout": 1.2}, "between_layers"),
+        ({"input_size": 3, "hidden_size": 4, "dropout": 1.2}, r"dropout must be in \[0, 1\)"),
     ],
 )
 def test_constructor_errors(kwargs, match):
@@ -68,20 +68,24 @@ def test_functional_and_module_rates(bad):
             call()
 
 
-def test_compiled_loop_request_without_kernel(monkeypatch):
-    from rnndrop.nn.cells import lstm_layer
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_a_backend_asked_for_that_cannot_run_says_why(backend):
+    from rnndrop.kernels import rnn_layer
+    from rnndrop.nn.cells import LSTM_CELL
 
     x = torch.randn(2, 1, 4 * 3, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match="compiled LSTM loop is not available"):
-        lstm_layer(
-            x,
-            None,
-            None,
-            torch.randn(12, 3, dtype=torch.float16),
-            torch.zeros(1, 3, dtype=torch.float16),
-            torch.zeros(1, 3, dtype=torch.float16),
-            compiled=True,
-        )
+    h0 = torch.zeros(1, 3, dtype=torch.float16)
+    w_hh = torch.randn(12, 3, dtype=torch.float16)
+    match = rf"the '{backend}' loop backend was asked for but cannot run"
+    with pytest.raises(RuntimeError, match=match):
+        rnn_layer(LSTM_CELL, x, None, None, w_hh, None, h0, h0, backend=backend)
+
+
+def test_unknown_backend_name_lists_the_choices(monkeypatch):
+    monkeypatch.setenv("RNNDROP_LOOP", "cuda")
+    lstm = LSTM(3, 4, dropout=RD.zoneout(0.1, 0.1))
+    with pytest.raises(ValueError, match=r"RNNDROP_LOOP='cuda': choose one of \['auto', "):
+        lstm(torch.randn(2, 1, 3))
 
 
 def test_between_layers_alone_on_one_layer_warns():

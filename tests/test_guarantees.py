@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rnndrop import _ext
+from rnndrop.kernels.cpp import build as _ext
 from rnndrop import functional as F
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.nn import LSTM
@@ -109,7 +109,7 @@ def test_every_inverted_mask_has_mean_one(time, batch, tied):
 
 _SCRIPT = """
 import torch
-from rnndrop import _ext
+from rnndrop.kernels.cpp import build as _ext
 from rnndrop.config import RecurrentDropout
 from rnndrop.nn import LSTM
 

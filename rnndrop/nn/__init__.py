@@ -1,10 +1,11 @@
 """Torch-only building blocks: import these without Lightning.
 
->>> from rnndrop.nn import LSTM
+>>> from rnndrop.nn import GRU, LSTM
 >>> from rnndrop.config import RecurrentDropout
 >>> lstm = LSTM(32, 64, num_layers=2, dropout=RecurrentDropout.variational(0.3))
 """
 
+from ..config import as_dropout
 from .dropout import (
     DropPath,
     EmbeddingDropout,
@@ -13,15 +14,20 @@ from .dropout import (
     Zoneout,
     mc_dropout,
 )
-from .lstm import LSTM, as_dropout
+from .rnn import GRU, LSTM, RNNBase
+from .stepcells import GRUCell, LSTMCell
 from .transformer import CausalTransformer, TransformerBlock
 
 __all__ = [
+    "GRU",
     "LSTM",
     "CausalTransformer",
     "DropPath",
     "EmbeddingDropout",
+    "GRUCell",
+    "LSTMCell",
     "LockedDropout",
+    "RNNBase",
     "StochasticModule",
     "TransformerBlock",
     "Zoneout",

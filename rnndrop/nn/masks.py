@@ -1,4 +1,4 @@
-"""Where the LSTM's masks come from: one place that draws every mask of a forward call.
+"""Where a recurrent layer's masks come from: one place that draws every mask of a forward call.
 
 :class:`ForwardMasks` turns a :class:`~rnndrop.config.RecurrentDropout` into the
 tensors each site needs for one call, following the policy (per step or per
@@ -12,21 +12,31 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..config import RecurrentDropout
+from ..config import SITES, RecurrentDropout
 from ..functional import _draw_seed, bernoulli_mask, seeded_mask
 from .workspace import WeightBuffers, masked_weight
 
 __all__ = ["ForwardMasks", "is_active", "needs_loop"]
 
 
+def _layer_sites(cfg: RecurrentDropout, layer: int | None, num_layers: int) -> list[str]:
+    """Active sites of the layer (``None``: of any layer of the stack), model sites aside."""
+    names = []
+    for name in cfg.active_sites():
+        where = SITES[name].layers
+        if SITES[name].path == "model" or (where == "inner" and num_layers < 2):
+            continue
+        if layer is None or where in ("all", "last") or (where == "first") == (layer == 0):
+            names.append(name)
+    return names
+
+
 def is_active(cfg: RecurrentDropout, num_layers: int, sample: bool) -> bool:
     """True if the config changes anything in a forward with (``sample``) or without masks."""
-    if cfg.zoneout_hidden > 0 or cfg.zoneout_cell > 0:
+    names = _layer_sites(cfg, None, num_layers)
+    if any(SITES[n].path == "loop_always" for n in names):
         return True
-    rates = [cfg.input, cfg.recurrent, cfg.output, cfg.candidate, cfg.weight_hh]
-    if num_layers > 1:
-        rates.append(cfg.between_layers)
-    return any(r > 0 for r in rates) and (sample or cfg.scaling == "classic")
+    return bool(names) and (sample or cfg.scaling == "classic")
 
 
 def folds(cfg: RecurrentDropout) -> bool:
@@ -34,18 +44,22 @@ def folds(cfg: RecurrentDropout) -> bool:
     return cfg.time == "per_sequence" and cfg.batch == "per_batch"
 
 
-def needs_loop(cfg: RecurrentDropout, layer: int, sample: bool) -> bool:
-    """True if this layer must run the time loop instead of the fused op."""
-    if cfg.zoneout_hidden > 0 or cfg.zoneout_cell > 0:
-        return True
-    if not sample:
-        return cfg.candidate > 0 and cfg.scaling == "classic"
-    p_in = cfg.input if layer == 0 else cfg.between_layers
-    return (
-        cfg.candidate > 0
-        or (cfg.recurrent > 0 and not folds(cfg))
-        or (p_in > 0 and not cfg.tied and not folds(cfg))
-    )
+def needs_loop(cfg: RecurrentDropout, layer: int, sample: bool, num_layers: int = 2) -> bool:
+    """True if this layer must run the time loop instead of the fused op (see ``SITES``)."""
+    for name in _layer_sites(cfg, layer, num_layers):
+        path = SITES[name].path
+        if path == "loop_always":
+            return True
+        if not sample:
+            if path == "loop" and cfg.scaling == "classic":
+                return True
+        elif (
+            path == "loop"
+            or (path == "fused_if_folds" and not folds(cfg))
+            or (path == "fused_if_tied_or_folds" and not cfg.tied and not folds(cfg))
+        ):
+            return True
+    return False
 
 
 def site_name(site: str, layer: int, direction: int = 0) -> str:
@@ -57,10 +71,11 @@ class ForwardMasks:
     """The masks of one forward call of an LSTM.
 
     Recorded masks, by site name (see :func:`site_name`), broadcast against:
-    ``input``/``between_layers`` ``(T, B, F)`` tied or ``(4, T, B, F)`` untied (one per
-    gate); ``recurrent`` ``(T, G, B, H)``; ``candidate`` ``(T, B, H)``; ``zoneout_*``
-    ``(T, B, H)`` (1 = keep the previous value); ``weight_hh`` ``(4H, H)``; ``output``
-    ``(T, B, F)``. Size-1 dims are shared (per sequence / per batch).
+    ``input``/``between_layers`` ``(T, B, F)`` tied or ``(G, T, B, F)`` untied (one per
+    gate); ``recurrent`` ``(T, Gr, B, H)`` (``Gr`` 1 tied, ``G`` untied); ``candidate``
+    ``(T, B, H)``; ``zoneout_*`` ``(T, B, H)`` (1 = keep the previous value); ``weight_hh``
+    ``(G·H, H)``; ``output`` ``(T, B, F)``. Size-1 dims are shared (per sequence / per
+    batch). ``G`` is the cell's gate count (4 LSTM, 3 GRU).
 
     Args:
         cfg: the scheme.
@@ -70,6 +85,7 @@ class ForwardMasks:
         sample: draw masks (training or MC) or use their expectations.
         record: a dict to store every mask under its site name, or None.
         buffers: the module's pool for per-call weights (see :mod:`rnndrop.nn.workspace`).
+        gates: the cell's gate count ``G``.
     """
 
     def __init__(
@@ -82,7 +98,9 @@ class ForwardMasks:
         sample: bool,
         record: dict[str, Tensor] | None = None,
         buffers: WeightBuffers | None = None,
+        gates: int = 4,
     ) -> None:
+        self.G = gates
         self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
         self.device, self.dtype = like.device, like.dtype
         self.scale = cfg.scaling == "inverted"
@@ -121,8 +139,8 @@ class ForwardMasks:
         """Mask the layer's input.
 
         Returns ``(x, gate_masks)``: tied masks are applied to ``x`` here; untied ones
-        come back as ``(4, 1, F)`` column masks for ``W_ih`` (per-batch per-sequence) or
-        ``(4, T|1, B|1, F)`` per-gate masks for the loop layer.
+        come back as ``(G, 1, F)`` column masks for ``W_ih`` (per-batch per-sequence) or
+        ``(G, T|1, B|1, F)`` per-gate masks for the loop layer.
         """
         p = self.input_rate(layer)
         if p == 0:
@@ -133,12 +151,12 @@ class ForwardMasks:
         features = x.shape[-1]
         if self.cfg.tied:
             return x * self._policy(name, p, features=features), None
-        if self.folds:  # recorded as (4, 1, 1, F) like the per-gate masks below
-            return x, self._draw(name, p, (4, 1, 1, features)).view(4, 1, features)
-        return x, self._policy(name, p, 4, features=features)
+        if self.folds:  # recorded as (G, 1, 1, F) like the per-gate masks below
+            return x, self._draw(name, p, (self.G, 1, 1, features)).view(self.G, 1, features)
+        return x, self._policy(name, p, self.G, features=features)
 
     def weight_ih(self, layer: int, d: int, w_ih: Tensor, fold: Tensor | None) -> Tensor:
-        """``W_ih`` with untied per-batch input masks ``(4, 1, F)`` folded into its columns."""
+        """``W_ih`` with untied per-batch input masks ``(G, 1, F)`` folded into its columns."""
         return masked_weight(w_ih, fold=fold, buffers=self.buffers, key=("ih", layer, d))
 
     def weight_hh(self, layer: int, d: int, w_hh: Tensor) -> Tensor:
@@ -158,7 +176,7 @@ class ForwardMasks:
                 w_hh = w_hh * (1 - c.weight_hh)
         if c.recurrent > 0:
             if self.sample and self.folds:
-                G = 1 if c.tied else 4
+                G = 1 if c.tied else self.G
                 name = site_name("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
                 fold = self._draw(name, c.recurrent, (1, G, 1, w_hh.shape[1])).view(G, 1, -1)
             elif not self.sample and c.scaling == "classic":
@@ -173,12 +191,12 @@ class ForwardMasks:
         c = self.cfg
         if c.recurrent == 0 or not self.sample or self.folds:
             return None
-        G = 1 if c.tied else 4
+        G = 1 if c.tied else self.G
         m = self._draw(site_name("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.H))
         return m.expand(self.Tm, G, self.B, self.H)
 
     def candidate(self, layer: int, d: int) -> Tensor | None:
-        """``(T|1, B, H)`` mask on ``tanh(g)``."""
+        """``(T|1, B, H)`` mask on the candidate (LSTM ``tanh(g)``, GRU ``n``)."""
         c = self.cfg
         if c.candidate == 0:
             return None

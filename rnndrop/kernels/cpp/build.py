@@ -1,11 +1,14 @@
-"""Build-on-first-use loader for the optional C++ time loop (``rnndrop/csrc/lstm_loop.cpp``).
+"""Build-on-first-use loader for the optional C++ loop kernel (``loop.cpp`` and its headers).
 
 The kernel is never required: :func:`load` returns ``None`` when it is disabled
 (``RNNDROP_EXTENSION=0``), when no compiler or ninja is available, or when the build
-fails, and the loop path then runs in pure PyTorch. The build is announced on stderr,
-takes ~30 s once, and is cached by torch's extension builder under
-``$TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), keyed by the source
-hash, the compiler flags and the CPU capability.
+fails, and ``auto`` then runs the ``python`` backend. Every build is announced on stderr
+(~30-60 s once). The cache lives under ``$TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a folder whose name hashes everything the binary depends
+on: the sources, the compiler flags (CPU capability), the torch version *and installation
+path*, and the Python build. Two environments with the same torch version therefore keep
+two builds side by side instead of rebuilding each other's; a folder that holds its
+library is loaded as it is, never rebuilt.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["available", "disabled", "load", "loaded"]
+__all__ = ["available", "disabled", "load", "loaded", "why_unavailable"]
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "lstm_loop.cpp"
+_DIR = Path(__file__).resolve().parent
+_SOURCE = _DIR / "loop.cpp"
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -57,11 +61,35 @@ def _is_x86() -> bool:
     return platform.machine().lower() in {"x86_64", "amd64"}
 
 
+def _sources() -> list[Path]:
+    return sorted([*_DIR.glob("*.cpp"), *_DIR.glob("*.h")])
+
+
 def _name(flags: list[str]) -> str:
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    """The cache key: sources, flags, torch version and installation, Python build."""
+    h = hashlib.sha256()
+    for path in _sources():
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
     h.update(" ".join(flags).encode())
     h.update(torch.__version__.encode())
-    return f"rnndrop_lstm_{h.hexdigest()[:12]}"
+    h.update(str(Path(torch.__file__).resolve().parent).encode())
+    h.update(sys.version.encode())
+    return f"rnndrop_loop_{h.hexdigest()[:16]}"
+
+
+def _import_built(name: str, build_dir: Path) -> ModuleType | None:
+    """The module a previous build left in ``build_dir``, imported without asking ninja."""
+    import importlib.util
+
+    for path in sorted(build_dir.glob(f"{name}*.so")):
+        spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:
+            continue
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return None
 
 
 def load() -> ModuleType | None:
@@ -80,6 +108,15 @@ def loaded() -> ModuleType | None:
     return None if disabled() else _state.get("module")  # type: ignore[return-value]
 
 
+def why_unavailable() -> str | None:
+    """None if the kernel is loaded (builds it if needed), else the reason in a few words."""
+    if disabled():
+        return "RNNDROP_EXTENSION=0 disables the compiled kernel"
+    if load() is None:
+        return str(_state.get("error", "the compiled kernel could not be loaded"))
+    return None
+
+
 def available() -> bool:
     """True if the compiled loop can be used (builds it if needed)."""
     return load() is not None
@@ -89,8 +126,9 @@ def _build() -> ModuleType | None:
     if not _SOURCE.exists():
         return None
     if shutil.which(os.environ.get("CXX", "c++")) is None:
+        _state["error"] = "no C++ compiler was found (install g++)"
         warnings.warn(
-            "rnndrop: no C++ compiler found; the LSTM loop path runs in pure PyTorch "
+            "rnndrop: no C++ compiler found; the loop path runs in pure PyTorch "
             "(slower). Install g++ to enable the compiled loop.",
             RuntimeWarning,
             stacklevel=3,
@@ -104,14 +142,15 @@ def _build() -> ModuleType | None:
         flags = _flags()
         name = _name(flags)
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        cached = any(build_dir.glob(f"{name}*.so"))
-        if not cached:
-            print(
-                f"rnndrop: compiling the LSTM loop kernel (first use only, ~30 s; cached in "
-                f"{build_dir}; set RNNDROP_EXTENSION=0 to skip)",
-                file=sys.stderr,
-                flush=True,
-            )
+        module = _import_built(name, build_dir)
+        if module is not None:
+            return module
+        print(
+            f"rnndrop: compiling the loop kernel (LSTM, GRU) for this torch installation "
+            f"(once, ~30-60 s; cached in {build_dir}; set RNNDROP_EXTENSION=0 to skip)",
+            file=sys.stderr,
+            flush=True,
+        )
         start = time.perf_counter()
         module = cpp_extension.load(
             name=name,
@@ -120,17 +159,17 @@ def _build() -> ModuleType | None:
             build_directory=str(build_dir),
             verbose=False,
         )
-        if not cached:
-            print(
-                f"rnndrop: LSTM loop kernel built in {time.perf_counter() - start:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(
+            f"rnndrop: loop kernel built in {time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
         return module
     except Exception as err:  # any failure means: use the pure-PyTorch loop
+        _state["error"] = f"its build failed ({type(err).__name__}: {err})"
         warnings.warn(
-            f"rnndrop: could not build the C++ LSTM loop ({type(err).__name__}: {err}); "
-            "using the pure-PyTorch loop instead (correct, slower).",
+            f"rnndrop: could not build the C++ loop kernel ({type(err).__name__}: {err}); "
+            "the loop path runs in pure PyTorch instead (correct, slower).",
             RuntimeWarning,
             stacklevel=3,
         )

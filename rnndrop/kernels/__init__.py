@@ -1,0 +1,181 @@
+"""Loop backends: one layer and direction of a recurrent cell, forward and backprop through time.
+
+The engine (:class:`rnndrop.nn.rnn.RNNBase`) calls :func:`rnn_layer` for each layer that
+needs the time loop; a backend implements the contract of :mod:`rnndrop.kernels.contract`.
+
+Backends, in the order ``auto`` tries them:
+
+========  ======================================================================
+``cpp``   compiled C++ time loop, CPU float32/float64 (:mod:`rnndrop.kernels.cpp`)
+``triton``  GPU kernels (not in this version: asking for it explains why)
+``python``  the reference loop in PyTorch; runs everywhere
+========  ======================================================================
+
+Selection: ``RNNDROP_LOOP=auto|python|cpp|triton`` in the environment, or
+:func:`set_loop_backend` / :func:`loop_backend` from Python (which win over the
+environment). ``auto`` takes the first backend that can run the tensors at hand. A backend
+asked for by name that cannot run raises a ``RuntimeError`` saying why: it never falls
+back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .contract import Backend, CellMath, Grads, LayerInputs, LayerMasks, Saved
+from .cpp import CppBackend
+from .python import PythonBackend
+from .triton import TritonBackend
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "Grads",
+    "LayerInputs",
+    "LayerMasks",
+    "Saved",
+    "get_loop_backend",
+    "loop_backend",
+    "rnn_layer",
+    "select_backend",
+    "set_loop_backend",
+]
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b for b in (CppBackend(), TritonBackend(), PythonBackend())
+}
+CHOICES = ("auto", *BACKENDS)
+_override: list[str] = []  # set_loop_backend / loop_backend, innermost last
+
+
+def _check_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in CHOICES:
+        raise ValueError(f"{source}={name!r}: choose one of {list(CHOICES)}")
+    return name
+
+
+def get_loop_backend() -> str:
+    """The requested backend: :func:`set_loop_backend`'s, else ``$RNNDROP_LOOP``, else auto."""
+    if _override:
+        return _override[-1]
+    return _check_name(os.environ.get("RNNDROP_LOOP", "auto"), "RNNDROP_LOOP")
+
+
+def set_loop_backend(name: str | None) -> None:
+    """Pick the loop backend for this process (``None``: back to ``$RNNDROP_LOOP``)."""
+    _override.clear()
+    if name is not None:
+        _override.append(_check_name(name, "loop backend"))
+
+
+@contextlib.contextmanager
+def loop_backend(name: str) -> Iterator[None]:
+    """Use a loop backend inside a ``with`` block: ``with loop_backend("python"): ...``."""
+    _override.append(_check_name(name, "loop backend"))
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def select_backend(inputs: LayerInputs, name: str | None = None) -> Backend:
+    """The backend that runs ``inputs``: ``name`` (default: :func:`get_loop_backend`)."""
+    name = get_loop_backend() if name is None else _check_name(name, "backend")
+    if name == "auto":
+        for backend in BACKENDS.values():
+            if backend.unavailable(inputs) is None:
+                return backend
+    backend = BACKENDS[name if name != "auto" else "python"]
+    why = backend.unavailable(inputs)
+    if why is not None:
+        raise RuntimeError(
+            f"the {name!r} loop backend was asked for but cannot run this {inputs.cell.name} "
+            f"layer: {why}. Use RNNDROP_LOOP=auto (or set_loop_backend(None)) to let rnndrop "
+            "pick one that can."
+        )
+    return backend
+
+
+class RNNLayer(torch.autograd.Function):
+    """One layer and direction as one autograd node; the backend does the work."""
+
+    @staticmethod
+    def forward(ctx, backend, cell, reverse, x, w_ih, b_x, w_hh, b_h, h0, c0, *masks):
+        inp = LayerInputs(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks), reverse)
+        saved = backend.forward(inp)
+        ctx.backend, ctx.cell, ctx.reverse, ctx.n_saved = backend, cell, reverse, len(masks)
+        ctx.save_for_backward(x, w_ih, b_x, w_hh, b_h, h0, c0, *masks, *saved.tensors())
+        c_last = None
+        if saved.c_seq is not None:
+            c_last = saved.c_seq[0] if reverse else saved.c_seq[-1]
+        return saved.h_seq, c_last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh_seq, dc_last):
+        x, w_ih, b_x, w_hh, b_h, h0, c0, *rest = ctx.saved_tensors
+        masks, saved = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        inp = LayerInputs(ctx.cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks),
+                          ctx.reverse)  # fmt: skip
+        need = ctx.needs_input_grad
+        need_x, need_w = need[3], any(need[4:8])
+        g: Grads = ctx.backend.backward(
+            inp,
+            Saved(*saved),
+            None if dh_seq is None else dh_seq.contiguous(),
+            None if dc_last is None else dc_last.contiguous(),
+            need_x,
+            need_w,
+        )
+        return (None, None, None, g.dx, g.dw_ih, g.db_x, g.dw_hh, g.db_h, g.dh0, g.dc0,
+                *[None] * len(masks))  # fmt: skip
+
+
+def _prep(t: Tensor | None, like: Tensor) -> Tensor | None:
+    return None if t is None else t.to(like.dtype).contiguous()
+
+
+@torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
+def rnn_layer(
+    cell: CellMath,
+    x: Tensor,
+    w_ih: Tensor | None,
+    b_x: Tensor | None,
+    w_hh: Tensor,
+    b_h: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None = None,
+    masks: LayerMasks | None = None,
+    *,
+    reverse: bool = False,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Run one layer (one direction): ``h`` for every step ``(T, B, H)`` and the last ``c``.
+
+    Arguments as in :class:`~rnndrop.kernels.contract.LayerInputs`; ``backend`` names one
+    (default: :func:`get_loop_backend`). Returns ``(h_seq, c_last)``, ``c_last`` None for a
+    cell without a cell state.
+    """
+    masks = masks or LayerMasks()
+    inp = LayerInputs(
+        cell,
+        x.contiguous(),
+        None if w_ih is None else w_ih.contiguous(),
+        None if b_x is None else b_x.contiguous(),
+        w_hh.contiguous(),
+        None if b_h is None else b_h.contiguous(),
+        h0.contiguous(),
+        None if c0 is None else c0.contiguous(),
+        LayerMasks(*[_prep(m, x) for m in masks.tensors()]),
+        reverse,
+    )
+    chosen = select_backend(inp, backend)
+    return RNNLayer.apply(chosen, cell, reverse, inp.x, inp.w_ih, inp.b_x, inp.w_hh, inp.b_h,
+                          inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip

@@ -1,0 +1,838 @@
+// rnndrop: one LSTM or GRU layer (one direction) for the schemes the fused kernels
+// cannot run: per-sample recurrent masks, candidate dropout, zoneout.
+//
+// One call does the input projection for all steps, the time loop with one fused
+// elementwise pass per step, and (backward) backprop through time plus every weight
+// gradient as one GEMM over all T*B rows. The loop mirrors the python backend
+// (rnndrop/kernels/python.py) and the per-step math the cells' step_forward /
+// step_backward (rnndrop/nn/cells/lstm.py, gru.py) line for line; the tests compare them.
+//
+// GEMMs go to oneDNN when libtorch exports it (as nn.LSTM does on CPU: on AVX-512
+// machines whose MKL takes its AVX2 path, oneDNN is 2-3x faster), else to ATen.
+//
+// Layouts (all contiguous). G gates: 4 for the LSTM (i f g o), 3 for the GRU (r z n).
+//   x         (T, B, I)       layer input, or (T, B, GH) input projection (bias included)
+//                             if w_ih is None
+//   w_ih      (GH, I), w_hh (GH, H)
+//   bias, b_x (GH)            added to the input projection (LSTM b_ih + b_hh, GRU b_ih)
+//   b_h       (GH)            GRU: b_hh, added to the recurrent product h W_hh^T, so that
+//                             n = tanh(xp_n + r * (W_hn h + b_hn))
+//   in_mask   (G, Tm, B|1, I) per-gate input masks (untied), or None
+//   rec_mask  (Tm, Gr, B, H)  mask on h_{t-1} where it enters W_hh, Gr = 1 (tied) or G
+//   cand_mask (Tm, B, H)      mask on the candidate (LSTM tanh(g), GRU n)
+//   zone_h/c  (Tz, B, H)      weight of the previous value (0/1 train, z eval, 1 padded)
+// Tm and Tz are 1 (shared over time) or T. Saved by forward for backward:
+//   acts      (T, B, GH)      gate activations (the candidate before its mask)
+//   h_seq, c_seq (T, B, H)    h_t, and the LSTM's c_t
+//   ct_seq    (T, B, H)       LSTM c_t before zoneout (only with zone_c)
+//   hm_seq    (Gr, T, B, H)   masked h_{t-1}, gate-group-major (only with rec_mask)
+//   hn_seq    (T, B, H)       GRU W_hn (h_{t-1} * m_n) + b_hn
+
+#include <torch/extension.h>
+
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace at::native {
+// Exported by libtorch_cpu (no public header); weak, so a build without it still loads.
+__attribute__((weak)) void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2,
+                                         const at::Tensor& result, float beta, float alpha);
+}  // namespace at::native
+
+namespace {
+
+using at::Tensor;
+using OptT = c10::optional<Tensor>;
+
+// ---- GEMM ---------------------------------------------------------------------
+
+std::atomic<bool> g_onednn{true};
+
+bool onednn_usable() {
+  static const bool allowed = [] {
+    const char* e = std::getenv("RNNDROP_GEMM");
+    return !(e && std::strcmp(e, "aten") == 0);
+  }();
+  return allowed && g_onednn.load() && &at::native::mkldnn_matmul != nullptr;
+}
+
+// out = beta * out + a @ b  (2-D, or 3-D batched; out may be a strided view)
+void gemm(const Tensor& a, const Tensor& b, Tensor out, float beta) {
+  if (a.scalar_type() == at::kFloat && onednn_usable()) {
+    try {
+      at::native::mkldnn_matmul(a, b, out, beta, 1.0f);
+      return;
+    } catch (const c10::Error&) {
+      g_onednn.store(false);  // unsupported here: use ATen from now on
+    }
+  }
+  if (a.dim() == 3) {  // batched over gates; out may be a strided view
+    if (beta == 0.0f) {
+      out.copy_(at::bmm(a, b));
+    } else {
+      out.baddbmm_(a, b, beta, 1.0);
+    }
+  } else if (beta == 0.0f) {
+    at::mm_out(out, a, b);
+  } else {
+    out.addmm_(a, b, beta, 1.0);
+  }
+}
+
+// ---- elementwise math ------------------------------------------------------------
+// float: branch-free approximations gcc vectorises (Cephes expf, ~1 ulp).
+// double: libm, so float64 gradchecks see the exact functions.
+
+inline float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+
+inline float fexp(float x) {
+  x = x < -87.3f ? -87.3f : x;  // written so that NaN passes through
+  x = x > 88.7f ? 88.7f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: round to nearest integer
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline float fsigmoid(float x) { return 1.0f / (1.0f + fexp(-x)); }
+
+inline float ftanh(float x) {
+  float ax = std::fabs(x);
+  float e = fexp(-2.0f * ax);
+  float big = (1.0f - e) / (1.0f + e);
+  float x2 = ax * ax;  // odd Taylor series near 0, where 1 - e cancels
+  float small = ax * (1.0f + x2 * (-0.333333333f + x2 * (0.133333333f + x2 * -0.0539682540f)));
+  return std::copysign(ax < 0.0625f ? small : big, x);
+}
+
+inline double fsigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline double ftanh(double x) { return std::tanh(x); }
+
+inline bool has(const OptT& t) { return t.has_value() && t->defined(); }
+
+// ---- masks -------------------------------------------------------------------------
+
+// Per-call constant rows standing in for absent masks and biases.
+template <typename T>
+struct Rows {
+  std::vector<T> ones, zeros;
+  explicit Rows(int64_t n) : ones(n, T(1)), zeros(n, T(0)) {}
+};
+
+// A mask (steps, B, H) for step t, or a stand-in row repeated for every batch row.
+template <typename T>
+struct MaskAt {
+  const T* base = nullptr;  // null: use the stand-in
+  int64_t step_stride = 0;  // 0 when the mask is shared over time
+  const T* fill = nullptr;
+  const T* row(int64_t t, int64_t b, int64_t H) const {
+    return base ? base + t * step_stride + b * H : fill;
+  }
+};
+
+template <typename T>
+MaskAt<T> mask_at(const OptT& m, const T* fill) {
+  MaskAt<T> r;
+  r.fill = fill;
+  if (has(m)) {
+    r.base = m->data_ptr<T>();
+    r.step_stride = m->size(0) == 1 ? 0 : m->stride(0);
+  }
+  return r;
+}
+
+// The recurrent mask (Tm, Gr, B, H): row b of gate group k at step t, or ones if absent.
+template <typename T>
+struct RecMask {
+  const T* base = nullptr;  // null: no recurrent mask
+  int64_t step_stride = 0;  // 0 when the mask is shared over time
+  int64_t groups = 1;       // Gr
+  int64_t BH = 0;
+  const T* ones = nullptr;
+  const T* step(int64_t t) const { return base + t * step_stride; }  // (Gr, B, H)
+  const T* row(int64_t t, int64_t k, int64_t b, int64_t H) const {
+    return base ? step(t) + k * BH + b * H : ones;
+  }
+};
+
+template <typename T>
+RecMask<T> rec_mask_at(const OptT& m, const T* ones) {
+  RecMask<T> r;
+  r.ones = ones;
+  if (has(m)) {
+    r.base = m->data_ptr<T>();
+    r.groups = m->size(1);
+    r.BH = m->size(2) * m->size(3);
+    r.step_stride = m->size(0) == 1 ? 0 : m->stride(0);
+  }
+  return r;
+}
+
+// ---- shared by the cells -------------------------------------------------------------
+
+// acts (T, B, GH) = x W_ih^T, or per gate (x * in_mask_k) W_ih_k^T for untied input masks.
+template <typename T>
+Tensor project(const Tensor& x, const Tensor& w_ih, const OptT& in_mask, int64_t H, int64_t G) {
+  const int64_t T_ = x.size(0), B = x.size(1);
+  auto acts = at::empty({T_, B, G * H}, x.options());
+  auto a2 = acts.view({T_ * B, G * H});
+  if (!has(in_mask)) {
+    gemm(x.view({T_ * B, -1}), w_ih.t().contiguous(), a2, 0.0f);
+    return acts;
+  }
+  for (int64_t k = 0; k < G; ++k) {
+    auto xm = (x * (*in_mask)[k]).view({T_ * B, -1});
+    gemm(xm, w_ih.narrow(0, k * H, H).t().contiguous(), a2.narrow(1, k * H, H), 0.0f);
+  }
+  return acts;
+}
+
+// A (B, GH) gate buffer seen as (G, B, H), gate-major, without a copy.
+inline Tensor by_gate(const Tensor& g, int64_t H, int64_t G) {
+  return g.view({g.size(0), G, H}).permute({1, 0, 2});
+}
+
+// W_hh as the forward GEMM takes it: W_hh^T (H, GH) with Gr = 1, else W_hh_k^T stacked
+// (G, H, H) per gate: the layouts oneDNN runs fastest.
+inline Tensor whh_forward(const Tensor& w_hh, int64_t Gr, int64_t G) {
+  const int64_t H = w_hh.size(1);
+  return Gr == 1 ? w_hh.t().contiguous() : w_hh.view({G, H, H}).transpose(1, 2).contiguous();
+}
+
+// out (B, GH) = beta * out + (h_{t-1} * m_t) W_hh^T. With a recurrent mask the masked
+// h_{t-1} is written to hm_seq[:, t] first (backward's dW_hh reuses it). h_{t-1} is h0
+// (tp < 0) or h_seq[tp].
+template <typename T>
+void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const RecMask<T>& rm,
+                       const Tensor& hm_seq, int64_t t, const Tensor& whh, const Tensor& out,
+                       float beta) {
+  const int64_t H = h0.size(1), G = out.size(1) / H;
+  if (!rm.base) {
+    gemm(tp < 0 ? h0 : h_seq[tp], whh, out, beta);
+    return;
+  }
+  const int64_t T_ = hm_seq.size(1), BH = rm.BH;
+  const T* hp = tp < 0 ? h0.data_ptr<T>() : h_seq.data_ptr<T>() + tp * BH;
+  const T* m = rm.step(t);
+  T* HM = hm_seq.data_ptr<T>();
+  for (int64_t k = 0; k < rm.groups; ++k) {
+    T* o = HM + (k * T_ + t) * BH;
+    for (int64_t q = 0; q < BH; ++q) o[q] = hp[q] * m[k * BH + q];
+  }
+  Tensor hm = hm_seq.select(1, t);  // (Gr, B, H)
+  if (rm.groups == 1) {
+    gemm(hm[0], whh, out, beta);
+  } else {
+    gemm(hm, whh, by_gate(out, H, G), beta);  // one batched GEMM for all gates
+  }
+}
+
+// d += a * m  (dL/dh_t collects the recurrent gradient of each gate group)
+template <typename T>
+void row_axpy(int64_t H, T* __restrict d, const T* __restrict a, const T* __restrict m) {
+  for (int64_t j = 0; j < H; ++j) d[j] += a[j] * m[j];
+}
+
+// Row b of d += dL/dh_t from the output (dout, may be null) and, through W_hh, from the
+// step processed before (t_next; < 0 at the first): dr (Gr, B, H) times that step's mask.
+template <typename T>
+inline void gather_dh(int64_t H, int64_t BH, int64_t b, T* d, const T* dout, const T* dr,
+                      const RecMask<T>& rm, int64_t t_next) {
+  if (dout) row_axpy<T>(H, d, dout, rm.ones);
+  for (int64_t k = 0; t_next >= 0 && k < rm.groups; ++k) {
+    row_axpy<T>(H, d, dr + k * BH + b * H, rm.row(t_next, k, b, H));
+  }
+}
+
+// dr (Gr, B, H) = dL/d(masked h_{t-1}) = dg_t W_hh per gate group; dg_t (B, GH),
+// w_gate = W_hh viewed (G, H, H).
+inline void recurrent_grad(const Tensor& dg, const Tensor& w_hh, const Tensor& w_gate,
+                           const Tensor& dr) {
+  if (dr.size(0) == 1) {
+    gemm(dg, w_hh, dr[0], 0.0f);
+  } else {
+    gemm(by_gate(dg, w_gate.size(1), w_gate.size(0)), w_gate, dr, 0.0f);
+  }
+}
+
+// dW_hh = sum_t dg_t^T (masked h_{t-1}), dg (T, B, GH): one GEMM per gate group over
+// all T*B rows (batched over gates when untied).
+Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
+                      const OptT& hm_seq, bool reverse) {
+  const int64_t T_ = dg.size(0), B = dg.size(1), GH = dg.size(2), H = h0.size(1);
+  const int64_t G = GH / H;
+  auto dg2 = dg.view({T_ * B, GH});
+  auto dw = at::empty({GH, H}, dg.options());
+  if (has(hm_seq) && hm_seq->size(0) == 1) {
+    gemm(dg2.t(), (*hm_seq)[0].view({T_ * B, H}), dw, 0.0f);
+  } else if (has(hm_seq)) {  // (G, H, TB) @ (G, TB, H), batched over gates
+    gemm(dg2.view({T_ * B, G, H}).permute({1, 2, 0}), hm_seq->view({G, T_ * B, H}),
+         dw.view({G, H, H}), 0.0f);
+  } else {  // h_{t-1} is h_seq shifted by one step, h0 at the first step
+    const int64_t first = reverse ? T_ - 1 : 0;
+    auto rest = reverse ? dg.narrow(0, 0, T_ - 1) : dg.narrow(0, 1, T_ - 1);
+    auto prev = reverse ? h_seq.narrow(0, 1, T_ - 1) : h_seq.narrow(0, 0, T_ - 1);
+    gemm(dg[first].t(), h0, dw, 0.0f);
+    if (T_ > 1) {
+      gemm(rest.reshape({(T_ - 1) * B, GH}).t(), prev.reshape({(T_ - 1) * B, H}), dw, 1.0f);
+    }
+  }
+  return dw;
+}
+
+// {dx, dW_ih, db} from dg = dL/d(x W_ih^T + b) (T, B, GH), each only where asked for;
+// with untied input masks gate k saw x * in_mask_k.
+std::array<Tensor, 3> input_grads(const Tensor& dg, const Tensor& x, const Tensor& w_ih,
+                                  const OptT& in_mask, bool has_bias, bool need_x,
+                                  bool need_w) {
+  const int64_t T_ = dg.size(0), B = dg.size(1), GH = dg.size(2);
+  const int64_t G = has(in_mask) ? in_mask->size(0) : 1, H = GH / G;
+  auto dg2 = dg.view({T_ * B, GH});
+  std::array<Tensor, 3> out;
+  if (need_x) out[0] = at::zeros_like(x);
+  if (need_w) out[1] = at::empty_like(w_ih);
+  for (int64_t k = 0; k < G; ++k) {
+    // tied: one GEMM over all gates; untied: gate k sees x * in_mask_k
+    auto dgk = has(in_mask) ? dg2.narrow(1, k * H, H) : dg2;
+    auto wk = has(in_mask) ? w_ih.narrow(0, k * H, H) : w_ih;
+    if (need_x) {
+      auto dxk = at::empty_like(x);
+      gemm(dgk, wk, dxk.view({T_ * B, -1}), 0.0f);
+      out[0].add_(has(in_mask) ? dxk * (*in_mask)[k] : dxk);
+    }
+    if (need_w) {
+      auto xk = has(in_mask) ? (x * (*in_mask)[k]).contiguous() : x;
+      auto dwk = has(in_mask) ? out[1].narrow(0, k * H, H) : out[1];
+      gemm(dgk.t(), xk.view({T_ * B, -1}), dwk, 0.0f);
+    }
+  }
+  if (need_w && has_bias) out[2] = dg2.sum(0);
+  return out;
+}
+
+// Runs f(T{}) with T the dtype of t: float32 or float64.
+template <typename F>
+auto by_dtype(const Tensor& t, const char* what, F&& f) {
+  if (t.scalar_type() == at::kDouble) return f(double{});
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "rnndrop ", what, ": float32/float64 only");
+  return f(float{});
+}
+
+// ---- LSTM: one step ---------------------------------------------------------------
+// Kernels over one batch row of H units. They take every pointer __restrict and
+// have no branches in the loop body, so gcc vectorises them; an absent mask is
+// passed as a row of ones (candidate, recurrent) or zeros (zoneout).
+
+template <typename T>
+void lstm_row_forward(int64_t H, T* __restrict ai, T* __restrict af, T* __restrict ag,
+                      T* __restrict ao, const T* __restrict bias, const T* __restrict cp,
+                      T* __restrict c, T* __restrict h) {
+  for (int64_t j = 0; j < H; ++j) {  // no masks: the common fused-math case
+    T i = fsigmoid(ai[j] + bias[j]);
+    T f = fsigmoid(af[j] + bias[H + j]);
+    T g = ftanh(ag[j] + bias[2 * H + j]);
+    T o = fsigmoid(ao[j] + bias[3 * H + j]);
+    ai[j] = i;
+    af[j] = f;
+    ag[j] = g;
+    ao[j] = o;
+    T cn = f * cp[j] + i * g;
+    c[j] = cn;
+    h[j] = o * ftanh(cn);
+  }
+}
+
+template <typename T>
+void lstm_row_forward_masked(int64_t H, T* __restrict ai, T* __restrict af, T* __restrict ag,
+                             T* __restrict ao, const T* __restrict bias, const T* __restrict cp,
+                             const T* __restrict hp, const T* __restrict cm,
+                             const T* __restrict zh, const T* __restrict zc, T* __restrict c,
+                             T* __restrict h, T* __restrict ct) {
+  for (int64_t j = 0; j < H; ++j) {
+    T i = fsigmoid(ai[j] + bias[j]);
+    T f = fsigmoid(af[j] + bias[H + j]);
+    T g = ftanh(ag[j] + bias[2 * H + j]);
+    T o = fsigmoid(ao[j] + bias[3 * H + j]);
+    ai[j] = i;
+    af[j] = f;
+    ag[j] = g;
+    ao[j] = o;
+    T cn = f * cp[j] + i * (g * cm[j]);
+    T hn = o * ftanh(cn);
+    ct[j] = cn;
+    c[j] = zc[j] * cp[j] + (T(1) - zc[j]) * cn;
+    h[j] = zh[j] * hp[j] + (T(1) - zh[j]) * hn;
+  }
+}
+
+// In: dh = total dL/dh_t, dc = dL/dc_t. Out: dgates; dc = dL/dc_{t-1} (cell path);
+// dh = zoneout carry into h_{t-1}.
+template <typename T>
+void lstm_row_backward(int64_t H, const T* __restrict ai, const T* __restrict af,
+                       const T* __restrict ag, const T* __restrict ao, const T* __restrict cp,
+                       const T* __restrict ctp, const T* __restrict cm, const T* __restrict zh,
+                       const T* __restrict zc, T* __restrict dh, T* __restrict dc,
+                       T* __restrict gi, T* __restrict gf, T* __restrict gg, T* __restrict go) {
+  for (int64_t j = 0; j < H; ++j) {
+    T d = dh[j];
+    T dc_in = dc[j];
+    T dht = d * (T(1) - zh[j]);
+    T tc = ftanh(ctp[j]);
+    T i = ai[j], f = af[j], g = ag[j], o = ao[j];
+    T dcn = dc_in * (T(1) - zc[j]) + dht * o * (T(1) - tc * tc);
+    gi[j] = dcn * (g * cm[j]) * i * (T(1) - i);
+    gf[j] = dcn * cp[j] * f * (T(1) - f);
+    gg[j] = dcn * i * cm[j] * (T(1) - g * g);
+    go[j] = dht * tc * o * (T(1) - o);
+    dc[j] = dcn * f + dc_in * zc[j];
+    dh[j] = d * zh[j];
+  }
+}
+
+// ---- LSTM: the layer -----------------------------------------------------------------
+
+// Returns {h_seq, c_seq, acts, ct_seq, hm_seq}.
+template <typename T>
+std::vector<Tensor> lstm_forward_impl(const Tensor& x, const OptT& w_ih, const OptT& bias,
+                                      const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
+                                      const Tensor& c0, const OptT& rec_mask,
+                                      const OptT& cand_mask, const OptT& zone_h,
+                                      const OptT& zone_c, bool reverse) {
+  constexpr int64_t G = 4;
+  const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
+  const bool has_zc = has(zone_c);
+  const bool plain = !has(cand_mask) && !has(zone_h) && !has_zc;
+  Rows<T> rows(G * H);
+  std::vector<T> scratch(H);
+  const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
+  Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
+  auto h_seq = at::empty({T_, B, H}, x.options());
+  auto c_seq = at::empty({T_, B, H}, x.options());
+  auto ct_seq = has_zc ? at::empty({T_, B, H}, x.options()) : Tensor();
+  Tensor hm_seq = rm.base ? at::empty({rm.groups, T_, B, H}, x.options()) : Tensor();
+  const Tensor whh = whh_forward(w_hh, rm.groups, G);
+  const T* b_ptr = has(w_ih) && has(bias) ? bias->data_ptr<T>() : rows.zeros.data();
+  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
+  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
+  const auto zc = mask_at<T>(zone_c, rows.zeros.data());
+  T* A = acts.data_ptr<T>();
+  T* Hs = h_seq.data_ptr<T>();
+  T* Cs = c_seq.data_ptr<T>();
+  T* CTs = has_zc ? ct_seq.data_ptr<T>() : nullptr;
+  for (int64_t s = 0; s < T_; ++s) {
+    const int64_t t = reverse ? T_ - 1 - s : s;
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
+    const T* cp = s == 0 ? c0.data_ptr<T>() : Cs + tp * BH;
+    // the recurrent product goes straight into the gates
+    recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, acts[t], 1.0f);
+    for (int64_t b = 0; b < B; ++b) {
+      T* ab = A + (t * B + b) * G * H;
+      const int64_t r = t * BH + b * H;
+      if (plain) {
+        lstm_row_forward<T>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, b_ptr, cp + b * H, Cs + r,
+                            Hs + r);
+      } else {
+        lstm_row_forward_masked<T>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, b_ptr, cp + b * H,
+                                   hp + b * H, cm.row(t, b, H), zh.row(t, b, H),
+                                   zc.row(t, b, H), Cs + r, Hs + r,
+                                   CTs ? CTs + r : scratch.data());
+      }
+    }
+  }
+  return {h_seq, c_seq, acts, ct_seq, hm_seq};
+}
+
+// Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias}; the last three only with w_ih.
+template <typename T>
+std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last,
+                                       const Tensor& x, const OptT& w_ih, bool has_bias,
+                                       const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
+                                       const Tensor& c0, const Tensor& acts, const Tensor& h_seq,
+                                       const Tensor& c_seq, const OptT& ct_seq,
+                                       const OptT& hm_seq, const OptT& rec_mask,
+                                       const OptT& cand_mask, const OptT& zone_h,
+                                       const OptT& zone_c, bool reverse, bool need_x,
+                                       bool need_w) {
+  constexpr int64_t G = 4;
+  const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
+  const bool has_zc = has(zone_c);
+  Rows<T> rows(H);
+  const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
+  auto dgates = at::empty_like(acts);
+  auto dh = at::zeros({B, H}, acts.options());  // carry, then total dL/dh_t
+  auto dc = dc_last.clone();
+  Tensor dh_rec = at::empty({rm.groups, B, H}, acts.options());
+  auto w_gate = w_hh.view({G, H, H});  // W_hh_k, for the untied batched GEMM
+  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
+  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
+  const auto zc = mask_at<T>(zone_c, rows.zeros.data());
+  const T* A = acts.data_ptr<T>();
+  const T* Cs = c_seq.data_ptr<T>();
+  const T* CTs = has_zc ? ct_seq->data_ptr<T>() : Cs;
+  const T* DO = has(dh_seq) ? dh_seq->data_ptr<T>() : nullptr;
+  T* DG = dgates.data_ptr<T>();
+  T* DH = dh.data_ptr<T>();
+  T* DC = dc.data_ptr<T>();
+  const T* DR = dh_rec.data_ptr<T>();
+  int64_t t_next = -1;  // the step processed just before (t+1 in time order)
+  for (int64_t s = T_ - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T_ - 1 - s : s;
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const T* cp = s == 0 ? c0.data_ptr<T>() : Cs + tp * BH;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = t * BH + b * H;
+      T* d = DH + b * H;
+      gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
+      const T* ab = A + (t * B + b) * G * H;
+      T* gb = DG + (t * B + b) * G * H;
+      lstm_row_backward<T>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cp + b * H, CTs + r,
+                           cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d, DC + b * H,
+                           gb, gb + H, gb + 2 * H, gb + 3 * H);
+    }
+    recurrent_grad(dgates[t], w_hh, w_gate, dh_rec);
+    t_next = t;
+  }
+  for (int64_t b = 0; b < B; ++b) {  // the first step's recurrent input was h0
+    gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
+  }
+
+  std::vector<Tensor> out{dgates, dh, dc, Tensor(), Tensor(), Tensor(), Tensor()};
+  if (need_w) out[3] = weight_hh_grad(dgates, h0, h_seq, hm_seq, reverse);
+  if (has(w_ih)) {
+    auto g = input_grads(dgates, x, *w_ih, in_mask, has_bias, need_x, need_w);
+    out[4] = g[0];
+    out[5] = g[1];
+    out[6] = g[2];
+  }
+  return out;
+}
+
+std::vector<Tensor> lstm_forward(const Tensor& x, const OptT& w_ih, const OptT& bias,
+                                 const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
+                                 const Tensor& c0, const OptT& rec_mask, const OptT& cand_mask,
+                                 const OptT& zone_h, const OptT& zone_c, bool reverse) {
+  TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
+                  c0.is_contiguous(),
+              "rnndrop lstm_forward: inputs must be contiguous");
+  return by_dtype(x, "lstm_forward", [&](auto v) {
+    return lstm_forward_impl<decltype(v)>(x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask,
+                                          cand_mask, zone_h, zone_c, reverse);
+  });
+}
+
+std::vector<Tensor> lstm_backward(const OptT& dh_seq, const Tensor& dc_last, const Tensor& x,
+                                  const OptT& w_ih, bool has_bias, const OptT& in_mask,
+                                  const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
+                                  const Tensor& acts, const Tensor& h_seq, const Tensor& c_seq,
+                                  const OptT& ct_seq, const OptT& hm_seq, const OptT& rec_mask,
+                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
+                                  bool reverse, bool need_x, bool need_w) {
+  return by_dtype(acts, "lstm_backward", [&](auto v) {
+    return lstm_backward_impl<decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias, in_mask, w_hh,
+                                           h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq, rec_mask,
+                                           cand_mask, zone_h, zone_c, reverse, need_x, need_w);
+  });
+}
+
+// ---- GRU: one step ------------------------------------------------------------------
+// As the LSTM's: one batch row, every pointer __restrict, no branches in the loop body.
+// a* hold the input projection (its bias bx added here), p* the recurrent product
+// (h_{t-1} * m) W_hh^T (its bias bh added here). MASKED adds the candidate mask and
+// zoneout on h; without them the plain variant skips their loads.
+
+template <typename T, bool MASKED>
+void gru_row_forward(int64_t H, T* __restrict ar, T* __restrict az, T* __restrict an,
+                     const T* __restrict pr, const T* __restrict pz, const T* __restrict pn,
+                     const T* __restrict bx, const T* __restrict bh, const T* __restrict hp,
+                     const T* __restrict cm, const T* __restrict zh, T* __restrict hn_out,
+                     T* __restrict h) {
+  for (int64_t j = 0; j < H; ++j) {
+    T r = fsigmoid((ar[j] + bx[j]) + (pr[j] + bh[j]));
+    T z = fsigmoid((az[j] + bx[H + j]) + (pz[j] + bh[H + j]));
+    T hn = pn[j] + bh[2 * H + j];
+    T n = ftanh((an[j] + bx[2 * H + j]) + r * hn);
+    ar[j] = r;
+    az[j] = z;
+    an[j] = n;
+    hn_out[j] = hn;
+    if constexpr (MASKED) {
+      T nm = n * cm[j];
+      T ht = nm + z * (hp[j] - nm);  // (1 - z) n + z h_{t-1}
+      h[j] = zh[j] * hp[j] + (T(1) - zh[j]) * ht;
+    } else {
+      h[j] = n + z * (hp[j] - n);
+    }
+  }
+}
+
+// In: dh = total dL/dh_t. Out: gx* = dL/d(input projection), gh* = dL/d(recurrent product)
+// (they differ in the n block: hp_n enters through r); dh = the direct gradient into
+// h_{t-1} (the z carry and zoneout's).
+template <typename T>
+void gru_row_backward(int64_t H, const T* __restrict ar, const T* __restrict az,
+                      const T* __restrict an, const T* __restrict hn, const T* __restrict hp,
+                      const T* __restrict cm, const T* __restrict zh, T* __restrict dh,
+                      T* __restrict gxr, T* __restrict gxz, T* __restrict gxn,
+                      T* __restrict ghr, T* __restrict ghz, T* __restrict ghn) {
+  for (int64_t j = 0; j < H; ++j) {
+    T d = dh[j];
+    T dht = d * (T(1) - zh[j]);
+    T r = ar[j], z = az[j], n = an[j];
+    T nm = n * cm[j];
+    T gn = dht * (T(1) - z) * cm[j] * (T(1) - n * n);
+    T gr = gn * hn[j] * (r * (T(1) - r));
+    T gz = dht * (hp[j] - nm) * (z * (T(1) - z));
+    gxr[j] = gr;
+    gxz[j] = gz;
+    gxn[j] = gn;
+    ghr[j] = gr;
+    ghz[j] = gz;
+    ghn[j] = gn * r;
+    dh[j] = dht * z + d * zh[j];
+  }
+}
+
+// ---- GRU: the layer --------------------------------------------------------------------
+
+// Returns {h_seq, acts, hm_seq, hn_seq}.
+template <typename T>
+std::vector<Tensor> gru_forward_impl(const Tensor& x, const OptT& w_ih, const OptT& b_x,
+                                     const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
+                                     const Tensor& h0, const OptT& rec_mask,
+                                     const OptT& cand_mask, const OptT& zone_h, bool reverse) {
+  constexpr int64_t G = 3;
+  const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
+  const bool plain = !has(cand_mask) && !has(zone_h);
+  Rows<T> rows(G * H);
+  const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
+  Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
+  auto h_seq = at::empty({T_, B, H}, x.options());
+  auto hn_seq = at::empty({T_, B, H}, x.options());
+  Tensor hm_seq = rm.base ? at::empty({rm.groups, T_, B, H}, x.options()) : Tensor();
+  auto rec = at::empty({B, G * H}, x.options());  // one step's recurrent product
+  const Tensor whh = whh_forward(w_hh, rm.groups, G);
+  const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
+  const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
+  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
+  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
+  T* A = acts.data_ptr<T>();
+  T* Hs = h_seq.data_ptr<T>();
+  T* HN = hn_seq.data_ptr<T>();
+  const T* P = rec.data_ptr<T>();
+  for (int64_t s = 0; s < T_; ++s) {
+    const int64_t t = reverse ? T_ - 1 - s : s;
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
+    recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, rec, 0.0f);
+    for (int64_t b = 0; b < B; ++b) {
+      T* ab = A + (t * B + b) * G * H;
+      const T* pb = P + b * G * H;
+      const int64_t r = t * BH + b * H;
+      if (plain) {
+        gru_row_forward<T, false>(H, ab, ab + H, ab + 2 * H, pb, pb + H, pb + 2 * H, bx, bh,
+                                  hp + b * H, nullptr, nullptr, HN + r, Hs + r);
+      } else {
+        gru_row_forward<T, true>(H, ab, ab + H, ab + 2 * H, pb, pb + H, pb + 2 * H, bx, bh,
+                                 hp + b * H, cm.row(t, b, H), zh.row(t, b, H), HN + r, Hs + r);
+      }
+    }
+  }
+  return {h_seq, acts, hm_seq, hn_seq};
+}
+
+// Returns {dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x}: dgx = dL/d(input projection) (T, B, 3H);
+// dw_hh and db_h only with need_w (db_h with has_bias_h); the last three only with w_ih.
+template <typename T>
+std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const OptT& w_ih,
+                                      bool has_bias_x, const OptT& in_mask, const Tensor& w_hh,
+                                      bool has_bias_h, const Tensor& h0, const Tensor& acts,
+                                      const Tensor& h_seq, const OptT& hm_seq,
+                                      const Tensor& hn_seq, const OptT& rec_mask,
+                                      const OptT& cand_mask, const OptT& zone_h, bool reverse,
+                                      bool need_x, bool need_w) {
+  constexpr int64_t G = 3;
+  const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
+  Rows<T> rows(H);
+  const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
+  auto dgx = at::empty_like(acts);
+  auto dgh = at::empty_like(acts);
+  auto dh = at::zeros({B, H}, acts.options());  // carry, then total dL/dh_t
+  Tensor dh_rec = at::empty({rm.groups, B, H}, acts.options());
+  auto w_gate = w_hh.view({G, H, H});
+  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
+  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
+  const T* A = acts.data_ptr<T>();
+  const T* Hs = h_seq.data_ptr<T>();
+  const T* HN = hn_seq.data_ptr<T>();
+  const T* DO = has(dh_seq) ? dh_seq->data_ptr<T>() : nullptr;
+  T* DGX = dgx.data_ptr<T>();
+  T* DGH = dgh.data_ptr<T>();
+  T* DH = dh.data_ptr<T>();
+  const T* DR = dh_rec.data_ptr<T>();
+  int64_t t_next = -1;  // the step processed just before (t+1 in time order)
+  for (int64_t s = T_ - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T_ - 1 - s : s;
+    const int64_t tp = reverse ? t + 1 : t - 1;
+    const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t r = t * BH + b * H;
+      T* d = DH + b * H;
+      gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
+      const T* ab = A + (t * B + b) * G * H;
+      T* gx = DGX + (t * B + b) * G * H;
+      T* gh = DGH + (t * B + b) * G * H;
+      gru_row_backward<T>(H, ab, ab + H, ab + 2 * H, HN + r, hp + b * H, cm.row(t, b, H),
+                          zh.row(t, b, H), d, gx, gx + H, gx + 2 * H, gh, gh + H, gh + 2 * H);
+    }
+    recurrent_grad(dgh[t], w_hh, w_gate, dh_rec);
+    t_next = t;
+  }
+  for (int64_t b = 0; b < B; ++b) {  // the first step's recurrent input was h0
+    gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
+  }
+
+  std::vector<Tensor> out{dgx, dh, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  if (need_w) {
+    out[2] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
+    if (has_bias_h) out[3] = dgh.view({T_ * B, G * H}).sum(0);
+  }
+  if (has(w_ih)) {
+    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w);
+    out[4] = g[0];
+    out[5] = g[1];
+    out[6] = g[2];
+  }
+  return out;
+}
+
+std::vector<Tensor> gru_forward(const Tensor& x, const OptT& w_ih, const OptT& b_x,
+                                const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
+                                const Tensor& h0, const OptT& rec_mask, const OptT& cand_mask,
+                                const OptT& zone_h, bool reverse) {
+  TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(),
+              "rnndrop gru_forward: inputs must be contiguous");
+  return by_dtype(x, "gru_forward", [&](auto v) {
+    return gru_forward_impl<decltype(v)>(x, w_ih, b_x, in_mask, w_hh, b_h, h0, rec_mask,
+                                         cand_mask, zone_h, reverse);
+  });
+}
+
+std::vector<Tensor> gru_backward(const OptT& dh_seq, const Tensor& x, const OptT& w_ih,
+                                 bool has_bias_x, const OptT& in_mask, const Tensor& w_hh,
+                                 bool has_bias_h, const Tensor& h0, const Tensor& acts,
+                                 const Tensor& h_seq, const OptT& hm_seq, const Tensor& hn_seq,
+                                 const OptT& rec_mask, const OptT& cand_mask,
+                                 const OptT& zone_h, bool reverse, bool need_x, bool need_w) {
+  return by_dtype(acts, "gru_backward", [&](auto v) {
+    return gru_backward_impl<decltype(v)>(dh_seq, x, w_ih, has_bias_x, in_mask, w_hh,
+                                          has_bias_h, h0, acts, h_seq, hm_seq, hn_seq, rec_mask,
+                                          cand_mask, zone_h, reverse, need_x, need_w);
+  });
+}
+
+// ---- dropout masks -------------------------------------------------------------
+// SplitMix64 (Steele et al. 2014) as a counter-based generator: word w of a mask is
+// mix(seed + (w + 1) * golden); element i compares the signed 16-bit slice (i % 4) of
+// word i / 4 (little-endian) with `threshold`. rnndrop/functional.py computes the
+// same bits with torch integer ops, so masks do not depend on this kernel.
+
+inline uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+// MODE 0: out[i] = m_i; 1: out[i] = src[i] * m_i; 2: out[i] *= m_i (in place), with
+// m_i = value or 0 as above. One instantiation per mode keeps every loop branch-free and
+// its pointers unaliased, so gcc vectorises the mixing (a runtime branch here cost 50x).
+template <typename T, int MODE>
+void fill_mask(T* __restrict out, const T* __restrict src, int64_t n, uint64_t seed,
+               int16_t threshold, T value) {
+  auto put = [&](int64_t i, int16_t s) {
+    const T m = s < threshold ? value : T(0);
+    if constexpr (MODE == 0) out[i] = m;
+    if constexpr (MODE == 1) out[i] = src[i] * m;
+    if constexpr (MODE == 2) out[i] *= m;
+  };
+  const int64_t words = n / 4;
+  for (int64_t w = 0; w < words; ++w) {
+    uint64_t z = splitmix64(seed + static_cast<uint64_t>(w + 1) * 0x9E3779B97F4A7C15ULL);
+    for (int k = 0; k < 4; ++k) {
+      put(4 * w + k, static_cast<int16_t>(static_cast<uint16_t>(z >> (16 * k))));
+    }
+  }
+  for (int64_t i = 4 * words; i < n; ++i) {
+    uint64_t z = splitmix64(seed + static_cast<uint64_t>(i / 4 + 1) * 0x9E3779B97F4A7C15ULL);
+    put(i, static_cast<int16_t>(static_cast<uint16_t>(z >> (16 * (i % 4)))));
+  }
+}
+
+template <typename T>
+void fill(Tensor& out, const Tensor* src, int64_t seed, int64_t threshold, double value) {
+  T* o = out.data_ptr<T>();
+  const auto sd = static_cast<uint64_t>(seed);
+  const auto thr = static_cast<int16_t>(threshold);
+  const auto v = static_cast<T>(value);
+  if (src == nullptr) {
+    fill_mask<T, 0>(o, nullptr, out.numel(), sd, thr, v);
+  } else if (src->data_ptr<T>() == o) {
+    fill_mask<T, 2>(o, nullptr, out.numel(), sd, thr, v);
+  } else {
+    fill_mask<T, 1>(o, src->data_ptr<T>(), out.numel(), sd, thr, v);
+  }
+}
+
+Tensor bernoulli_mask(int64_t n, int64_t seed, int64_t threshold, double value, bool dbl) {
+  auto out = at::empty({n}, at::TensorOptions().dtype(dbl ? at::kDouble : at::kFloat));
+  if (dbl) {
+    fill<double>(out, nullptr, seed, threshold, value);
+  } else {
+    fill<float>(out, nullptr, seed, threshold, value);
+  }
+  return out;
+}
+
+// out = src * mask(seed) without materialising the mask; out may be src (in place).
+// Weight drop uses it forward and, with the same seed, backward.
+void mask_mul(const Tensor& src, int64_t seed, int64_t threshold, double value, Tensor out) {
+  TORCH_CHECK(src.is_contiguous() && out.is_contiguous() && src.numel() == out.numel(),
+              "mask_mul: src and out must be contiguous and of the same size");
+  TORCH_CHECK(src.scalar_type() == out.scalar_type(), "mask_mul: dtype mismatch");
+  if (src.scalar_type() == at::kDouble) {
+    fill<double>(out, &src, seed, threshold, value);
+  } else {
+    TORCH_CHECK(src.scalar_type() == at::kFloat, "mask_mul: float32 or float64 only");
+    fill<float>(out, &src, seed, threshold, value);
+  }
+}
+
+bool uses_onednn() { return onednn_usable(); }
+
+}  // namespace
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("lstm_forward", &lstm_forward, "LSTM layer with the time loop, forward");
+  m.def("lstm_backward", &lstm_backward, "LSTM layer with the time loop, backward");
+  m.def("gru_forward", &gru_forward, "GRU layer with the time loop, forward");
+  m.def("gru_backward", &gru_backward, "GRU layer with the time loop, backward");
+  m.def("uses_onednn", &uses_onednn, "True if GEMMs run in oneDNN");
+  m.def("bernoulli_mask", &bernoulli_mask, "SplitMix64 dropout mask (see functional.py)");
+  m.def("mask_mul", &mask_mul, "out = src * SplitMix64 dropout mask, mask never stored");
+}

@@ -1,0 +1,195 @@
+"""The ``python`` loop backend: the reference time loop and backprop through time.
+
+Generic over the cell: the loop, the recurrent masks and GEMMs, and every weight gradient
+are written once here; the pointwise math of one step is the cell's ``step_forward`` /
+``step_backward`` (:mod:`rnndrop.nn.cells`). Runs on every device and dtype. What made it
+fast (``PERF_NOTES``): the input projection of all steps in one GEMM, preallocated
+``(T, B, ·)`` buffers written in place, no autograd node per step, and every weight
+gradient as one GEMM over all ``T·B`` rows.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .contract import Grads, LayerInputs, Saved
+
+__all__ = ["PythonBackend", "project"]
+
+
+def _at(m: Tensor | None, t: int) -> Tensor | None:
+    if m is None:
+        return None
+    return m[0] if m.shape[0] == 1 else m[t]
+
+
+def project(x: Tensor, w_ih: Tensor, bias: Tensor | None, in_mask: Tensor | None) -> Tensor:
+    """``x W_ihᵀ + b`` for all steps; per gate ``(x ⊙ m_k) W_ih,kᵀ`` with untied input masks."""
+    if in_mask is None:
+        acts = torch.nn.functional.linear(x, w_ih)
+    else:
+        G = in_mask.shape[0]
+        H = w_ih.shape[0] // G
+        acts = torch.cat([(x * in_mask[k]) @ w_ih[k * H : (k + 1) * H].t() for k in range(G)], -1)
+    return acts if bias is None else acts.add_(bias)
+
+
+def _recurrent_gemm(out: Tensor, hm: Tensor, w_hh: Tensor, accumulate: bool) -> None:
+    """``out (+)= hm W_hhᵀ``, with ``hm`` (Gr, B, H): one GEMM (Gr = 1) or one per gate block."""
+    if hm.shape[0] == 1:
+        if accumulate:
+            out.addmm_(hm[0], w_hh.t())
+        else:
+            torch.mm(hm[0], w_hh.t(), out=out)
+        return
+    H = w_hh.shape[1]
+    for k in range(hm.shape[0]):
+        sl = slice(k * H, (k + 1) * H)
+        if accumulate:
+            out[:, sl].addmm_(hm[k], w_hh[sl].t())
+        else:
+            out[:, sl] = hm[k] @ w_hh[sl].t()
+
+
+def _order(T: int, reverse: bool, backward: bool = False) -> range:
+    forward_in_time = reverse == backward
+    return range(T) if forward_in_time else range(T - 1, -1, -1)
+
+
+class PythonBackend:
+    """The reference backend (runs everywhere)."""
+
+    name = "python"
+
+    def unavailable(self, inputs: LayerInputs) -> str | None:
+        return None
+
+    def forward(self, inp: LayerInputs) -> Saved:
+        cell, m, x = inp.cell, inp.masks, inp.x
+        T, B = x.shape[:2]
+        H = inp.w_hh.shape[1]
+        acts = x.clone() if inp.w_ih is None else project(x, inp.w_ih, inp.b_x, m.input)
+        new = x.new_empty
+        h_seq = new(T, B, H)
+        c_seq = new(T, B, H) if cell.has_cell else None
+        ct_seq = new(T, B, H) if m.zoneout_c is not None else None
+        hm_seq = new(m.recurrent.shape[1], T, B, H) if m.recurrent is not None else None
+        hn_seq = new(T, B, H) if cell.split_recurrent else None
+        rec = new(B, cell.gates * H) if cell.split_recurrent else None
+        h, c = inp.h0, inp.c0
+        for t in _order(T, inp.reverse):
+            if hm_seq is None:
+                hm = h.unsqueeze(0)
+            else:
+                hm = torch.mul(h.unsqueeze(0), _at(m.recurrent, t), out=hm_seq[:, t])
+            if rec is None:  # the recurrent product goes straight into the gates
+                _recurrent_gemm(acts[t], hm, inp.w_hh, accumulate=True)
+            else:
+                _recurrent_gemm(rec, hm, inp.w_hh, accumulate=False)
+                if inp.b_h is not None:
+                    rec.add_(inp.b_h)
+            h_new, c_new, ct = cell.step_forward(
+                acts[t], rec, h, c, _at(m.candidate, t), _at(m.zoneout_h, t),
+                _at(m.zoneout_c, t), None if hn_seq is None else hn_seq[t],
+            )  # fmt: skip
+            h_seq[t].copy_(h_new)
+            h = h_seq[t]
+            if c_seq is not None:
+                c_seq[t].copy_(c_new)
+                c = c_seq[t]
+            if ct_seq is not None:
+                ct_seq[t].copy_(ct)
+        return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
+
+    def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w) -> Grads:
+        cell, m = inp.cell, inp.masks
+        T, B, GH = s.acts.shape
+        H = inp.w_hh.shape[1]
+        dgx = torch.empty_like(s.acts)
+        dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
+        carry = s.acts.new_zeros(B, H)
+        dc = None
+        if cell.has_cell:
+            dc = dc_last if dc_last is not None else torch.zeros_like(inp.c0)
+        dh_rec, m_next = None, None  # dL/d(masked h_t) from the step after t, and its mask
+        first = T - 1 if inp.reverse else 0
+        for t in _order(T, inp.reverse, backward=True):
+            d = carry if dh_seq is None else carry + dh_seq[t]
+            if dh_rec is not None:
+                d = d + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
+            tp = t + 1 if inp.reverse else t - 1
+            h_prev = inp.h0 if t == first else s.h_seq[tp]
+            c_prev = ct = None
+            if cell.has_cell:
+                c_prev = inp.c0 if t == first else s.c_seq[tp]
+                ct = s.c_seq[t] if s.ct_seq is None else s.ct_seq[t]
+            carry, dc = cell.step_backward(
+                s.acts[t], None if s.hn_seq is None else s.hn_seq[t], h_prev, c_prev, ct,
+                _at(m.candidate, t), _at(m.zoneout_h, t), _at(m.zoneout_c, t), d, dc,
+                dgx[t], dgh[t],
+            )  # fmt: skip
+            if carry is None:
+                carry = torch.zeros_like(d)
+            dh_rec = self._recurrent_grad(dgh[t], inp.w_hh, 1 if m.recurrent is None else
+                                          m.recurrent.shape[1])  # fmt: skip
+            m_next = _at(m.recurrent, t)
+        g = Grads(dc0=dc)
+        if dh_rec is None:  # T = 0
+            g.dh0 = carry
+        else:
+            g.dh0 = carry + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
+        if need_w:
+            g.dw_hh = self._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
+            if inp.b_h is not None:
+                g.db_h = dgh.reshape(T * B, GH).sum(0)
+        self._input_grads(g, inp, dgx, need_x, need_w)
+        return g
+
+    @staticmethod
+    def _recurrent_grad(dg: Tensor, w_hh: Tensor, Gr: int) -> Tensor:
+        """dL/d(masked h_{t-1}) per gate group: ``(Gr, B, H)``."""
+        if Gr == 1:
+            return (dg @ w_hh).unsqueeze(0)
+        H = w_hh.shape[1]
+        return torch.stack([dg[:, k * H : (k + 1) * H] @ w_hh[k * H : (k + 1) * H]
+                            for k in range(Gr)])  # fmt: skip
+
+    @staticmethod
+    def _weight_hh_grad(dgh: Tensor, h0: Tensor, s: Saved, reverse: bool) -> Tensor:
+        """dL/dW_hh = Σ_t dghᵀ_t (masked h_{t-1}): one GEMM over all T·B rows per gate group."""
+        T, B, GH = dgh.shape
+        H = h0.shape[-1]
+        if s.hm_seq is None:
+            h = s.h_seq
+            prev = torch.cat([h[1:], h0[None]]) if reverse else torch.cat([h0[None], h[:-1]])
+            return dgh.reshape(T * B, GH).t() @ prev.reshape(T * B, H)
+        Gr = s.hm_seq.shape[0]
+        if Gr == 1:
+            return dgh.reshape(T * B, GH).t() @ s.hm_seq[0].reshape(T * B, H)
+        dg = dgh.reshape(T * B, Gr, H)
+        return torch.cat([dg[:, k].t() @ s.hm_seq[k].reshape(T * B, H) for k in range(Gr)])
+
+    @staticmethod
+    def _input_grads(g: Grads, inp: LayerInputs, dgx: Tensor, need_x: bool, need_w: bool):
+        x, w_ih, in_mask = inp.x, inp.w_ih, inp.masks.input
+        T, B, GH = dgx.shape
+        if w_ih is None:
+            g.dx = dgx
+            return
+        dg2 = dgx.view(T * B, GH)
+        if in_mask is None:
+            g.dx = (dg2 @ w_ih).view_as(x) if need_x else None
+            g.dw_ih = dg2.t() @ x.reshape(T * B, -1) if need_w else None
+        else:  # gate k saw x ⊙ m_k
+            G = in_mask.shape[0]
+            H = GH // G
+            blocks = [slice(k * H, (k + 1) * H) for k in range(G)]
+            if need_x:
+                g.dx = sum((dg2[:, b] @ w_ih[b]).view_as(x) * in_mask[k]
+                           for k, b in enumerate(blocks))  # fmt: skip
+            if need_w:
+                xs = [(x * in_mask[k]).reshape(T * B, -1) for k in range(G)]
+                g.dw_ih = torch.cat([dg2[:, b].t() @ xs[k] for k, b in enumerate(blocks)])
+        if need_w and inp.b_x is not None:
+            g.db_x = dg2.sum(0)

@@ -1,0 +1,102 @@
+r"""The GRU cell: torch's parameter layout, fused op, and the loop path's per-step math.
+
+Cho et al. 2014, in torch's form and gate order r, z, n. One step with every mask the loop
+path carries::
+
+    xp_t   = x_t W_ihᵀ + b_ih                          (one GEMM for all steps)
+    hp_t   = (h_{t-1} ⊙ m^h_t) W_hhᵀ + b_hh             m^h: recurrent mask, per gate if untied
+    r, z   = σ(xp_r + hp_r), σ(xp_z + hp_z)
+    n      = tanh(xp_n + r ⊙ hp_n)                     hp_n = W_hn (h ⊙ m^h_n) + b_hn
+    h̃_t   = (1 - z) ⊙ (n ⊙ m^n_t) + z ⊙ h_{t-1}       m^n: candidate mask (Semeniuta et al. 2016)
+    h_t    = z^h_t ⊙ h_{t-1} + (1 - z^h_t) ⊙ h̃_t        zoneout on h (Krueger et al. 2016)
+
+The recurrent mask acts where ``h_{t-1}`` enters ``W_h*`` (Gal & Ghahramani 2016, §4 for
+the GRU); the carry ``z ⊙ h_{t-1}`` sees the unmasked state, as the LSTM's ``c_{t-1}`` does.
+A GRU has no cell state: ``zoneout_cell`` means nothing for it. :func:`step_forward` /
+:func:`step_backward` are the reference the loop backends are tested against.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import _VF, Tensor
+
+from .base import Cell
+
+__all__ = ["GRU_CELL"]
+
+
+@torch.compiler.disable  # as nn.GRU under dynamo
+def _fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
+    """The fused ATen/cuDNN GRU op, with nn.GRU's arguments; returns (out, (h,))."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        if batch_sizes is None:
+            out, h = _VF.gru(
+                x, state[0], weights, has_bias, num_layers, 0.0, train, bidir, batch_first
+            )
+        else:
+            out, h = _VF.gru(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
+                             bidir)  # fmt: skip
+    return out, (h,)
+
+
+def step_forward(a: Tensor, rec: Tensor, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
+    """In place: ``a`` (B, 3H) input projections -> activations r, z, n.
+
+    ``rec`` (B, 3H) is ``hp_t`` (bias included); ``hp_n`` is saved into ``extra`` for
+    backward. Returns ``(h_t, None, None)``.
+    """
+    H = h_prev.shape[-1]
+    a[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
+    r, z, n = a.chunk(3, 1)
+    extra.copy_(rec[:, 2 * H :])
+    n.addcmul_(r, extra).tanh_()
+    nm = n if cm is None else n * cm
+    h = torch.addcmul(nm, z, h_prev - nm)  # (1 - z) ⊙ n + z ⊙ h
+    if zh is not None:
+        h = torch.lerp(h, h_prev, zh)
+    return h, None, None
+
+
+def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh):
+    """Backward of :func:`step_forward`.
+
+    ``d`` is dL/dh_t (all paths). Writes dL/d(xp_t) into ``dgx`` and dL/d(hp_t) into ``dgh``
+    (they differ in the n block: ``hp_n`` enters through ``r``). Returns the direct gradient
+    into ``h_{t-1}`` (the ``z`` carry and zoneout's) and None (no cell state).
+    """
+    r, z, n = acts.chunk(3, 1)
+    dht = d if zh is None else d * (1 - zh)
+    nm = n if cm is None else n * cm
+    dn = dht * (1 - z) if cm is None else dht * (1 - z) * cm
+    gr, gz, gn = dgx.chunk(3, 1)
+    torch.mul(dn, 1 - n * n, out=gn)
+    torch.mul(gn * extra, r * (1 - r), out=gr)
+    torch.mul(dht * (h_prev - nm), z * (1 - z), out=gz)
+    hr, hz, hn = dgh.chunk(3, 1)
+    hr.copy_(gr)
+    hz.copy_(gz)
+    torch.mul(gn, r, out=hn)
+    carry = dht * z if zh is None else dht * z + d * zh
+    return carry, None
+
+
+def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, Tensor]:
+    return b_ih, b_hh
+
+
+GRU_CELL = Cell(
+    name="gru",
+    mode="GRU",
+    gates=3,
+    gate_names=("r", "z", "n"),
+    has_cell=False,
+    split_recurrent=True,
+    fused=_fused,
+    split_bias=_split_bias,
+    step_forward=step_forward,
+    step_backward=step_backward,
+)

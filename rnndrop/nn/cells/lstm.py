@@ -1,0 +1,106 @@
+r"""The LSTM cell: torch's parameter layout, fused op, and the loop path's per-step math.
+
+Hochreiter & Schmidhuber 1997, with the forget gate of Gers et al. 2000, in torch's gate
+order i, f, g, o. One step with every mask the loop path carries::
+
+    a      = xp_t + (h_{t-1} ⊙ m^h_t) W_hhᵀ          xp_t = x_t W_ihᵀ + b_ih + b_hh
+    i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g)
+    c̃_t   = f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t)            m^g: candidate mask (Semeniuta et al. 2016)
+    h̃_t   = o ⊙ tanh(c̃_t)
+    c_t    = z^c_t ⊙ c_{t-1} + (1 - z^c_t) ⊙ c̃_t        zoneout (Krueger et al. 2016); z = 0 off
+    h_t    = z^h_t ⊙ h_{t-1} + (1 - z^h_t) ⊙ h̃_t
+
+``m^h`` is the recurrent mask (Gal & Ghahramani 2016), one per gate block of ``W_hh`` when
+untied. :func:`step_forward` / :func:`step_backward` are the reference every loop backend
+is tested against; ``rnndrop/kernels/cpp/loop.cpp`` has the same math in C++.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import _VF, Tensor
+
+from .base import Cell
+
+__all__ = ["LSTM_CELL"]
+
+
+@torch.compiler.disable  # as nn.LSTM under dynamo: inductor cannot lower this op
+def _fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
+    """The fused ATen/cuDNN LSTM op, with nn.LSTM's arguments; returns (out, (h, c))."""
+    with warnings.catch_warnings():
+        # cuDNN copies weights that are not views of one buffer (dropped weights never
+        # are); the copy is what weight drop needs, so its warning says nothing here
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        if batch_sizes is None:
+            out, h, c = _VF.lstm(
+                x, state, weights, has_bias, num_layers, 0.0, train, bidir, batch_first
+            )
+        else:
+            out, h, c = _VF.lstm(x, batch_sizes, state, weights, has_bias, num_layers, 0.0,
+                                 train, bidir)  # fmt: skip
+    return out, (h, c)
+
+
+def step_forward(a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple[Tensor, ...]:
+    """In place: ``a`` (B, 4H) pre-activations (recurrent product added) -> activations.
+
+    Returns ``(h_t, c_t, c̃_t)``. ``rec`` and ``extra`` are unused (the loop adds the
+    recurrent product into ``a``; nothing beyond the activations is saved).
+    """
+    H = c_prev.shape[-1]
+    a[:, 2 * H : 3 * H].tanh_()
+    a[:, : 2 * H].sigmoid_()
+    a[:, 3 * H :].sigmoid_()
+    i, f, g, o = a.chunk(4, 1)
+    gm = g if cm is None else g * cm
+    ct = torch.addcmul(f * c_prev, i, gm)
+    h = o * ct.tanh()
+    c = ct if zc is None else torch.lerp(ct, c_prev, zc)
+    if zh is not None:
+        h = torch.lerp(h, h_prev, zh)
+    return h, c, ct
+
+
+def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh):
+    """Backward of :func:`step_forward`.
+
+    ``d`` is dL/dh_t (all paths), ``dc`` dL/dc_t. Writes dL/d(pre-activations) into ``dgx``
+    (the same buffer as ``dgh``: both sides of the LSTM's gates see the same gradient).
+    Returns the direct gradient into ``h_{t-1}`` (zoneout's carry, or None) and dL/dc_{t-1}.
+    """
+    i, f, g, o = acts.chunk(4, 1)
+    dht = d if zh is None else d * (1 - zh)
+    dcn = dc if zc is None else dc * (1 - zc)
+    tc = ct.tanh()
+    dcn = dcn + dht * o * (1 - tc * tc)
+    gm = g if cm is None else g * cm
+    dg = dcn * i if cm is None else dcn * i * cm
+    gi, gf, gg, go = dgx.chunk(4, 1)
+    torch.mul(dcn * gm, i * (1 - i), out=gi)
+    torch.mul(dcn * c_prev, f * (1 - f), out=gf)
+    torch.mul(dg, 1 - g * g, out=gg)
+    torch.mul(dht * tc, o * (1 - o), out=go)
+    dc_prev = dcn * f if zc is None else dcn * f + dc * zc
+    carry = None if zh is None else d * zh
+    return carry, dc_prev
+
+
+def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
+    return b_ih + b_hh, None
+
+
+LSTM_CELL = Cell(
+    name="lstm",
+    mode="LSTM",
+    gates=4,
+    gate_names=("i", "f", "g", "o"),
+    has_cell=True,
+    split_recurrent=False,
+    fused=_fused,
+    split_bias=_split_bias,
+    step_forward=step_forward,
+    step_backward=step_backward,
+)

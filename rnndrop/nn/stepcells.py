@@ -1,0 +1,728 @@
+r"""Step-wise cells: drop-in ``torch.nn.LSTMCell`` / ``torch.nn.GRUCell`` with every scheme.
+
+One call is one time step of a one-layer :class:`~rnndrop.nn.LSTM` / :class:`~rnndrop.nn.GRU`,
+with the same dropout sites, policies and equations as the layer's loop path
+(:mod:`rnndrop.nn.cells.lstm`, :mod:`rnndrop.nn.cells.gru`). What a layer keeps for one
+forward call, a step cell has to keep across calls: the per-sequence masks (and the
+weight-drop mask) of the sequence being run. They live in a :class:`CellMasks` object,
+either passed explicitly every step (``masks=cell.sample_masks(B)``) or kept by the cell
+until the next sequence starts (``hx=None`` or :meth:`StepCellBase.reset`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import _VF, Tensor, nn
+
+from ..config import SITES, DropoutSpec, RecurrentDropout, as_dropout
+from ..functional import bernoulli_mask
+from .cells import GRU_CELL, LSTM_CELL, Cell
+from .dropout import StochasticModule
+
+__all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase"]
+
+#: Sites whose masks follow the ``time``/``batch`` policy (and ``tied`` for input/recurrent).
+_POLICY_SITES: tuple[str, ...] = ("input", "recurrent", "candidate", "output")
+_ZONEOUT_SITES: tuple[str, ...] = ("zoneout_hidden", "zoneout_cell")
+
+
+@dataclass(repr=False)
+class CellMasks:
+    """The masks of one sequence run through a step cell (:class:`LSTMCell`, :class:`GRUCell`).
+
+    Build it with :meth:`StepCellBase.sample_masks` (a new sequence's per-sequence masks),
+    :meth:`StepCellBase.masks_from` (step ``t`` of a layer's recorded masks), or directly.
+    Passed as ``masks=`` to every step of the sequence. A field that is set is used as it is
+    at every call it is passed to (while sampling; in eval the object is ignored); a field
+    left ``None`` for an active site is drawn: once and stored here for a per-sequence site
+    (``time="per_sequence"``, and ``weight_hh`` always), afresh at every call for a per-step
+    site and for zoneout (which is never stored).
+
+    Shapes (without the time dim of the layer's recorded masks; ``B|1``: per sample or per
+    batch; ``G`` gates, 4 LSTM, 3 GRU):
+
+    Attributes:
+        batch_size: the batch size the masks were drawn for; a call with another raises.
+            ``None``: not tied to one (shapes must still broadcast).
+        input: on ``x``: ``(B|1, I)`` tied, or ``(G, B|1, I)`` one per gate block of
+            ``W_ih``.
+        recurrent: on ``h_{t-1}`` where it enters ``W_hh``: ``(Gr, B|1, H)``, ``Gr`` 1
+            (tied) or ``G`` (one per gate block of ``W_hh``).
+        candidate: on the candidate (LSTM ``g``, GRU ``n``): ``(B|1, H)``.
+        output: on the returned output ``h``: ``(B|1, H)``.
+        weight_hh: on the elements of ``W_hh``: ``(G·H, H)``.
+        zoneout_hidden, zoneout_cell: weight of the previous value, 1 = keep it:
+            ``(B|1, H)``.
+    """
+
+    batch_size: int | None = None
+    input: Tensor | None = None
+    recurrent: Tensor | None = None
+    candidate: Tensor | None = None
+    output: Tensor | None = None
+    weight_hh: Tensor | None = None
+    zoneout_hidden: Tensor | None = None
+    zoneout_cell: Tensor | None = None
+
+    def __repr__(self) -> str:
+        sites = ", ".join(f"{site}={list(m.shape)}" for site, m in self.items())
+        return f"CellMasks(batch_size={self.batch_size}" + (f", {sites})" if sites else ")")
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """``(site, mask)`` for every mask that is set."""
+        return [
+            (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name != "batch_size" and getattr(self, f.name) is not None
+        ]
+
+
+class _DroppedLinear(torch.autograd.Function):
+    """``h (W ⊙ M)ᵀ`` saving ``W`` and ``M``, not their product.
+
+    Weight drop keeps one mask for the whole sequence; plain autograd would save a fresh
+    ``W ⊙ M`` at every step until backward (a weight-sized copy per step). Here every step
+    saves the parameter and the sequence's one mask, and rebuilds the product in backward.
+    Backward is written with differentiable ops, so double backward works.
+    """
+
+    @staticmethod
+    def forward(h: Tensor, w: Tensor, mask: Tensor) -> Tensor:
+        return h.mm((w * mask).t())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        h, w, mask = inputs
+        ctx.save_for_backward(h, w, mask)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        h, w, mask = ctx.saved_tensors
+        gh = grad.mm(w * mask) if ctx.needs_input_grad[0] else None
+        gw = grad.t().mm(h) * mask if ctx.needs_input_grad[1] else None
+        return gh, gw, None
+
+
+def _linear(h: Tensor, w: Tensor, mask: Tensor | None) -> Tensor:
+    return nn.functional.linear(h, w) if mask is None else _DroppedLinear.apply(h, w, mask)
+
+
+def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, gate_masks: Tensor | None):
+    """``x W_ihᵀ + b_ih``; per gate ``(x ⊙ m_k) W_ih,kᵀ`` with untied ``(G, B|1, I)`` masks."""
+    if gate_masks is None:
+        return nn.functional.linear(x, w_ih, b_ih)
+    G = gate_masks.shape[0]
+    H = w_ih.shape[0] // G
+    xp = torch.cat([nn.functional.linear(x * gate_masks[k], w_ih[k * H : (k + 1) * H])
+                    for k in range(G)], 1)  # fmt: skip
+    return xp if b_ih is None else xp + b_ih
+
+
+def _recurrent_gates(hm: Tensor, w_hh: Tensor, w_mask: Tensor | None) -> Tensor:
+    """``(h ⊙ m) (W_hh ⊙ M)ᵀ`` for ``hm`` ``(Gr, B, H)``: one product, or one per gate block."""
+    if hm.shape[0] == 1:
+        return _linear(hm[0], w_hh, w_mask)
+    H = w_hh.shape[1]
+    blocks = [slice(k * H, (k + 1) * H) for k in range(hm.shape[0])]
+    return torch.cat([_linear(hm[k], w_hh[b], None if w_mask is None else w_mask[b])
+                      for k, b in enumerate(blocks)], 1)  # fmt: skip
+
+
+def _zoneout(new: Tensor, prev: Tensor, z: Tensor | float | None) -> Tensor:
+    return new if z is None else torch.lerp(new, prev, z)
+
+
+def _mul(t: Tensor, m: Tensor | float | None) -> Tensor:
+    return t if m is None else t * m
+
+
+@dataclass
+class _Step:
+    """What one call applies, resolved: tensors sampled, scalars in eval, None where off."""
+
+    x: Tensor  # the input, tied masks / classic scaling applied
+    input: Tensor | None = None  # untied (G, B|1, I)
+    recurrent: Tensor | float | None = None  # (Gr, B|1, H), or a scale
+    weight_hh: Tensor | None = None  # (G·H, H)
+    candidate: Tensor | float | None = None
+    zoneout_hidden: Tensor | float | None = None
+    zoneout_cell: Tensor | float | None = None
+    output: Tensor | float | None = None
+
+    @property
+    def inner(self) -> bool:
+        """True if a mask acts inside the step (else torch's fused cell op runs)."""
+        return any(
+            v is not None
+            for v in (self.input, self.recurrent, self.weight_hh, self.candidate,
+                      self.zoneout_hidden, self.zoneout_cell)
+        )  # fmt: skip
+
+
+class StepCellBase(StochasticModule):
+    r"""One time step of a one-layer :class:`~rnndrop.nn.rnn.RNNBase`, with its dropout.
+
+    A subclass names its :class:`~rnndrop.nn.cells.Cell` (gates, state, step math). Sites,
+    policies and scaling are those of :class:`~rnndrop.config.RecurrentDropout` for layer 0
+    of a one-layer network; ``between_layers`` means nothing for one cell and is ignored
+    (with a warning); ``embedding`` belongs to the model.
+
+    Per-sequence masks (``time="per_sequence"``) and the weight-drop mask must stay the same
+    for every step of a sequence, so they are kept across calls in a :class:`CellMasks`:
+
+    * explicit: ``masks = cell.sample_masks(B)`` at the start of a sequence, then
+      ``cell(x_t, hx, masks=masks)`` at every step;
+    * implicit (``masks`` omitted): the cell draws them on the first call and keeps them
+      until :meth:`reset`. A call with ``hx=None`` starts a sequence (from zeros) and redraws
+      them; a call whose batch size, device or dtype differs from the kept masks' raises a
+      ``RuntimeError`` (call :meth:`reset`, pass ``hx=None``, or pass ``masks``). Moving the
+      module (``.to()``) and switching ``train()``/``eval()`` also reset them.
+
+    Per-step masks and zoneout are drawn afresh at every call. Zoneout mixes in the previous
+    state, taken from ``hx``. Masks are sampled in training or in MC mode
+    (:func:`rnndrop.nn.mc_dropout`); otherwise nothing is drawn and expectations apply
+    (inverted dropout: identity; classic scaling: ``×(1-p)``; zoneout: ``z·prev +
+    (1-z)·new``). With no site acting in a call, torch's own cell op runs with torch's
+    arguments: bitwise ``torch.nn.LSTMCell`` / ``GRUCell``.
+
+    ``output`` masks the returned output only, never the state fed to the next step (as the
+    layer's output site): with ``output > 0`` call ``cell(x, hx, return_output=True)``,
+    which returns ``(output, state)``; the plain call raises a ``ValueError`` then, since it
+    returns only the state.
+
+    With ``record_masks = True``, ``last_masks`` holds the masks the last call used, under
+    the layer's site names for layer 0 (``input/l0``, ``recurrent/l0``, ``candidate/l0``,
+    ``weight_hh/l0``, ``zoneout_hidden/l0``, ``zoneout_cell/l0``, ``output``) and the layer's
+    recorded shapes with a time dim of 1 (see :class:`rnndrop.nn.masks.ForwardMasks`);
+    :meth:`masks_from` turns a layer's record into the :class:`CellMasks` of one step.
+    """
+
+    cell: Cell
+
+    def __init__(
+        self,
+        cell: Cell,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        dropout: DropoutSpec = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        self.cell = cell
+        self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bool(bias)
+        self.dropout: RecurrentDropout = as_dropout(dropout)
+        self.mc = False
+        self.record_masks = False
+        self.last_masks: dict[str, Tensor] = {}
+        self._kept: CellMasks | None = None
+        self._check_dropout()
+        kw = {"device": device, "dtype": dtype}
+        G, H = cell.gates, hidden_size
+        self.weight_ih = nn.Parameter(torch.empty((G * H, input_size), **kw))
+        self.weight_hh = nn.Parameter(torch.empty((G * H, H), **kw))
+        if self.bias:
+            self.bias_ih = nn.Parameter(torch.empty(G * H, **kw))
+            self.bias_hh = nn.Parameter(torch.empty(G * H, **kw))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch's initialisation: every parameter ~ U(-1/√H, 1/√H)."""
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        return s + f", dropout={self.dropout.describe()}"
+
+    def _check_dropout(self) -> None:
+        cfg, kind = self.dropout, type(self).__name__
+        for name in cfg.active_sites():
+            if self.cell.name not in SITES[name].cells:
+                raise ValueError(
+                    f"{kind}: the dropout site {name!r} has no meaning for a {self.cell.mode} "
+                    f"(it has no cell state); set {name}=0 (zoneout_hidden acts on h)"
+                )
+        if cfg.between_layers > 0:
+            warnings.warn(
+                f"{kind}: between_layers={cfg.between_layers} has no meaning for a single cell "
+                "and is ignored (a float dropout means between_layers, as for nn.LSTM); use "
+                "input= for the cell's input and output= for its output",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    # ---- sequence state ---------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the kept per-sequence masks: the next call starts a new sequence."""
+        self._kept = None
+
+    def train(self, mode: bool = True):
+        self.reset()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__["_kept"] = None
+        return super()._apply(fn, recurse)
+
+    def _rate(self, site: str) -> float:
+        return float(getattr(self.dropout, site))
+
+    def _per_sequence_sites(self) -> list[str]:
+        """Active sites whose mask is kept for a whole sequence."""
+        cfg = self.dropout
+        sites = [s for s in _POLICY_SITES if cfg.time == "per_sequence" and self._rate(s) > 0]
+        return [*sites, "weight_hh"] if cfg.weight_hh > 0 else sites
+
+    def sample_masks(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> CellMasks:
+        """A new sequence's per-sequence masks (and weight-drop mask), to pass as ``masks=``.
+
+        Nothing is drawn unless the cell samples (training or MC mode); sites left empty are
+        drawn on the first call that samples. Per-step masks and zoneout are drawn at each
+        call.
+
+        Args:
+            batch_size: ``B`` of the sequence (1 for unbatched input).
+            device, dtype: of the masks (default: the weights').
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+        masks = CellMasks(batch_size=batch_size)
+        if self.sampling:
+            w = self.weight_hh
+            like = torch.empty(0, device=device or w.device, dtype=dtype or w.dtype)
+            for site in self._per_sequence_sites():
+                setattr(masks, site, self._draw(site, batch_size, like))
+        return masks
+
+    def masks_from(self, recorded: Mapping[str, Tensor], step: int = 0) -> CellMasks:
+        """The :class:`CellMasks` of step ``step`` of a one-layer layer's recorded masks.
+
+        ``recorded`` is the ``last_masks`` of an :class:`~rnndrop.nn.LSTM` /
+        :class:`~rnndrop.nn.GRU` (``record_masks = True``, layer 0, forward direction) run
+        with the same sites; masks shared over time (size-1 time dim) are taken whole.
+        Replaying every step with its object (``cell(x[t], hx, masks=cell.masks_from(rec,
+        t))``) reruns the layer's forward step by step. Zoneout masks are included, so the
+        object is for step ``step`` only.
+        """
+        keys = {
+            "input": "input/l0",
+            "recurrent": "recurrent/l0",
+            "candidate": "candidate/l0",
+            "output": "output",
+            "weight_hh": "weight_hh/l0",
+            "zoneout_hidden": "zoneout_hidden/l0",
+            "zoneout_cell": "zoneout_cell/l0",
+        }
+        masks = CellMasks()
+        for site, key in keys.items():
+            m = recorded.get(key)
+            if m is None:
+                continue
+            if site != "weight_hh":
+                time_dim = 1 if site == "input" and m.dim() == 4 else 0  # untied (G, T, B, I)
+                if m.shape[time_dim] != 1 and not 0 <= step < m.shape[time_dim]:
+                    raise IndexError(
+                        f"step {step} out of range for {key!r} of {m.shape[time_dim]} steps"
+                    )
+                m = m.select(time_dim, 0 if m.shape[time_dim] == 1 else step)
+            setattr(masks, site, m)
+        return masks
+
+    def _draw(self, site: str, B: int, like: Tensor) -> Tensor:
+        """A fresh mask of ``site`` for a batch of ``B``, in the cell's per-step shape."""
+        cfg, H, G = self.dropout, self.hidden_size, self.cell.gates
+        p = self._rate(site)
+        kw = {"device": like.device, "dtype": like.dtype}
+        if site in _ZONEOUT_SITES:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
+            return 1 - bernoulli_mask((B, H), p, scale=False, **kw)
+        scale = cfg.scaling == "inverted"
+        if site == "weight_hh":
+            return bernoulli_mask((G * H, H), p, scale=scale, **kw)
+        Bm = B if cfg.batch == "per_sample" else 1
+        shape: tuple[int, ...] = (Bm, self.input_size if site == "input" else H)
+        if site == "input" and not cfg.tied:
+            shape = (G, *shape)
+        elif site == "recurrent":
+            shape = (1 if cfg.tied else G, *shape)
+        return bernoulli_mask(shape, p, scale=scale, **kw)
+
+    def _sequence_masks(self, masks: CellMasks | None, B: int, x: Tensor, new: bool):
+        """The :class:`CellMasks` this call draws its per-sequence masks from (or None)."""
+        kind = type(self).__name__
+        if masks is not None:
+            if not isinstance(masks, CellMasks):
+                raise TypeError(f"{kind}: masks must be a CellMasks, got {type(masks).__name__}")
+            if masks.batch_size is not None and masks.batch_size != B:
+                raise RuntimeError(
+                    f"{kind}: masks were drawn for batch size {masks.batch_size}, this call has "
+                    f"{B}: pass masks=cell.sample_masks({B}) for a new sequence"
+                )
+            self._check_masks(masks, B, x)
+            return masks
+        if not self._per_sequence_sites():
+            return None
+        kept = self._kept
+        if new or kept is None:
+            kept = self._kept = CellMasks(batch_size=B)
+            return kept
+        drawn = [m for _, m in kept.items()]
+        if kept.batch_size != B or any((m.device, m.dtype) != (x.device, x.dtype) for m in drawn):
+            was = f"batch size {kept.batch_size}" + (
+                f", {drawn[0].dtype} on {drawn[0].device}" if drawn else ""
+            )
+            raise RuntimeError(
+                f"{kind}: the per-sequence masks kept from the previous calls were drawn for "
+                f"{was}; this call has batch size {B}, {x.dtype} on {x.device}. A new "
+                "sequence starts with hx=None or after cell.reset(); or pass "
+                f"masks=cell.sample_masks({B}) explicitly"
+            )
+        return kept
+
+    def _check_masks(self, masks: CellMasks, B: int, x: Tensor) -> None:
+        kind, cfg = type(self).__name__, self.dropout
+        H, G, In = self.hidden_size, self.cell.gates, self.input_size
+        for site, m in masks.items():
+            if self._rate(site) == 0:
+                raise ValueError(
+                    f"{kind}: masks has a {site!r} mask but this cell's dropout has "
+                    f"{site}=0 ({cfg.describe()})"
+                )
+            if (m.device, m.dtype) != (x.device, x.dtype):
+                raise ValueError(
+                    f"{kind}: the {site!r} mask is {m.dtype} on {m.device} but the input is "
+                    f"{x.dtype} on {x.device}"
+                )
+            if site == "weight_hh":
+                ok = tuple(m.shape) == (G * H, H)
+                want = f"({G * H}, {H})"
+            else:
+                feat = In if site == "input" else H
+                lead = {"input": (G,), "recurrent": (1, G)}.get(site, ())
+                ok = m.dim() in ((2, 3) if site == "input" else (3,) if lead else (2,))
+                ok = ok and m.shape[-1] == feat and m.shape[-2] in (1, B)
+                ok = ok and (m.dim() == 2 or m.shape[0] in lead)
+                gates = "(G|1, " if site == "recurrent" else "(G, " if site == "input" else "("
+                want = f"{gates}B|1, {feat}) with G={G}, B={B}"
+                if site == "input":
+                    want = f"(B|1, {feat}) or " + want
+            if not ok:
+                raise ValueError(f"{kind}: the {site!r} mask has shape {list(m.shape)}; "
+                                 f"expected {want}")  # fmt: skip
+
+    # ---- forward ------------------------------------------------------------------------
+
+    def _resolve(self, x: Tensor, seq: CellMasks | None, B: int, record) -> _Step:
+        """Draw or fetch this call's masks (sampling) or their expectations (eval)."""
+        cfg, sample = self.dropout, self.sampling
+        step = _Step(x)
+        if not sample:  # expectations; nothing drawn
+            classic = cfg.scaling == "classic"
+            if classic and cfg.input > 0:
+                step.x = x * (1 - cfg.input)
+            if classic and (cfg.recurrent > 0 or cfg.weight_hh > 0):
+                step.recurrent = (1 - cfg.recurrent) * (1 - cfg.weight_hh)
+            if classic and cfg.candidate > 0:
+                step.candidate = 1 - cfg.candidate
+            if classic and cfg.output > 0:
+                step.output = 1 - cfg.output
+            for site in _ZONEOUT_SITES:
+                if self._rate(site) > 0:
+                    setattr(step, site, self._rate(site))
+            return step
+        kept = set(self._per_sequence_sites())
+        for site in (*_POLICY_SITES, "weight_hh", *_ZONEOUT_SITES):
+            if self._rate(site) == 0:
+                continue
+            m = None if seq is None else getattr(seq, site)
+            if m is None:
+                m = self._draw(site, B, x)
+                if site in kept and seq is not None:
+                    setattr(seq, site, m)
+            if record is not None:
+                record[_record_name(site)] = _with_time_dim(site, m)
+            if site == "input" and m.dim() == 2:
+                step.x = x * m
+            else:
+                setattr(step, site, m)
+        return step
+
+    def forward(
+        self,
+        input: Tensor,
+        hx: Tensor | tuple[Tensor, Tensor] | None = None,
+        *,
+        masks: CellMasks | None = None,
+        return_output: bool = False,
+    ):
+        kind = type(self).__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{kind}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        state = self._check_hx(hx)
+        if self.dropout.output > 0 and not return_output:
+            raise ValueError(
+                f"{kind}: output={self.dropout.output} masks the cell's output, not the state "
+                "it carries to the next step: call cell(x, hx, return_output=True), which "
+                "returns (output, state), and feed the state back"
+            )
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        B = x.shape[0]
+        if state is None:
+            zeros = torch.zeros(B, self.hidden_size, dtype=x.dtype, device=x.device)
+            state = (zeros,) * (2 if self.cell.has_cell else 1)
+        else:
+            for idx, s in enumerate(state):
+                if s.dim() != input.dim():
+                    raise RuntimeError(
+                        f"{kind}: hx[{idx}] is {s.dim()}-D but the input is {input.dim()}-D: "
+                        "batched (B, I) input takes (B, H) states, unbatched (I,) input (H,)"
+                    )
+            if not batched:
+                state = tuple(s.unsqueeze(0) for s in state)
+        self._check_sizes(x, state)
+        record: dict[str, Tensor] | None = {} if self.record_masks else None
+        seq = self._sequence_masks(masks, B, x, hx is None) if self.sampling else None
+        step = self._resolve(x, seq, B, record)
+        # no mask inside the step: exactly what torch's cell runs
+        new = self._step(step, state) if step.inner else self._fused(step.x, state)
+        if record is not None:
+            self.last_masks = record  # exactly this call's masks (none drawn: empty)
+        out = _mul(new[0], step.output)
+        if not batched:
+            out, new = out.squeeze(0), tuple(s.squeeze(0) for s in new)
+        result = new if self.cell.has_cell else new[0]
+        return (out, result) if return_output else result
+
+    def _check_hx(self, hx) -> tuple[Tensor, ...] | None:
+        kind = type(self).__name__
+        if hx is None:
+            return None
+        if self.cell.has_cell:
+            if isinstance(hx, Tensor) or len(hx) != 2:
+                raise RuntimeError(f"{kind}: hx must be a tuple (h_0, c_0)")
+            state = tuple(hx)
+            for idx, value in enumerate(state):
+                if value.dim() not in (1, 2):
+                    raise ValueError(
+                        f"{kind}: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead"
+                    )
+            return state
+        if not isinstance(hx, Tensor):
+            raise RuntimeError(f"{kind}: hx must be a tensor h_0, got {type(hx).__name__}")
+        if hx.dim() not in (1, 2):
+            raise ValueError(f"{kind}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        return (hx,)
+
+    def _check_sizes(self, x: Tensor, state: tuple[Tensor, ...]) -> None:
+        """ATen's checks of a cell's input and state (its messages), for the unfused path."""
+        if x.size(1) != self.input_size:
+            raise RuntimeError(
+                f"input has inconsistent input_size: got {x.size(1)} expected {self.input_size}"
+            )
+        for idx, s in enumerate(state):
+            if s.size(0) != x.size(0):
+                raise RuntimeError(
+                    f"Input batch size {x.size(0)} doesn't match hidden{idx} batch size {s.size(0)}"
+                )
+            if s.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{idx} has inconsistent hidden_size: got {s.size(1)}, expected "
+                    f"{self.hidden_size}"
+                )
+
+    def _recurrent_input(self, h: Tensor, step: _Step) -> Tensor:
+        """``h_{t-1}`` as it enters ``W_hh``: ``(Gr, B, H)``, masked or scaled."""
+        m = step.recurrent
+        return h.unsqueeze(0) if m is None else h.unsqueeze(0) * m
+
+    def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        raise NotImplementedError
+
+
+def _record_name(site: str) -> str:
+    return "output" if site == "output" else f"{site}/l0"
+
+
+def _with_time_dim(site: str, m: Tensor) -> Tensor:
+    """The layer's recorded layout of a cell mask: a time dim of 1 (untied input: dim 1)."""
+    if site == "weight_hh":
+        return m
+    return m.unsqueeze(1) if site == "input" and m.dim() == 3 else m.unsqueeze(0)
+
+
+class LSTMCell(StepCellBase):
+    r"""A drop-in ``torch.nn.LSTMCell`` carrying every recurrent dropout scheme.
+
+    One step of :class:`rnndrop.nn.LSTM` (Hochreiter & Schmidhuber 1997; torch's gate order
+    i, f, g, o) with the masks of :class:`~rnndrop.config.RecurrentDropout`::
+
+        x̃          = x ⊙ m^x
+        i, f, g, o  = σ, σ, tanh, σ (W_ih x̃ + b_ih + (W_hh ⊙ M)(h ⊙ m^h) + b_hh)
+        c̃'         = f ⊙ c + i ⊙ (g ⊙ m^g)
+        h̃'         = o ⊙ tanh(c̃')
+        c'          = d^c ⊙ c + (1 - d^c) ⊙ c̃'
+        h'          = d^h ⊙ h + (1 - d^h) ⊙ h̃'
+        output      = h' ⊙ m^o                  (returned with ``return_output=True``)
+
+    ``m^x``, ``m^h``: input and recurrent masks (Gal & Ghahramani 2016; one per gate block
+    when untied); ``M``: weight drop (Merity et al. 2017); ``m^g``: candidate (Semeniuta et
+    al. 2016); ``d^c``, ``d^h``: zoneout, 1 = keep the previous value (Krueger et al. 2016);
+    ``m^o``: output. An absent site is 1 (``d``: 0).
+
+    Parameter names, shapes, initialisation and state_dicts are ``torch.nn.LSTMCell``'s
+    (they load both ways); with no site acting in a call, ``torch._VF.lstm_cell`` runs with
+    ``nn.LSTMCell``'s arguments (bitwise equal outputs and gradients). Mask keeping across
+    calls (per-sequence masks, ``masks=``, :meth:`reset`), eval and MC modes, recording:
+    :class:`StepCellBase`. ``zoneout_*`` and per-step masks are drawn at every call::
+
+        masks = cell.sample_masks(B)                  # or rely on hx=None / reset()
+        h = c = None
+        for x_t in x:
+            h, c = cell(x_t, None if h is None else (h, c), masks=masks)
+
+    Args:
+        input_size: features of ``x``.
+        hidden_size: features of ``h`` and ``c``.
+        bias: use ``b_ih`` and ``b_hh``.
+        device, dtype: of the parameters.
+        dropout: a :class:`~rnndrop.config.RecurrentDropout`, a dict of its fields or a
+            preset name (``between_layers`` is ignored, with a warning).
+
+    Shape:
+        - input: ``(B, I)`` or ``(I,)`` unbatched.
+        - hx: optional ``(h, c)``, each ``(B, H)`` (``(H,)`` unbatched); zeros if absent
+          (a new sequence).
+        - masks: optional :class:`CellMasks` of the sequence.
+        - returns ``(h', c')`` as hx; with ``return_output=True``, ``(output, (h', c'))``,
+          ``output`` ``(B, H)`` (``(H,)``).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        dropout: DropoutSpec = None,
+    ) -> None:
+        super().__init__(LSTM_CELL, input_size, hidden_size, bias, device, dtype, dropout)
+
+    def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return tuple(
+            _VF.lstm_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        )
+
+    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        h, c = state
+        gates = _input_gates(step.x, self.weight_ih, self.bias_ih, step.input)
+        gates = gates + _recurrent_gates(
+            self._recurrent_input(h, step), self.weight_hh, step.weight_hh
+        )
+        if self.bias_hh is not None:
+            gates = gates + self.bias_hh
+        i, f, g, o = gates.chunk(4, 1)
+        i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
+        g = _mul(g.tanh(), step.candidate)
+        ct = f * c + i * g
+        h_new = o * ct.tanh()
+        return _zoneout(h_new, h, step.zoneout_hidden), _zoneout(ct, c, step.zoneout_cell)
+
+
+class GRUCell(StepCellBase):
+    r"""A drop-in ``torch.nn.GRUCell`` carrying every recurrent dropout scheme that means
+    something for a GRU.
+
+    One step of :class:`rnndrop.nn.GRU` (Cho et al. 2014; torch's gate order r, z, n) with
+    the masks of :class:`~rnndrop.config.RecurrentDropout`::
+
+        x̃      = x ⊙ m^x
+        hp      = (W_hh ⊙ M)(h ⊙ m^h) + b_hh
+        r, z    = σ(W_ir x̃ + b_ir + hp_r), σ(W_iz x̃ + b_iz + hp_z)
+        n       = tanh(W_in x̃ + b_in + r ⊙ hp_n)
+        h̃'     = (1 - z) ⊙ (n ⊙ m^n) + z ⊙ h
+        h'      = d^h ⊙ h + (1 - d^h) ⊙ h̃'
+        output  = h' ⊙ m^o                      (returned with ``return_output=True``)
+
+    ``m^x``, ``m^h``: input and recurrent masks (Gal & Ghahramani 2016; one per gate block
+    r, z, n when untied); ``M``: weight drop (Merity et al. 2017); ``m^n``: candidate
+    (Semeniuta et al. 2016); ``d^h``: zoneout, 1 = keep the previous value (Krueger et al.
+    2016); ``m^o``: output. An absent site is 1 (``d``: 0).
+
+    The recurrent mask acts where ``h`` enters ``W_hh``, never in the carry ``z ⊙ h``. A GRU
+    has no cell state: ``zoneout_cell > 0`` raises a ``ValueError``. Parameter names, shapes,
+    initialisation and state_dicts are ``torch.nn.GRUCell``'s; with no site acting in a
+    call, ``torch._VF.gru_cell`` runs with ``nn.GRUCell``'s arguments (bitwise equal).
+    Mask keeping across calls, eval and MC modes, recording: :class:`StepCellBase`.
+
+    Args:
+        input_size: features of ``x``.
+        hidden_size: features of ``h``.
+        bias: use ``b_ih`` and ``b_hh``.
+        device, dtype: of the parameters.
+        dropout: a :class:`~rnndrop.config.RecurrentDropout`, a dict of its fields or a
+            preset name (``between_layers`` is ignored, with a warning).
+
+    Shape:
+        - input: ``(B, I)`` or ``(I,)`` unbatched.
+        - hx: optional ``h`` ``(B, H)`` (``(H,)`` unbatched); zeros if absent (a new
+          sequence).
+        - masks: optional :class:`CellMasks` of the sequence.
+        - returns ``h'`` as hx; with ``return_output=True``, ``(output, h')``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        dropout: DropoutSpec = None,
+    ) -> None:
+        super().__init__(GRU_CELL, input_size, hidden_size, bias, device, dtype, dropout)
+
+    def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        h = _VF.gru_cell(x, state[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        return (h,)
+
+    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        (h,) = state
+        xr, xz, xn = _input_gates(step.x, self.weight_ih, self.bias_ih, step.input).chunk(3, 1)
+        hp = _recurrent_gates(self._recurrent_input(h, step), self.weight_hh, step.weight_hh)
+        if self.bias_hh is not None:
+            hp = hp + self.bias_hh
+        hr, hz, hn = hp.chunk(3, 1)
+        r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
+        n = _mul((xn + r * hn).tanh(), step.candidate)
+        h_new = n + z * (h - n)  # (1 - z) ⊙ n + z ⊙ h
+        return (_zoneout(h_new, h, step.zoneout_hidden),)

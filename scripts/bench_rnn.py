@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""Forward + backward speed of rnndrop.nn.LSTM / GRU per scheme, as a ratio to torch's fused op.
+
+Every round times each variant once (a few repetitions, median) and divides by the
+nn.LSTM (nn.GRU) time of the same round, so machine drift cancels; the table reports the
+median over rounds of the time and of the ratio. Training mode (masks sampled every call).
+
+    python scripts/bench_rnn.py                          # LSTM and GRU, all configs and schemes
+    python scripts/bench_rnn.py --cells gru --configs medium --rounds 15
+    python scripts/bench_rnn.py --loop python            # the pure-PyTorch loop instead of C++
+    python scripts/bench_rnn.py --python-row             # add a pure-PyTorch loop row per scheme
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from rnndrop.config import RecurrentDropout
+from rnndrop.kernels import LayerInputs, LayerMasks, loop_backend, select_backend
+from rnndrop.nn import GRU, LSTM
+from rnndrop.nn.masks import needs_loop
+
+CONFIGS = {  # input, hidden, layers, T, B
+    "small": (200, 200, 2, 20, 20),
+    "medium": (650, 650, 2, 35, 20),
+    "long": (128, 128, 1, 500, 32),
+}
+
+SCHEMES = {
+    "none": RecurrentDropout.none(),
+    "naive": RecurrentDropout.naive(0.5),
+    "naive_recurrent": RecurrentDropout.naive_recurrent(0.5),
+    "variational": RecurrentDropout.variational(0.5),
+    "variational untied": RecurrentDropout.variational(0.5, tied=False),
+    "variational per-batch": RecurrentDropout.variational(0.5).replace(batch="per_batch"),
+    "zoneout": RecurrentDropout.zoneout(0.05, 0.5),  # the GRU: zoneout_hidden only
+    "weight_drop": RecurrentDropout.weight_drop(0.5),
+    "semeniuta": RecurrentDropout.semeniuta(0.25),
+    "awd": RecurrentDropout.awd(),
+}
+
+
+CELLS = {"lstm": (LSTM, torch.nn.LSTM), "gru": (GRU, torch.nn.GRU)}
+
+
+def scheme_for(cell: str, name: str) -> RecurrentDropout:
+    cfg = SCHEMES[name]
+    return cfg.replace(zoneout_cell=0.0) if cell == "gru" else cfg
+
+
+def time_fwd_bwd(model, x, reps: int, backend: str | None = None) -> float:
+    times = []
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    with loop_backend(backend) if backend else contextlib.nullcontext():
+        for _ in range(reps):
+            sync()
+            start = time.perf_counter()
+            out, state = model(x)
+            (out.sum() + (state[1] if isinstance(state, tuple) else state).sum()).backward()
+            sync()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(cell, config, schemes, rounds, reps, dtype, device, python_row) -> list[tuple]:
+    I, H, L, T, B = CONFIGS[config]
+    ours, theirs = CELLS[cell]
+    torch.manual_seed(0)
+    ref = theirs(I, H, L).to(device, dtype)
+    base_name = f"nn.{cell.upper()}"
+    variants = {base_name: (ref, None)}
+    for name in schemes:
+        m = ours(I, H, L, dropout=scheme_for(cell, name)).to(device, dtype)
+        m.load_state_dict(ref.state_dict())
+        variants[name] = (m, None)
+        if python_row and _path(m, device) not in ("fused", "fused (torch)"):
+            variants[f"{name} [python loop]"] = (m, "python")
+    x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=True)
+    for m, backend in variants.values():  # warm up (and build the kernel)
+        time_fwd_bwd(m, x, 2, backend)
+    ms = {n: [] for n in variants}
+    ratios = {n: [] for n in variants}
+    for _ in range(rounds):
+        base = time_fwd_bwd(ref, x, reps)
+        ms[base_name].append(base)
+        ratios[base_name].append(1.0)
+        for name, (m, backend) in variants.items():
+            if name == base_name:
+                continue
+            t = time_fwd_bwd(m, x, reps, backend)
+            ms[name].append(t)
+            ratios[name].append(t / base)
+    rows = []
+    for n, (m, backend) in variants.items():
+        path = "loop (python)" if backend == "python" else _path(m, device)
+        rows.append((cell, config, n, statistics.median(ms[n]) * 1e3,
+                     statistics.median(ratios[n]), path))  # fmt: skip
+    return rows
+
+
+def _path(m, device: str) -> str:
+    if not isinstance(m, LSTM | GRU):
+        return "fused (torch)"
+    loop = any(needs_loop(m.dropout, layer, True, m.num_layers) for layer in range(m.num_layers))
+    if not loop:
+        return "fused"
+    H = m.hidden_size
+    x = torch.zeros(1, 1, m.cell.gates * H, device=device, dtype=m.weight_hh_l0.dtype)
+    h = x.new_zeros(1, H)
+    probe = LayerInputs(m.cell, x, None, None, m.weight_hh_l0, None, h, h, LayerMasks())
+    return f"loop ({select_backend(probe).name})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--loop", choices=["auto", "python", "cpp", "triton"], default="auto")
+    ap.add_argument("--python-row", action="store_true", help="add a pure-PyTorch loop row")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--float64", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = ap.parse_args(argv)
+    os.environ["RNNDROP_LOOP"] = args.loop
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = torch.float64 if args.float64 else torch.float32
+    print(
+        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {dtype}, "
+        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
+        f"rounds={args.rounds} reps={args.reps}; median over rounds",
+        file=sys.stdout,
+    )
+    print("| cell | config | scheme | path | fwd+bwd ms | ratio to torch |")
+    print("|---|---|---|---|---|---|")
+    for cell in args.cells:
+        for config in args.configs:
+            rows = bench(cell, config, args.schemes, args.rounds, args.reps, dtype, args.device,
+                         args.python_row)  # fmt: skip
+            for c, cfg, name, ms, ratio, path in rows:
+                print(f"| {c} | {cfg} | {name} | {path} | {ms:.1f} | {ratio:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

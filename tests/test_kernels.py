@@ -1,0 +1,153 @@
+"""The engine's contract with its loop backends: selection, errors, edge shapes, the build cache."""
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from rnndrop import kernels
+from rnndrop.config import RecurrentDropout as RD
+from rnndrop.kernels.cpp import build
+from rnndrop.nn import GRU, LSTM
+
+LOOP = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.1)  # a loop-path scheme for both cells
+
+
+@pytest.mark.parametrize("cls,ref", [(LSTM, nn.LSTM), (GRU, nn.GRU)])
+@pytest.mark.parametrize("backend", ["python", "cpp"])
+def test_empty_batch_returns_empty_output_like_torch(cls, ref, backend):
+    if backend == "cpp" and build.load() is None:
+        pytest.skip("the compiled kernel is not available here")
+    m = cls(4, 8, 2, dropout=LOOP).train()
+    x = torch.randn(5, 0, 4)
+    with kernels.loop_backend(backend):
+        out, state = m(x)
+    want_out, want_state = ref(4, 8, 2)(x)
+    assert out.shape == want_out.shape == (5, 0, 8)
+    for a, b in zip(state if isinstance(state, tuple) else (state,),
+                    want_state if isinstance(want_state, tuple) else (want_state,), strict=True):
+        assert a.shape == b.shape
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+@pytest.mark.parametrize("dropout", [None, LOOP])
+def test_zero_steps_gives_torchs_message(cls, dropout):
+    m = cls(4, 8, dropout=dropout)
+    with pytest.raises(RuntimeError, match="Expected sequence length to be larger than 0"):
+        m(torch.randn(0, 3, 4))
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_torchs_own_default_dropout_warns_nothing(cls):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = cls(4, 8, dropout=0.0)
+    assert not m.dropout.any
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_last_masks_hold_exactly_the_last_forwards_masks(cls):
+    m = cls(4, 8, dropout=LOOP)
+    m.record_masks = True
+    x = torch.randn(5, 2, 4)
+    m.train()(x)
+    assert "recurrent/l0" in m.last_masks
+    m.eval()(x)  # draws no mask
+    assert m.last_masks == {}
+    m.train()(x)
+    assert "recurrent/l0" in m.last_masks
+
+
+def test_programmatic_choice_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("RNNDROP_LOOP", "triton")
+    assert kernels.get_loop_backend() == "triton"
+    with kernels.loop_backend("python"):
+        assert kernels.get_loop_backend() == "python"
+        with kernels.loop_backend("auto"):
+            assert kernels.get_loop_backend() == "auto"
+        assert kernels.get_loop_backend() == "python"
+    kernels.set_loop_backend("python")
+    try:
+        assert kernels.get_loop_backend() == "python"
+    finally:
+        kernels.set_loop_backend(None)
+    assert kernels.get_loop_backend() == "triton"
+    with pytest.raises(ValueError, match="choose one of"):
+        kernels.set_loop_backend("gpu")
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_explicit_backend_that_cannot_run_never_falls_back(cls, monkeypatch):
+    monkeypatch.setenv("RNNDROP_LOOP", "cpp")
+    m = cls(4, 8, dropout=LOOP).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"'cpp' loop backend .* float32 and float64"):
+        m(torch.randn(5, 2, 4, dtype=torch.bfloat16))
+    monkeypatch.setenv("RNNDROP_LOOP", "auto")  # auto runs it on the python loop
+    out, _ = m(torch.randn(5, 2, 4, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_auto_picks_the_compiled_loop_on_cpu_when_it_is_built():
+    if build.load() is None:
+        pytest.skip("the compiled kernel is not available here")
+    from rnndrop.nn.cells import GRU_CELL, LSTM_CELL
+
+    for cell in (LSTM_CELL, GRU_CELL):
+        x = torch.zeros(2, 1, cell.gates * 3)
+        h = torch.zeros(1, 3)
+        inp = kernels.LayerInputs(cell, x, None, None, torch.zeros(cell.gates * 3, 3), None, h,
+                                  h if cell.has_cell else None, kernels.LayerMasks())
+        with kernels.loop_backend("auto"):
+            assert kernels.select_backend(inp).name == "cpp"
+
+
+# ---- the build cache -------------------------------------------------------------------
+
+
+def test_cache_key_names_the_torch_installation(monkeypatch, tmp_path):
+    flags = build._flags()
+    here = build._name(flags)
+    assert build._name(flags) == here  # stable
+    fake = tmp_path / "other-venv" / "torch" / "__init__.py"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("")
+    monkeypatch.setattr(torch, "__file__", str(fake))
+    assert build._name(flags) != here  # same version, another installation: its own build
+
+
+def test_a_cached_build_is_imported_without_rebuilding(monkeypatch, capsys):
+    if build.load() is None:
+        pytest.skip("the compiled kernel is not available here")
+    from torch.utils import cpp_extension
+
+    def no_rebuild(*a, **k):
+        raise AssertionError("cpp_extension.load called for a cached build")
+
+    monkeypatch.setattr(cpp_extension, "load", no_rebuild)
+    monkeypatch.setattr(build, "_state", {})
+    module = build.load()
+    assert module is not None and hasattr(module, "lstm_forward")
+    assert "compiling" not in capsys.readouterr().err
+
+
+def test_every_build_is_announced(monkeypatch, tmp_path, capsys):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def fake_load(name, sources, extra_cflags, build_directory, verbose):
+        calls.append(name)
+        return "module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(build, "_state", {})
+    monkeypatch.delenv("RNNDROP_EXTENSION", raising=False)
+    if build.shutil.which("c++") is None:
+        pytest.skip("no C++ compiler here")
+    assert build.load() == "module"
+    err = capsys.readouterr().err
+    assert len(calls) == 1 and "compiling the loop kernel" in err and "built in" in err
+    assert Path(tmp_path).exists()
