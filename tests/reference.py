@@ -1,6 +1,6 @@
-"""An independent, deliberately plain LSTM with dropout, written from DESIGN.md §2.
+"""Independent, deliberately plain LSTM and GRU with dropout (DESIGN.md §2, torch's GRU).
 
-It shares no code with rnndrop's LSTM: one autograd-tracked Python step per time step,
+It shares no code with rnndrop's RNNs: one autograd-tracked Python step per time step,
 masks taken from what the module recorded (``record_masks``) or, without sampling,
 the expectations each site's scaling implies. Tests compare the module (fused and loop
 paths, C++ and PyTorch loops) against it, outputs and gradients.
@@ -114,3 +114,108 @@ def reference_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None, sample: 
     else:
         out = pre * (_expectation(cfg, "output") if not sample else 1.0)
     return out, (torch.stack(h_n), torch.stack(c_n)), pre
+
+
+def _at(mask: Tensor, t: int, dim: int = 0) -> Tensor:
+    """Step ``t`` of a mask along ``dim``, or its only entry if it is shared over time."""
+    return mask.select(dim, min(t, mask.shape[dim] - 1))
+
+
+def reference_gru(gru, x: Tensor, hx=None, masks: dict | None = None, sample: bool = True):
+    """Run ``gru``'s parameters and scheme by the book (torch's GRU equations, r, z, n).
+
+    One step, with every mask at its site::
+
+        r = σ(W_ir (x ⊙ m^x_r) + b_ir + W_hr (h ⊙ m^h_r) + b_hr)
+        z = σ(W_iz (x ⊙ m^x_z) + b_iz + W_hz (h ⊙ m^h_z) + b_hz)
+        n = tanh(W_in (x ⊙ m^x_n) + b_in + r ⊙ (W_hn (h ⊙ m^h_n) + b_hn))
+        h̃ = (1 - z) ⊙ (n ⊙ m^n) + z ⊙ h          (the carry sees the unmasked h)
+        h' = d ⊙ h + (1 - d) ⊙ h̃                 (zoneout on h)
+
+    with ``W_hh`` times the weight-drop mask. Tied input masks act on ``x`` once.
+
+    Args:
+        gru: an ``rnndrop.nn.GRU`` (only its parameters and config are read).
+        x: ``(T, B, I)`` time-major input.
+        hx: optional ``h0`` ``(L·D, B, H)``.
+        masks: the module's ``last_masks`` from the forward being checked (``sample``).
+        sample: masks were sampled (training / MC) or not (deterministic eval).
+
+    Returns:
+        ``output (T, B, D·H)``, ``h_n``, ``pre_dropout_output``.
+    """
+    cfg = gru.dropout
+    masks = masks or {}
+    T, B, _ = x.shape
+    L, D, H = gru.num_layers, gru.num_directions, gru.hidden_size
+    h0 = x.new_zeros(L * D, B, H) if hx is None else hx
+    layer_in = x
+    h_n = []
+    for layer in range(L):
+        site = "input" if layer == 0 else "between_layers"
+        m_in = masks.get(f"{site}/l{layer}") if sample else None
+        tied_in = m_in is not None and cfg.tied
+        if tied_in:
+            layer_in = layer_in * m_in
+        elif not sample:
+            layer_in = layer_in * _expectation(cfg, site)
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih = getattr(gru, "weight_ih" + sfx)
+            w_hh = getattr(gru, "weight_hh" + sfx)
+            if gru.bias:
+                b_ih, b_hh = getattr(gru, "bias_ih" + sfx), getattr(gru, "bias_hh" + sfx)
+            else:
+                b_ih = b_hh = x.new_zeros(3 * H)
+            key = f"/l{layer}" + ("_reverse" if d else "")
+            if sample:
+                w_hh = w_hh * masks["weight_hh" + key] if ("weight_hh" + key) in masks else w_hh
+                rec = masks.get("recurrent" + key)  # (T|1, 1|3, B|1, H)
+                cand = masks.get("candidate" + key)  # (T|1, B|1, H)
+                zh = masks.get("zoneout_hidden" + key)  # (T, B, H), 1 = keep previous
+            else:
+                w_hh = w_hh * _expectation(cfg, "weight_hh") * _expectation(cfg, "recurrent")
+                rec = None
+                cand = _expectation(cfg, "candidate")
+                zh = cfg.zoneout_hidden or None
+            h = h0[layer * D + d]
+            steps = range(T - 1, -1, -1) if d else range(T)
+            out_t = [None] * T
+            for t in steps:
+                xt = layer_in[t]
+                if m_in is not None and not tied_in:  # untied: one input mask per gate
+                    xg = [xt * _at(m_in[k], t) for k in range(3)]
+                else:
+                    xg = [xt] * 3
+                if rec is None:
+                    hg = [h] * 3
+                else:
+                    r_t = _at(rec, t)  # (1|3, B|1, H)
+                    hg = [h * r_t[min(k, r_t.shape[0] - 1)] for k in range(3)]
+                gx = [xg[k] @ w_ih[k * H : (k + 1) * H].t() + b_ih[k * H : (k + 1) * H]
+                      for k in range(3)]  # fmt: skip
+                gh = [hg[k] @ w_hh[k * H : (k + 1) * H].t() + b_hh[k * H : (k + 1) * H]
+                      for k in range(3)]  # fmt: skip
+                r = torch.sigmoid(gx[0] + gh[0])
+                z = torch.sigmoid(gx[1] + gh[1])
+                n = torch.tanh(gx[2] + r * gh[2])
+                if isinstance(cand, Tensor):
+                    n = n * _at(cand, t)
+                elif cand is not None:
+                    n = n * cand
+                ht = (1 - z) * n + z * h
+                if zh is not None:
+                    d_t = _at(zh, t) if isinstance(zh, Tensor) else zh
+                    ht = d_t * h + (1 - d_t) * ht
+                h = ht
+                out_t[t] = h
+            outs.append(torch.stack(out_t))
+            h_n.append(h)
+        layer_in = torch.cat(outs, -1)
+    pre = layer_in
+    if sample and "output" in masks:
+        out = pre * masks["output"]
+    else:
+        out = pre * (_expectation(cfg, "output") if not sample else 1.0)
+    return out, torch.stack(h_n), pre

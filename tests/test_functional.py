@@ -133,8 +133,8 @@ def test_core_imports_without_lightning():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_seeded_mask_mul_matches_the_mask(compiled, dtype, monkeypatch):
     """x * mask(seed) without storing the mask, in place too, equals the stored mask's product."""
-    from rnndrop.kernels.cpp import build as _ext
     from rnndrop.functional import seeded_mask, seeded_mask_mul
+    from rnndrop.kernels.cpp import build as _ext
 
     if compiled and _ext.load() is None:
         pytest.skip("compiled kernel unavailable")
@@ -157,8 +157,8 @@ def test_seeded_mask_mul_matches_the_mask(compiled, dtype, monkeypatch):
 def test_masks_are_the_same_under_torch_compile(monkeypatch):
     """The pure-torch mask bits stay out of compiled graphs: inductor's int64 code gave other
     (and biased) bits, so a compiled model would have drawn different masks."""
-    from rnndrop.kernels.cpp import build as _ext
     from rnndrop.functional import seeded_mask
+    from rnndrop.kernels.cpp import build as _ext
 
     monkeypatch.setattr(_ext, "loaded", lambda: None)  # the torch-ops path, as on CUDA
 

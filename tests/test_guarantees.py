@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from rnndrop.kernels.cpp import build as _ext
 from rnndrop import functional as F
 from rnndrop.config import RecurrentDropout as RD
+from rnndrop.kernels.cpp import build as _ext
 from rnndrop.nn import LSTM
 
 Z = 5.0

@@ -8,7 +8,7 @@ from torch import nn
 
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.functional import keep_probability
-from rnndrop.nn import LSTM, LockedDropout, mc_dropout
+from rnndrop.nn import GRU, LSTM, LockedDropout, mc_dropout
 
 SCHEMES = [
     RD.naive(0.3),
@@ -19,21 +19,29 @@ SCHEMES = [
     RD.awd(),
     RD.variational(0.3, tied=False),
 ]
+# the GRU has no cell state: its zoneout scheme is zoneout on h alone
+GRU_SCHEMES = [c for c in SCHEMES if not c.zoneout_cell] + [RD.zoneout(0.1, 0.0)]
+BY_CELL = [(LSTM, c) for c in SCHEMES] + [(GRU, c) for c in GRU_SCHEMES]
+TORCH = {LSTM: nn.LSTM, GRU: nn.GRU}
 
 
-@pytest.mark.parametrize("cfg", SCHEMES, ids=lambda c: c.describe())
-def test_eval_is_deterministic(cfg):
-    lstm = LSTM(5, 7, 2, dropout=cfg).eval()
+def _ids(v):
+    return v.__name__ if isinstance(v, type) else v.describe()
+
+
+@pytest.mark.parametrize("cls,cfg", BY_CELL, ids=_ids)
+def test_eval_is_deterministic(cls, cfg):
+    lstm = cls(5, 7, 2, dropout=cfg).eval()
     x = torch.randn(6, 3, 5)
     assert torch.equal(lstm(x)[0], lstm(x)[0])
 
 
 @pytest.mark.parametrize(
-    "cfg", [c for c in SCHEMES if not c.zoneout_cell], ids=lambda c: c.describe()
+    "cls,cfg", [(k, c) for k, c in BY_CELL if not (c.zoneout_cell or c.zoneout_hidden)], ids=_ids
 )
-def test_inverted_eval_is_plain_lstm(cfg):
-    ref = nn.LSTM(5, 7, 2)
-    lstm = LSTM(5, 7, 2, dropout=cfg).eval()
+def test_inverted_eval_is_plain_lstm(cls, cfg):
+    ref = TORCH[cls](5, 7, 2)
+    lstm = cls(5, 7, 2, dropout=cfg).eval()
     lstm.load_state_dict(ref.state_dict())
     x = torch.randn(6, 3, 5)
     assert torch.equal(lstm(x)[0], ref(x)[0])
@@ -52,10 +60,27 @@ def test_zoneout_eval_uses_expectation_not_plain_lstm():
     torch.testing.assert_close(h1, 0.7 * rh)
 
 
-def test_classic_scaling_output_and_input():
+def test_gru_zoneout_eval_uses_expectation_not_plain_gru():
+    ref = nn.GRU(5, 7)
+    gru = GRU(5, 7, dropout=RD.zoneout(0.3, 0.0)).eval()
+    gru.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 3, 5)
+    assert not torch.allclose(gru(x)[0], ref(x)[0])
+    # first step from zero state: h_1 = z·0 + (1 - z) h~_1
+    _, h1 = gru(x[:1])
+    _, rh = ref(x[:1])
+    torch.testing.assert_close(h1, 0.7 * rh)
+    # second step by hand: h_2 = z h_1 + (1 - z) GRU(x_2, h_1)
+    _, h2 = gru(x[:2])
+    _, rh2 = ref(x[1:2], h1)
+    torch.testing.assert_close(h2, 0.3 * h1 + 0.7 * rh2)
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU], ids=_ids)
+def test_classic_scaling_output_and_input(cls):
     p = 0.4
-    lstm = LSTM(5, 7, dropout=RD(input=p, output=p, scaling="classic")).eval()
-    plain = LSTM(5, 7)
+    lstm = cls(5, 7, dropout=RD(input=p, output=p, scaling="classic")).eval()
+    plain = cls(5, 7)
     plain.load_state_dict(lstm.state_dict())
     x = torch.randn(6, 3, 5)
     out, _, pre = lstm(x, return_pre_dropout=True)
@@ -63,9 +88,10 @@ def test_classic_scaling_output_and_input():
     torch.testing.assert_close(out, pre * (1 - p))
 
 
-def test_mc_mode_samples_and_restores():
+@pytest.mark.parametrize("cls", [LSTM, GRU], ids=_ids)
+def test_mc_mode_samples_and_restores(cls):
     model = nn.Sequential()
-    lstm = LSTM(5, 7, dropout=RD.variational(0.3))
+    lstm = cls(5, 7, dropout=RD.variational(0.3))
     model.add_module("lstm", lstm)
     model.eval()
     x = torch.randn(6, 3, 5)
@@ -108,13 +134,14 @@ def test_mc_mode_reaches_standalone_modules():
     assert set(y.unique().tolist()) <= {0.0, 1 / keep_probability(0.5)}
 
 
-def test_geometric_mean_identity():
+@pytest.mark.parametrize("cls", [LSTM, GRU], ids=_ids)
+def test_geometric_mean_identity(cls):
     """Dropout on N units feeding one linear layer + softmax: the weight-scaled network equals
     the normalised geometric mean of all 2^N thinned networks' distributions (exact)."""
     N, p = 8, 0.3
     torch.manual_seed(5)
     for scaling in ("classic", "inverted"):
-        lstm = LSTM(3, N, dropout=RD(output=p, scaling=scaling)).double().eval()
+        lstm = cls(3, N, dropout=RD(output=p, scaling=scaling)).double().eval()
         head = nn.Linear(N, 5).double()
         x = torch.randn(4, 2, 3, dtype=torch.float64)
         with torch.no_grad():

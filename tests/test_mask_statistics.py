@@ -11,7 +11,7 @@ import torch
 
 from rnndrop import functional as F
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import LSTM
+from rnndrop.nn import GRU, LSTM
 
 Z = 5.0
 
@@ -36,10 +36,15 @@ SITES = {  # scheme -> recorded mask names to check
 }
 
 
-@pytest.mark.parametrize("site", SITES)
-def test_observed_rate_per_site(site):
+CELLS = {"LSTM": LSTM, "GRU": GRU}
+# every site of the table for the LSTM; the GRU has no cell state, so no zoneout_cell
+BY_CELL = [("LSTM", s) for s in SITES] + [("GRU", s) for s in SITES if s != "zoneout_cell"]
+
+
+@pytest.mark.parametrize("cell,site", BY_CELL)
+def test_observed_rate_per_site(cell, site):
     cfg, names = SITES[site]
-    lstm = LSTM(40, 50, 2, dropout=cfg)
+    lstm = CELLS[cell](40, 50, 2, dropout=cfg)
     lstm.record_masks = True
     lstm(torch.randn(30, 16, 40))
     for name in names:
@@ -77,9 +82,10 @@ def test_output_mask_sharing_seen_in_the_output(time, batch):
 @pytest.mark.parametrize("time", ["per_step", "per_sequence"])
 @pytest.mark.parametrize("batch", ["per_sample", "per_batch"])
 @pytest.mark.parametrize("site", ["input/l0", "recurrent/l0", "candidate/l0"])
-def test_recorded_masks_follow_the_policy(site, time, batch):
+@pytest.mark.parametrize("cell", CELLS)
+def test_recorded_masks_follow_the_policy(cell, site, time, batch):
     cfg = RD(input=0.5, recurrent=0.5, candidate=0.5, time=time, batch=batch)
-    lstm = LSTM(8, 64, dropout=cfg)
+    lstm = CELLS[cell](8, 64, dropout=cfg)
     lstm.record_masks = True
     T, B = 12, 6
     lstm(torch.randn(T, B, 8))
@@ -93,17 +99,18 @@ def test_recorded_masks_follow_the_policy(site, time, batch):
         assert not torch.equal(m.select(batch_dim, 0), m.select(batch_dim, 1))
 
 
-def test_untied_masks_differ_per_gate_and_have_the_rate():
-    lstm = LSTM(30, 40, dropout=RD(input=0.3, recurrent=0.3, tied=False))
+@pytest.mark.parametrize("cell,G", [("LSTM", 4), ("GRU", 3)])
+def test_untied_masks_differ_per_gate_and_have_the_rate(cell, G):
+    lstm = CELLS[cell](30, 40, dropout=RD(input=0.3, recurrent=0.3, tied=False))
     lstm.record_masks = True
     lstm(torch.randn(5, 16, 30))
     for name in ("input/l0", "recurrent/l0"):
         m = lstm.last_masks[name]
         gates = m if name.startswith("input") else m.transpose(0, 1)  # gate dim first
-        assert gates.shape[0] == 4
-        for a in range(4):
+        assert gates.shape[0] == G
+        for a in range(G):
             within_rate(gates[a], 0.3)
-            for b in range(a + 1, 4):
+            for b in range(a + 1, G):
                 assert not torch.equal(gates[a], gates[b])
                 # independent: the two gates agree as often as independent coins do
                 agree = ((gates[a] == 0) == (gates[b] == 0)).double().mean().item()
@@ -111,15 +118,17 @@ def test_untied_masks_differ_per_gate_and_have_the_rate():
                 assert abs(agree - q) < Z * math.sqrt(q * (1 - q) / gates[a].numel())
 
 
-def test_tied_masks_are_one_for_all_gates():
-    lstm = LSTM(30, 40, dropout=RD(recurrent=0.3))
+@pytest.mark.parametrize("cell", CELLS)
+def test_tied_masks_are_one_for_all_gates(cell):
+    lstm = CELLS[cell](30, 40, dropout=RD(recurrent=0.3))
     lstm.record_masks = True
     lstm(torch.randn(5, 4, 30))
     assert lstm.last_masks["recurrent/l0"].shape[1] == 1
 
 
-def test_masks_are_fresh_each_call_and_reproducible_by_seed():
-    lstm = LSTM(8, 16, dropout=RD.variational(0.5))
+@pytest.mark.parametrize("cell", CELLS)
+def test_masks_are_fresh_each_call_and_reproducible_by_seed(cell):
+    lstm = CELLS[cell](8, 16, dropout=RD.variational(0.5))
     lstm.record_masks = True
     x = torch.randn(4, 3, 8)
     torch.manual_seed(11)
@@ -144,7 +153,7 @@ def test_bernoulli_mask_rate_and_expectation(p):
 
 
 def test_bernoulli_mask_bits_do_not_depend_on_backend():
-    from rnndrop import _ext
+    from rnndrop.kernels.cpp import build as _ext
 
     ext = _ext.load()
     if ext is None:

@@ -10,8 +10,8 @@ path carries::
     h̃_t   = (1 - z) ⊙ (n ⊙ m^n_t) + z ⊙ h_{t-1}       m^n: candidate mask (Semeniuta et al. 2016)
     h_t    = z^h_t ⊙ h_{t-1} + (1 - z^h_t) ⊙ h̃_t        zoneout on h (Krueger et al. 2016)
 
-The recurrent mask acts where ``h_{t-1}`` enters ``W_h*`` (Gal & Ghahramani 2016, §4 for
-the GRU); the carry ``z ⊙ h_{t-1}`` sees the unmasked state, as the LSTM's ``c_{t-1}`` does.
+The recurrent mask acts where ``h_{t-1}`` enters ``W_h*`` (Gal & Ghahramani 2016 describe
+it for the GRU); the carry ``z ⊙ h_{t-1}`` sees the unmasked state, as the LSTM's ``c_{t-1}`` does.
 A GRU has no cell state: ``zoneout_cell`` means nothing for it. :func:`step_forward` /
 :func:`step_backward` are the reference the loop backends are tested against.
 """
