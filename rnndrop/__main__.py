@@ -3,15 +3,14 @@
 rnndrop study long-range --quick    the quick long-range study (CPU, minutes)
 rnndrop fit --config a.yaml         train (LightningCLI: fit | validate | test | predict)
 rnndrop export-tb runs/...          TensorBoard scalars -> CSV / Markdown table
-rnndrop demo [--steps N]            train a small LSTM with each scheme on delayed recall
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+USAGE = "usage: rnndrop COMMAND ...\n\ncommands:\n" + __doc__.split("\n\n", 1)[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,20 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         from .tbexport import main as export_main
 
         return export_main(argv[1:])
-    parser = argparse.ArgumentParser(
-        prog="rnndrop", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small LSTM with each dropout scheme (CPU, ~2 min)")
-    demo.add_argument("--steps", type=int, default=1500, help="training steps per scheme")
-    demo.add_argument("--distance", type=int, default=10, help="recall distance d")
-    demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(steps=args.steps, distance=args.distance, seed=args.seed)
-    return 0
+    if argv and argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
+        return 0
+    what = f"unknown command {argv[0]!r}" if argv else "a command is required"
+    print(f"{USAGE}rnndrop: error: {what}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

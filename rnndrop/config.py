@@ -225,6 +225,17 @@ class RecurrentDropout(_Rates):
             if getattr(self, n) > 0 and all(getattr(site, k) == v for k, v in where.items())
         ]
 
+    def check_cell(self, cell: str, owner: str = "") -> None:
+        """Raise ``ValueError`` if a site with a rate has no meaning for ``cell`` (``"gru"``...)."""
+        lacking = [n for n in self.active_sites() if cell not in SITES[n].cells]
+        if lacking:
+            names = ", ".join(f"{n}={getattr(self, n):g}" for n in lacking)
+            raise ValueError(
+                f"{owner + ': ' if owner else ''}the dropout site(s) {names} have no meaning "
+                f"for a {cell.upper()} (it has no cell state); set them to 0 (zoneout_hidden "
+                "acts on h)"
+            )
+
     @property
     def gate_sites(self) -> bool:
         """True if a site that ``tied`` affects is active."""
@@ -410,7 +421,8 @@ PRESETS: tuple[str, ...] = (
 )
 
 
-DropoutSpec = RecurrentDropout | Mapping[str, Any] | str | float | None
+# float before str: jsonargparse tries the members in order, and "0.3" must parse as a float
+DropoutSpec = RecurrentDropout | Mapping[str, Any] | float | str | None
 
 
 def as_dropout(dropout: DropoutSpec) -> RecurrentDropout:

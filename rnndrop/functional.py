@@ -13,18 +13,23 @@ import math
 import torch
 from torch import Tensor
 
-from .kernels.cpp import build as _ext
 from .config import check_rate
+from .kernels.cpp import build as _ext
 
 __all__ = [
     "activation_regularization",
     "bernoulli_mask",
+    "draw_seed",
     "drop_path",
+    "drop_path_mask",
     "embedding_dropout",
     "keep_probability",
     "locked_dropout",
+    "seeded_mask",
+    "seeded_mask_mul",
     "sequence_mask",
     "temporal_activation_regularization",
+    "traced",
     "zoneout",
 ]
 
@@ -53,13 +58,14 @@ def _functorch_active() -> bool:
     return bool(active is not None and active())
 
 
-def _traced() -> bool:
+def traced() -> bool:
     """Under ``torch.compile`` or a ``torch.func`` transform."""
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling()) or _functorch_active()
 
 
-def _draw_seed(generator: torch.Generator | None) -> int:
+def draw_seed(generator: torch.Generator | None) -> int:
+    """One 64-bit mask seed from ``generator`` (or torch's global CPU generator)."""
     word = torch.empty((), dtype=torch.int64)
     return int(word.random_(-(2**63), 2**63 - 1, generator=generator))
 
@@ -116,7 +122,7 @@ def bernoulli_mask(
     if keep >= 1.0 or n == 0:
         value = 1.0 / keep if scale else 1.0
         return torch.full(tuple(shape), value, device=device, dtype=dtype)
-    return seeded_mask(shape, p, _draw_seed(generator), scale=scale, device=device, dtype=dtype)
+    return seeded_mask(shape, p, draw_seed(generator), scale=scale, device=device, dtype=dtype)
 
 
 def _threshold_value(p: float, scale: bool) -> tuple[int, float]:
@@ -314,10 +320,10 @@ def drop_path(x: Tensor, p: float, training: bool = True, *, scale: bool = True)
     p = check_rate("p", p)
     if not training or p == 0.0:
         return x
-    return x * _drop_path_mask(x, p, scale)
+    return x * drop_path_mask(x, p, scale)
 
 
-def _drop_path_mask(x: Tensor, p: float, scale: bool = True) -> Tensor:
+def drop_path_mask(x: Tensor, p: float, scale: bool = True) -> Tensor:
     """The ``(B, 1, ...)`` mask :func:`drop_path` multiplies ``x`` by."""
     shape = (x.shape[0],) + (1,) * (x.dim() - 1)
     return bernoulli_mask(shape, p, scale=scale, device=x.device, dtype=x.dtype)

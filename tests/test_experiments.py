@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from rnndrop.config import RecurrentDropout as RD
 from rnndrop.lit.cli import make_cli
+from rnndrop.nn import GRU
 
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large",
@@ -31,7 +33,7 @@ def small_lm(corpus):
 
 
 @pytest.mark.parametrize("name", [*PTB, "wikitext2"])
-def test_ptb_configs_run(name, text_corpus):
+def test_ptb_configs_run(name, text_corpus, tmp_path):
     configs = [EXP / "ptb/base.yaml"]
     if name == "wikitext2":
         configs += [EXP / "ptb/awd.yaml", EXP / "wikitext2/awd.yaml"]
@@ -39,7 +41,8 @@ def test_ptb_configs_run(name, text_corpus):
         configs += [EXP / f"ptb/{name.removesuffix('_tied')}.yaml", EXP / f"ptb/{name}.yaml"]
     else:
         configs.append(EXP / f"ptb/{name}.yaml")
-    args = ["fit", *[f"--config={c}" for c in configs], *QUIET, *small_lm(text_corpus)]
+    args = ["fit", *[f"--config={c}" for c in configs], *QUIET, *small_lm(text_corpus),
+            f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
     if name == "zoneout_char":
         args.append("--data.init_args.tokenization=char")
     cli = make_cli(args)
@@ -51,9 +54,10 @@ def test_ptb_configs_run(name, text_corpus):
 
 
 @pytest.mark.parametrize("name", SYNTHETIC)
-def test_synthetic_configs_run(name, fake_mnist):
+def test_synthetic_configs_run(name, fake_mnist, tmp_path):
     args = ["fit", f"--config={EXP / 'synthetic/base.yaml'}",
-            f"--config={EXP / f'synthetic/{name}.yaml'}", *QUIET]  # fmt: skip
+            f"--config={EXP / f'synthetic/{name}.yaml'}", *QUIET,
+            f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
     if name == "pixel_mnist":
         args += [f"--data.init_args.data_dir={fake_mnist}", "--data.init_args.val_size=10",
                  "--data.init_args.batch_size=8"]  # fmt: skip
@@ -78,9 +82,9 @@ def test_published_settings_reach_the_model(text_corpus):
 
 
 def test_default_command_trains_something(tmp_path):
-    cli = make_cli(
-        ["fit", *QUIET, "--data.init_args.train_size=32", "--data.init_args.val_size=16"]
-    )
+    cli = make_cli(["fit", *QUIET, "--data.init_args.train_size=32",
+                    "--data.init_args.val_size=16",
+                    f"--trainer.default_root_dir={tmp_path}"])  # fmt: skip
     assert cli.trainer.global_step == 1 and type(cli.model).__name__ == "SequenceTask"
 
 
@@ -99,6 +103,57 @@ def test_bad_key_and_value_are_named(capsys):
         assert all(n in text for n in names), text
 
 
+@pytest.mark.parametrize("which", ["lm", "synthetic"])
+def test_cli_trains_a_gru(which, text_corpus, tmp_path):
+    """`--model.init_args.model.init_args.encoder gru`: the model's encoder, from the CLI."""
+    if which == "lm":
+        base = [f"--config={EXP / 'ptb/base.yaml'}", f"--config={EXP / 'ptb/awd.yaml'}",
+                *small_lm(text_corpus), "--model.init_args.model.init_args.hidden_size=8",
+                "--model.init_args.model.init_args.embedding_size=4"]  # fmt: skip
+    else:
+        base = [f"--config={EXP / 'synthetic/base.yaml'}",
+                f"--config={EXP / 'synthetic/copy.yaml'}", "--data.init_args.train_size=64",
+                "--data.init_args.val_size=32"]  # fmt: skip
+    cli = make_cli(["fit", *base, *QUIET, f"--trainer.default_root_dir={tmp_path}",
+                    "--model.init_args.model.init_args.encoder=gru"])  # fmt: skip
+    net = cli.model.model
+    assert cli.trainer.global_step == 1
+    assert net.encoder.cell == "gru" and all(isinstance(p, GRU) for p in net.encoder.parts)
+    assert cli.model.hparams["model"]["init_args"]["encoder"] == "gru"
+    if which == "lm":  # AWD's narrower last layer and the config's rates, on GRUs
+        first, last = net.encoder.parts
+        assert (first.num_layers, last.hidden_size) == (2, 4) and first.dropout.weight_hh == 0.5
+    else:
+        assert net.dropout.recurrent == 0.1  # copy.yaml's dropout, unchanged
+
+
+def test_gru_with_zoneout_cell_is_a_cli_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        make_cli(["--model.init_args.model.init_args.encoder=gru",
+                  "--model.init_args.model.init_args.dropout=zoneout"], run=False)  # fmt: skip
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "zoneout_cell" in err and "GRU" in err, err
+
+
+@pytest.mark.parametrize(
+    "dropout, want",
+    [("variational", RD.variational()),
+     ("{preset: variational, p: 0.3}", RD.variational(0.3)),
+     ("{preset: awd, wdrop: 0.2, dropoute: 0.0}", RD.awd(dropoute=0.0, wdrop=0.2)),
+     ("{recurrent: 0.2, tied: false}", RD(recurrent=0.2, tied=False)),
+     ("0.3", RD(between_layers=0.3, time="per_step"))],
+)  # fmt: skip
+def test_yaml_dropout_forms_reach_the_model(dropout, want, tmp_path):
+    """A preset name, a preset with arguments, fields, or a float: as_dropout's forms in YAML."""
+    delta = tmp_path / "delta.yaml"
+    delta.write_text(f"model:\n  init_args:\n    model:\n      init_args:\n"
+                     f"        num_layers: 2\n        dropout: {dropout}\n")  # fmt: skip
+    cli = make_cli([f"--config={EXP / 'synthetic/base.yaml'}", f"--config={delta}"], run=False)
+    net = cli.model.model
+    assert net.dropout == want and net.encoder.parts[0].dropout is net.dropout
+    assert cli.model.hparams["model"]["init_args"]["dropout"] == want.to_dict()  # plain data
+
+
 TINY_STUDY = {"steps": 2, "batch_size": 4, "eval_size": 8, "mc_samples": 1, "val_every": 1}
 
 
@@ -109,11 +164,11 @@ def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
 
     path = QUICK if which == "quick" else EXP / "long_range/full.yaml"
     study = load_study(path, out_dir=str(tmp_path), **TINY_STUDY)
-    assert len(study.cells()) == {"quick": 36, "full": 225}[which]
+    assert len(study.cells()) == {"quick": 36, "full": 345}[which]
     cells = study.cells()
     picks = [
         cells.index(next(c for c in cells if c.scheme == s))
-        for s in ("none", "variational", "transformer_standard")
+        for s in ("none", "variational", "gru_variational", "gru_zoneout", "transformer_standard")
         if s in study.schemes
     ]
     results = run_study(study, only=picks, progress=False)
@@ -133,7 +188,7 @@ def test_context_study_config_runs(name, tmp_path, text_corpus):
     assert result["status"] == "ok" and set(result["probe"]["increase"]) == set(study.modes)
 
 
-@pytest.mark.parametrize("which", ["lm", "synthetic"])
+@pytest.mark.parametrize("which", ["lm", "synthetic", "synthetic_gru"])
 def test_cli_resumes_and_tests_from_a_checkpoint(which, tmp_path, text_corpus):
     """`rnndrop fit --ckpt_path` continues a run; `rnndrop test --ckpt_path` evaluates it.
 
@@ -149,6 +204,8 @@ def test_cli_resumes_and_tests_from_a_checkpoint(which, tmp_path, text_corpus):
                 f"--config={EXP / 'synthetic/delayed_recall.yaml'}",
                 "--data.init_args.train_size=64", "--data.init_args.val_size=32",
                 "--data.init_args.batch_size=8"]  # fmt: skip
+        if which == "synthetic_gru":
+            base.append("--model.init_args.model.init_args.encoder=gru")
     quiet = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
              "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]  # fmt: skip
@@ -161,3 +218,4 @@ def test_cli_resumes_and_tests_from_a_checkpoint(which, tmp_path, text_corpus):
     assert resumed.trainer.global_step == 6 and resumed.trainer.current_epoch == 2
     tested = make_cli(["test", *base, *quiet, f"--ckpt_path={ckpt}"])
     assert tested.trainer.state.finished
+    assert tested.model.model.encoder.cell == ("gru" if which.endswith("gru") else "lstm")

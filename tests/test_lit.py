@@ -34,11 +34,12 @@ class Losses(Callback):
         self.values.append(float(outputs["loss"]))
 
 
-def lm_setup(corpus, **task_kw):
+def lm_setup(corpus, cell="lstm", **task_kw):
     dm = LanguageModelDataModule("folder", data_dir=str(corpus), batch_size=4, eval_batch_size=4,
                                  bptt=6)  # fmt: skip
-    net = LanguageModel(dm.vocab_size, 8, 12, 2, dropout=RD.variational(0.3).replace(
-        zoneout_cell=0.1))  # fmt: skip
+    zoneout = {"lstm": "zoneout_cell", "gru": "zoneout_hidden"}[cell]  # the loop path, each cell
+    net = LanguageModel(dm.vocab_size, 8, 12, 2, encoder=cell,
+                        dropout=RD.variational(0.3).replace(**{zoneout: 0.1}))  # fmt: skip
     return LanguageModelTask(net, **task_kw), dm
 
 
@@ -56,9 +57,12 @@ def loss_curve(setup, max_steps, ckpt=None, save=None):
     return losses.values
 
 
-def test_lm_resume_mid_epoch_gives_the_same_loss_curve(text_corpus, tmp_path):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lm_resume_mid_epoch_gives_the_same_loss_curve(text_corpus, tmp_path, cell):
+    """TBPTT state ((h, c) for the LSTM, h for the GRU) is carried, detached and checkpointed."""
+
     def run(max_steps, ckpt=None, save=None):
-        return loss_curve(lambda: lm_setup(text_corpus, lr=0.5), max_steps, ckpt, save)
+        return loss_curve(lambda: lm_setup(text_corpus, cell, lr=0.5), max_steps, ckpt, save)
 
     full = run(12)
     first = run(5, save=tmp_path / "mid.ckpt")
@@ -132,8 +136,9 @@ def tags(run_dir):
     return ea.Tags()
 
 
-def test_tensorboard_tags_language_model(text_corpus, tmp_path):
-    task, dm = lm_setup(text_corpus, lr=0.5, mc_samples=2)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_tensorboard_tags_language_model(text_corpus, tmp_path, cell):
+    task, dm = lm_setup(text_corpus, cell, lr=0.5, mc_samples=2)
     logger = TensorBoardLogger(tmp_path, name="lm", default_hp_metric=False)
     callbacks = [MaskStatistics(every_n_steps=2), GradientThroughTime(distances=[1, 3, 5])]
     trainer = L.Trainer(max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=callbacks,
@@ -148,13 +153,34 @@ def test_tensorboard_tags_language_model(text_corpus, tmp_path):
         assert tag in scalars, tag
     masks = {s for s in scalars if s.startswith("masks/")}
     assert any(s.endswith("/recurrent/l0") for s in masks)
-    assert any(s.endswith("/zoneout_cell/l1") for s in masks)
+    zoneout = {"lstm": "zoneout_cell", "gru": "zoneout_hidden"}[cell]
+    assert any(s.endswith(f"/{zoneout}/l1") for s in masks)
     assert "grad_through_time" in t["images"]
     ea = EventAccumulator(str(logger.log_dir))
     ea.Reload()
     assert "_hparams_/session_start_info" in ea.PluginTagToContent("hparams")  # HPARAMS tab
     rate = ea.Scalars(next(s for s in masks if s.endswith("/recurrent/l0")))[0].value
     assert abs(rate - 0.3) < 5 * math.sqrt(0.3 * 0.7 / (4 * 12))  # the configured rate
+
+
+def test_gru_lm_task_trains_and_its_loss_decreases(tmp_path):
+    """A GRU language model through the Lightning task: TBPTT on a generated, learnable corpus
+    (a fixed cycle of words: each word determines the next)."""
+    for split, lines in (("train", 60), ("valid", 5), ("test", 5)):
+        (tmp_path / f"{split}.txt").write_text("a c e g b d f h\n" * lines)
+    L.seed_everything(0)
+    dm = LanguageModelDataModule("folder", data_dir=str(tmp_path), batch_size=4, bptt=8)
+    net = LanguageModel(dm.vocab_size, 8, 16, 2, encoder="gru", dropout="variational")
+    task = LanguageModelTask(net, optimizer="adam", lr=0.01)
+    losses = Losses()
+    trainer = L.Trainer(max_steps=30, logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, callbacks=[losses], **QUIET)  # fmt: skip
+    trainer.fit(task, dm)
+    state = task.state["train"]  # the GRU's h, carried from chunk to chunk, detached
+    assert isinstance(state, torch.Tensor) and state.shape == (2, 4, 16)
+    assert state.grad_fn is None and not state.requires_grad
+    first, last = losses.values[:5], losses.values[-5:]
+    assert sum(last) < 0.8 * sum(first), losses.values
 
 
 def test_tensorboard_tags_sequence_task_and_accuracy_by_distance(tmp_path):
@@ -249,17 +275,33 @@ def test_nt_asgd_triggers_and_averages_iterates():
     torch.testing.assert_close(w, last)
 
 
-def test_max_norm_constrains_unit_weights_not_embeddings():
-    net = LanguageModel(50, 8, 16, 2)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_max_norm_constrains_unit_weights_not_embeddings(cell):
+    net = LanguageModel(50, 8, 16, 2, encoder=cell)
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(100)
     emb = net.embedding.weight.detach().clone()
     max_norm_(net, 1.5)
-    lstm = net.encoder.parts[0]
-    for w in (lstm.weight_ih_l0, lstm.weight_hh_l1, net.decoder.weight):
+    rnn = net.encoder.parts[0]
+    for w in (rnn.weight_ih_l0, rnn.weight_hh_l1, net.decoder.weight):
         assert (w.norm(dim=1) <= 1.5 + 1e-5).all()
     assert torch.equal(net.embedding.weight, emb)
+
+
+def test_max_norm_covers_every_recurrent_layer_and_cell():
+    from rnndrop.nn import GRU, GRUCell, LSTMCell
+
+    net = torch.nn.ModuleList([GRU(3, 5), GRUCell(3, 5), LSTMCell(3, 5), torch.nn.GRUCell(3, 5),
+                               torch.nn.LSTM(3, 5)])  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(1.0)
+    max_norm_(net, 0.5)
+    for name, p in net.named_parameters():
+        norms = p.norm(dim=-1) if "weight" in name else None
+        assert norms is None or (norms <= 0.5 + 1e-6).all(), name
+        assert "weight" in name or (p == 1.0).all(), name  # biases are not units' weights
 
 
 @pytest.mark.parametrize("bad", [{"optimizer": "rmsprop"}, {"lr": 0.0}, {"lr_decay": 1.5},

@@ -10,7 +10,17 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from rnndrop.analysis import context_usage, effective_context, mean_ci, solved_distance
-from rnndrop.study import StudyConfig, is_finished, load_result, load_study, run_study
+from rnndrop.config import PRESETS
+from rnndrop.config import RecurrentDropout as RD
+from rnndrop.study import (
+    BUILTIN_SCHEMES,
+    StudyConfig,
+    is_finished,
+    load_result,
+    load_study,
+    resolve_scheme,
+    run_study,
+)
 from rnndrop.study import runner as study_runner
 from rnndrop.study.cli import main as study_main
 from rnndrop.study.report import score
@@ -159,13 +169,120 @@ def test_transformer_scheme_runs_in_a_study(tmp_path):
         ({"distances": [0]}, "distances"),
         ({"steps": 0}, "steps"),
         ({"seeds": []}, "seed"),
-        ({"custom_schemes": {"x": {"encoder": "gru"}}, "schemes": ["x"]}, "encoder"),
+        ({"custom_schemes": {"x": {"encoder": "rnn"}}, "schemes": ["x"]}, "encoder"),
+        (
+            {
+                "custom_schemes": {"x": {"encoder": "gru", "dropout": {"zoneout_cell": "p"}}},
+                "schemes": ["x"],
+            },
+            r"scheme 'x'.*zoneout_cell.*GRU",
+        ),
+        ({"custom_schemes": {"x": {"dropout": "variationl"}}, "schemes": ["x"]}, "variationl"),
+        (
+            {"custom_schemes": {"x": {"dropout": {"preset": "naive", "q": "p"}}}, "schemes": ["x"]},
+            "q",
+        ),
+        ({"model": {"hidden_size": 8, "encoder": "gru"}}, "encoder"),
         ({"custom_schemes": {"x": {"dropot": {}}}, "schemes": ["x"]}, "dropot"),
     ],
 )
 def test_bad_study_configs_name_the_problem(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         tiny(tmp_path, **kw)
+
+
+# ---- schemes: one registry (RecurrentDropout's presets), LSTM and GRU ------------------------
+
+AT_RATE = {
+    "zoneout": {"hidden": 0.3, "cell": 0.3},
+    "none": {},
+    "awd": dict.fromkeys(("dropoute", "dropouti", "dropouth", "dropout", "wdrop"), 0.3),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_builtin_schemes_are_the_presets_at_rate_p(preset, cell):
+    """A built-in scheme at rate p is RecurrentDropout.<preset> with p for each rate argument,
+    field by field; the GRU's zoneout is hidden-only."""
+    name = preset if cell == "lstm" else f"gru_{preset}"
+    encoder, got = resolve_scheme(BUILTIN_SCHEMES[name], 0.3)
+    want = RD.preset(preset, **AT_RATE.get(preset, {"p": 0.3}))
+    if (cell, preset) == ("gru", "zoneout"):
+        want = RD.zoneout(hidden=0.3, cell=0.0)
+    assert encoder == cell and got == want
+    assert got.to_dict() == want.to_dict()
+
+
+@pytest.mark.parametrize("name", ["variational_untied", "gru_variational_untied"])
+def test_untied_variational_scheme(name):
+    assert resolve_scheme(BUILTIN_SCHEMES[name], 0.3)[1] == RD.variational(0.3, tied=False)
+
+
+def test_quick_study_keeps_its_grid_and_published_hashes():
+    """The quick study's cells, and their config hashes, are those of the published results:
+    deriving the schemes from the presets changed none of them."""
+    from pathlib import Path
+
+    from rnndrop.study.cli import QUICK
+
+    docs = Path(__file__).parents[1] / "docs" / "results"
+    quick = load_study(QUICK)
+    rows = list(csv.DictReader((docs / "quick" / "results.csv").open()))
+    assert {f"{r['label']} d={r['distance']} seed={r['seed']}": r["config_hash"] for r in rows} \
+        == {str(c): quick.cell_hash(c) for c in quick.cells()}  # fmt: skip
+    # the full study's LSTM and transformer cells too, but awd: it gained the embedding site
+    full = load_study(Path(__file__).parents[1] / "experiments" / "long_range" / "full.yaml")
+    hashes = {str(c): full.cell_hash(c) for c in full.cells()}
+    rows = list(csv.DictReader((docs / "full" / "results.csv").open()))
+    changed = {
+        r["scheme"]
+        for r in rows
+        if hashes[f"{r['label']} d={r['distance']} seed={r['seed']}"] != r["config_hash"]
+    }
+    assert changed == {"awd"}  # fmt: skip
+
+
+def test_scheme_dropout_forms(tmp_path):
+    """A scheme's dropout takes what as_dropout takes, with "p" for the swept rate."""
+    custom = {
+        "name": {"dropout": "variational"},  # a preset at its defaults: runs once
+        "half": {"encoder": "gru", "dropout": {"preset": "variational", "p": "p/2"}},
+        "float": {"dropout": "p"},  # torch's meaning: per-step, between layers
+        "fields": {"dropout": {"recurrent": "p", "tied": False}},
+    }
+    study = tiny(tmp_path, schemes=list(custom), rates=[0.2, 0.4], custom_schemes=custom)
+    assert study.rates_for("name") == [None] and study.rates_for("half") == [0.2, 0.4]
+    got = {c.label: study.cell_spec(c) for c in study.cells() if c.distance == 3}
+    assert got["name"]["dropout"] == RD.variational().to_dict()
+    assert got["half_p0.4"]["dropout"] == RD.variational(0.2).to_dict()
+    assert got["half_p0.4"]["encoder"] == "gru"
+    assert got["float_p0.2"]["dropout"] == RD(between_layers=0.2, time="per_step").to_dict()
+    assert got["fields_p0.4"]["dropout"] == RD(recurrent=0.4, tied=False).to_dict()
+
+
+def test_gru_schemes_run_in_a_study(tmp_path):
+    study = tiny(tmp_path, distances=[3], schemes=["gru_zoneout", "gru_awd", "variational"])
+    assert [c.label for c in study.cells()] == ["gru_zoneout_p0.3", "gru_awd_p0.3",
+                                                "variational_p0.3"]  # fmt: skip
+    results = run_study(study, progress=False)
+    assert [r["status"] for r in results] == ["ok"] * 3
+    gru_zoneout, gru_awd, lstm = results
+    assert gru_zoneout["spec"]["encoder"] == "gru" and lstm["spec"]["encoder"] == "lstm"
+    assert gru_zoneout["spec"]["dropout"] == RD.zoneout(0.3, 0.0).to_dict()
+    assert gru_awd["spec"]["dropout"]["weight_hh"] == 0.3
+    for r in results:  # the hidden-state gradient for both recurrent cells
+        assert set(r["grad_through_time"]) == {"input", "state"}
+        assert all(math.isfinite(v) for v in r["grad_through_time"]["state"].values())
+    from rnndrop.study import write_report
+
+    paths = write_report(study, results)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [r["encoder"] for r in rows] == ["gru", "gru", "lstm"]
+    md = paths["markdown"].read_text()
+    assert "| gru_zoneout_p0.3 |" in md and "GRU/LSTM hidden state, all layers" in md
+    md = write_report(study, results[:2])["markdown"].read_text()
+    assert "(GRU hidden state, all layers" in md
 
 
 def test_load_study_rejects_unknown_keys_and_missing_files(tmp_path):
@@ -319,6 +436,22 @@ def test_slurm_array_script_runs_cells_then_report(tmp_path):
     assert "| none |" in report.stdout and (done.root / "results.csv").is_file()
     no_task = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
     assert no_task.returncode != 0 and "array job" in no_task.stderr
+
+
+def test_context_study_runs_a_gru_language_model(tmp_path, text_corpus):
+    """A GRU scheme in the context study: a GRU LM carries its state, so window > bptt is fine."""
+    from rnndrop.study.context import load_context_study, run_context_study
+
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text(json.dumps({
+        "corpus": "folder", "data_dir": str(text_corpus), "schemes": ["gru_zoneout"],
+        "rates": [0.1], "seeds": [0], "steps": 3, "batch_size": 4, "bptt": 6, "window": 12,
+        "distances": [1, 3], "n_targets": 10, "out_dir": str(tmp_path),
+        "model": {"embedding_size": 8, "hidden_size": 8, "num_layers": 2},
+    }))  # fmt: skip
+    (result,) = run_context_study(load_context_study(cfg), progress=False)
+    assert result["status"] == "ok" and result["spec"]["encoder"] == "gru"
+    assert result["spec"]["dropout"] == RD.zoneout(0.1, 0.0).to_dict()
 
 
 def test_context_study_runs_the_transformer_within_its_training_context(tmp_path, text_corpus):

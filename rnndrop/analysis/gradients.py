@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..models.encoders import LSTMStack
+from ..models import RecurrentStack
 
 __all__ = ["default_distances", "gradient_through_time", "last_step_loss"]
 
@@ -41,10 +41,29 @@ def last_step_loss(model: nn.Module, pred_last: Tensor, y: Tensor) -> tuple[Tens
     return F.cross_entropy(pred_last[valid], target[valid], reduction="sum"), valid
 
 
-def _state_leaves(state) -> list[Tensor]:
-    """The hidden-state ``h`` tensors of an LSTMStack state, as leaves needing grad."""
-    parts = state if isinstance(state, list) else [state]
-    return [h for h, _ in parts]
+def _parts(state) -> list:
+    """A :class:`~rnndrop.models.RecurrentStack` state as a list with one state per part."""
+    return state if isinstance(state, list) else [state]
+
+
+def _h_leaves(state):
+    """The state with every ``h`` detached as a leaf that needs grad (``c`` only detached).
+
+    A part's state is ``(h, c)`` (LSTM) or ``h`` (GRU); the GRU's ``h`` is all of its state.
+    """
+    out = []
+    for part in _parts(state):
+        if isinstance(part, Tensor):  # GRU
+            out.append(part.detach().requires_grad_(True))
+        else:  # LSTM
+            h, c = part
+            out.append((h.detach().requires_grad_(True), c.detach()))
+    return out if isinstance(state, list) else out[0]
+
+
+def _hidden(state) -> list[Tensor]:
+    """The ``h`` tensors of a :class:`~rnndrop.models.RecurrentStack` state, one per part."""
+    return [part if isinstance(part, Tensor) else part[0] for part in _parts(state)]
 
 
 def gradient_through_time(
@@ -60,10 +79,13 @@ def gradient_through_time(
     """Mean gradient norm of the last step's loss with respect to what lies ``k`` steps back.
 
     ``wrt="input"``: ``‖∂L_T/∂x_{T-1-k}‖`` for the encoder's input features (any encoder,
-    one backward pass, ``k ≥ 0``). ``wrt="state"``: ``‖∂L_T/∂h_{T-1-k}‖`` for an LSTM's hidden
-    state after step ``T-1-k`` (all layers, ``k ≥ 1``), by running the sequence in two parts
-    with that state as a leaf. The norm is taken per sample over features (and layers) and
-    averaged over the samples that have a target at the last step.
+    one backward pass, ``k ≥ 0``). ``wrt="state"``: ``‖∂L_T/∂h_{T-1-k}‖`` for the hidden state
+    ``h`` of an LSTM or GRU encoder (:class:`~rnndrop.models.RecurrentStack`) after step
+    ``T-1-k`` (all layers, ``k ≥ 1``), by running the sequence in two parts with ``h`` as a
+    leaf. For the LSTM, ``c`` is carried as a separate node (not a function of ``h``), as in
+    the step-by-step graph; for the GRU, ``h`` is the whole state. The norm is taken per sample
+    over features (and layers) and averaged over the samples that have a target at the last
+    step.
 
     Args:
         model: a :class:`~rnndrop.models.LanguageModel` or
@@ -79,8 +101,10 @@ def gradient_through_time(
     low = 0 if wrt == "input" else 1
     if any(not low <= k < T for k in ks):
         raise ValueError(f"distances must lie in [{low}, {T - 1}] for T={T}, got {ks}")
-    if wrt == "state" and not isinstance(model.encoder, LSTMStack):
-        raise ValueError("wrt='state' needs an LSTM encoder; use wrt='input' for the transformer")
+    if wrt == "state" and not isinstance(model.encoder, RecurrentStack):
+        raise ValueError(
+            "wrt='state' needs an LSTM or GRU encoder; use wrt='input' for the transformer"
+        )
     if wrt not in ("input", "state"):
         raise ValueError(f"wrt must be 'input' or 'state', got {wrt!r}")
     was_training = model.training
@@ -99,19 +123,12 @@ def gradient_through_time(
             result = {}
             for k in ks:
                 _, _, state = model.encoder(feats[:, : T - k])
-                state = _detach_h_as_leaves(state)
+                state = _h_leaves(state)
                 out, _, _ = model.encoder(feats[:, T - k :], state)
                 loss, valid = last_step_loss(model, model.readout(out[:, -1]), y)
-                grads = torch.autograd.grad(loss, _state_leaves(state))
+                grads = torch.autograd.grad(loss, _hidden(state))
                 per_sample = torch.cat([g.transpose(0, 1).flatten(1) for g in grads], 1)
                 result[k] = float(per_sample.norm(dim=1)[valid].mean())
             return result
     finally:
         model.train(was_training)
-
-
-def _detach_h_as_leaves(state):
-    if isinstance(state, list):
-        return [_detach_h_as_leaves(s) for s in state]
-    h, c = state
-    return (h.detach().requires_grad_(True), c.detach())

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..nn import LSTM
+from ..nn import GRUCell, LSTMCell, RNNBase
 
 __all__ = ["OptimizerName", "SplitMetric", "Task", "detach_state", "max_norm_"]
 
@@ -59,13 +59,14 @@ def detach_state(state: Any) -> Any:
 
 def max_norm_(module: nn.Module, max_norm: float) -> None:
     """Max-norm constraint (Srivastava et al. 2014): ``‖w_j‖₂ ≤ c`` for the incoming weights
-    of every unit, i.e. each row of every ``nn.Linear`` weight and LSTM ``weight_*`` matrix
-    (embedding rows are word vectors, not units, and are left alone). In place."""
+    of every unit, i.e. each row of every ``nn.Linear`` weight and every LSTM/GRU (layer or
+    cell, rnndrop's or torch's) ``weight_*`` matrix (embedding rows are word vectors, not
+    units, and are left alone). In place."""
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, nn.Linear):
                 weights = [m.weight]
-            elif isinstance(m, LSTM | nn.LSTM):
+            elif isinstance(m, RNNBase | LSTMCell | GRUCell | nn.RNNBase | nn.RNNCellBase):
                 weights = [
                     p for n, p in m.named_parameters(recurse=False) if n.startswith("weight")
                 ]

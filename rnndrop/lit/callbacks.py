@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..analysis import gradient_through_time
-from ..models.encoders import LSTMStack
+from ..models import RecurrentStack
 from ..nn.dropout import StochasticModule
 
 __all__ = [
@@ -109,8 +109,8 @@ class MaskStatistics(Callback):
     ``masks/model.embedding/embedding`` (word types), ``masks/model.encoder.net.blocks.0/ffn``:
     the fraction of zeros in the mask (for zoneout, the fraction of units that kept their
     previous value). Compare with the configured rates to see the masks at work. Every
-    :class:`~rnndrop.nn.dropout.StochasticModule` that records masks takes part: the LSTM,
-    embedding dropout and the transformer's embedding, residual, FFN and DropPath sites
+    :class:`~rnndrop.nn.dropout.StochasticModule` that records masks takes part: the LSTM and
+    GRU, embedding dropout and the transformer's embedding, residual, FFN and DropPath sites
     (attention dropout happens inside the fused attention kernel and cannot be seen).
     """
 
@@ -142,15 +142,16 @@ class GradientThroughTime(Callback):
     """Gradient norm through time on a fixed validation batch, as scalars and a figure.
 
     Every ``every_n_epochs`` validations, ``‖∂L_T/∂h_{T-1-k}‖`` (``wrt="state"``: the LSTM's
-    hidden state, all layers) or ``‖∂L_T/∂x_{T-1-k}‖`` (``wrt="input"``: the encoder's input,
-    any encoder) of the last step's loss for distances
+    or GRU's hidden state ``h``, all layers) or ``‖∂L_T/∂x_{T-1-k}‖`` (``wrt="input"``: the
+    encoder's input, any encoder) of the last step's loss for distances
     ``k`` (see :func:`rnndrop.analysis.gradient_through_time`), logged as
     ``grad_through_time/k=<k>`` and as a log-scale plot in TensorBoard's IMAGES tab.
 
     Args:
         every_n_epochs: how often.
         distances: the ``k``; default: about 12 log-spaced ones.
-        wrt: ``"state"``, ``"input"``, or ``"auto"``: the state for LSTMs, else the input.
+        wrt: ``"state"``, ``"input"``, or ``"auto"``: the state for LSTMs and GRUs, else the
+            input.
         max_batch: samples of the first validation batch to use.
     """
 
@@ -182,7 +183,7 @@ class GradientThroughTime(Callback):
         x, y = (t.to(pl_module.device) for t in self._fixed_batch(trainer))
         wrt = self.wrt
         if wrt == "auto":
-            wrt = "state" if isinstance(pl_module.model.encoder, LSTMStack) else "input"
+            wrt = "state" if isinstance(pl_module.model.encoder, RecurrentStack) else "input"
         norms = gradient_through_time(pl_module.model, x, y, self.distances, wrt=wrt)
         pl_module.log_dict({f"grad_through_time/k={k}": v for k, v in norms.items()})
         for logger in trainer.loggers:

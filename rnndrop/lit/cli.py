@@ -3,11 +3,18 @@
     rnndrop fit --config experiments/ptb/zaremba_small.yaml
     rnndrop fit --config experiments/synthetic/copy.yaml \
         --model.init_args.model.dropout.recurrent 0.3
+    rnndrop fit --config experiments/synthetic/base.yaml \
+        --config experiments/synthetic/copy.yaml \
+        --model.init_args.model.encoder gru --model.init_args.model.dropout variational
 
 A config picks a task (``model.class_path``: ``rnndrop.lit.LanguageModelTask`` or
 ``rnndrop.lit.SequenceTask``) and a data module (``data.class_path``); without them it
-trains an LSTM on delayed recall. What the model must know about the data (vocabulary
-size, input size, classes, loss, memoryless baseline) is linked from the data module.
+trains an LSTM on delayed recall. The model's ``encoder`` is ``lstm``, ``gru`` or
+``transformer``; its ``dropout`` is anything :func:`rnndrop.config.as_dropout` takes: a dict
+of :class:`~rnndrop.config.RecurrentDropout` fields, a preset name (``dropout: variational``),
+a preset with arguments (``dropout: {preset: variational, p: 0.3}``) or a float. What the
+model must know about the data (vocabulary size, input size, classes, loss, memoryless
+baseline) is linked from the data module.
 Each run logs to TensorBoard under ``runs/<name>/version_<n>/`` with the resolved config
 saved beside it as ``config.yaml``.
 """

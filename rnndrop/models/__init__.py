@@ -1,13 +1,21 @@
 """Plain ``nn.Module`` models (no Lightning): language models and sequence models."""
 
-from .encoders import LSTMStack, TransformerEncoder, build_encoder
+from .encoders import (
+    ENCODERS,
+    RECURRENT_CELLS,
+    RecurrentStack,
+    TransformerEncoder,
+    build_encoder,
+)
 from .language_model import LanguageModel, LMOutput
 from .sequence_model import SeqOutput, SequenceModel
 
 __all__ = [
+    "ENCODERS",
+    "RECURRENT_CELLS",
     "LMOutput",
-    "LSTMStack",
     "LanguageModel",
+    "RecurrentStack",
     "SeqOutput",
     "SequenceModel",
     "TransformerEncoder",

@@ -1,7 +1,8 @@
-"""The encoders models are built on: an rnndrop LSTM stack or the causal transformer.
+"""The encoders models are built on: an rnndrop LSTM or GRU stack, or the causal transformer.
 
-Both take batch-first input and a state, and return ``(output, pre_dropout, state)``;
-the transformer carries no state (``None``).
+Every encoder takes batch-first input and a state, and returns ``(output, pre_dropout, state)``;
+the transformer carries no state (``None``). Which one a model uses is its ``encoder``:
+``"lstm"``, ``"gru"`` (a :class:`RecurrentStack` of that cell) or ``"transformer"``.
 """
 
 from __future__ import annotations
@@ -11,31 +12,46 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from ..config import RecurrentDropout, TransformerDropout
-from ..nn import LSTM, CausalTransformer
+from ..nn import GRU, LSTM, CausalTransformer, RNNBase
 
-__all__ = ["EncoderKind", "LSTMStack", "TransformerEncoder", "build_encoder", "plain_config"]
+__all__ = [
+    "ENCODERS",
+    "RECURRENT_CELLS",
+    "EncoderKind",
+    "RecurrentStack",
+    "TransformerEncoder",
+    "build_encoder",
+]
 
-EncoderKind = Literal["lstm", "transformer"]
+EncoderKind = Literal["lstm", "gru", "transformer"]
+
+#: the recurrent cells a :class:`RecurrentStack` is built of, by encoder name
+RECURRENT_CELLS: dict[str, type[RNNBase]] = {"lstm": LSTM, "gru": GRU}
+ENCODERS: tuple[str, ...] = (*RECURRENT_CELLS, "transformer")
 
 
-def plain_config(args: dict[str, Any]) -> dict[str, Any]:
-    """Constructor arguments as plain data (dropout configs become dicts)."""
-    return {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in args.items()}
+class RecurrentStack(nn.Module):
+    """``num_layers`` rnndrop LSTM or GRU layers whose last one may be narrower (AWD tying).
 
+    With ``last_size == hidden_size`` this is one :class:`rnndrop.nn.LSTM` (or
+    :class:`rnndrop.nn.GRU`). Otherwise it is a ``num_layers - 1``-layer network followed by a
+    one-layer network of width ``last_size``, with the scheme split so that every mask acts
+    exactly once where the single network would put it: the first part's output mask is the
+    between-layers mask.
 
-class LSTMStack(nn.Module):
-    """``num_layers`` rnndrop LSTM layers whose last one may be narrower (AWD-LSTM tying).
+    State: the cell's state, ``(h, c)`` for the LSTM and ``h`` for the GRU, for one part; a
+    list of them (one per part) for two.
 
-    With ``last_size == hidden_size`` this is one :class:`rnndrop.nn.LSTM`. Otherwise it is
-    an LSTM of ``num_layers - 1`` layers followed by a one-layer LSTM of width
-    ``last_size``, with the scheme split so that every mask acts exactly once where the
-    single LSTM would put it: the first part's output mask is the between-layers mask.
-
-    State: ``(h, c)`` for one part, a list of them for two.
+    Args:
+        cell: ``"lstm"`` or ``"gru"``.
+        dropout: the scheme (already a :class:`~rnndrop.config.RecurrentDropout`). A site
+            that means nothing for the cell (``zoneout_cell`` for the GRU) raises the
+            ``ValueError`` of :class:`rnndrop.nn.GRU`.
     """
 
     def __init__(
         self,
+        cell: str,
         input_size: int,
         hidden_size: int,
         num_layers: int,
@@ -43,41 +59,34 @@ class LSTMStack(nn.Module):
         last_size: int | None = None,
     ) -> None:
         super().__init__()
+        if cell not in RECURRENT_CELLS:
+            raise ValueError(f"cell must be one of {list(RECURRENT_CELLS)}, got {cell!r}")
+        rnn = RECURRENT_CELLS[cell]
         last = last_size or hidden_size
         if last == hidden_size or num_layers == 1:
-            self.parts = nn.ModuleList(
-                [
-                    LSTM(
-                        input_size,
-                        last if num_layers == 1 else hidden_size,
-                        num_layers,
-                        batch_first=True,
-                        dropout=dropout,
-                    )
-                ]
-            )
+            width = last if num_layers == 1 else hidden_size
+            parts = [rnn(input_size, width, num_layers, batch_first=True, dropout=dropout)]
         else:
             inner = dropout.between_layers if num_layers > 2 else 0.0  # 1 layer: no use
             first = dropout.replace(output=dropout.between_layers, between_layers=inner)
             second = dropout.replace(input=0.0, between_layers=0.0)
-            self.parts = nn.ModuleList(
-                [
-                    LSTM(input_size, hidden_size, num_layers - 1, batch_first=True, dropout=first),
-                    LSTM(hidden_size, last, 1, batch_first=True, dropout=second),
-                ]
-            )
+            parts = [
+                rnn(input_size, hidden_size, num_layers - 1, batch_first=True, dropout=first),
+                rnn(hidden_size, last, 1, batch_first=True, dropout=second),
+            ]
+        self.cell = cell
+        self.parts = nn.ModuleList(parts)
         self.output_size = last
 
     def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Tensor, Any]:
-        states = (
-            [None] * len(self.parts)
-            if state is None
-            else ([state] if len(self.parts) == 1 else list(state))
-        )
+        if state is None:
+            states = [None] * len(self.parts)
+        else:
+            states = [state] if len(self.parts) == 1 else list(state)
         new = []
-        for lstm, s in zip(self.parts, states, strict=True):
-            x, hc, pre = lstm(x, s, return_pre_dropout=True)
-            new.append(hc)
+        for rnn, s in zip(self.parts, states, strict=True):
+            x, final, pre = rnn(x, s, return_pre_dropout=True)
+            new.append(final)
         return x, pre, new[0] if len(new) == 1 else new
 
 
@@ -127,10 +136,10 @@ def build_encoder(
     ffn_size: int | None = None,
     positions: str = "sinusoidal",
     max_len: int = 1024,
-) -> LSTMStack | TransformerEncoder:
+) -> RecurrentStack | TransformerEncoder:
     """An encoder by name; ``hidden_size`` is the transformer's ``d_model``."""
-    if kind == "lstm":
-        return LSTMStack(input_size, hidden_size, num_layers, dropout, last_size)
+    if kind in RECURRENT_CELLS:
+        return RecurrentStack(kind, input_size, hidden_size, num_layers, dropout, last_size)
     if kind == "transformer":
         return TransformerEncoder(
             input_size,
@@ -142,4 +151,4 @@ def build_encoder(
             positions,
             max_len,
         )
-    raise ValueError(f"encoder must be 'lstm' or 'transformer', got {kind!r}")
+    raise ValueError(f"encoder must be one of {list(ENCODERS)}, got {kind!r}")

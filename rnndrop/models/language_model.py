@@ -6,10 +6,9 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from ..config import RecurrentDropout, TransformerDropout
+from ..config import DropoutSpec, TransformerDropout, as_dropout
 from ..nn import EmbeddingDropout
 from .encoders import EncoderKind, build_encoder
-from .encoders import plain_config as _plain
 
 __all__ = ["LMOutput", "LanguageModel"]
 
@@ -22,20 +21,24 @@ class LMOutput(NamedTuple):
 
 
 class LanguageModel(nn.Module):
-    r"""``p(w_t | w_<t)`` from an rnndrop LSTM (any scheme) or a causal transformer.
+    r"""``p(w_t | w_<t)`` from an rnndrop LSTM or GRU (any scheme) or a causal transformer.
 
     ``e_t = E[w_t]`` (word types dropped with ``dropout.embedding``, Gal & Ghahramani
     2016), ``h = encoder(e)``, ``logits_t = W h_t + b``. With ``tie_weights`` the decoder
-    shares the embedding matrix (Press & Wolf 2017; Inan et al. 2017); for the LSTM the
-    last layer is then ``embedding_size`` wide, as in AWD-LSTM.
+    shares the embedding matrix (Press & Wolf 2017; Inan et al. 2017); for the LSTM and GRU
+    the last layer is then ``embedding_size`` wide, as in AWD-LSTM.
 
     Args:
         vocab_size: vocabulary (linked from the data module by the CLI).
         embedding_size: width of the embeddings.
-        hidden_size: LSTM width, or the transformer's ``d_model``.
-        num_layers: LSTM layers or transformer blocks.
-        encoder: ``"lstm"`` or ``"transformer"``.
-        dropout: the LSTM's scheme; its ``embedding`` rate applies to either encoder.
+        hidden_size: LSTM/GRU width, or the transformer's ``d_model``.
+        num_layers: recurrent layers or transformer blocks.
+        encoder: ``"lstm"``, ``"gru"`` or ``"transformer"``.
+        dropout: the recurrent scheme, anything :func:`rnndrop.config.as_dropout` takes (a
+            :class:`~rnndrop.config.RecurrentDropout`, a dict of its fields, a preset name,
+            ``{"preset": name, **arguments}``, or a float with ``nn.LSTM``'s meaning); its
+            ``embedding`` rate applies to every encoder. A site the GRU lacks
+            (``zoneout_cell``) raises ``ValueError``.
         transformer_dropout: the transformer's sites.
         num_heads, ffn_size, positions, max_len: transformer shape.
         tie_weights: share the embedding and decoder weights.
@@ -54,7 +57,7 @@ class LanguageModel(nn.Module):
         hidden_size: int = 200,
         num_layers: int = 2,
         encoder: EncoderKind = "lstm",
-        dropout: RecurrentDropout | None = None,
+        dropout: DropoutSpec = None,
         transformer_dropout: TransformerDropout | None = None,
         num_heads: int = 4,
         ffn_size: int | None = None,
@@ -64,13 +67,12 @@ class LanguageModel(nn.Module):
         init_range: float | None = None,
     ) -> None:
         super().__init__()
-        # the constructor's arguments, for hparams and for rebuilding from a checkpoint
-        self.config = _plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
-        self.dropout = dropout = RecurrentDropout.from_dict(dropout or {})
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.dropout = dropout = as_dropout(dropout)
         transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
-        self.config.update(
-            dropout=dropout.to_dict(), transformer_dropout=transformer_dropout.to_dict()
-        )
+        # the constructor's arguments as plain data: hparams, and rebuilding from a checkpoint
+        self.config = {**args, "dropout": dropout.to_dict(),
+                       "transformer_dropout": transformer_dropout.to_dict()}  # fmt: skip
         if tie_weights and encoder == "transformer" and hidden_size != embedding_size:
             raise ValueError(
                 "tie_weights with the transformer needs hidden_size == embedding_size, got "

@@ -6,9 +6,8 @@ from typing import Any, Literal, NamedTuple
 
 from torch import Tensor, nn
 
-from ..config import RecurrentDropout, TransformerDropout
+from ..config import DropoutSpec, TransformerDropout, as_dropout
 from .encoders import EncoderKind, build_encoder
-from .encoders import plain_config as _plain
 
 __all__ = ["SeqOutput", "SequenceModel"]
 
@@ -34,7 +33,9 @@ class SequenceModel(nn.Module):
         target: ``"per_step"`` (a prediction per step) or ``"last"`` (one per sequence).
         embedding_size: token embedding width.
         hidden_size, num_layers, encoder, dropout, transformer_dropout, num_heads, ffn_size,
-            positions, max_len: the encoder, as in :class:`~rnndrop.models.LanguageModel`.
+            positions, max_len: the encoder (``"lstm"``, ``"gru"`` or ``"transformer"``) and
+            its dropout, as in :class:`~rnndrop.models.LanguageModel`. There is no embedding
+            dropout here: ``dropout.embedding`` has no effect on a sequence model.
 
     Shape:
         ``(B, T)`` tokens or ``(B, T, F)`` floats -> ``(B, T, O)`` or ``(B, O)``.
@@ -51,7 +52,7 @@ class SequenceModel(nn.Module):
         hidden_size: int = 128,
         num_layers: int = 1,
         encoder: EncoderKind = "lstm",
-        dropout: RecurrentDropout | None = None,
+        dropout: DropoutSpec = None,
         transformer_dropout: TransformerDropout | None = None,
         num_heads: int = 4,
         ffn_size: int | None = None,
@@ -59,8 +60,7 @@ class SequenceModel(nn.Module):
         max_len: int = 2048,
     ) -> None:
         super().__init__()
-        # the constructor's arguments, for hparams and for rebuilding from a checkpoint
-        self.config = _plain({k: v for k, v in locals().items() if k not in ("self", "__class__")})
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if target not in ("per_step", "last"):
             raise ValueError(f"target must be 'per_step' or 'last', got {target!r}")
         if input_kind == "tokens":
@@ -74,11 +74,11 @@ class SequenceModel(nn.Module):
             self.embed, features = nn.Identity(), input_size
         else:
             raise ValueError(f"input_kind must be 'tokens' or 'float', got {input_kind!r}")
-        self.dropout = dropout = RecurrentDropout.from_dict(dropout or {})
+        self.dropout = dropout = as_dropout(dropout)
         transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
-        self.config.update(
-            dropout=dropout.to_dict(), transformer_dropout=transformer_dropout.to_dict()
-        )
+        # the constructor's arguments as plain data: hparams, and rebuilding from a checkpoint
+        self.config = {**args, "dropout": dropout.to_dict(),
+                       "transformer_dropout": transformer_dropout.to_dict()}  # fmt: skip
         self.encoder = build_encoder(
             encoder,
             features,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import SITES, RecurrentDropout
-from ..functional import _draw_seed, bernoulli_mask, seeded_mask
+from ..functional import bernoulli_mask, draw_seed, seeded_mask
 from .workspace import WeightBuffers, masked_weight
 
 __all__ = ["ForwardMasks", "is_active", "needs_loop"]
@@ -165,7 +165,7 @@ class ForwardMasks:
         seed = fold = None
         if c.weight_hh > 0:
             if self.sample:
-                seed = _draw_seed(None)  # the mask is rebuilt from it, never stored
+                seed = draw_seed(None)  # the mask is rebuilt from it, never stored
                 if self.record is not None:
                     self._keep(
                         site_name("weight_hh", layer, d),

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..config import SITES, DropoutSpec, as_dropout
+from ..config import DropoutSpec, as_dropout
 from ..kernels import LayerMasks, rnn_layer
 from ..kernels.cpp import build as _ext
 from .cells import GRU_CELL, LSTM_CELL, Cell
@@ -176,12 +176,7 @@ class RNNBase(StochasticModule):
 
     def _check_dropout(self) -> None:
         cfg, kind = self.dropout, type(self).__name__
-        for name in cfg.active_sites():
-            if self.cell.name not in SITES[name].cells:
-                raise ValueError(
-                    f"{kind}: the dropout site {name!r} has no meaning for a {self.cell.mode} "
-                    f"(it has no cell state); set {name}=0 (zoneout_hidden acts on h)"
-                )
+        cfg.check_cell(self.cell.name, kind)
         if self.num_layers == 1 and cfg.between_layers > 0 and not is_active(cfg, 1, True):
             warnings.warn(
                 f"{kind}: between_layers={cfg.between_layers} does nothing with num_layers=1 "

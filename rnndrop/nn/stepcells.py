@@ -28,8 +28,10 @@ from .dropout import StochasticModule
 __all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase"]
 
 #: Sites whose masks follow the ``time``/``batch`` policy (and ``tied`` for input/recurrent).
-_POLICY_SITES: tuple[str, ...] = ("input", "recurrent", "candidate", "output")
-_ZONEOUT_SITES: tuple[str, ...] = ("zoneout_hidden", "zoneout_cell")
+_POLICY_SITES: tuple[str, ...] = tuple(
+    n for n, s in SITES.items() if s.policy and s.path != "model" and s.layers != "inner"
+)  # input, recurrent, output, candidate: between_layers means nothing for one cell
+_ZONEOUT_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.path == "loop_always")
 
 
 @dataclass(repr=False)
@@ -253,12 +255,7 @@ class StepCellBase(StochasticModule):
 
     def _check_dropout(self) -> None:
         cfg, kind = self.dropout, type(self).__name__
-        for name in cfg.active_sites():
-            if self.cell.name not in SITES[name].cells:
-                raise ValueError(
-                    f"{kind}: the dropout site {name!r} has no meaning for a {self.cell.mode} "
-                    f"(it has no cell state); set {name}=0 (zoneout_hidden acts on h)"
-                )
+        cfg.check_cell(self.cell.name, kind)
         if cfg.between_layers > 0:
             warnings.warn(
                 f"{kind}: between_layers={cfg.between_layers} has no meaning for a single cell "

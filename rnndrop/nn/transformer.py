@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..config import TransformerDropout
-from ..functional import _drop_path_mask, bernoulli_mask
+from ..functional import bernoulli_mask, drop_path_mask
 from .dropout import StochasticModule
 
 __all__ = ["CausalTransformer", "TransformerBlock", "sinusoidal_positions"]
@@ -73,7 +73,7 @@ class TransformerBlock(StochasticModule):
         x = self._drop(x, self.cfg.residual, f"residual_{name}")
         if not (self.sampling and self.drop_path > 0):
             return x
-        m = _drop_path_mask(x, self.drop_path)  # as drop_path
+        m = drop_path_mask(x, self.drop_path)  # as drop_path
         self._keep_mask(f"drop_path_{name}", m)
         return x * m
 

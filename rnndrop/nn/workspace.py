@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..functional import _traced, seeded_mask, seeded_mask_mul
+from ..functional import seeded_mask, seeded_mask_mul, traced
 
 __all__ = ["MaskedWeight", "WeightBuffers", "masked_weight"]
 
@@ -49,7 +49,7 @@ class WeightBuffers:
         self._lock = threading.Lock()
 
     def usable(self, like: Tensor) -> bool:
-        return _use_count is not None and like.device.type == "cpu" and not _traced()
+        return _use_count is not None and like.device.type == "cpu" and not traced()
 
     def empty_like(self, key: tuple, like: Tensor) -> Tensor:
         """A contiguous tensor shaped like ``like``, on storage no live tensor uses."""

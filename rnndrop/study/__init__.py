@@ -1,6 +1,13 @@
 """Long-range studies: how each dropout scheme changes what a model can remember."""
 
-from .config import BUILTIN_SCHEMES, Cell, StudyConfig, load_study, resolve_scheme
+from .config import (
+    BUILTIN_SCHEMES,
+    Cell,
+    StudyConfig,
+    load_study,
+    preset_scheme,
+    resolve_scheme,
+)
 from .report import write_report
 from .runner import is_finished, load_result, run_cell, run_study
 
@@ -11,6 +18,7 @@ __all__ = [
     "is_finished",
     "load_result",
     "load_study",
+    "preset_scheme",
     "resolve_scheme",
     "run_cell",
     "run_study",

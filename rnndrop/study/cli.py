@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _context(args: argparse.Namespace) -> int:
-    from .context import load_context_study, run_context_study, write_context_report
+    from .context import (
+        load_context_result,
+        load_context_study,
+        run_context_study,
+        write_context_report,
+    )
 
     if not args.config or args.quick or args.cell or args.list_cells:
         print("rnndrop study context: give --config (no --quick, --cell, --list-cells)",
@@ -66,9 +71,7 @@ def _context(args: argparse.Namespace) -> int:
     if not args.report_only:
         results = run_context_study(study, progress=not args.no_progress)
     else:
-        from .context import _result
-
-        results = [r for c in study.cells() if (r := _result(study, c)) is not None]
+        results = [r for c in study.cells() if (r := load_context_result(study, c)) is not None]
     if not results:
         print(f"rnndrop study: no finished runs under {study.root}", file=sys.stderr)
         return 1

@@ -4,39 +4,70 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..config import RecurrentDropout, TransformerDropout
+from ..config import PRESETS, RecurrentDropout, TransformerDropout, as_dropout
+from ..models.encoders import ENCODERS, RECURRENT_CELLS
 
-__all__ = ["BUILTIN_SCHEMES", "Cell", "StudyConfig", "load_study", "resolve_scheme"]
+__all__ = [
+    "BUILTIN_SCHEMES",
+    "Cell",
+    "StudyConfig",
+    "check_model_settings",
+    "load_study",
+    "preset_scheme",
+    "resolve_scheme",
+    "uses_rate",
+]
 
 FORMAT = 1  # bump when a cell's results would no longer be comparable
 
-# A scheme: the encoder, its dropout config, with "p" standing for the swept rate ("p/10",
-# "p*2" also work), and optionally model settings that override the study's `model` for this
-# scheme. Schemes without "p" run once, whatever the rates.
+# A scheme: the encoder ("lstm", "gru" or "transformer"), its dropout, and optionally model
+# settings that override the study's `model` for this scheme. For an LSTM or GRU, `dropout` is
+# anything rnndrop.config.as_dropout takes (a dict of RecurrentDropout fields, a preset name,
+# {"preset": name, **arguments}, a float); for the transformer, a dict of TransformerDropout
+# fields. In a dict, "p" stands for the swept rate ("p/10", "p*2" also work); `dropout: p` is
+# the swept rate as a float. Schemes without "p" run once, whatever the rates.
+
+
+def preset_scheme(preset: str, encoder: str = "lstm", **fixed: Any) -> dict[str, Any]:
+    """The study's scheme for a :class:`~rnndrop.config.RecurrentDropout` preset at rate ``p``.
+
+    "``preset`` at rate p" is the preset's constructor with ``p`` for each of its positional
+    (rate) arguments, the keyword-only ones at their defaults: ``variational(p)``,
+    ``zoneout(hidden=p, cell=p)``, ``awd(dropoute=p, dropouti=p, dropouth=p, dropout=p,
+    wdrop=p)``; ``none()`` has no rate. ``fixed`` sets arguments to fixed values
+    (``tied=False``; ``cell=0.0`` for the GRU's zoneout).
+    """
+    params = inspect.signature(getattr(RecurrentDropout, preset)).parameters.values()
+    rates = {q.name: "p" for q in params if q.kind is q.POSITIONAL_OR_KEYWORD}
+    return {"encoder": encoder, "dropout": {"preset": preset, **rates, **fixed}}
+
+
+def _recurrent_schemes(encoder: str, prefix: str) -> dict[str, dict[str, Any]]:
+    """Every preset of :data:`rnndrop.config.PRESETS` for one cell, plus untied variational."""
+    schemes = {}
+    for preset in PRESETS:
+        # zoneout's `cell` rate acts on the LSTM's c; a GRU has no cell state: hidden only
+        fixed = {"cell": 0.0} if (encoder, preset) == ("gru", "zoneout") else {}
+        schemes[prefix + preset] = preset_scheme(preset, encoder, **fixed)
+        if preset == "variational":
+            schemes[prefix + "variational_untied"] = preset_scheme(preset, encoder, tied=False)
+    return schemes
+
+
 _TRANSFORMER = {"num_layers": 2}  # a one-layer LSTM's match: attention needs depth to copy
 BUILTIN_SCHEMES: dict[str, dict[str, Any]] = {
-    "none": {"encoder": "lstm", "dropout": {}},
-    "naive": {"encoder": "lstm", "dropout": {"input": "p", "between_layers": "p", "output": "p",
-                                             "time": "per_step"}},
-    "naive_recurrent": {"encoder": "lstm", "dropout": {
-        "input": "p", "between_layers": "p", "output": "p", "recurrent": "p", "time": "per_step"}},
-    "variational": {"encoder": "lstm", "dropout": {
-        "input": "p", "between_layers": "p", "output": "p", "recurrent": "p"}},
-    "variational_untied": {"encoder": "lstm", "dropout": {
-        "input": "p", "between_layers": "p", "output": "p", "recurrent": "p", "tied": False}},
-    "zoneout": {"encoder": "lstm", "dropout": {"zoneout_cell": "p", "zoneout_hidden": "p"}},
-    "weight_drop": {"encoder": "lstm", "dropout": {"weight_hh": "p"}},
-    "semeniuta": {"encoder": "lstm", "dropout": {"candidate": "p", "time": "per_step"}},
-    "awd": {"encoder": "lstm", "dropout": {"input": "p", "between_layers": "p", "output": "p",
-                                           "weight_hh": "p"}},
+    **_recurrent_schemes("lstm", ""),
+    **_recurrent_schemes("gru", "gru_"),
     "transformer_none": {"encoder": "transformer", "dropout": {}, "model": _TRANSFORMER},
     "transformer_attention": {"encoder": "transformer", "dropout": {"attention": "p"},
                               "model": _TRANSFORMER},
@@ -70,21 +101,43 @@ def _substitute(value: Any, p: float | None) -> Any:
     return p * float(num) if op == "*" else p / float(num)
 
 
-def _uses_rate(spec: dict[str, Any]) -> bool:
-    return any(_is_placeholder(v) for v in spec.get("dropout", {}).values())
+def uses_rate(spec: Mapping[str, Any]) -> bool:
+    """True if the scheme's dropout names the swept rate (runs once per rate)."""
+    dropout = spec.get("dropout")
+    if isinstance(dropout, Mapping):
+        return any(_is_placeholder(v) for v in dropout.values())
+    return _is_placeholder(dropout)
 
 
-def resolve_scheme(spec: dict[str, Any], p: float | None) -> tuple[str, dict[str, Any]]:
-    """``(encoder, dropout dict)`` for a scheme at rate ``p``, validated."""
+def resolve_scheme(
+    spec: Mapping[str, Any], p: float | None
+) -> tuple[str, RecurrentDropout | TransformerDropout]:
+    """``(encoder, dropout config)`` for a scheme at rate ``p``, validated.
+
+    An LSTM or GRU scheme's dropout goes through :func:`rnndrop.config.as_dropout`, the path
+    every model takes; a site the cell lacks (``zoneout_cell`` for the GRU) is an error here,
+    before any cell runs, as it is for :class:`rnndrop.nn.GRU`.
+    """
     unknown = sorted(set(spec) - {"encoder", "dropout", "model"})
     if unknown:
         raise ValueError(f"scheme keys {unknown} unknown; a scheme has encoder, dropout, model")
+    check_model_settings(spec.get("model", {}), "the scheme's model")
     encoder = spec.get("encoder", "lstm")
-    if encoder not in ("lstm", "transformer"):
-        raise ValueError(f"scheme encoder must be 'lstm' or 'transformer', got {encoder!r}")
-    dropout = {k: _substitute(v, p) for k, v in spec.get("dropout", {}).items()}
-    cls = RecurrentDropout if encoder == "lstm" else TransformerDropout
-    return encoder, cls.from_dict(dropout).to_dict()  # raises naming a bad field or rate
+    if encoder not in ENCODERS:
+        raise ValueError(f"scheme encoder must be one of {list(ENCODERS)}, got {encoder!r}")
+    dropout = spec.get("dropout")
+    if isinstance(dropout, Mapping):
+        dropout = {k: _substitute(v, p) for k, v in dropout.items()}
+    else:
+        dropout = _substitute(dropout, p)
+    if encoder not in RECURRENT_CELLS:
+        if not isinstance(dropout, Mapping | None):
+            raise ValueError(f"a transformer scheme's dropout is a dict of TransformerDropout "
+                             f"fields, got {dropout!r}")  # fmt: skip
+        return encoder, TransformerDropout.from_dict(dropout or {})
+    config = as_dropout(dropout)  # raises naming a bad field, preset or rate
+    config.check_cell(encoder)
+    return encoder, config
 
 
 @dataclass(frozen=True)
@@ -154,7 +207,11 @@ class StudyConfig:
             raise ValueError("seeds: give at least one seed")
         for scheme in self.schemes:  # validate every scheme at every rate now, not mid-sweep
             for p in self.rates_for(scheme):
-                resolve_scheme(self.scheme_spec(scheme), p)
+                try:
+                    resolve_scheme(self.scheme_spec(scheme), p)
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"scheme {scheme!r}: {err}") from err
+        check_model_settings(self.model, "model")
 
     def scheme_spec(self, scheme: str) -> dict[str, Any]:
         return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
@@ -164,7 +221,7 @@ class StudyConfig:
         return {**self.model, **self.scheme_spec(scheme).get("model", {})}
 
     def rates_for(self, scheme: str) -> list[float | None]:
-        return list(self.rates) if _uses_rate(self.scheme_spec(scheme)) else [None]
+        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
 
     def cells(self) -> list[Cell]:
         """Every cell, in a fixed order (scheme, rate, distance, seed)."""
@@ -193,7 +250,7 @@ class StudyConfig:
         return {
             "format": FORMAT, "task": self.task, "task_args": self.task_args,
             "distance": cell.distance, "seed": cell.seed, "scheme": cell.scheme,
-            "rate": cell.rate, "encoder": encoder, "dropout": dropout,
+            "rate": cell.rate, "encoder": encoder, "dropout": dropout.to_dict(),
             "model": self.model_for(cell.scheme),
             "train": train, "eval": evaluation,
         }  # fmt: skip
@@ -204,6 +261,14 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_model_settings(model: Mapping[str, Any], where: str) -> None:
+    """A study's (or a scheme's) model settings may not name what a scheme decides."""
+    clash = sorted(set(model) & {"encoder", "dropout", "transformer_dropout"})
+    if clash:
+        raise ValueError(f"{where}: {clash} belong to a scheme (its encoder and dropout), not to "
+                         "the model settings")  # fmt: skip
 
 
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:

@@ -26,9 +26,17 @@ from typing import Any
 
 import yaml
 
-from .config import BUILTIN_SCHEMES, resolve_scheme
+from .common import format_ci, fresh_run_dir, group_by, tensorboard_summary, write_json
+from .config import BUILTIN_SCHEMES, check_model_settings, resolve_scheme, uses_rate
 
-__all__ = ["ContextCell", "ContextStudyConfig", "load_context_study", "run_context_study"]
+__all__ = [
+    "ContextCell",
+    "ContextStudyConfig",
+    "load_context_result",
+    "load_context_study",
+    "run_context_study",
+    "write_context_report",
+]
 
 FORMAT = 1
 
@@ -103,8 +111,13 @@ class ContextStudyConfig:
             raise ValueError("seeds: give at least one seed")
         for s in self.schemes:
             for p in self.rates_for(s):
-                resolve_scheme(self.scheme_spec(s), p)
-        transformers = [s for s in self.schemes if self.scheme_spec(s)["encoder"] != "lstm"]
+                try:
+                    resolve_scheme(self.scheme_spec(s), p)
+                except (ValueError, TypeError) as err:
+                    raise ValueError(f"scheme {s!r}: {err}") from err
+        check_model_settings(self.model, "model")
+        transformers = [s for s in self.schemes
+                        if self.scheme_spec(s).get("encoder", "lstm") == "transformer"]  # fmt: skip
         if transformers and self.window > self.bptt:
             raise ValueError(
                 f"window={self.window} > bptt={self.bptt}: the transformer scheme(s) "
@@ -116,9 +129,7 @@ class ContextStudyConfig:
         return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
 
     def rates_for(self, scheme: str) -> list[float | None]:
-        from .config import _uses_rate
-
-        return list(self.rates) if _uses_rate(self.scheme_spec(scheme)) else [None]
+        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
 
     def cells(self) -> list[ContextCell]:
         return [ContextCell(s, p, seed) for s in self.schemes for p in self.rates_for(s)
@@ -138,8 +149,8 @@ class ContextStudyConfig:
             d.pop(k)
         model = {**self.model, **self.scheme_spec(cell.scheme).get("model", {})}
         cell_keys = {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed}
-        return {**d, **cell_keys, "format": FORMAT, "encoder": encoder, "dropout": dropout,
-                "model": model}  # fmt: skip
+        return {**d, **cell_keys, "format": FORMAT, "encoder": encoder,
+                "dropout": dropout.to_dict(), "model": model}  # fmt: skip
 
     def cell_hash(self, cell: ContextCell) -> str:
         blob = json.dumps(self.cell_spec(cell), sort_keys=True, default=str)
@@ -162,7 +173,8 @@ def load_context_study(path: str | Path, **overrides: Any) -> ContextStudyConfig
     return ContextStudyConfig(**data)
 
 
-def _result(study: ContextStudyConfig, cell: ContextCell) -> dict[str, Any] | None:
+def load_context_result(study: ContextStudyConfig, cell: ContextCell) -> dict[str, Any] | None:
+    """The run's saved result if it exists for exactly this configuration (same hash)."""
     try:
         r = json.loads((study.cell_dir(cell) / "result.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -178,19 +190,19 @@ def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: boo
     from ..analysis import context_usage, effective_context
     from ..data import LanguageModelDataModule
     from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
-    from ..models import LanguageModel
-    from .runner import _fresh_run_dir, _write_json
+    from ..models import RECURRENT_CELLS, LanguageModel
 
     start = time.perf_counter()
     out = study.cell_dir(cell)
-    _fresh_run_dir(out, progress)
+    fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     spec = study.cell_spec(cell)
+    encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
     dm = LanguageModelDataModule(study.corpus, data_dir=study.data_dir,
                                  batch_size=study.batch_size, bptt=study.bptt)  # fmt: skip
     dm.setup("fit")
-    kind = "dropout" if spec["encoder"] == "lstm" else "transformer_dropout"
-    model = LanguageModel(dm.vocab_size, encoder=spec["encoder"], **{kind: spec["dropout"]},
+    kind = "dropout" if encoder in RECURRENT_CELLS else "transformer_dropout"
+    model = LanguageModel(dm.vocab_size, encoder=encoder, **{kind: dropout},
                           **spec["model"])  # fmt: skip
     task = LanguageModelTask(model, optimizer=study.optimizer, lr=study.lr)
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
@@ -227,7 +239,7 @@ def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: boo
         "config_hash": study.cell_hash(cell), "spec": spec, "status": status, "probe": probe,
         "effective_context": effective, "seconds": time.perf_counter() - start,
     }  # fmt: skip
-    _write_json(out / "result.json", result)
+    write_json(out / "result.json", result)
     return result
 
 
@@ -236,7 +248,7 @@ def run_context_study(study: ContextStudyConfig, progress: bool = True) -> list[
     from tqdm.auto import tqdm
 
     cells = study.cells()
-    todo = [c for c in cells if _result(study, c) is None]
+    todo = [c for c in cells if load_context_result(study, c) is None]
     print(f"context study {study.name}: {len(cells)} runs, {len(todo)} to run; results under "
           f"{study.root}", file=sys.stderr, flush=True)  # fmt: skip
     bar = tqdm(total=len(todo), desc=study.name, unit="run", disable=not progress or not todo)
@@ -248,7 +260,7 @@ def run_context_study(study: ContextStudyConfig, progress: bool = True) -> list[
                   f"({r['seconds']:.0f} s)")  # fmt: skip
         bar.update()
     bar.close()
-    return [r for c in cells if (r := _result(study, c)) is not None]
+    return [r for c in cells if (r := load_context_result(study, c)) is not None]
 
 
 def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]]):
@@ -256,7 +268,6 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
     import csv
 
     from ..analysis import mean_ci
-    from .report import _by, _fmt, _tensorboard
 
     root = study.root
     root.mkdir(parents=True, exist_ok=True)
@@ -275,7 +286,7 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
         writer.writeheader()
         writer.writerows(rows)
     labels = list(dict.fromkeys(r["cell"]["label"] for r in ok))
-    by_label = _by(ok, lambda r: r["cell"]["label"])
+    by_label = group_by(ok, lambda r: r["cell"]["label"])
     lines = [f"# {study.name}: context usage on {study.corpus}", "",
              f"{len(ok)} runs, {study.steps} steps each, model {study.model}. Loss increase "
              "(nats) when the context beyond d is perturbed, on the same targets "
@@ -286,12 +297,12 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
              + " |", "|---|---|" + "---|" * len(study.modes)]  # fmt: skip
     for label in labels:
         group = by_label[label]
-        loss = _fmt(*mean_ci([r["probe"]["loss"] for r in group]), digits=3)
+        loss = format_ci(*mean_ci([r["probe"]["loss"] for r in group]), digits=3)
         effs = []
         for m in study.modes:
             vals = [r["effective_context"][m] for r in group]
             effs.append(
-                _fmt(*mean_ci([math.nan if v is None else float(v) for v in vals]), 1)
+                format_ci(*mean_ci([math.nan if v is None else float(v) for v in vals]), 1)
                 if any(v is not None for v in vals)
                 else f"> {max(study.distances)}"
             )
@@ -301,8 +312,9 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
                   "| scheme | " + " | ".join(f"d={d}" for d in study.distances) + " |",
                   "|---|" + "---|" * len(study.distances)]  # fmt: skip
         for label in labels:
-            vals = [_fmt(*mean_ci([_get(r["probe"]["increase"][m], d) for r in by_label[label]]),
-                         digits=3) for d in study.distances]  # fmt: skip
+            vals = [format_ci(*mean_ci([_get(r["probe"]["increase"][m], d)
+                                        for r in by_label[label]]), digits=3)
+                    for d in study.distances]  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     md = "\n".join(lines) + "\n"
     paths["markdown"].write_text(md)
@@ -330,7 +342,7 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
     paths["context_png"] = root / "context_usage.png"
     fig.savefig(paths["context_png"], dpi=120)
     plt.close(fig)
-    _tensorboard(study, paths, md, images=("context_png",))
+    tensorboard_summary(root, paths, md, images=("context_png",))
     return paths
 
 

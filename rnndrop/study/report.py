@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import mean_ci, normalized_accuracy, solved_distance
+from .common import format_ci, group_by, tensorboard_summary
 from .config import StudyConfig
 
 __all__ = ["score", "write_report"]
@@ -44,19 +45,6 @@ def _row(study: StudyConfig, r: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _fmt(mean: float, half: float, digits: int = 2) -> str:
-    if math.isnan(mean):
-        return "–"
-    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
-def _by(rows, key) -> dict[Any, list[dict[str, Any]]]:
-    out: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        out[key(r)].append(r)
-    return out
-
-
 def write_report(study: StudyConfig, results: list[dict[str, Any]]) -> dict[str, Path]:
     """Write results.csv, summary.md, PNG plots and a TensorBoard summary under the study root.
 
@@ -76,12 +64,12 @@ def write_report(study: StudyConfig, results: list[dict[str, Any]]) -> dict[str,
     md = _markdown(study, rows, labels, distances, table, results)
     paths["markdown"].write_text(md)
     paths.update(_plots(study, rows, labels, distances, results))
-    _tensorboard(study, paths, md)
+    tensorboard_summary(root, paths, md, images=("score_png", "gradient_png"))
     return paths
 
 
 def _score_table(study, rows, labels, distances):
-    cell = _by(rows, lambda r: (r["label"], r["distance"]))
+    cell = group_by(rows, lambda r: (r["label"], r["distance"]))
     table = {}
     for label in labels:
         for d in distances:
@@ -106,7 +94,7 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
     for label in labels:
         means = {d: table[label, d][0] for d in distances if not math.isnan(table[label, d][0])}
         solved = solved_distance(means, study.solved_threshold)
-        cells = [_fmt(*table[label, d]) for d in distances]
+        cells = [format_ci(*table[label, d]) for d in distances]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {solved if solved else '–'} |")
     mc = [r for r in rows if not math.isnan(r["mc_tv"])]
     if mc:
@@ -114,7 +102,7 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
                   "between MC-averaged and deterministic predictions / predictive entropy (nats).",
                   "", "| scheme | " + " | ".join(f"d={d}" for d in distances) + " |",
                   "|---|" + "---|" * len(distances)]  # fmt: skip
-        cell = _by(mc, lambda r: (r["label"], r["distance"]))
+        cell = group_by(mc, lambda r: (r["label"], r["distance"]))
         for label in labels:
             vals = []
             for d in distances:
@@ -124,7 +112,9 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
                 vals.append("–" if math.isnan(tv) else f"{tv:.3f} / {ent:.2f}")
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     d_grad = grad_distance(study, distances)
+    recurrent = sorted({r["encoder"] for r in rows} - {"transformer"})
     for wrt, what, note in GRADIENTS:
+        note = note.format(cells="/".join(c.upper() for c in recurrent))
         grads = _gradient_summary(results, d_grad, wrt)
         if not grads:
             continue
@@ -149,10 +139,10 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
 
 
 # (key in result.json, what is measured, note): the input gradient exists for every encoder,
-# the hidden-state one for LSTMs only
+# the hidden-state one for the recurrent encoders (LSTM, GRU); {cells} names those in the study
 GRADIENTS = (
     ("input", "‖∂L_T/∂x_(T-1-k)‖", "encoder input, every encoder"),
-    ("state", "‖∂L_T/∂h_(T-1-k)‖", "LSTM hidden state, all layers"),
+    ("state", "‖∂L_T/∂h_(T-1-k)‖", "{cells} hidden state, all layers"),
 )
 
 
@@ -186,12 +176,22 @@ def _gradient_summary(results, distance: int, wrt: str = "input") -> dict[str, d
     return out
 
 
-def _style(label: str, labels: list[str]) -> dict[str, Any]:
-    """Distinct colours for up to 20 schemes; transformer schemes dashed."""
+LINES = {"lstm": "-", "gru": "-.", "transformer": "--"}  # line style by encoder
+
+
+def _styles(labels: list[str], encoders: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Plot style per label: the colour names the scheme, the line style the encoder (LSTM
+    solid, GRU dash-dotted, transformer dashed), so ``gru_variational_p0.25`` has the colour of
+    ``variational_p0.25``."""
     import matplotlib
 
-    color = matplotlib.colormaps["tab20" if len(labels) > 10 else "tab10"](labels.index(label))
-    return {"color": color, "ls": "--" if label.startswith("transformer") else "-"}
+    def base(label: str) -> str:
+        return label.removeprefix(f"{encoders[label]}_")
+
+    bases = list(dict.fromkeys(base(label) for label in labels))
+    cmap = matplotlib.colormaps["tab20" if len(bases) > 10 else "tab10"]
+    return {label: {"color": cmap(bases.index(base(label)) % cmap.N),
+                    "ls": LINES.get(encoders[label], "-")} for label in labels}  # fmt: skip
 
 
 def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
@@ -201,13 +201,14 @@ def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
     import matplotlib.pyplot as plt
 
     paths = {}
+    style = _styles(labels, {r["label"]: r["encoder"] for r in rows})
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    cell = _by(rows, lambda r: (r["label"], r["distance"]))
+    cell = group_by(rows, lambda r: (r["label"], r["distance"]))
     for label in labels:
         stats = [mean_ci([r["score"] for r in cell.get((label, d), [])]) for d in distances]
         err = [0.0 if math.isnan(h) else h for _, h in stats]
         ax.errorbar(distances, [m for m, _ in stats], yerr=err, marker="o", capsize=3, label=label,
-                    **_style(label, labels))  # fmt: skip
+                    **style[label])  # fmt: skip
     ax.axhline(study.solved_threshold, color="grey", lw=0.8, ls="--")
     ax.set_ylim(-0.05, 1.05)  # few seeds give t-intervals wider than the score's range
     ax.set_xticks(distances)
@@ -228,7 +229,7 @@ def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
         for ax, (wrt, what, grads) in zip(axes[0], panels, strict=True):
             for label, g in grads.items():
                 ks = [k for k in sorted(g) if k > 0 and g[k] > 0]
-                ax.loglog(ks, [g[k] for k in ks], marker=".", label=label, **_style(label, labels))
+                ax.loglog(ks, [g[k] for k in ks], marker=".", label=label, **style[label])
             ax.set_xlabel("k (steps back from the loss)")
             ax.set_ylabel(f"{what}, relative to the nearest k")
             ax.set_title(f"gradient norm through time ({wrt}), d={d_grad}")
@@ -238,20 +239,3 @@ def _plots(study, rows, labels, distances, results) -> dict[str, Path]:
         fig.savefig(paths["gradient_png"], dpi=120)
         plt.close(fig)
     return paths
-
-
-def _tensorboard(
-    study, paths: dict[str, Path], markdown: str, images=("score_png", "gradient_png")
-) -> None:
-    """The report's figures and table in a TensorBoard run of their own: <root>/summary."""
-    import numpy as np
-    from PIL import Image
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(study.root / "summary"))
-    for key in images:
-        if key in paths:
-            img = np.asarray(Image.open(paths[key]).convert("RGB"))
-            writer.add_image(f"report/{key[:-4]}", img, dataformats="HWC")
-    writer.add_text("report/summary", markdown)
-    writer.close()

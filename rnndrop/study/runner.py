@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import Cell, StudyConfig
+from .common import fresh_run_dir, write_json
+from .config import Cell, StudyConfig, resolve_scheme
 
 __all__ = ["is_finished", "load_result", "run_cell", "run_study"]
 
@@ -34,26 +33,6 @@ def is_finished(study: StudyConfig, cell: Cell) -> bool:
     """True if the cell has a result for exactly this configuration (same hash)."""
     result = load_result(study, cell)
     return result is not None and result.get("config_hash") == study.cell_hash(cell)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)  # atomic: a killed cell never leaves a half-written result
-
-
-def _fresh_run_dir(out: Path, progress: bool) -> None:
-    """Prepare a cell's run directory; quiet Lightning unless ``progress``.
-
-    A cell killed before writing result.json left a partial run here: its TensorBoard events
-    go, so the curves and an export read only the new run.
-    """
-    if not progress:  # a summary line per cell instead of Lightning's banners
-        for name in ("lightning.pytorch", "lightning.fabric"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
-        stale.unlink(missing_ok=True)
 
 
 def _step_bar(cell: Cell, steps: int, position: int):
@@ -90,12 +69,11 @@ def run_cell(
     from ..analysis import evaluate_sequence_model, gradient_through_time
     from ..data import SyntheticDataModule
     from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
-    from ..models import SequenceModel
-    from .config import resolve_scheme
+    from ..models import RECURRENT_CELLS, SequenceModel
 
     start = time.perf_counter()
     out = study.cell_dir(cell)
-    _fresh_run_dir(out, progress)
+    fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
     dm = SyntheticDataModule(
@@ -103,7 +81,8 @@ def run_cell(
         val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
         seed=cell.seed,
     )  # fmt: skip
-    kind = {"dropout": dropout} if encoder == "lstm" else {"transformer_dropout": dropout}
+    recurrent = encoder in RECURRENT_CELLS
+    kind = {"dropout": dropout} if recurrent else {"transformer_dropout": dropout}
     model = SequenceModel(
         dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
         output_size=dm.output_size, target=dm.target, encoder=encoder, **kind,
@@ -136,7 +115,7 @@ def run_cell(
         if ks is not None:
             ks = [k for k in ks if k < x.shape[1]]
         grads["input"] = gradient_through_time(model, x, y, ks)
-        if encoder == "lstm":
+        if recurrent:  # LSTM or GRU: ‖∂L/∂h‖ through the hidden state
             ks_state = None if ks is None else [k for k in ks if k >= 1]
             grads["state"] = gradient_through_time(model, x, y, ks_state, wrt="state")
         _log_final(logger, cell, encoder, metrics, grads)
@@ -150,7 +129,7 @@ def run_cell(
         "grad_through_time": {w: {str(k): v for k, v in g.items()} for w, g in grads.items()},
         "seconds": time.perf_counter() - start,
     }  # fmt: skip
-    _write_json(out / RESULT, result)
+    write_json(out / RESULT, result)
     return result
 
 
@@ -225,7 +204,7 @@ def run_study(
     else:
         import multiprocessing as mp
 
-        from .. import _ext
+        from ..kernels.cpp import build as _ext
 
         _ext.load()  # build the loop kernel once here, not in every worker at the same time
 

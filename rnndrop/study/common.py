@@ -1,0 +1,71 @@
+"""What the long-range and context studies share: run directories, results, report pieces."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["format_ci", "fresh_run_dir", "group_by", "tensorboard_summary", "write_json"]
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write ``data`` atomically: a killed run never leaves a half-written file."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+def fresh_run_dir(out: Path, progress: bool) -> None:
+    """Prepare a cell's run directory; quiet Lightning unless ``progress``.
+
+    A cell killed before writing result.json left a partial run here: its TensorBoard events
+    go, so the curves and an export read only the new run.
+    """
+    if not progress:  # a summary line per cell instead of Lightning's banners
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
+        stale.unlink(missing_ok=True)
+
+
+def group_by(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:
+    """``rows`` grouped by ``key(row)``, groups in first-seen order."""
+    out: dict[Any, list[Any]] = defaultdict(list)
+    for r in rows:
+        out[key(r)].append(r)
+    return out
+
+
+def format_ci(mean: float, half: float, digits: int = 2) -> str:
+    """``mean ± half`` for a table (``–`` for no value, the mean alone for no interval)."""
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def tensorboard_summary(
+    root: Path, paths: dict[str, Path], markdown: str, images: Iterable[str]
+) -> None:
+    """A report's figures and table in a TensorBoard run of their own: ``<root>/summary``.
+
+    ``images`` are keys of ``paths`` (PNG files, e.g. ``"score_png"``), logged as
+    ``report/<key without _png>``; the Markdown goes to ``report/summary``.
+    """
+    import numpy as np
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(root / "summary"))
+    for key in images:
+        if key in paths:
+            img = np.asarray(Image.open(paths[key]).convert("RGB"))
+            writer.add_image(f"report/{key.removesuffix('_png')}", img, dataformats="HWC")
+    writer.add_text("report/summary", markdown)
+    writer.close()
