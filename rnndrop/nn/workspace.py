@@ -5,7 +5,7 @@ tensor (6.8 MB per layer at PTB-medium) and its mask anew each call makes glibc 
 unmap memory around the op's own buffers, and the page faults cost more than the
 arithmetic: on the 2-core VM a plain ``W_hh.clone()`` fed to the fused op measured 1.13–1.16×
 ``nn.LSTM`` at PTB-medium, while writing the product into reused storage measured 1.01–1.02×
-(``scripts/bench_lstm.py``). So:
+(``scripts/bench_rnn.py``). So:
 
 - :class:`MaskedWeight` computes ``W ⊙ M`` (and ``W`` times masks folded into its
   columns) into storage from a :class:`WeightBuffers` pool. The weight-drop mask is never
