@@ -13,7 +13,25 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 USAGE = "usage: rnndrop COMMAND ...\n\ncommands:\n" + __doc__.split("\n\n", 1)[1]
 
 
+TRAIN_EXTRA = ("lightning", "torchmetrics", "tensorboard", "jsonargparse", "matplotlib", "yaml",
+               "numpy", "tqdm")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _dispatch(argv)
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] not in TRAIN_EXTRA:
+            raise
+        print(
+            f"rnndrop: error: this command needs {err.name!r}, part of the training extras; "
+            "install them with: pip install 'rnndrop[train]'",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _dispatch(argv: list[str] | None) -> int:
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:

@@ -3,7 +3,8 @@
 Every function takes the rate and a ``training`` flag explicitly and returns its
 input untouched when ``training`` is false or the rate is 0. Masks come from
 :func:`bernoulli_mask`, which all of rnndrop uses, so a seed fixes every mask.
-Imports only torch.
+Imports torch and rnndrop's own kernel loader (:mod:`rnndrop.kernels.cpp.build`, itself
+torch-only), whose compiled mask kernel it uses when it is already loaded.
 """
 
 from __future__ import annotations
