@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from compare import assert_matches_reference
 from reference import reference_lstm
 
 from rnndrop.config import RecurrentDropout as RD
@@ -55,25 +56,7 @@ F64 = torch.float64
 
 
 def check(lstm, x, hx, sample, tol=1e-10):
-    lstm.record_masks = True
-    leaves = [x, *(hx or ()), *lstm.parameters()]
-    out, (h, c), pre = lstm(x, hx, return_pre_dropout=True)
-    ref_out, (rh, rc), ref_pre = reference_lstm(lstm, x, hx, lstm.last_masks, sample=sample)
-    for a, b in ((out, ref_out), (h, rh), (c, rc), (pre, ref_pre)):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
-    weights = [torch.randn_like(t) for t in (out, h, c)]
-
-    def loss(o, hh, cc):
-        return sum((w * t).sum() for w, t in zip(weights, (o, hh, cc), strict=True))
-
-    g = torch.autograd.grad(loss(out, h, c), leaves, allow_unused=True)
-    rg = torch.autograd.grad(loss(ref_out, rh, rc), leaves, allow_unused=True)
-    for a, b in zip(g, rg, strict=True):
-        if a is None or b is None:
-            assert a is None or a.abs().max() == 0
-            assert b is None or b.abs().max() == 0
-            continue
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+    assert_matches_reference(lstm, reference_lstm, x, hx, sample, tol)
 
 
 def make(scheme, layers=2, bidir=False, H=6, I=4):

@@ -88,11 +88,9 @@ def loop_backend(name: str) -> Iterator[None]:
 def select_backend(inputs: LayerInputs, name: str | None = None) -> Backend:
     """The backend that runs ``inputs``: ``name`` (default: :func:`get_loop_backend`)."""
     name = get_loop_backend() if name is None else _check_name(name, "backend")
-    if name == "auto":
-        for backend in BACKENDS.values():
-            if backend.unavailable(inputs) is None:
-                return backend
-    backend = BACKENDS[name if name != "auto" else "python"]
+    if name == "auto":  # python, last, runs everything
+        return next(b for b in BACKENDS.values() if b.unavailable(inputs) is None)
+    backend = BACKENDS[name]
     why = backend.unavailable(inputs)
     if why is not None:
         raise RuntimeError(
