@@ -9,6 +9,7 @@ median over rounds of the time and of the ratio. Training mode (masks sampled ev
     python scripts/bench_rnn.py --cells gru --configs medium --rounds 15
     python scripts/bench_rnn.py --loop python            # the pure-PyTorch loop instead of C++
     python scripts/bench_rnn.py --python-row             # add a pure-PyTorch loop row per scheme
+    python scripts/bench_rnn.py --device cuda --python-row   # on a GPU: ratios to cuDNN
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ from rnndrop.nn.masks import needs_loop
 CONFIGS = {  # input, hidden, layers, T, B
     "small": (200, 200, 2, 20, 20),
     "medium": (650, 650, 2, 35, 20),
+    "large": (1500, 1500, 2, 35, 20),
     "long": (128, 128, 1, 500, 32),
+    "long_b128": (128, 128, 1, 500, 128),
 }
+DEFAULT_CONFIGS = {"cpu": ["small", "medium", "long"], "cuda": list(CONFIGS)}
 
 SCHEMES = {
     "none": RecurrentDropout.none(),
@@ -122,7 +126,8 @@ def _path(m, device: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                    help="default: small medium long on CPU, all on CUDA")  # fmt: skip
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--reps", type=int, default=3)
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
+    args.configs = args.configs or DEFAULT_CONFIGS["cuda" if args.device == "cuda" else "cpu"]
     os.environ["RNNDROP_LOOP"] = args.loop
     if args.threads:
         torch.set_num_threads(args.threads)
