@@ -210,7 +210,7 @@ def test_cli_resumes_and_tests_from_a_checkpoint(which, tmp_path, text_corpus):
              "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=2",
              f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]  # fmt: skip
     first = make_cli(["fit", *base, *quiet, "--trainer.max_epochs=1"])
-    (ckpt,) = (tmp_path / "checkpoints").glob("epoch=0-*.ckpt")
+    (ckpt,) = (tmp_path / "checkpoints").glob("best-epoch=0-*.ckpt")
     assert first.trainer.global_step == 3
     hp = torch.load(ckpt, weights_only=False)["hyper_parameters"]["model"]
     assert hp["class_path"].startswith("rnndrop.models.") and "init_args" in hp

@@ -51,6 +51,9 @@ class NaNGuard(Callback):
         for name, p in trainer.lightning_module.named_parameters():
             if not torch.isfinite(p).all():
                 self._fail(trainer, f"non-finite weights in {name} (from a non-finite gradient)")
+        if trainer.fast_dev_run:  # Lightning writes no checkpoint in a smoke run; neither do we
+            return
+        # beside the run's other checkpoints, under the trainer's root dir (never the cwd)
         root = Path(trainer.log_dir or trainer.default_root_dir)
         self.path = root / "checkpoints" / "last_good.ckpt"
         trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable

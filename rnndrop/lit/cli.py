@@ -15,20 +15,53 @@ of :class:`~rnndrop.config.RecurrentDropout` fields, a preset name (``dropout: v
 a preset with arguments (``dropout: {preset: variational, p: 0.3}``) or a float. What the
 model must know about the data (vocabulary size, input size, classes, loss, memoryless
 baseline) is linked from the data module.
-Each run logs to TensorBoard under ``runs/<name>/version_<n>/`` with the resolved config
-saved beside it as ``config.yaml``.
+Where outputs go: everything a run writes is under the trainer's root dir,
+``--trainer.default_root_dir`` (default ``runs``, relative to the current directory, as
+Lightning reads it): TensorBoard events, ``hparams.yaml`` and the resolved ``config.yaml`` in
+``ROOT/<logger name>/version_<n>/``, checkpoints in its ``checkpoints/``. A relative output path
+in a config (the logger's ``save_dir``, ``checkpoint.dirpath``) is taken relative to the root
+dir; an absolute one is used as it is. Checkpoints: ``last.ckpt`` and the best by the monitored
+validation metric (``checkpoint.monitor``, default ``val/loss``) are kept;
+``--checkpoint.every_n_train_steps N`` adds mid-epoch saves (the ``checkpoint`` group is
+Lightning's ``ModelCheckpoint``; ``--trainer.enable_checkpointing false`` turns it off).
+
+User errors (a bad key or value, in a file or on the command line; a missing or corrupt
+corpus; a trainer setting Lightning rejects) exit with code 2 and one ``error:`` line naming
+the problem, where it was set and the fix, and leave no empty run directory behind.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import re
+import shutil
 import sys
+from importlib import import_module
+from pathlib import Path
+from typing import Any, NoReturn
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .base import Task
 
-__all__ = ["RnndropCLI", "main"]
+__all__ = ["FinalValidation", "RnndropArgumentParser", "RnndropCLI", "main"]
+
+#: the trainer's root dir when none is given (relative to the current directory)
+DEFAULT_ROOT = "runs"
+
+#: the checkpoint group's defaults: last.ckpt plus the best by validation loss (both tasks
+#: log ``val/loss``; the language model's ``val/ppl`` is its exponential)
+CHECKPOINT_DEFAULTS = {
+    "monitor": "val/loss",
+    "mode": "min",
+    "save_top_k": 1,
+    "save_last": True,
+    "filename": "best-{epoch}-{step}",
+}
 
 # data module attribute -> where it goes in the chosen task; links whose target the chosen
 # classes lack are skipped
@@ -43,8 +76,22 @@ LINKS = {
 }
 
 
+class FinalValidation(Callback):
+    """Validate after the last step when ``max_steps`` ends training mid-epoch.
+
+    Lightning stops a ``max_steps`` run without validating unless the step happens to end an
+    epoch, so the last logged ``val/*`` would belong to older weights and ``last.ckpt`` would
+    miss the final steps. Asking the loop to stop at that step makes Lightning validate first
+    (as it does for early stopping); the checkpoint callback then saves after that validation.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
+
+
 def trainer_defaults() -> dict:
-    """TensorBoard logging under runs/, learning-rate monitor and NaN guard always on."""
+    """Root dir ``runs``; TensorBoard logging under it; lr monitor, NaN guard, final validation."""
     from jsonargparse import lazy_instance
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -52,25 +99,213 @@ def trainer_defaults() -> dict:
 
     return {
         "max_epochs": 10,
-        # lazy: still configurable from a config (trainer.logger.init_args.name, save_dir)
+        "default_root_dir": DEFAULT_ROOT,
+        # lazy: still configurable from a config (trainer.logger.init_args.name, save_dir);
+        # save_dir "." is the root dir itself (relative paths are resolved against it)
         "logger": lazy_instance(
-            TensorBoardLogger, save_dir="runs", name="rnndrop", default_hp_metric=False
+            TensorBoardLogger, save_dir=".", name="rnndrop", default_hp_metric=False
         ),
         # persistent: present in every run
-        "callbacks": [LearningRateLogger(logging_interval="epoch"), NaNGuard()],
+        "callbacks": [
+            LearningRateLogger(logging_interval="epoch"),
+            NaNGuard(),
+            FinalValidation(),
+        ],
     }
 
 
+# ---- one way to fail ---------------------------------------------------------------------------
+
+#: the command line being parsed, so that an error can say which file or option set a key
+_ARGV: list[str] = []
+
+_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
+          "Given value", "Expected a <class", "Parser key", "Problem with given class_path",
+          "Input: ")  # fmt: skip
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if not isinstance(data, dict):
+        return [(prefix, data)] if prefix else []
+    out = [(prefix, data)] if prefix else []
+    for k, v in data.items():
+        out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _sources(argv: list[str]) -> list[tuple[str, str, Any]]:
+    """``(where, dotted key, value)`` for every setting the user gave, in the order they apply."""
+    import yaml
+
+    out: list[tuple[str, str, Any]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("-"):
+            i += 1
+            continue
+        key, eq, value = arg.lstrip("-").partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            value = nxt if nxt is not None and not nxt.startswith("--") else None
+            i += 1 if value is None else 2
+        else:
+            i += 1
+        if key in ("c", "config"):
+            try:
+                data = yaml.safe_load(Path(value).read_text())
+            except Exception:  # an unreadable config has its own parser error
+                continue
+            out += [(str(value), k, v) for k, v in _flatten(data)]
+        else:
+            out.append((f"--{key}", key, value))
+    return out
+
+
+def _locate(message: str, names: list[str]) -> tuple[str, str] | None:
+    """The last setting the message is about: its key is named in ``names`` (unknown keys) or
+    its value appears in the message."""
+    best, best_score = None, 0
+    for where, key, value in reversed(_sources(_ARGV)):
+        leaf = key.rsplit(".", 1)[-1]
+        score = 4 if leaf in names or key in names else 0
+        text = None if value is None or isinstance(value, dict) else str(value)
+        if text and len(text) > 1 and re.search(rf"(?<![\w.]){re.escape(text)}(?![\w])", message):
+            score += 2
+            if re.search(rf"\b{re.escape(leaf)}\b", message):
+                score += 1
+        if score > best_score:
+            best, best_score = (where, key), score
+    return best
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def summarize(message: str, usage: str = "") -> str:
+    """One line for a parser or class error: the innermost reasons, where the value was set
+    (``FILE: KEY`` or ``--KEY``), and a "did you mean" for an unknown key."""
+    hints, names = [], []
+    # an unknown init argument of a class: "Problem with given class_path 'C':\n Option 'x'..."
+    for cls_path, name in re.findall(
+        r"class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message
+    ):
+        names.append(name)
+        try:
+            module, _, attr = cls_path.rpartition(".")
+            params = list(inspect.signature(getattr(import_module(module), attr)).parameters)
+        except Exception:
+            params = []
+        hints.append(f"unknown key {name!r} for {cls_path.rsplit('.', 1)[-1]}"
+                     + _did_you_mean(name, params))  # fmt: skip
+    # an unknown option of the parser: "does not accept option 'trainer.max_stepz'"
+    for name in re.findall(r"does not accept option '([\w.]+)'", message):
+        names.append(name)
+        options = re.findall(r"--([\w.]+)", usage)
+        hints.append(f"unknown key {name!r}" + _did_you_mean(name, options))
+    for args in re.findall(r"(?i)unrecognized arguments: (.*)", message):
+        options = re.findall(r"--([\w.]+)", usage)
+        for name in re.findall(r"--([\w.]+)", args):
+            names.append(name)
+            hints.append(f"unknown option --{name}" + _did_you_mean(name, options))
+    # the key a type error is about: 'Parser key "trainer.max_steps":'
+    names += re.findall(r'Parser key "([\w.]+)"', message)
+    if not hints:
+        expected = []
+        for line in message.splitlines():
+            text = line.strip().removeprefix("- ").strip()
+            if text.startswith("Expected a <class") and "NoneType" not in text:
+                expected.append(text)
+            elif text and not text.startswith(_NOISE) and text not in hints:
+                hints.append(text)
+        hints = hints or expected  # a plain type error: "Expected a <class 'int'>. Got ..."
+    # dataclass fields (RecurrentDropout and kin): "unknown field(s) ['x']; valid fields are [...]"
+    fields_error = r"unknown field\(s\) \[([^\]]*)\]; valid fields are \[([^\]]*)\]"
+    for unknown, valid in re.findall(fields_error, message):
+        fields = re.findall(r"'(\w+)'", valid)
+        for name in re.findall(r"'(\w+)'", unknown):
+            names.append(name)
+            hint = _did_you_mean(name, fields).removeprefix("; ")
+            if hint:
+                hints.append(f"{name!r}: {hint}")
+    what = "; ".join(hints) or message.strip().splitlines()[0]
+    where = _locate(what if not names else message, names)
+    if where is None:
+        return what
+    source, key = where
+    return f"{source}: {what}" if source.startswith("--") else f"{source}: {key}: {what}"
+
+
+def fail(message: str) -> NoReturn:
+    """Print one ``error:`` line and exit with code 2 (argparse's code for a usage error)."""
+    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
+    raise SystemExit(2)
+
+
+class RnndropArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors are one line: what, where (file and key, or
+    option) and the fix, instead of the usage and a dump of every union member."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a nested parser: its caller reports, with more context
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        fail(summarize(message, parser.format_usage()))
+
+
+def _data_errors() -> tuple[type[BaseException], ...]:
+    """Data problems a user fixes (a missing or corrupt corpus): exit 2, not a traceback."""
+    from ..data import CorpusError, DownloadError, MNISTError, UnknownTokenError
+
+    return (CorpusError, DownloadError, MNISTError, UnknownTokenError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What a running subcommand reports as a user error: data problems and Lightning's
+    configuration errors."""
+    return (*_data_errors(), MisconfigurationException)
+
+
+def _message(err: BaseException) -> str:
+    # a KeyError's str() is the repr of its argument: use the argument
+    return str(err.args[0]) if len(err.args) == 1 else str(err)
+
+
+def cli_spelling(message: str) -> str:
+    """A data-module message in the CLI's spelling of its arguments."""
+    message = re.sub(r"\bdownload=True\b", "--data.init_args.download true", message)
+    return re.sub(r"\bpoint data_dir\b", "point --data.init_args.data_dir (or $RNNDROP_DATA_DIR)",
+                  message)  # fmt: skip
+
+
 class RnndropCLI(LightningCLI):
-    """LightningCLI with rnndrop's links and defaults."""
+    """LightningCLI with rnndrop's links, defaults, output rule and error messages."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # no abbreviations: `--trainer.max_step 3` is an unknown key, not max_steps
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        global _ARGV
+        given = sys.argv[1:] if args is None else args
+        _ARGV = list(given) if isinstance(given, list) else []  # a dict/Namespace: no argv
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit",
             type=bool,
             default=False,
-            help="after fit, evaluate the final model on the test split",
+            help="after fit, evaluate on the test split: the best checkpoint (by "
+            "checkpoint.monitor) when one was saved, else the final weights; the log says which",
         )
+        # Lightning's ModelCheckpoint as its own group: `--checkpoint.every_n_train_steps 500`
+        parser.add_class_arguments(ModelCheckpoint, "checkpoint", fail_untyped=False,
+                                   sub_configs=True)  # fmt: skip
+        parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
         for source, target in LINKS.items():
             parser.link_arguments(f"data.{source}", target, apply_on="instantiate")
         parser.set_defaults(
@@ -121,17 +356,101 @@ class RnndropCLI(LightningCLI):
             sys.stderr.write(f"could not parse the hyperparameters stored in {ckpt_path}\n")
             raise
 
+    def before_instantiate_classes(self) -> None:
+        """Put every output under the trainer's root dir (relative paths are taken from it)."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        if trainer.get("default_root_dir") is None:
+            trainer.default_root_dir = DEFAULT_ROOT
+        root = Path(trainer.default_root_dir)
+        loggers = trainer.get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            init = getattr(logger, "init_args", None)
+            if init is not None and isinstance(init.get("save_dir"), str | Path):
+                init.save_dir = str(root / init.save_dir)  # an absolute save_dir stays as it is
+        checkpoint = config.get("checkpoint")
+        if checkpoint is not None and checkpoint.get("dirpath"):
+            checkpoint.dirpath = str(root / checkpoint.dirpath)
+
     def instantiate_classes(self) -> None:
-        # a value the parser accepts but a class rejects (a rate of 1.5, an unknown task name)
-        # gets the same treatment as a bad key: the message and exit code 2, no traceback
+        # a value the parser accepts but a class rejects (a rate of 1.5, an unknown task name,
+        # a trainer setting Lightning refuses) gets the same treatment as a bad key: one
+        # error line and exit code 2, no traceback
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:
+        except _data_errors() as err:  # the links read the corpus (its vocabulary size)
+            fail(cli_spelling(_message(err)))
+        except (ValueError, TypeError, MisconfigurationException) as err:
             self.parser.error(str(err))
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        # the checkpoint group joins the trainer's callbacks unless checkpointing is off
+        config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
+        checkpoint = config.get("checkpoint")
+        trainer = config.get("trainer", {})
+        if isinstance(checkpoint, ModelCheckpoint) and trainer.get("enable_checkpointing", True) \
+                is not False and "callbacks" not in kwargs:  # fmt: skip
+            given = trainer.get("callbacks") or []
+            kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), checkpoint]
+        return super().instantiate_trainer(**kwargs)
+
+    # the subcommands: a user error while running (a missing corpus, a corrupt file) exits 2
+    # with one line and removes the run directory it had just created
+    def _run_trainer(self, name: str, **kwargs: Any) -> Any:
+        fresh = self._fresh_dirs()
+        try:
+            return getattr(self.trainer, name)(**kwargs)
+        except _user_errors() as err:
+            if self.trainer.global_step == 0:
+                _remove_empty_runs(fresh)
+            fail(cli_spelling(_message(err)))
+
+    def fit(self, **kwargs: Any) -> None:
+        self._run_trainer("fit", **kwargs)
+
+    def validate(self, **kwargs: Any) -> Any:
+        return self._run_trainer("validate", **kwargs)
+
+    def test(self, **kwargs: Any) -> Any:
+        return self._run_trainer("test", **kwargs)
+
+    def predict(self, **kwargs: Any) -> Any:
+        return self._run_trainer("predict", **kwargs)
+
+    def _fresh_dirs(self) -> list[Path]:
+        """The run's directories that do not exist yet, deepest first."""
+        trainer, fresh = self.trainer, []
+        dirs = [Path(trainer.default_root_dir)]
+        for logger in trainer.loggers:
+            log_dir = getattr(logger, "log_dir", None)  # TensorBoard/CSV: picks the version
+            if log_dir:
+                dirs.append(Path(log_dir))
+        for d in dirs:
+            d = d.absolute()
+            while not d.exists() and d not in fresh:
+                fresh.append(d)
+                d = d.parent
+        return sorted(fresh, key=lambda p: len(p.parts), reverse=True)
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit") and not self.trainer.fast_dev_run:
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
+            if best:
+                print(f"test_after_fit: testing the best checkpoint {best}", file=sys.stderr)
+            else:
+                print("test_after_fit: no best checkpoint was saved; testing the final weights",
+                      file=sys.stderr)  # fmt: skip
+            self.test(model=self.model, datamodule=self.datamodule,
+                      ckpt_path="best" if best else None)  # fmt: skip
+
+
+def _remove_empty_runs(fresh: list[Path]) -> None:
+    """Remove what a run that failed before its first step created: no checkpoint inside."""
+    for d in fresh:  # deepest first
+        if d.is_dir() and not any(d.rglob("*.ckpt")):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def make_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> RnndropCLI:
@@ -147,6 +466,7 @@ def make_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> Rnndr
         trainer_defaults=trainer_defaults(),
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
+        parser_class=RnndropArgumentParser,
         args=args,
         run=run,
         **kwargs,

@@ -1,0 +1,328 @@
+"""The ``triton`` loop backend in Triton's interpreter against the ``python`` reference.
+
+Runs on CPU with ``TRITON_INTERPRET=1``: the same kernels a GPU compiles, executed with numpy
+one program after another (exact parity, blind to speed). The variable is set per test with
+``monkeypatch``: ``@triton.jit`` reads it when it decorates a kernel, so the backend keeps its
+kernels undecorated and wraps them per call from the variable's current value; nothing here
+leaks into other test files. Outputs, final states and every gradient, for the LSTM and the
+GRU, every mask site alone and together, both directions, with and without the input
+projection and the biases; tiny shapes (the interpreter is slow).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
+
+from rnndrop import kernels
+from rnndrop.config import RecurrentDropout as RD
+from rnndrop.kernels import LayerInputs, LayerMasks, rnn_layer
+from rnndrop.kernels.triton import MAX_H, TritonBackend
+from rnndrop.nn import GRU, LSTM
+from rnndrop.nn.cells import GRU_CELL, LSTM_CELL
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+CELLS = {"lstm": LSTM_CELL, "gru": GRU_CELL}
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+# mask site -> options: rec (Tm, tied|untied); inp (Tm, batch); cand Tm;
+# zh / zc: "sampled" (0/1 per step, a padded step carrying exactly) or "eval" (z, shared)
+CASES = {
+    "none": {},
+    "rec_tied_shared": dict(rec=("1", "tied")),
+    "rec_tied_per_step": dict(rec=("T", "tied")),
+    "rec_untied_shared": dict(rec=("1", "untied")),
+    "rec_untied_per_step": dict(rec=("T", "untied")),
+    "candidate": dict(cand="T"),
+    "candidate_shared": dict(cand="1"),
+    "zoneout_h": dict(zh="sampled"),
+    "zoneout_c": dict(zc="sampled"),
+    "zoneout_eval": dict(zh="eval", zc="eval"),
+    "input_untied": dict(inp=("T", "B")),
+    "input_untied_shared": dict(inp=("1", "1")),
+    "everything_untied": dict(
+        rec=("T", "untied"), inp=("T", "B"), cand="T", zh="sampled", zc="sampled"
+    ),
+    "everything_tied": dict(rec=("1", "tied"), inp=("1", "B"), cand="1", zh="eval", zc="eval"),
+}
+
+
+def _drop(shape, p):
+    return (torch.rand(shape) >= p).float() / (1 - p)
+
+
+def _zone(kind, T, B, H):
+    if kind == "sampled":
+        z = (torch.rand(T, B, H) < 0.4).float()
+        z[-1, 0] = 1.0  # a padded step: carry the state exactly
+        return z
+    return torch.full((1, B, H), 0.3)
+
+
+def make_masks(cell, case, T, B, I, H):
+    spec, G = CASES[case], cell.gates
+    steps = {"T": T, "1": 1}
+    m = LayerMasks()
+    if "rec" in spec:
+        tm, tie = spec["rec"]
+        m.recurrent = _drop((steps[tm], 1 if tie == "tied" else G, B, H), 0.3)
+    if "inp" in spec:
+        tm, batch = spec["inp"]
+        m.input = _drop((G, steps[tm], B if batch == "B" else 1, I), 0.3)
+    if "cand" in spec:
+        m.candidate = _drop((steps[spec["cand"]], B, H), 0.3)
+    if "zh" in spec:
+        m.zoneout_h = _zone(spec["zh"], T, B, H)
+    if "zc" in spec and cell.has_cell:
+        m.zoneout_c = _zone(spec["zc"], T, B, H)
+    return m
+
+
+def make_leaves(cell, projected, bias, T, B, I, H):
+    """x, w_ih, b_x, w_hh, b_h, h0, c0 (None where absent), as the engine would hand them."""
+    G = cell.gates
+
+    def leaf(*shape, scale=0.5):
+        return (torch.randn(*shape) * scale).requires_grad_()
+
+    if projected:  # x is the input projection, its bias included
+        x, w_ih, b_x = leaf(T, B, G * H, scale=1.0), None, None
+    else:
+        x, w_ih = leaf(T, B, I, scale=1.0), leaf(G * H, I)
+        b_x = leaf(G * H) if bias else None
+    b_h = leaf(G * H) if bias and cell.split_recurrent else None
+    c0 = leaf(B, H) if cell.has_cell else None
+    return [x, w_ih, b_x, leaf(G * H, H), b_h, leaf(B, H), c0]
+
+
+def run(backend, cell, leaves, masks, reverse, weight, use_h=True):
+    x, w_ih, b_x, w_hh, b_h, h0, c0 = leaves
+    h_seq, c_last = rnn_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, reverse=reverse,
+                              backend=backend)  # fmt: skip
+    loss = (h_seq * weight).sum() if use_h else 0.0
+    if c_last is not None:
+        loss = loss + (c_last * weight[0]).sum()
+    present = [t for t in leaves if t is not None and t.requires_grad]
+    grads = torch.autograd.grad(loss, present)
+    return [h_seq, c_last, *grads]
+
+
+def assert_agree(cell, leaves, masks, reverse, use_h=True):
+    T, B = leaves[0].shape[:2]
+    H = leaves[3].shape[1]
+    weight = torch.randn(T, B, H)
+    ours = run("triton", cell, leaves, masks, reverse, weight, use_h)
+    ref = run("python", cell, leaves, masks, reverse, weight, use_h)
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_every_site_matches_python(cell, case, reverse):
+    cell = CELLS[cell]
+    T, B, I, H = 4, 3, 3, 5  # H = 5: the (16, 16) tiles are mostly padding
+    masks = make_masks(cell, case, T, B, I, H)
+    assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, reverse)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("projected", [False, True], ids=["w_ih", "projected"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_projection_and_bias_variants(cell, reverse, projected, bias):
+    cell = CELLS[cell]
+    T, B, I, H = 3, 2, 3, 6
+    masks = make_masks(cell, "everything_untied", T, B, I, H)
+    if projected:
+        masks.input = None  # input masks act on x before the projection
+    assert_agree(cell, make_leaves(cell, projected, bias, T, B, I, H), masks, reverse)
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 1, 2, 1), (2, 17, 3, 8), (5, 2, 2, 16), (2, 1, 3, 20), (2, 1, 2, MAX_H)],
+    ids=["one_step", "two_programs", "full_tile", "two_tiles_wide", "max_h"],
+)
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_shapes(cell, shape):
+    """One step and one unit; a batch over two programs; H filling and overrunning 16."""
+    cell = CELLS[cell]
+    T, B, I, H = shape
+    for reverse in (False, True):
+        masks = make_masks(cell, "everything_untied", T, B, I, H)
+        assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, reverse)
+
+
+def test_lstm_gradient_through_the_last_cell_state_only():
+    """No gradient reaches h_seq (dh_seq is None in backward): only c_last is used."""
+    T, B, I, H = 3, 2, 3, 5
+    masks = make_masks(LSTM_CELL, "everything_untied", T, B, I, H)
+    leaves = make_leaves(LSTM_CELL, False, True, T, B, I, H)
+    assert_agree(LSTM_CELL, leaves, masks, False, use_h=False)
+
+
+@pytest.mark.parametrize("wants", ["x", "weights", "h0"])
+def test_partial_gradients(wants):
+    T, B, I, H = 3, 2, 3, 5
+    for cell in CELLS.values():
+        leaves = make_leaves(cell, False, True, T, B, I, H)
+        keep = {"x": {0}, "weights": {1, 2, 3, 4}, "h0": {5, 6}}[wants]
+        for k, t in enumerate(leaves):
+            if t is not None:
+                t.requires_grad_(k in keep)
+        assert_agree(cell, leaves, make_masks(cell, "everything_untied", T, B, I, H), True)
+
+
+def _inputs(cell, dtype=torch.float32, H=3, device="cpu"):
+    x = torch.zeros(2, 1, cell.gates * H, dtype=dtype, device=device)
+    h = torch.zeros(1, H, dtype=dtype, device=device)
+    return LayerInputs(cell, x, None, None, torch.zeros(cell.gates * H, H, dtype=dtype), None,
+                       h, h if cell.has_cell else None, LayerMasks())  # fmt: skip
+
+
+def test_cpu_without_the_interpreter_says_how(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("RNNDROP_LOOP", "triton")
+    with pytest.raises(
+        RuntimeError,
+        match=r"runs on CUDA tensors; set TRITON_INTERPRET=1 to "
+        r"run it on CPU in Triton's interpreter",
+    ):
+        LSTM(3, 4, dropout=RD.zoneout(0.1, 0.1))(torch.randn(2, 1, 3))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "TRITON_INTERPRET=1" in TritonBackend().unavailable(_inputs(GRU_CELL))
+
+
+def test_what_it_refuses_it_names():
+    b = TritonBackend()
+    for cell in CELLS.values():
+        assert b.unavailable(_inputs(cell)) is None
+        assert "float32 only" in b.unavailable(_inputs(cell, torch.float64))
+        assert f"up to {MAX_H}" in b.unavailable(_inputs(cell, H=MAX_H + 1))
+    gru = _inputs(GRU_CELL)
+    gru.masks.zoneout_c = torch.zeros(1, 1, 3)
+    assert "no cell state" in b.unavailable(gru)
+
+
+def test_auto_never_picks_the_interpreter_over_cpp():
+    from rnndrop.kernels.cpp import build
+
+    if build.load() is None:
+        pytest.skip("the compiled kernel is not available here")
+    with kernels.loop_backend("auto"):
+        assert kernels.select_backend(_inputs(LSTM_CELL)).name == "cpp"
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, monkeypatch):
+    """Two layers, both directions, every loop-path site: the same masks (same seed, recorded
+    and compared), the same outputs, final states and gradients."""
+    cfg = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.2, input=0.2, tied=False,
+             time="per_step", zoneout_cell=0.2 if cls is LSTM else 0.0)  # fmt: skip
+    m = cls(3, 5, 2, bidirectional=True, dropout=cfg).train()
+    m.record_masks = True
+    triton_backend, calls = kernels.BACKENDS["triton"], []
+    forward = triton_backend.forward
+    monkeypatch.setattr(triton_backend, "forward", lambda inp: calls.append(1) or forward(inp))
+    x0 = torch.randn(4, 2, 3)
+    results = []
+    for backend in ("triton", "python"):
+        monkeypatch.setenv("RNNDROP_LOOP", backend)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(7)  # the engine draws the masks: same seed, same masks
+        out, state = m(x)
+        states = state if isinstance(state, tuple) else (state,)
+        loss = out.square().sum() + sum(s.sum() for s in states)
+        grads = torch.autograd.grad(loss, [x, *m.parameters()])
+        results.append(([out, *states, *grads], dict(m.last_masks)))
+    assert len(calls) == 4  # every layer and direction ran on the triton loop
+    (ours, our_masks), (ref, ref_masks) = results
+    assert our_masks.keys() == ref_masks.keys() and our_masks
+    for k in our_masks:
+        assert torch.equal(our_masks[k], ref_masks[k]), k
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("kernel", ["lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd"])
+def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
+    """The compiled path, which the interpreter never takes: Triton's front end, its GPU
+    passes and the bundled ptxas build each kernel for sm_90 (every site on, untied masks)
+    within the shared memory of a block. No GPU is needed to compile."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, _kernels
+
+    pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend here")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
+    fn = JITFunction(getattr(_kernels, kernel))
+    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH"}
+    consts, sig = {}, {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in flags:
+            consts[name] = True
+        elif name in ("GR", "REVERSE", "BB", "BH"):
+            consts[name] = {"GR": 4 if kernel.startswith("lstm") else 3, "REVERSE": True,
+                            "BB": 16, "BH": 16}[name]  # fmt: skip
+        sig[name] = (
+            "constexpr"
+            if name in consts
+            else "i32"
+            if not name.isupper() or name in ("T", "B", "H")
+            else "*fp32"
+        )
+    try:
+        compiled = triton.compile(
+            ASTSource(fn, sig, consts),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=4, num_stages=NUM_STAGES),
+        )
+    except FileNotFoundError as e:  # no ptxas
+        pytest.skip(f"the CUDA toolchain of triton is incomplete here: {e}")
+    assert compiled.metadata.shared <= _SHARED_BYTES[16]
+
+
+# ---- on a GPU (skipped without one): the compiled kernels, not the interpreter ----------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("H", [5, 64, MAX_H])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_compiled_on_cuda_matches_python(cell, H, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    cell = CELLS[cell]
+    T, B, I = 6, 19, 4
+    for reverse in (False, True):
+        for case in ("none", "everything_untied", "everything_tied"):
+            torch.manual_seed(0)
+            masks = make_masks(cell, case, T, B, I, H)
+            leaves = make_leaves(cell, False, True, T, B, I, H)
+            masks = LayerMasks(*[None if t is None else t.cuda() for t in masks.tensors()])
+            leaves = [None if t is None else t.detach().cuda().requires_grad_() for t in leaves]
+            assert_agree(cell, leaves, masks, reverse)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_picks_triton_for_the_loop_path_on_cuda():
+    for cell in CELLS.values():
+        inp = _inputs(cell, device="cuda")
+        inp.w_hh = inp.w_hh.cuda()
+        with kernels.loop_backend("auto"):
+            assert kernels.select_backend(inp).name == "triton"
