@@ -7,7 +7,7 @@ Backends, in the order ``auto`` tries them:
 
 ========  ======================================================================
 ``cpp``   compiled C++ time loop, CPU float32/float64 (:mod:`rnndrop.kernels.cpp`)
-``triton``  GPU kernels, whole time loop in one launch (CUDA float32, H <= 128; interpreter in tests)
+``triton``  GPU kernels, the whole time loop in one launch (CUDA float32, H <= 128)
 ``python``  the reference loop in PyTorch; runs everywhere
 ========  ======================================================================
 
