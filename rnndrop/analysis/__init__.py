@@ -1,4 +1,8 @@
-"""Long-range measurements: how far information and gradients reach, and summaries."""
+"""Long-range measurements, dropout ensembles and calibration, and summaries.
+
+The calibration names (:mod:`rnndrop.analysis.calibration`) need torchmetrics (the ``train``
+extra) and are imported on first use, so the rest of this package needs torch alone.
+"""
 
 from .context import MODES as CONTEXT_MODES
 from .context import context_usage, effective_context
@@ -14,9 +18,30 @@ from .evaluation import evaluate_sequence_model
 from .gradients import default_distances, gradient_through_time, last_step_loss
 from .stats import mean_ci, normalized_accuracy, solved_distance, t_quantile
 
+_CALIBRATION = (
+    "Calibration",
+    "Reliability",
+    "SplitCalibration",
+    "calibration_metrics",
+    "reliability_diagram",
+)
+
+
+def __getattr__(name: str):
+    if name in _CALIBRATION:
+        from . import calibration
+
+        return getattr(calibration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CONTEXT_MODES",
+    "Calibration",
     "Ensemble",
+    "Reliability",
+    "SplitCalibration",
+    "calibration_metrics",
     "categorical_kl",
     "context_usage",
     "default_distances",
@@ -30,6 +55,7 @@ __all__ = [
     "mc_predict",
     "mean_ci",
     "normalized_accuracy",
+    "reliability_diagram",
     "solved_distance",
     "t_quantile",
 ]
