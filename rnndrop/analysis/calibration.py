@@ -292,6 +292,24 @@ class SplitCalibration(nn.Module):
         labels = {k: ("deterministic" if k == "" else k.upper()) for k in seen}
         return reliability_diagram({labels[k]: self[split, k] for k in seen}, title=title)
 
+    def log_figure(self, split: str, loggers: Any, step: int) -> bool:
+        """Send the split's reliability diagram as ``{split}/reliability`` to every logger
+        whose ``experiment`` has ``add_figure`` (TensorBoard's SummaryWriter). Call it before
+        :meth:`epoch_logs`; returns whether a figure went out."""
+        writers = [w for lg in loggers or () if callable(
+            getattr(w := getattr(lg, "experiment", None), "add_figure", None))]  # fmt: skip
+        if not writers:
+            return False
+        fig = self.figure(split, title=f"{split}, step {step}")
+        if fig is None:
+            return False
+        import matplotlib.pyplot as plt
+
+        for w in writers:
+            w.add_figure(f"{split}/reliability", fig, global_step=step, close=False)
+        plt.close(fig)
+        return True
+
     def epoch_logs(self, split: str) -> dict[str, Tensor]:
         logs = {}
         for kind in self.kinds:

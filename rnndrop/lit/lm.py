@@ -8,6 +8,7 @@ from typing import Any, Literal
 import torch
 from torch.nn import functional as F
 
+from ..analysis.calibration import SplitCalibration
 from ..functional import activation_regularization, temporal_activation_regularization
 from ..models import LanguageModel
 from ..nn import mc_dropout
@@ -29,7 +30,12 @@ class LanguageModelTask(Task):
     With ``mc_samples = S > 0`` evaluation also runs Monte Carlo dropout (Gal & Ghahramani
     2016): ``S`` stochastic passes, each with its own carried state, whose predictive
     distributions are averaged; logged as ``val/ppl_mc`` beside the deterministic
-    ``val/ppl``, with the mean predictive entropy ``val/entropy_mc``.
+    ``val/ppl``, with the mean predictive entropy ``val/entropy_mc``; the geometric
+    aggregation (normalised mean of the passes' log-probabilities) as ``val/ppl_mc_geo``.
+
+    Calibration of every evaluation (:mod:`rnndrop.analysis.calibration`): ``val/ece``,
+    ``val/nll``, ``val/brier`` (deterministic), ``val/ece_mc``, ... (MC, arithmetic), and a
+    reliability diagram ``val/reliability`` in TensorBoard (the same for ``test/``).
 
     Args:
         model: the network (its arguments go under ``model:`` in a config).
@@ -89,6 +95,8 @@ class LanguageModelTask(Task):
         self.nll = SplitMetric()
         self.nll_mc = SplitMetric()
         self.entropy_mc = SplitMetric()
+        self.nll_mc_geo = SplitMetric()
+        self.calibration = SplitCalibration()
         self.best = {"val": math.inf, "val_mc": math.inf}
         self._lr_scale = 1.0
 
@@ -150,21 +158,28 @@ class LanguageModelTask(Task):
         x, y = batch
         out = self.model(x, self.state[split])
         self.state[split] = detach_state(out.state)
-        self.nll[split].update(F.cross_entropy(out.logits.flatten(0, 1), y.flatten()), y.numel())
+        logp = out.logits.float().log_softmax(-1)
+        self.nll[split].update(F.nll_loss(logp.flatten(0, 1), y.flatten()), y.numel())
+        self.calibration.update(split, logp, y, log=True)
         if self.mc_samples:
             self._mc_step(x, y, split)
 
     @torch.no_grad()
     def _mc_step(self, x, y, split: str) -> None:
         states = self.mc_state[split] or [None] * self.mc_samples
-        probs = 0.0
+        probs, logp_sum = 0.0, 0.0
         with mc_dropout(self.model):
             for s in range(self.mc_samples):
                 out = self.model(x, states[s])
                 states[s] = detach_state(out.state)
-                probs = probs + out.logits.float().softmax(-1)
+                logp = out.logits.float().log_softmax(-1)
+                probs = probs + logp.exp()
+                logp_sum = logp_sum + logp
         self.mc_state[split] = states
         probs = probs / self.mc_samples  # (B, T, V) predictive distribution
+        geo = (logp_sum / self.mc_samples).log_softmax(-1)  # normalised geometric mean
+        self.nll_mc_geo[split].update(F.nll_loss(geo.flatten(0, 1), y.flatten()), y.numel())
+        self.calibration.update(split, probs, y, kind="mc")
         nll = -probs.gather(-1, y.unsqueeze(-1)).clamp_min(1e-30).log().mean()
         entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
         self.nll_mc[split].update(nll, y.numel())
@@ -184,7 +199,18 @@ class LanguageModelTask(Task):
             logs[f"{split}/entropy_mc"] = self.entropy_mc[split].compute()
             self.nll_mc[split].reset()
             self.entropy_mc[split].reset()
+            loss_geo = self.nll_mc_geo[split].compute()
+            logs[f"{split}/loss_mc_geo"] = loss_geo
+            logs[f"{split}/ppl_mc_geo"] = loss_geo.exp()
+            self.nll_mc_geo[split].reset()
+        self._log_reliability(split)
+        logs.update(self.calibration.epoch_logs(split))
         return logs
+
+    def _log_reliability(self, split: str) -> None:
+        trainer = self.trainer
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self.calibration.log_figure(split, self.loggers, self.global_step)
 
     def _summary(self, split: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         logs = {f"{split}/loss": loss, f"{split}/ppl": loss.exp()}

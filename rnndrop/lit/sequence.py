@@ -9,7 +9,9 @@ from typing import Literal
 import torch
 from torch.nn import functional as F
 
+from ..analysis.calibration import SplitCalibration
 from ..models import SequenceModel
+from ..nn import mc_dropout
 from .base import OptimizerName, SplitMetric, Task, model_hparams
 
 __all__ = ["SequenceTask"]
@@ -27,12 +29,20 @@ class SequenceTask(Task):
     ``{split}/baseline_loss`` and the ratio ``{split}/loss_vs_baseline`` (1 = remembers
     nothing useful, 0 = perfect).
 
+    Classification evaluations also log calibration on the targets accuracy scores
+    (:mod:`rnndrop.analysis.calibration`): ``val/ece``, ``val/nll``, ``val/brier`` and a
+    reliability diagram ``val/reliability`` in TensorBoard; with ``mc_samples = S > 0``, the
+    Monte Carlo prediction (``S`` stochastic passes, probabilities averaged) as
+    ``val/loss_mc``, ``val/acc_mc``, ``val/ece_mc``, ``val/nll_mc``, ``val/brier_mc`` (the
+    same for ``test/``).
+
     Args:
         model: the network (its arguments go under ``model:`` in a config).
         loss: ``"cross_entropy"`` or ``"mse"`` (linked from the data module).
         baseline_loss: the task's memoryless loss (linked from the data module).
         optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono, max_norm: see
             :class:`~rnndrop.lit.base.Task`.
+        mc_samples: Monte Carlo evaluation passes (0: off; classification only).
     """
 
     hp_metrics = ("hp/val_loss", "hp/val_acc", "hp/test_acc")
@@ -50,17 +60,24 @@ class SequenceTask(Task):
         decay_start: int = 0,
         nonmono: int = 5,
         max_norm: float | None = None,
+        mc_samples: int = 0,
     ) -> None:
         super().__init__(optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono,
                          max_norm)  # fmt: skip
         if loss not in ("cross_entropy", "mse"):
             raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
+        if mc_samples < 0:
+            raise ValueError(f"mc_samples must be >= 0, got {mc_samples}")
+        self.mc_samples = mc_samples
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self.hparams["model"] = model_hparams(model)
         self.loss_kind, self.baseline_loss = loss, baseline_loss
         self.loss_avg = SplitMetric()
         self.acc_avg = SplitMetric()
+        self.loss_mc_avg = SplitMetric()
+        self.acc_mc_avg = SplitMetric()
+        self.calibration = SplitCalibration()
         self.by_distance: dict[str, dict[int, list[int]]] = {s: defaultdict(lambda: [0, 0])
                                                             for s in SPLITS}  # fmt: skip
         self.best = {"loss": math.inf, "acc": 0.0}
@@ -91,7 +108,26 @@ class SequenceTask(Task):
                 self.acc_avg[split].update(correct[scored].float().mean(), scored.sum())
             if split != "train" and getattr(task, "cued", False):
                 self._count_by_distance(split, task.distance_of(x), correct)
+            if split != "train":
+                self._eval_calibration(x, y, pred, scored, split)
         return loss
+
+    def _eval_calibration(self, x, y, pred, scored, split: str) -> None:
+        """Calibration of the deterministic and (``mc_samples``) Monte Carlo predictions."""
+        y_scored = torch.where(scored, y, -100)
+        self.calibration.update(split, pred.float().log_softmax(-1), y_scored, log=True)
+        if not self.mc_samples:
+            return
+        with mc_dropout(self.model):
+            probs = sum(self.model(x).prediction.float().softmax(-1)
+                        for _ in range(self.mc_samples)) / self.mc_samples  # fmt: skip
+        logp = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        valid = y != -100
+        self.loss_mc_avg[split].update(F.nll_loss(logp[valid], y[valid]), valid.sum())
+        if scored.any():
+            right = (probs.argmax(-1) == y)[scored].float()
+            self.acc_mc_avg[split].update(right.mean(), scored.sum())
+        self.calibration.update(split, probs, y_scored, kind="mc")
 
     def _count_by_distance(self, split, dist: torch.Tensor, correct: torch.Tensor) -> None:
         for d in dist.unique().tolist():
@@ -111,9 +147,23 @@ class SequenceTask(Task):
             logs[f"{split}/loss_vs_baseline"] = loss / self.baseline_loss
         for d, (right, total) in sorted(self.by_distance[split].items()):
             logs[f"{split}/acc@d={d}"] = torch.tensor(right / max(total, 1))
+        if split != "train" and self.loss_kind == "cross_entropy":
+            logs.update(self._calibration_logs(split))
         self.loss_avg[split].reset()
         self.acc_avg[split].reset()
         self.by_distance[split].clear()
+        return logs
+
+    def _calibration_logs(self, split: str) -> dict[str, torch.Tensor]:
+        logs = {}
+        for name, metric in (("loss_mc", self.loss_mc_avg), ("acc_mc", self.acc_mc_avg)):
+            if metric[split].update_count:
+                logs[f"{split}/{name}"] = metric[split].compute()
+            metric[split].reset()
+        trainer = self.trainer
+        if not trainer.sanity_checking and trainer.is_global_zero:
+            self.calibration.log_figure(split, self.loggers, self.global_step)
+        logs.update(self.calibration.epoch_logs(split))
         return logs
 
     def training_step(self, batch, batch_idx):
