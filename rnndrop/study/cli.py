@@ -6,6 +6,7 @@ rnndrop study long-range --config s.yaml --list-cells  # number the cells
 rnndrop study long-range --config s.yaml --cell 7      # one cell (a scheduler array job)
 rnndrop study long-range --config s.yaml --report-only # aggregate what has finished
 rnndrop study context --config experiments/long_range/context_ptb.yaml  # LM context usage
+rnndrop study inference --config experiments/inference/delayed_recall.yaml  # WS vs MC, ECE
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="rnndrop study", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("kind", choices=["long-range", "context"], help="the study to run")
+    p.add_argument("kind", choices=["long-range", "context", "inference"], help="the study to run")
     p.add_argument("--config", help="study YAML (fields of StudyConfig / ContextStudyConfig)")
     p.add_argument("--quick", action="store_true", help="the built-in quick study (~10 min CPU)")
     p.add_argument(
@@ -81,9 +82,37 @@ def _context(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inference(args: argparse.Namespace) -> int:
+    from .inference import (
+        load_inference_result,
+        load_inference_study,
+        run_inference_study,
+        write_inference_report,
+    )
+
+    if args.quick or args.cell or args.list_cells:
+        print("rnndrop study inference: give --config (no --quick, --cell, --list-cells)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    study = load_inference_study(args.config, out_dir=args.out_dir, name=args.name)
+    if not args.report_only:
+        results = run_inference_study(study, progress=not args.no_progress)
+    else:
+        results = [r for c in study.cells() if (r := load_inference_result(study, c)) is not None]
+    if not results:
+        print(f"rnndrop study: no finished runs under {study.root}", file=sys.stderr)
+        return 1
+    paths = write_inference_report(study, results)
+    print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    print(paths["markdown"].read_text())
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
     if args.kind == "context":
         return _context(args)
+    if args.kind == "inference":
+        return _inference(args)
     if args.quick and args.config:
         print("rnndrop study: give --quick or --config, not both", file=sys.stderr)
         return 2
