@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 __all__ = [
+    "CONCRETE_RATE_BOUNDS",
     "PRESETS",
     "RATE_FIELDS",
     "SITES",
@@ -86,6 +87,11 @@ SITES: dict[str, Site] = {
     "zoneout_hidden": Site("loop_always", policy=False, scaled=False),
     "zoneout_cell": Site("loop_always", policy=False, scaled=False, cells=("lstm",)),
 }
+
+#: The open interval learned concrete-dropout rates stay in (see :class:`RecurrentDropout`'s
+#: ``concrete``): the rate is ``σ(b·tanh(θ/b))`` of its parameter ``θ``, ``b = logit(0.999)``.
+#: Initial rates must lie strictly inside it.
+CONCRETE_RATE_BOUNDS: tuple[float, float] = (0.001, 0.999)
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "time": ("per_step", "per_sequence"),
@@ -186,6 +192,20 @@ class RecurrentDropout(_Rates):
         scaling: ``"inverted"`` or ``"classic"``.
 
     Zoneout masks are always drawn per step and per sample, as in Krueger et al.
+
+    Concrete dropout (Gal, Hron & Kendall 2017):
+        concrete: learn the rate of every site of the layer that has one. The rates given
+            are the initial values of per-site parameters of :class:`rnndrop.nn.LSTM` /
+            :class:`~rnndrop.nn.GRU` (``dropout_logit_<site>``, one per site, shared by the
+            layers and directions); sites at 0 stay off. In training the masks are relaxed
+            Bernoulli (concrete) samples, ``z = σ((logit p + log u - log(1-u)) / t)``,
+            ``u ~ U(0, 1)``, keep ``= (1 - z)/(1 - p)`` (zoneout's weight of the previous
+            value is ``z`` itself, with ``p`` its rate), so the loss has a gradient in the
+            rates; eval uses the learned rates (deterministic, or hard Bernoulli masks in
+            MC mode). Needs ``scaling="inverted"``; the ``embedding`` site lives outside the
+            layer and keeps its fixed rate. Rates stay in :data:`CONCRETE_RATE_BOUNDS`. The
+            paper's regulariser: :meth:`rnndrop.nn.RNNBase.concrete_regularizer`.
+        temperature: ``t`` of the relaxation (0.1, as in the paper).
     """
 
     embedding: float = 0.0  # whole word types (rows of the embedding matrix)
@@ -202,11 +222,14 @@ class RecurrentDropout(_Rates):
     tied: bool = True  # one mask for the four gates, or one per gate
     embedding_batch: BatchPolicy = "per_batch"  # word-type mask shared by the batch?
     scaling: Scaling = "inverted"  # 1/(1-p) in training, or ×(1-p) at test
+    concrete: bool = False  # learn the rates (concrete dropout, Gal et al. 2017)
+    temperature: float = 0.1  # of the concrete relaxation
 
     _RATES = RATE_FIELDS
 
     def __post_init__(self) -> None:
         self._check_rates()
+        self._check_concrete()
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
@@ -215,7 +238,35 @@ class RecurrentDropout(_Rates):
             raise ValueError(f"tied must be True or False, got {self.tied!r}")
         self._warn_no_effect()
 
+    def _check_concrete(self) -> None:
+        if not isinstance(self.concrete, bool):
+            raise ValueError(f"concrete must be True or False, got {self.concrete!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not (0 < float(t) < math.inf):
+            raise ValueError(f"temperature must be a positive number, got {t!r}")
+        object.__setattr__(self, "temperature", float(t))
+        if not self.concrete:
+            return
+        if self.scaling != "inverted":
+            raise ValueError(
+                "concrete=True learns rates under inverted scaling (kept values × 1/(1-p)); "
+                f"scaling={self.scaling!r} is not supported with it"
+            )
+        lo, hi = CONCRETE_RATE_BOUNDS
+        bad = [f"{n}={getattr(self, n):g}" for n in self.concrete_sites
+               if not lo < getattr(self, n) < hi]  # fmt: skip
+        if bad:
+            raise ValueError(
+                f"concrete=True: initial rates must be 0 (site off) or in ({lo}, {hi}); got "
+                + ", ".join(bad)
+            )
+
     # -- derived views -------------------------------------------------------------
+
+    @property
+    def concrete_sites(self) -> list[str]:
+        """Sites whose rate is learned with ``concrete=True``: the layer's sites with a rate."""
+        return [n for n in self.active_sites() if SITES[n].path != "model"]
 
     def active_sites(self, **where: Any) -> list[str]:
         """Sites with a non-zero rate whose :class:`Site` entry matches ``where``."""
@@ -256,6 +307,10 @@ class RecurrentDropout(_Rates):
                 idle.append(f"{name}={getattr(self, name)!r} (no masked site has a rate)")
         if self.embedding_batch != defaults["embedding_batch"] and self.embedding == 0:
             idle.append("embedding_batch (embedding rate is 0)")
+        if self.temperature != defaults["temperature"] and not self.concrete:
+            idle.append("temperature (concrete is off)")
+        if self.concrete and not self.concrete_sites:
+            idle.append("concrete=True (no site of the layer has a rate to learn)")
         if self.scaling == "classic" and not self.active_sites(scaled=True):
             idle.append("scaling='classic' (only zoneout is set, and zoneout never rescales)")
         if idle:
@@ -275,6 +330,8 @@ class RecurrentDropout(_Rates):
         policy = f"{self.time}, {self.batch}" + ("" if self.tied else ", untied")
         if self.scaling != "inverted":
             policy += f", {self.scaling}"
+        if self.concrete:
+            policy += f", concrete t={self.temperature:g}"
         return f"{rates} [{policy}]"
 
     # -- the schemes of the literature ---------------------------------------------
@@ -285,7 +342,10 @@ class RecurrentDropout(_Rates):
         return cls()
 
     @classmethod
-    def naive(cls, p: float = 0.5, *, embedding: float = 0.0) -> RecurrentDropout:
+    def naive(
+        cls, p: float = 0.5, *, embedding: float = 0.0, concrete: bool = False,
+        temperature: float = 0.1,
+    ) -> RecurrentDropout:  # fmt: skip
         """Zaremba, Sutskever & Vinyals 2014, "Recurrent neural network regularization".
 
         Dropout on the non-recurrent connections only (input, between layers,
@@ -298,10 +358,15 @@ class RecurrentDropout(_Rates):
             between_layers=p,
             output=p,
             time="per_step",
+            concrete=concrete,
+            temperature=temperature,
         )
 
     @classmethod
-    def naive_recurrent(cls, p: float = 0.5, *, recurrent: float | None = None) -> RecurrentDropout:
+    def naive_recurrent(
+        cls, p: float = 0.5, *, recurrent: float | None = None, concrete: bool = False,
+        temperature: float = 0.1,
+    ) -> RecurrentDropout:  # fmt: skip
         """Per-step masks on ``h_{t-1}`` as well as on the non-recurrent connections.
 
         The scheme Zaremba et al. and Gal & Ghahramani warn against: a fresh mask on
@@ -314,6 +379,8 @@ class RecurrentDropout(_Rates):
             output=p,
             recurrent=p if recurrent is None else recurrent,
             time="per_step",
+            concrete=concrete,
+            temperature=temperature,
         )
 
     @classmethod
@@ -324,6 +391,8 @@ class RecurrentDropout(_Rates):
         recurrent: float | None = None,
         embedding: float = 0.0,
         tied: bool = True,
+        concrete: bool = False,
+        temperature: float = 0.1,
     ) -> RecurrentDropout:
         """Gal & Ghahramani 2016, "A theoretically grounded application of dropout in RNNs".
 
@@ -340,10 +409,15 @@ class RecurrentDropout(_Rates):
             recurrent=p if recurrent is None else recurrent,
             time="per_sequence",
             tied=tied,
+            concrete=concrete,
+            temperature=temperature,
         )
 
     @classmethod
-    def zoneout(cls, hidden: float = 0.05, cell: float = 0.5) -> RecurrentDropout:
+    def zoneout(
+        cls, hidden: float = 0.05, cell: float = 0.5, *, concrete: bool = False,
+        temperature: float = 0.1,
+    ) -> RecurrentDropout:  # fmt: skip
         """Krueger et al. 2016, "Zoneout: regularizing RNNs by randomly preserving hidden
         activations".
 
@@ -351,26 +425,32 @@ class RecurrentDropout(_Rates):
         with ``d ~ Bernoulli(z)`` per unit and step; eval uses ``E[d] = z``.
         The paper's char-PTB setting is ``hidden=0.05, cell=0.5``.
         """
-        return cls(zoneout_hidden=hidden, zoneout_cell=cell)
+        return cls(zoneout_hidden=hidden, zoneout_cell=cell, concrete=concrete,
+                   temperature=temperature)  # fmt: skip
 
     @classmethod
-    def weight_drop(cls, p: float = 0.5) -> RecurrentDropout:
+    def weight_drop(
+        cls, p: float = 0.5, *, concrete: bool = False, temperature: float = 0.1
+    ) -> RecurrentDropout:
         """Merity, Keskar & Socher 2017 (AWD-LSTM) weight drop: DropConnect on ``W_hh``.
 
         One mask over the elements of ``W_hh`` per forward call, shared by every step
         and sequence, so the fused kernel runs unchanged.
         """
-        return cls(weight_hh=p)
+        return cls(weight_hh=p, concrete=concrete, temperature=temperature)
 
     @classmethod
-    def semeniuta(cls, p: float = 0.25, *, time: TimePolicy = "per_step") -> RecurrentDropout:
+    def semeniuta(
+        cls, p: float = 0.25, *, time: TimePolicy = "per_step", concrete: bool = False,
+        temperature: float = 0.1,
+    ) -> RecurrentDropout:  # fmt: skip
         """Semeniuta, Severyn & Barth 2016, "Recurrent dropout without memory loss".
 
         ``c_t = f ⊙ c_{t-1} + i ⊙ d(g)``: only the candidate update is dropped, so
         the memory ``c_{t-1}`` itself is never erased. The paper found per-step masks
         work here (``time="per_step"``) because the cell path is untouched.
         """
-        return cls(candidate=p, time=time)
+        return cls(candidate=p, time=time, concrete=concrete, temperature=temperature)
 
     @classmethod
     def awd(
@@ -380,6 +460,9 @@ class RecurrentDropout(_Rates):
         dropouth: float = 0.3,
         dropout: float = 0.4,
         wdrop: float = 0.5,
+        *,
+        concrete: bool = False,
+        temperature: float = 0.1,
     ) -> RecurrentDropout:
         """Merity, Keskar & Socher 2017, "Regularizing and optimizing LSTM language models".
 
@@ -399,6 +482,8 @@ class RecurrentDropout(_Rates):
             time="per_sequence",
             batch="per_sample",
             embedding_batch="per_batch",
+            concrete=concrete,
+            temperature=temperature,
         )
 
     @classmethod

@@ -14,12 +14,15 @@ import math
 import torch
 from torch import Tensor
 
-from .config import check_rate
+from .config import CONCRETE_RATE_BOUNDS, check_rate
 from .kernels.cpp import build as _ext
 
 __all__ = [
     "activation_regularization",
     "bernoulli_mask",
+    "concrete_logit",
+    "concrete_logit_init",
+    "concrete_mask",
     "draw_seed",
     "drop_path",
     "drop_path_mask",
@@ -355,3 +358,60 @@ def temporal_activation_regularization(
         t, 0, raw_output.shape[t] - 1
     )
     return beta * diff.pow(2).mean()
+
+
+# ---- concrete dropout (Gal, Hron & Kendall 2017) -----------------------------------------
+
+_LOGIT_BOUND = math.log(CONCRETE_RATE_BOUNDS[1] / (1 - CONCRETE_RATE_BOUNDS[1]))  # logit(0.999)
+
+
+def concrete_logit(theta: Tensor) -> Tensor:
+    """The logit of a learned rate from its parameter: ``b·tanh(θ/b)``, ``b = logit(0.999)``.
+
+    The rate ``σ(b·tanh(θ/b))`` stays in ``CONCRETE_RATE_BOUNDS``, (0.001, 0.999), whatever
+    step an optimiser takes, and its gradient never vanishes (no clamp); near the middle the
+    map is the identity (``tanh(x) ≈ x``), so ``θ`` reads as the rate's logit.
+    """
+    return _LOGIT_BOUND * torch.tanh(theta / _LOGIT_BOUND)
+
+
+def concrete_logit_init(p: float) -> float:
+    """The parameter ``θ`` whose rate is ``p`` (the inverse of :func:`concrete_logit`)."""
+    lo, hi = CONCRETE_RATE_BOUNDS
+    if not lo < p < hi:
+        raise ValueError(f"a concrete rate must be in ({lo}, {hi}), got {p}")
+    return _LOGIT_BOUND * math.atanh(math.log(p / (1 - p)) / _LOGIT_BOUND)
+
+
+def concrete_mask(
+    logit: Tensor,
+    shape: tuple[int, ...] | torch.Size,
+    temperature: float,
+    *,
+    keep: bool = True,
+    scale: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""A relaxed Bernoulli (concrete) dropout mask, differentiable in ``logit``.
+
+    ``z = σ((logit + log u − log(1 − u)) / t)``, ``u ~ U(0, 1)`` (clamped to
+    ``[1e-7, 1 − 1e-7]`` as in the paper's code), is the relaxed "dropped" indicator of rate
+    ``p = σ(logit)``; it tends to Bernoulli(p) as ``t → 0``. Returns ``(1 − z)/(1 − p)``
+    (``keep`` and ``scale``), ``1 − z`` (``keep``, no scale) or ``z`` (``keep=False``:
+    zoneout's weight of the previous value).
+
+    Args:
+        logit: 0-dim ``log p − log(1 − p)``; the mask takes its dtype and device.
+        shape: of the mask.
+        temperature: ``t > 0``.
+        keep, scale: see above.
+        generator: for ``u`` (torch's global generator by default, so ``torch.manual_seed``
+            fixes the noise).
+    """
+    u = torch.rand(tuple(shape), device=logit.device, dtype=logit.dtype, generator=generator)
+    u = u.clamp_(1e-7, 1 - 1e-7)
+    noise = torch.log(u) - torch.log1p(-u)
+    if not keep:
+        return torch.sigmoid((logit + noise) / temperature)
+    kept = torch.sigmoid(-(logit + noise) / temperature)  # 1 − z, without cancellation
+    return kept / torch.sigmoid(-logit) if scale else kept  # σ(−logit) = 1 − p

@@ -124,7 +124,8 @@ class RNNLayer(torch.autograd.Function):
                           ctx.reverse)  # fmt: skip
         need = ctx.needs_input_grad
         need_x, need_w = need[3], any(need[4:8])
-        g: Grads = ctx.backend.backward(
+        need_masks = tuple(bool(n) for n in need[10:])
+        args = (
             inp,
             Saved(*saved),
             None if dh_seq is None else dh_seq.contiguous(),
@@ -132,8 +133,15 @@ class RNNLayer(torch.autograd.Function):
             need_x,
             need_w,
         )
+        if any(need_masks):  # concrete dropout: the masks' gradients reach their rates
+            g: Grads = ctx.backend.backward(*args, need_masks=need_masks)
+            dmasks = [None] * len(masks) if g.dmasks is None else list(g.dmasks.tensors())
+            dmasks = [d if n else None for d, n in zip(dmasks, need_masks, strict=True)]
+        else:
+            g = ctx.backend.backward(*args)
+            dmasks = [None] * len(masks)
         return (None, None, None, g.dx, g.dw_ih, g.db_x, g.dw_hh, g.db_h, g.dh0, g.dc0,
-                *[None] * len(masks))  # fmt: skip
+                *dmasks)  # fmt: skip
 
 
 def _prep(t: Tensor | None, like: Tensor) -> Tensor | None:

@@ -116,7 +116,11 @@ class Saved:
 
 @dataclass
 class Grads:
-    """Backward's results; a field is None where it was not asked for or does not exist."""
+    """Backward's results; a field is None where it was not asked for or does not exist.
+
+    ``dmasks`` holds the gradients of the masks (concrete dropout learns their rates), each
+    shaped like its mask in :class:`LayerMasks`, None where not asked for.
+    """
 
     dx: Tensor | None = None  # like x (the projection's gradient when w_ih is None)
     dw_ih: Tensor | None = None
@@ -125,6 +129,7 @@ class Grads:
     db_h: Tensor | None = None
     dh0: Tensor | None = None
     dc0: Tensor | None = None
+    dmasks: LayerMasks | None = None
 
 
 class Backend(Protocol):
@@ -132,6 +137,9 @@ class Backend(Protocol):
 
     ``unavailable(inputs)`` returns None if the backend can run these tensors, else a
     sentence saying why (the engine shows it when the backend was asked for by name).
+    A mask that requires grad (concrete dropout) asks for its gradient in backward:
+    ``need_masks`` has one flag per :class:`LayerMasks` field, and ``Grads.dmasks`` answers
+    (a backend that cannot must say so in ``unavailable``).
     """
 
     name: str
@@ -148,4 +156,5 @@ class Backend(Protocol):
         dc_last: Tensor | None,
         need_x: bool,
         need_w: bool,
+        need_masks: tuple[bool, ...] = (),
     ) -> Grads: ...

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import Grads, LayerInputs, Saved
+from .contract import Grads, LayerInputs, LayerMasks, Saved
 
-__all__ = ["PythonBackend", "project"]
+__all__ = ["PythonBackend", "loop_mask_grads", "outside_mask_grads", "project", "sum_to"]
 
 
 def _at(m: Tensor | None, t: int) -> Tensor | None:
@@ -50,6 +50,62 @@ def _recurrent_gemm(out: Tensor, hm: Tensor, w_hh: Tensor, accumulate: bool) -> 
             out[:, sl].addmm_(hm[k], w_hh[sl].t())
         else:
             out[:, sl] = hm[k] @ w_hh[sl].t()
+
+
+def sum_to(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """``t`` summed over the dims where ``shape`` is 1: the gradient of a broadcast mask."""
+    dims = [i for i, (a, b) in enumerate(zip(t.shape, shape, strict=True)) if b == 1 and a != 1]
+    return t.sum(dims, keepdim=True) if dims else t
+
+
+def _need(need_masks: tuple[bool, ...]) -> tuple[bool, ...]:
+    return tuple(need_masks) + (False,) * (5 - len(need_masks))
+
+
+def outside_mask_grads(
+    inp: LayerInputs, s: Saved, dgx: Tensor, dgh: Tensor, need_masks: tuple[bool, ...]
+) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the untied input masks and the recurrent masks, from the gate gradients.
+
+    Both act on a GEMM's input, so every backend gets them after its loop from what it
+    returns (``dgx``, ``dgh`` (T, B, G·H) = dL/d(input projection), dL/d(recurrent product))
+    and saves: ``dL/dm^x_k = sum((dgx_k W_ih,k) ⊙ x)`` and ``dL/dm^h_{t,k} = (dgh_{t,k}
+    W_hh,k) ⊙ h_{t-1}``, each summed over the dims its mask shares.
+    """
+    m, need = inp.masks, _need(need_masks)
+    d_in = d_rec = None
+    if need[0] and m.input is not None:
+        G = m.input.shape[0]
+        H = dgx.shape[-1] // G
+        d_in = torch.stack([
+            sum_to((dgx[..., k * H : (k + 1) * H] @ inp.w_ih[k * H : (k + 1) * H]) * inp.x,
+                   m.input.shape[1:])
+            for k in range(G)
+        ])  # fmt: skip
+    if need[1] and m.recurrent is not None:
+        h, h0 = s.h_seq, inp.h0[None]
+        prev = torch.cat([h[1:], h0]) if inp.reverse else torch.cat([h0, h[:-1]])
+        Gr, H = m.recurrent.shape[1], inp.w_hh.shape[1]
+        if Gr == 1:
+            dhm = (dgh @ inp.w_hh).unsqueeze(1)
+        else:
+            dhm = torch.stack([dgh[..., k * H : (k + 1) * H] @ inp.w_hh[k * H : (k + 1) * H]
+                               for k in range(Gr)], 1)  # fmt: skip
+        d_rec = sum_to(dhm * prev.unsqueeze(1), m.recurrent.shape)
+    return d_in, d_rec
+
+
+def loop_mask_grads(
+    inp: LayerInputs, s: Saved, dgx: Tensor, dgh: Tensor, need_masks: tuple[bool, ...],
+    per_step: tuple[Tensor | None, ...],
+) -> LayerMasks:
+    """``Grads.dmasks``: :func:`outside_mask_grads` and the per-step ``(T, B, H)`` gradients of
+    the candidate and zoneout masks a loop wrote (``per_step``), summed to the masks' shapes."""
+    m = inp.masks
+    d_in, d_rec = outside_mask_grads(inp, s, dgx, dgh, need_masks)
+    inner = [None if d is None else sum_to(d, mask.shape)
+             for d, mask in zip(per_step, (m.candidate, m.zoneout_h, m.zoneout_c), strict=True)]
+    return LayerMasks(d_in, d_rec, *inner)
 
 
 def _order(T: int, reverse: bool, backward: bool = False) -> range:
@@ -102,10 +158,15 @@ class PythonBackend:
                 ct_seq[t].copy_(ct)
         return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
 
-    def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w) -> Grads:
+    def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()) -> Grads:
         cell, m = inp.cell, inp.masks
         T, B, GH = s.acts.shape
         H = inp.w_hh.shape[1]
+        need = _need(need_masks)
+        inner = (m.candidate, m.zoneout_h, m.zoneout_c)  # masks applied inside the loop
+        dm_seq = tuple(s.acts.new_empty(T, B, H) if n and mask is not None else None
+                       for n, mask in zip(need[2:], inner, strict=True))  # fmt: skip
+        step_dm = any(d is not None for d in dm_seq)
         dgx = torch.empty_like(s.acts)
         dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
         carry = s.acts.new_zeros(B, H)
@@ -128,6 +189,7 @@ class PythonBackend:
                 s.acts[t], None if s.hn_seq is None else s.hn_seq[t], h_prev, c_prev, ct,
                 _at(m.candidate, t), _at(m.zoneout_h, t), _at(m.zoneout_c, t), d, dc,
                 dgx[t], dgh[t],
+                **({"dm": tuple(None if b is None else b[t] for b in dm_seq)} if step_dm else {}),
             )  # fmt: skip
             if carry is None:
                 carry = torch.zeros_like(d)
@@ -144,6 +206,8 @@ class PythonBackend:
             if inp.b_h is not None:
                 g.db_h = dgh.reshape(T * B, GH).sum(0)
         self._input_grads(g, inp, dgx, need_x, need_w)
+        if any(need):
+            g.dmasks = loop_mask_grads(inp, s, dgx, dgh, need, dm_seq)
         return g
 
     @staticmethod

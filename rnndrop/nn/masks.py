@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..config import SITES, RecurrentDropout
-from ..functional import bernoulli_mask, draw_seed, seeded_mask
+from ..functional import bernoulli_mask, concrete_mask, draw_seed, seeded_mask
 from .workspace import WeightBuffers, masked_weight
 
 __all__ = ["ForwardMasks", "is_active", "needs_loop"]
@@ -77,6 +77,11 @@ class ForwardMasks:
     ``(G·H, H)``; ``output`` ``(T, B, F)``. Size-1 dims are shared (per sequence / per
     batch). ``G`` is the cell's gate count (4 LSTM, 3 GRU).
 
+    Concrete dropout: the sites in ``learned`` take their rate from its logit (a 0-dim
+    tensor); with ``relaxed`` (training) their masks are :func:`~rnndrop.functional.
+    concrete_mask` samples, differentiable in the logit; otherwise (MC, eval) they are drawn
+    or taken in expectation at the learned rate, as fixed rates are.
+
     Args:
         cfg: the scheme.
         T, B: steps and batch size of the call.
@@ -86,6 +91,8 @@ class ForwardMasks:
         record: a dict to store every mask under its site name, or None.
         buffers: the module's pool for per-call weights (see :mod:`rnndrop.nn.workspace`).
         gates: the cell's gate count ``G``.
+        learned: site name -> logit of its learned rate (concrete dropout), or None.
+        relaxed: draw the learned sites' masks relaxed (training), not hard (MC).
     """
 
     def __init__(
@@ -99,6 +106,8 @@ class ForwardMasks:
         record: dict[str, Tensor] | None = None,
         buffers: WeightBuffers | None = None,
         gates: int = 4,
+        learned: dict[str, Tensor] | None = None,
+        relaxed: bool = False,
     ) -> None:
         self.G = gates
         self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
@@ -108,12 +117,33 @@ class ForwardMasks:
         self.Bm = B if cfg.batch == "per_sample" else 1
         self.folds = folds(cfg)
         self.record = record
-        self.buffers = buffers
+        self.learned = learned or {}
+        self.relaxed = bool(relaxed and sample and self.learned)
+        # pooled weights (MaskedWeight) pass no gradient to folded masks: plain ops instead
+        self.buffers = None if self.relaxed else buffers
 
     # ---- drawing ------------------------------------------------------------------
 
+    def _rate(self, site: str) -> float:
+        """The site's rate now: the config's, or the learned one (concrete dropout)."""
+        logit = self.learned.get(site)
+        return getattr(self.cfg, site) if logit is None else float(torch.sigmoid(logit))
+
+    def _relaxed(self, site: str, shape: tuple[int, ...], keep: bool = True) -> Tensor | None:
+        """A concrete mask of a learned site in training, else None."""
+        logit = self.learned.get(site)
+        if logit is None or not self.relaxed:
+            return None
+        logit = logit.to(self.dtype)
+        return concrete_mask(logit, shape, self.cfg.temperature, keep=keep, scale=self.scale)
+
     def _draw(self, name: str, p: float, shape: tuple[int, ...]) -> Tensor:
-        m = bernoulli_mask(shape, p, scale=self.scale, device=self.device, dtype=self.dtype)
+        site = name.split("/", 1)[0]
+        m = self._relaxed(site, shape)
+        if m is None:
+            if site in self.learned:
+                p = self._rate(site)
+            m = bernoulli_mask(shape, p, scale=self.scale, device=self.device, dtype=self.dtype)
         return self._keep(name, m)
 
     def _keep(self, name: str, m: Tensor) -> Tensor:
@@ -163,13 +193,18 @@ class ForwardMasks:
         """``W_hh`` as this call uses it: weight drop, folded recurrent masks, classic scaling."""
         c = self.cfg
         seed = fold = None
+        p_w = c.weight_hh
         if c.weight_hh > 0:
-            if self.sample:
+            relaxed = self._relaxed("weight_hh", tuple(w_hh.shape)) if self.sample else None
+            if relaxed is not None:  # an explicit mask: its gradient reaches the rate
+                w_hh = w_hh * self._keep(site_name("weight_hh", layer, d), relaxed)
+            elif self.sample:
+                p_w = self._rate("weight_hh")
                 seed = draw_seed(None)  # the mask is rebuilt from it, never stored
                 if self.record is not None:
                     self._keep(
                         site_name("weight_hh", layer, d),
-                        seeded_mask(w_hh.shape, c.weight_hh, seed, scale=self.scale,
+                        seeded_mask(w_hh.shape, p_w, seed, scale=self.scale,
                                     device=self.device, dtype=self.dtype),
                     )  # fmt: skip
             elif c.scaling == "classic":
@@ -182,7 +217,7 @@ class ForwardMasks:
             elif not self.sample and c.scaling == "classic":
                 w_hh = w_hh * (1 - c.recurrent)
         return masked_weight(
-            w_hh, p=c.weight_hh, seed=seed, scale=self.scale, fold=fold,
+            w_hh, p=p_w, seed=seed, scale=self.scale, fold=fold,
             buffers=self.buffers, key=("hh", layer, d),
         )  # fmt: skip
 
@@ -212,13 +247,22 @@ class ForwardMasks:
             kind: ``"hidden"`` or ``"cell"``.
             pad: ``(T, B, 1)`` bool, true past each sequence's length (packed input).
         """
-        z = self.cfg.zoneout_hidden if kind == "hidden" else self.cfg.zoneout_cell
+        site = f"zoneout_{kind}"
+        z = getattr(self.cfg, site)
+        logit = self.learned.get(site)
         if z == 0:
             m = None
         elif self.sample:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
             shape = (self.T, self.B, self.H)
-            keep_new = bernoulli_mask(shape, z, scale=False, device=self.device, dtype=self.dtype)
-            m = self._keep(site_name(f"zoneout_{kind}", layer, d), 1 - keep_new)
+            m = self._relaxed(site, shape, keep=False)
+            if m is None:
+                z = self._rate(site)
+                keep_new = bernoulli_mask(shape, z, scale=False, device=self.device,
+                                          dtype=self.dtype)  # fmt: skip
+                m = 1 - keep_new
+            m = self._keep(site_name(site, layer, d), m)
+        elif logit is not None:  # the expectation at the learned rate (no gradient in eval)
+            m = torch.sigmoid(logit.detach()).to(self.dtype).expand(1, self.B, self.H)
         else:
             m = self._full(z)
         if pad is None:

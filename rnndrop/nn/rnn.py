@@ -10,12 +10,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ..config import DropoutSpec, as_dropout
+from ..config import SITES, DropoutSpec, as_dropout
+from ..functional import concrete_logit, concrete_logit_init
 from ..kernels import LayerMasks, rnn_layer
 from ..kernels.cpp import build as _ext
 from .cells import GRU_CELL, LSTM_CELL, Cell
 from .dropout import StochasticModule
-from .masks import ForwardMasks, is_active, needs_loop
+from .masks import ForwardMasks, _layer_sites, is_active, needs_loop
 from .workspace import WeightBuffers
 
 __all__ = ["GRU", "LSTM", "RNNBase"]
@@ -41,6 +42,14 @@ class RNNBase(StochasticModule):
     expectation. With ``record_masks = True`` the masks of the last forward are kept in
     ``last_masks`` by site name (see :class:`rnndrop.nn.masks.ForwardMasks`); a forward
     that draws none leaves it empty.
+
+    Concrete dropout (``RecurrentDropout(..., concrete=True)``, Gal, Hron & Kendall 2017):
+    each site of the layer with a rate gets a learnable parameter ``dropout_logit_<site>``
+    (0-dim, shared by all layers and directions; the rate is
+    :func:`~rnndrop.functional.concrete_logit` of it, in (0.001, 0.999)), masks are relaxed
+    Bernoulli samples in training, and every loop backend returns the gradient of the masks
+    it applies inside the time loop. :meth:`concrete_rates` reads the rates,
+    :meth:`concrete_regularizer` is the paper's regulariser to add to the loss.
     """
 
     cell: Cell
@@ -103,6 +112,13 @@ class RNNBase(StochasticModule):
                 for name, shape in shapes.items():
                     self.register_parameter(name + sfx, nn.Parameter(torch.empty(shape, **kw)))
                     self._flat_weights_names.append(name + sfx)
+        # concrete dropout: one learnable rate per site of the layer (not the embedding's)
+        self._concrete_sites: list[str] = []
+        if self.dropout.concrete:
+            self._concrete_sites = _layer_sites(self.dropout, None, num_layers)
+            for site in self._concrete_sites:
+                self.register_parameter(f"dropout_logit_{site}",
+                                        nn.Parameter(torch.empty((), **kw)))  # fmt: skip
         self.reset_parameters()
 
     @property
@@ -120,10 +136,149 @@ class RNNBase(StochasticModule):
         return [getattr(self, n) for n in self._flat_weights_names]
 
     def reset_parameters(self) -> None:
-        """torch's initialisation: every parameter ~ U(-1/√H, 1/√H)."""
+        """torch's initialisation: every weight ~ U(-1/√H, 1/√H); learned rates (concrete
+        dropout) back to the config's rates."""
         stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
+        for weight in self._flat_weights:
             nn.init.uniform_(weight, -stdv, stdv)
+        with torch.no_grad():
+            for site in self.__dict__.get("_concrete_sites", ()):
+                theta = concrete_logit_init(getattr(self.dropout, site))
+                getattr(self, f"dropout_logit_{site}").fill_(theta)
+
+    # ---- concrete dropout -----------------------------------------------------------
+
+    def _learned_logits(self) -> dict[str, Tensor]:
+        return {s: concrete_logit(getattr(self, f"dropout_logit_{s}"))
+                for s in self.__dict__.get("_concrete_sites", ())}  # fmt: skip
+
+    def concrete_parameters(self) -> dict[str, nn.Parameter]:
+        """The learned-rate parameters by site (empty without concrete dropout).
+
+        Keep them out of weight decay: decay pulls every logit to 0, i.e. every rate to 0.5.
+        """
+        return {s: getattr(self, f"dropout_logit_{s}")
+                for s in self.__dict__.get("_concrete_sites", ())}  # fmt: skip
+
+    def concrete_rates(self) -> dict[str, float]:
+        """The current rate of every learned site, e.g. ``{"recurrent": 0.23, ...}``."""
+        return {s: float(torch.sigmoid(v.detach())) for s, v in self._learned_logits().items()}
+
+    def concrete_regularizer_terms(
+        self,
+        dataset_size: int,
+        length_scale: float = 1e-4,
+        *,
+        output_weight: Tensor | None = None,
+        weight_regularizer: float | None = None,
+        dropout_regularizer: float | None = None,
+    ) -> dict[str, tuple[Tensor, Tensor]]:
+        r"""The concrete-dropout regulariser per learned site: ``{site: (weight, entropy)}``.
+
+        Gal, Hron & Kendall 2017 (eq. 3 and §3): the objective is
+        ``(1/M) Σ_i −log p(y_i | x_i) + (1/N) Σ_sites KL``, and for a dropout site of rate
+        ``p`` feeding a weight matrix ``M`` (the weights without dropout), with ``K`` units
+        dropped,
+
+        .. math::
+
+            rac{1}{N}\mathrm{KL} pprox rac{l^2 (1-p)}{2N} \lVert M
+Vert^2
+            - rac{K}{N} \mathcal{H}(p),\qquad
+            \mathcal{H}(p) = -p\log p - (1-p)\log(1-p).
+
+        Here kept units are scaled by ``1/(1-p)`` (inverted dropout), so the weights ``W``
+        of the module are ``(1-p) M`` and the weight term is ``l²‖W‖² / (2N(1-p))`` (the
+        paper's code writes ``weight_regularizer · ‖W‖² / (1-p)``). Returned per site:
+
+        - weight term ``weight_regularizer · Σ_W ‖W‖² / (1 − p)``,
+          ``weight_regularizer = l²/(2N)`` by default;
+        - entropy term ``dropout_regularizer · K · (p log p + (1−p) log(1−p))`` (negative),
+          ``dropout_regularizer = 1/N`` by default.
+
+        The defaults fit a loss that is a mean negative log-likelihood (cross-entropy); the
+        paper's regression code, with a Gaussian likelihood of precision ``τ`` and a mean
+        squared error, uses ``l²/(τN)`` and ``2/(τN)``: pass those as the two overrides.
+
+        What each site feeds (summed over layers and directions; biases are not included):
+
+        ======================  ==================================  =====================
+        site                    weights ``W``                       ``K``
+        ======================  ==================================  =====================
+        input                   ``weight_ih_l0*``                   ``input_size`` each
+        between_layers          ``weight_ih_l{1..}*``               their input features
+        recurrent               ``weight_hh_l*``                    their input features
+        weight_hh (DropConnect) ``weight_hh_l*``                    their element count
+        output                  ``output_weight`` (if given)        output features
+        candidate, zoneout_*    none (no weight after the mask)     ``hidden_size`` each
+        ======================  ==================================  =====================
+
+        The output site feeds the layer that reads the LSTM's output (a decoder, outside
+        this module): pass its weight as ``output_weight``, else the site has the entropy
+        term only. Candidate dropout and zoneout feed no weight matrix; zoneout is not
+        dropout at all, and its entropy term (which alone pulls a rate to 0.5) is an
+        extension of the paper, not in it.
+
+        Args:
+            dataset_size: ``N``, training examples (sequences, or tokens for a language
+                model, matching how the loss is averaged).
+            length_scale: ``l``, the prior length-scale (1e-4 in the paper's code).
+            output_weight: the weight the output site feeds, or None.
+            weight_regularizer, dropout_regularizer: override the two coefficients.
+        """
+        if isinstance(dataset_size, bool) or not isinstance(dataset_size, int) or dataset_size < 1:
+            raise ValueError(f"dataset_size must be a positive integer, got {dataset_size!r}")
+        N = float(dataset_size)
+        wr = length_scale**2 / (2 * N) if weight_regularizer is None else weight_regularizer
+        dr = 1.0 / N if dropout_regularizer is None else dropout_regularizer
+        L, D = self.num_layers, self.num_directions
+        H, out = self.hidden_size, self.proj_size or self.hidden_size
+        terms = {}
+        for site, logit in self._learned_logits().items():
+            p = torch.sigmoid(logit)
+            logsig = nn.functional.logsigmoid
+            neg_entropy = p * logsig(logit) + (1 - p) * logsig(-logit)  # −H(p), stable
+            weights: list[Tensor] = []
+            if site in ("input", "between_layers", "recurrent", "weight_hh"):
+                layers = {"input": [0], "between_layers": range(1, L)}.get(site, range(L))
+                kind = "weight_ih" if SITES[site].layers in ("first", "inner") else "weight_hh"
+                for layer in layers:
+                    for d in range(D):
+                        sfx = f"_l{layer}" + ("_reverse" if d else "")
+                        weights.append(getattr(self, kind + sfx))
+            elif site == "output" and output_weight is not None:
+                weights.append(output_weight)
+            if site == "weight_hh":
+                K = sum(w.numel() for w in weights)
+            elif site in ("input", "between_layers", "recurrent"):
+                K = sum(w.shape[1] for w in weights)
+            elif site == "output":
+                K = D * out
+            else:
+                K = L * D * H
+            sq = sum((w * w).sum() for w in weights) if weights else logit.new_zeros(())
+            terms[site] = (wr * sq / (1 - p), dr * K * neg_entropy)
+        return terms
+
+    def concrete_regularizer(
+        self,
+        dataset_size: int,
+        length_scale: float = 1e-4,
+        *,
+        output_weight: Tensor | None = None,
+        weight_regularizer: float | None = None,
+        dropout_regularizer: float | None = None,
+    ) -> Tensor:
+        """The sum of :meth:`concrete_regularizer_terms` over sites (0 without concrete
+        dropout): add it to the loss."""
+        terms = self.concrete_regularizer_terms(
+            dataset_size, length_scale, output_weight=output_weight,
+            weight_regularizer=weight_regularizer, dropout_regularizer=dropout_regularizer,
+        )  # fmt: skip
+        total = self.weight_hh_l0.new_zeros(())
+        for w, e in terms.values():
+            total = total + w + e
+        return total
 
     def flatten_parameters(self) -> None:
         """On CUDA, make the weights views of one cuDNN buffer, as torch's RNNs do.
@@ -308,11 +463,14 @@ class RNNBase(StochasticModule):
         if sample and x.device.type == "cpu":
             _ext.load()  # build on first use: fast masks and the compiled loop
         pool = self.__dict__.get("_workspace")  # absent in modules pickled by older versions
-        m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool, self.cell.gates)
+        m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool, self.cell.gates,
+                         learned=self._learned_logits(), relaxed=self.training)  # fmt: skip
         loop = [self.force_loop or needs_loop(cfg, layer, sample, L) for layer in range(L)]
         if not any(loop) and not (L > 1 and m.input_rate(1) > 0):  # one fused call
             x, fold = m.input(0, x)
-            weights = [w for layer in range(L) for w in self._fused_weights(m, layer, fold)]
+            # the folded (untied per-batch) input masks are layer 0's: W_ih_l0 only
+            weights = [w for layer in range(L)
+                       for w in self._fused_weights(m, layer, None if layer else fold)]  # fmt: skip
             out, state = self._fused(x, state, weights, L, lengths)
         else:
             finals = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import Grads, LayerInputs, Saved
+from ..python import loop_mask_grads
 from . import build
 
 __all__ = ["CppBackend", "build"]
@@ -50,22 +51,29 @@ class CppBackend:
         )  # fmt: skip
         return Saved(acts, h_seq, None, None, hm_seq, hn_seq)
 
-    def backward(self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w) -> Grads:
+    def backward(
+        self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()
+    ) -> Grads:
         ext, m = build.load(), inp.masks
+        mg = any(need_masks)
         if inp.cell.name == "lstm":
             if dc_last is None:
                 dc_last = torch.zeros_like(inp.c0)
-            dgates, dh0, dc0, dw_hh, dx, dw_ih, db = ext.lstm_backward(
+            dgates, dh0, dc0, dw_hh, dx, dw_ih, db, *inner = ext.lstm_backward(
                 dh_seq, dc_last, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
                 inp.h0, inp.c0, s.acts, s.h_seq, s.c_seq, s.ct_seq, s.hm_seq, m.recurrent,
-                m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x, need_w,
+                m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x, need_w, mg,
             )  # fmt: skip
-            return Grads(dgates if inp.w_ih is None else dx, dw_ih, db,
-                         dw_hh, None, dh0, dc0)  # fmt: skip
-        dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x = ext.gru_backward(
-            dh_seq, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
-            inp.b_h is not None, inp.h0, s.acts, s.h_seq, s.hm_seq, s.hn_seq, m.recurrent,
-            m.candidate, m.zoneout_h, inp.reverse, need_x, need_w,
-        )  # fmt: skip
-        return Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x,
-                     dw_hh, db_h, dh0, None)  # fmt: skip
+            g = Grads(dgates if inp.w_ih is None else dx, dw_ih, db, dw_hh, None, dh0, dc0)
+            dgx = dgh = dgates
+        else:
+            dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, dgh, *inner = ext.gru_backward(
+                dh_seq, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
+                inp.b_h is not None, inp.h0, s.acts, s.h_seq, s.hm_seq, s.hn_seq, m.recurrent,
+                m.candidate, m.zoneout_h, inp.reverse, need_x, need_w, mg,
+            )  # fmt: skip
+            g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, None)
+            inner.append(None)  # no cell state
+        if mg:
+            g.dmasks = loop_mask_grads(inp, s, dgx, dgh, need_masks, tuple(inner))
+        return g

@@ -27,6 +27,11 @@
 //   ct_seq    (T, B, H)       LSTM c_t before zoneout (only with zone_c)
 //   hm_seq    (Gr, T, B, H)   masked h_{t-1}, gate-group-major (only with rec_mask)
 //   hn_seq    (T, B, H)       GRU W_hn (h_{t-1} * m_n) + b_hn
+// Backward with need_masks (concrete dropout learns the rates) also returns the gradients of
+// the masks applied inside the loop, per step, (T, B, H) each (the adapter sums them to the
+// masks' shapes): candidate dL/dm = dL/dc~ * i * g (LSTM), dL/dh~ * (1 - z) * n (GRU);
+// zoneout dL/dz_h = dL/dh_t * (h_{t-1} - h~_t), dL/dz_c = dL/dc_t * (c_{t-1} - c~_t).
+// The input and recurrent masks' gradients come from dgates outside (python.py).
 
 #include <torch/extension.h>
 
@@ -384,12 +389,16 @@ void lstm_row_forward_masked(int64_t H, T* __restrict ai, T* __restrict af, T* _
 
 // In: dh = total dL/dh_t, dc = dL/dc_t. Out: dgates; dc = dL/dc_{t-1} (cell path);
 // dh = zoneout carry into h_{t-1}.
-template <typename T>
+// MG (mask gradients): also write dL/d(candidate mask), dL/dz_h, dL/dz_c of this step into
+// dcm, dzh, dzc (scratch rows where a mask is absent); hp is h_{t-1} (read only with MG).
+template <typename T, bool MG>
 void lstm_row_backward(int64_t H, const T* __restrict ai, const T* __restrict af,
                        const T* __restrict ag, const T* __restrict ao, const T* __restrict cp,
                        const T* __restrict ctp, const T* __restrict cm, const T* __restrict zh,
                        const T* __restrict zc, T* __restrict dh, T* __restrict dc,
-                       T* __restrict gi, T* __restrict gf, T* __restrict gg, T* __restrict go) {
+                       T* __restrict gi, T* __restrict gf, T* __restrict gg, T* __restrict go,
+                       const T* __restrict hp, T* __restrict dcm, T* __restrict dzh,
+                       T* __restrict dzc) {
   for (int64_t j = 0; j < H; ++j) {
     T d = dh[j];
     T dc_in = dc[j];
@@ -401,6 +410,11 @@ void lstm_row_backward(int64_t H, const T* __restrict ai, const T* __restrict af
     gf[j] = dcn * cp[j] * f * (T(1) - f);
     gg[j] = dcn * i * cm[j] * (T(1) - g * g);
     go[j] = dht * tc * o * (T(1) - o);
+    if constexpr (MG) {
+      dcm[j] = dcn * i * g;
+      dzh[j] = d * (hp[j] - o * tc);
+      dzc[j] = dc_in * (cp[j] - ctp[j]);
+    }
     dc[j] = dcn * f + dc_in * zc[j];
     dh[j] = d * zh[j];
   }
@@ -460,7 +474,8 @@ std::vector<Tensor> lstm_forward_impl(const Tensor& x, const OptT& w_ih, const O
   return {h_seq, c_seq, acts, ct_seq, hm_seq};
 }
 
-// Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias}; the last three only with w_ih.
+// Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias, dcand, dzone_h, dzone_c}; dx, dw_ih,
+// dbias only with w_ih; the mask gradients (T, B, H) only with need_masks and the mask.
 template <typename T>
 std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last,
                                        const Tensor& x, const OptT& w_ih, bool has_bias,
@@ -470,7 +485,7 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
                                        const OptT& hm_seq, const OptT& rec_mask,
                                        const OptT& cand_mask, const OptT& zone_h,
                                        const OptT& zone_c, bool reverse, bool need_x,
-                                       bool need_w) {
+                                       bool need_w, bool need_masks) {
   constexpr int64_t G = 4;
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_zc = has(zone_c);
@@ -492,20 +507,40 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
   T* DH = dh.data_ptr<T>();
   T* DC = dc.data_ptr<T>();
   const T* DR = dh_rec.data_ptr<T>();
+  // mask gradients (concrete dropout): (T, B, H) per mask present, else a scratch row
+  auto opts = acts.options();
+  Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
+  std::vector<T> junk(need_masks ? 3 * H : 0);
+  auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
+    return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
+  };
+  const T* Hs = h_seq.data_ptr<T>();
   int64_t t_next = -1;  // the step processed just before (t+1 in time order)
   for (int64_t s = T_ - 1; s >= 0; --s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
     const T* cp = s == 0 ? c0.data_ptr<T>() : Cs + tp * BH;
+    const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = t * BH + b * H;
       T* d = DH + b * H;
       gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
       const T* ab = A + (t * B + b) * G * H;
       T* gb = DG + (t * B + b) * G * H;
-      lstm_row_backward<T>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cp + b * H, CTs + r,
-                           cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d, DC + b * H,
-                           gb, gb + H, gb + 2 * H, gb + 3 * H);
+      if (need_masks) {
+        lstm_row_backward<T, true>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cp + b * H, CTs + r,
+                                   cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d,
+                                   DC + b * H, gb, gb + H, gb + 2 * H, gb + 3 * H, hp + b * H,
+                                   out_row(dcand, 0, r), out_row(dzone_h, 1, r),
+                                   out_row(dzone_c, 2, r));
+      } else {
+        lstm_row_backward<T, false>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cp + b * H, CTs + r,
+                                    cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d,
+                                    DC + b * H, gb, gb + H, gb + 2 * H, gb + 3 * H, nullptr,
+                                    nullptr, nullptr, nullptr);
+      }
     }
     recurrent_grad(dgates[t], w_hh, w_gate, dh_rec);
     t_next = t;
@@ -514,7 +549,8 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
     gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
   }
 
-  std::vector<Tensor> out{dgates, dh, dc, Tensor(), Tensor(), Tensor(), Tensor()};
+  std::vector<Tensor> out{dgates, dh,      dc,      Tensor(), Tensor(),
+                          Tensor(), Tensor(), dcand, dzone_h, dzone_c};
   if (need_w) out[3] = weight_hh_grad(dgates, h0, h_seq, hm_seq, reverse);
   if (has(w_ih)) {
     auto g = input_grads(dgates, x, *w_ih, in_mask, has_bias, need_x, need_w);
@@ -544,11 +580,12 @@ std::vector<Tensor> lstm_backward(const OptT& dh_seq, const Tensor& dc_last, con
                                   const Tensor& acts, const Tensor& h_seq, const Tensor& c_seq,
                                   const OptT& ct_seq, const OptT& hm_seq, const OptT& rec_mask,
                                   const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                  bool reverse, bool need_x, bool need_w) {
+                                  bool reverse, bool need_x, bool need_w, bool need_masks) {
   return by_dtype(acts, "lstm_backward", [&](auto v) {
     return lstm_backward_impl<decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias, in_mask, w_hh,
                                            h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq, rec_mask,
-                                           cand_mask, zone_h, zone_c, reverse, need_x, need_w);
+                                           cand_mask, zone_h, zone_c, reverse, need_x, need_w,
+                                           need_masks);
   });
 }
 
@@ -586,12 +623,14 @@ void gru_row_forward(int64_t H, T* __restrict ar, T* __restrict az, T* __restric
 // In: dh = total dL/dh_t. Out: gx* = dL/d(input projection), gh* = dL/d(recurrent product)
 // (they differ in the n block: hp_n enters through r); dh = the direct gradient into
 // h_{t-1} (the z carry and zoneout's).
-template <typename T>
+// MG: also write dL/d(candidate mask) and dL/dz_h of this step into dcm, dzh.
+template <typename T, bool MG>
 void gru_row_backward(int64_t H, const T* __restrict ar, const T* __restrict az,
                       const T* __restrict an, const T* __restrict hn, const T* __restrict hp,
                       const T* __restrict cm, const T* __restrict zh, T* __restrict dh,
                       T* __restrict gxr, T* __restrict gxz, T* __restrict gxn,
-                      T* __restrict ghr, T* __restrict ghz, T* __restrict ghn) {
+                      T* __restrict ghr, T* __restrict ghz, T* __restrict ghn,
+                      T* __restrict dcm, T* __restrict dzh) {
   for (int64_t j = 0; j < H; ++j) {
     T d = dh[j];
     T dht = d * (T(1) - zh[j]);
@@ -606,6 +645,10 @@ void gru_row_backward(int64_t H, const T* __restrict ar, const T* __restrict az,
     ghr[j] = gr;
     ghz[j] = gz;
     ghn[j] = gn * r;
+    if constexpr (MG) {
+      dcm[j] = dht * (T(1) - z) * n;
+      dzh[j] = d * (hp[j] - (nm + z * (hp[j] - nm)));
+    }
     dh[j] = dht * z + d * zh[j];
   }
 }
@@ -658,8 +701,10 @@ std::vector<Tensor> gru_forward_impl(const Tensor& x, const OptT& w_ih, const Op
   return {h_seq, acts, hm_seq, hn_seq};
 }
 
-// Returns {dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x}: dgx = dL/d(input projection) (T, B, 3H);
-// dw_hh and db_h only with need_w (db_h with has_bias_h); the last three only with w_ih.
+// Returns {dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, dgh, dcand, dzone_h}: dgx = dL/d(input
+// projection) (T, B, 3H); dw_hh and db_h only with need_w (db_h with has_bias_h); dx, dw_ih,
+// db_x only with w_ih; dgh = dL/d(recurrent product) and the mask gradients (T, B, H) only
+// with need_masks (each mask gradient only with its mask).
 template <typename T>
 std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const OptT& w_ih,
                                       bool has_bias_x, const OptT& in_mask, const Tensor& w_hh,
@@ -667,7 +712,7 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
                                       const Tensor& h_seq, const OptT& hm_seq,
                                       const Tensor& hn_seq, const OptT& rec_mask,
                                       const OptT& cand_mask, const OptT& zone_h, bool reverse,
-                                      bool need_x, bool need_w) {
+                                      bool need_x, bool need_w, bool need_masks) {
   constexpr int64_t G = 3;
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
   Rows<T> rows(H);
@@ -687,6 +732,13 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
   T* DGH = dgh.data_ptr<T>();
   T* DH = dh.data_ptr<T>();
   const T* DR = dh_rec.data_ptr<T>();
+  auto opts = acts.options();
+  Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
+  std::vector<T> junk(need_masks ? 2 * H : 0);
+  auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
+    return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
+  };
   int64_t t_next = -1;  // the step processed just before (t+1 in time order)
   for (int64_t s = T_ - 1; s >= 0; --s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
@@ -699,8 +751,16 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
       const T* ab = A + (t * B + b) * G * H;
       T* gx = DGX + (t * B + b) * G * H;
       T* gh = DGH + (t * B + b) * G * H;
-      gru_row_backward<T>(H, ab, ab + H, ab + 2 * H, HN + r, hp + b * H, cm.row(t, b, H),
-                          zh.row(t, b, H), d, gx, gx + H, gx + 2 * H, gh, gh + H, gh + 2 * H);
+      if (need_masks) {
+        gru_row_backward<T, true>(H, ab, ab + H, ab + 2 * H, HN + r, hp + b * H,
+                                  cm.row(t, b, H), zh.row(t, b, H), d, gx, gx + H, gx + 2 * H,
+                                  gh, gh + H, gh + 2 * H, out_row(dcand, 0, r),
+                                  out_row(dzone_h, 1, r));
+      } else {
+        gru_row_backward<T, false>(H, ab, ab + H, ab + 2 * H, HN + r, hp + b * H,
+                                   cm.row(t, b, H), zh.row(t, b, H), d, gx, gx + H, gx + 2 * H,
+                                   gh, gh + H, gh + 2 * H, nullptr, nullptr);
+      }
     }
     recurrent_grad(dgh[t], w_hh, w_gate, dh_rec);
     t_next = t;
@@ -709,7 +769,8 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
     gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
   }
 
-  std::vector<Tensor> out{dgx, dh, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  std::vector<Tensor> out{dgx,      dh,       Tensor(),                       Tensor(), Tensor(),
+                          Tensor(), Tensor(), need_masks ? dgh : Tensor(), dcand,    dzone_h};
   if (need_w) {
     out[2] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
     if (has_bias_h) out[3] = dgh.view({T_ * B, G * H}).sum(0);
@@ -740,11 +801,13 @@ std::vector<Tensor> gru_backward(const OptT& dh_seq, const Tensor& x, const OptT
                                  bool has_bias_h, const Tensor& h0, const Tensor& acts,
                                  const Tensor& h_seq, const OptT& hm_seq, const Tensor& hn_seq,
                                  const OptT& rec_mask, const OptT& cand_mask,
-                                 const OptT& zone_h, bool reverse, bool need_x, bool need_w) {
+                                 const OptT& zone_h, bool reverse, bool need_x, bool need_w,
+                                 bool need_masks) {
   return by_dtype(acts, "gru_backward", [&](auto v) {
     return gru_backward_impl<decltype(v)>(dh_seq, x, w_ih, has_bias_x, in_mask, w_hh,
                                           has_bias_h, h0, acts, h_seq, hm_seq, hn_seq, rec_mask,
-                                          cand_mask, zone_h, reverse, need_x, need_w);
+                                          cand_mask, zone_h, reverse, need_x, need_w,
+                                          need_masks);
   });
 }
 

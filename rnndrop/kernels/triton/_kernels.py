@@ -123,13 +123,19 @@ def lstm_fwd(
 
 def lstm_bwd(
     ACT, W, C0, CSEQ, CTSEQ, RM, CM, ZH, ZC, DHSEQ, DCLAST, DG, DH0, DC0,
+    H0, HSEQ, DCM, DZH, DZC,
     T, B, H,
     rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, zh_t, zh_b, zh_h, zc_t, zc_b, zc_h,
     HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
     HAS_ZC: tl.constexpr, HAS_DH: tl.constexpr, REVERSE: tl.constexpr,
-    BB: tl.constexpr, BH: tl.constexpr,
+    BB: tl.constexpr, BH: tl.constexpr, MG: tl.constexpr,
 ):  # fmt: skip
-    """Backprop through time: DG (T, B, 4H) dL/d(pre-activations); DH0, DC0 (B, H)."""
+    """Backprop through time: DG (T, B, 4H) dL/d(pre-activations); DH0, DC0 (B, H).
+
+    With MG (concrete dropout) also the per-step gradients (T, B, H) of the masks applied in
+    the loop: DCM dL/d(candidate mask) = dL/dc̃ ⊙ i ⊙ g, DZH dL/dz_h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
+    DZC dL/dz_c = dL/dc_t ⊙ (c_{t-1} − c̃_t), each only where its mask is (HAS_*).
+    """
     pid = tl.program_id(0)
     rb = pid * BB + tl.arange(0, BB)
     rn = tl.arange(0, BH)
@@ -194,6 +200,15 @@ def lstm_bwd(
         gf = dcn * cp * (f * (1.0 - f))
         gg = dgg * (1.0 - g * g)
         go = dht * tc * (o * (1.0 - o))
+        if MG:
+            if HAS_CM:
+                tl.store(DCM + t * B * H + bh, dcn * i * g, mask=m2)
+            if HAS_ZH:
+                hpv = tl.where(first, tl.load(H0 + bh, mask=m2, other=0.0),
+                               tl.load(HSEQ + tp * B * H + bh, mask=m2, other=0.0))  # fmt: skip
+                tl.store(DZH + t * B * H + bh, d * (hpv - o * tc), mask=m2)
+            if HAS_ZC:
+                tl.store(DZC + t * B * H + bh, dc * (cp - ctv), mask=m2)
         dg = DG + t * B * GH + ba
         tl.store(dg, gi, mask=m2)
         tl.store(dg + H, gf, mask=m2)
@@ -301,13 +316,18 @@ def gru_fwd(
 
 
 def gru_bwd(
-    ACT, W, H0, HSEQ, HNSEQ, RM, CM, ZH, DHSEQ, DGX, DGH, DH0,
+    ACT, W, H0, HSEQ, HNSEQ, RM, CM, ZH, DHSEQ, DGX, DGH, DH0, DCM, DZH,
     T, B, H,
     rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, zh_t, zh_b, zh_h,
     HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
     HAS_DH: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+    MG: tl.constexpr,
 ):  # fmt: skip
-    """Backprop through time: DGX dL/d(xp), DGH dL/d(hp) (T, B, 3H); DH0 (B, H)."""
+    """Backprop through time: DGX dL/d(xp), DGH dL/d(hp) (T, B, 3H); DH0 (B, H).
+
+    With MG (concrete dropout) also DCM dL/d(candidate mask) = dL/dh̃ ⊙ (1 − z) ⊙ n and DZH
+    dL/dz_h = dL/dh_t ⊙ (h_{t-1} − h̃_t), (T, B, H), each only where its mask is.
+    """
     pid = tl.program_id(0)
     rb = pid * BB + tl.arange(0, BB)
     rn = tl.arange(0, BH)
@@ -357,6 +377,11 @@ def gru_bwd(
         gr = gn * hn * (r * (1.0 - r))
         gz = dht * (hp - nm) * (z * (1.0 - z))
         ghn = gn * r
+        if MG:
+            if HAS_CM:
+                tl.store(DCM + t * B * H + bh, dht * (1.0 - z) * n, mask=m2)
+            if HAS_ZH:
+                tl.store(DZH + t * B * H + bh, d * (hp - (nm + z * (hp - nm))), mask=m2)
         dgx = DGX + t * B * GH + ba
         tl.store(dgx, gr, mask=m2)
         tl.store(dgx + H, gz, mask=m2)

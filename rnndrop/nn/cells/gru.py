@@ -61,8 +61,12 @@ def step_forward(a: Tensor, rec: Tensor, h_prev, c_prev, cm, zh, zc, extra) -> t
     return h, None, None
 
 
-def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh):
+def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm=None):
     """Backward of :func:`step_forward`.
+
+    ``dm``: None, or ``(dcm, dzh, None)`` (B, H) buffers (each None if not wanted) for the
+    gradients of the candidate and zoneout masks (concrete dropout):
+    ``dL/dm^n = dL/dh̃ ⊙ (1 − z) ⊙ n``, ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)``.
 
     ``d`` is dL/dh_t (all paths). Writes dL/d(xp_t) into ``dgx`` and dL/d(hp_t) into ``dgh``
     (they differ in the n block: ``hp_n`` enters through ``r``). Returns the direct gradient
@@ -80,6 +84,12 @@ def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh):
     hr.copy_(gr)
     hz.copy_(gz)
     torch.mul(gn, r, out=hn)
+    if dm is not None:
+        dcm, dzh, _ = dm
+        if dcm is not None:
+            torch.mul(dht * (1 - z), n, out=dcm)
+        if dzh is not None:
+            torch.mul(d, h_prev - torch.addcmul(nm, z, h_prev - nm), out=dzh)
     carry = dht * z if zh is None else dht * z + d * zh
     return carry, None
 

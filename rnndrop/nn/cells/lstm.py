@@ -64,12 +64,17 @@ def step_forward(a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple[Ten
     return h, c, ct
 
 
-def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh):
+def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm=None):
     """Backward of :func:`step_forward`.
 
     ``d`` is dL/dh_t (all paths), ``dc`` dL/dc_t. Writes dL/d(pre-activations) into ``dgx``
     (the same buffer as ``dgh``: both sides of the LSTM's gates see the same gradient).
     Returns the direct gradient into ``h_{t-1}`` (zoneout's carry, or None) and dL/dc_{t-1}.
+    ``dm``: None, or ``(dcm, dzh, dzc)`` (B, H) buffers (each None if not wanted) for the
+    gradients of the candidate and zoneout masks of this step (concrete dropout)::
+
+        dL/dm^g = dL/dc̃ ⊙ i ⊙ g,  dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
+        dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
     """
     i, f, g, o = acts.chunk(4, 1)
     dht = d if zh is None else d * (1 - zh)
@@ -83,6 +88,14 @@ def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh):
     torch.mul(dcn * c_prev, f * (1 - f), out=gf)
     torch.mul(dg, 1 - g * g, out=gg)
     torch.mul(dht * tc, o * (1 - o), out=go)
+    if dm is not None:
+        dcm, dzh, dzc = dm
+        if dcm is not None:
+            torch.mul(dcn * i, g, out=dcm)
+        if dzh is not None:
+            torch.mul(d, h_prev - o * tc, out=dzh)
+        if dzc is not None:
+            torch.mul(dc, c_prev - ct, out=dzc)
     dc_prev = dcn * f if zc is None else dcn * f + dc * zc
     carry = None if zh is None else d * zh
     return carry, dc_prev
