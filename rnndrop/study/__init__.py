@@ -9,18 +9,25 @@ from .config import (
     resolve_scheme,
 )
 from .report import write_report
-from .runner import is_finished, load_result, run_cell, run_study
+from .runner import StudyInterrupted, is_finished, load_result, run_cell, run_study
+from .verdict import curve_measures, paired_differences, verdict, write_reports, write_verdict
 
 __all__ = [
     "BUILTIN_SCHEMES",
     "Cell",
     "StudyConfig",
+    "StudyInterrupted",
+    "curve_measures",
     "is_finished",
     "load_result",
     "load_study",
+    "paired_differences",
     "preset_scheme",
     "resolve_scheme",
     "run_cell",
     "run_study",
+    "verdict",
     "write_report",
+    "write_reports",
+    "write_verdict",
 ]

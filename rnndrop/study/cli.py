@@ -18,8 +18,8 @@ import time
 from importlib.resources import files
 
 from .config import load_study
-from .report import write_report
-from .runner import is_finished, load_result, run_study
+from .runner import StudyInterrupted, is_finished, load_result, run_study
+from .verdict import write_reports
 
 __all__ = ["main"]
 
@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("kind", choices=["long-range", "context", "inference"], help="the study to run")
     p.add_argument("--config", help="study YAML (fields of StudyConfig / ContextStudyConfig)")
-    p.add_argument("--quick", action="store_true", help="the built-in quick study (~10 min CPU)")
+    p.add_argument("--quick", action="store_true",
+                   help="the built-in quick study (~3 min on 2 idle cores)")
     p.add_argument(
         "--workers", type=int, default=None,
         help="cells run in parallel processes, each with cpu_count/workers threads (default: "
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:  # a bad config or cell number: say which
         print(f"rnndrop study: error: {err}", file=sys.stderr)
         return 2
+    except StudyInterrupted as err:  # workers stopped, finished cells kept
+        print(f"rnndrop study: {err}", file=sys.stderr)
+        return 128 + err.signum
 
 
 def _context(args: argparse.Namespace) -> int:
@@ -134,12 +138,12 @@ def _main(args: argparse.Namespace) -> int:
     if not results:
         print(f"rnndrop study: no finished cells under {study.root}", file=sys.stderr)
         return 1
-    paths = write_report(study, results)
+    paths, markdown = write_reports(study, results)
     missing = len(cells) - len(results)
     note = f" ({missing} cell(s) not finished yet)" if missing else ""
     print(f"report{note}: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     print(f"wall time {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    print(paths["markdown"].read_text())
+    print(markdown)
     return 0
 
 

@@ -142,12 +142,13 @@ def resolve_scheme(
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid."""
+    """One run of the grid. ``task`` is the task's label in a study of several tasks."""
 
     scheme: str
     rate: float | None
     distance: int
     seed: int
+    task: str | None = None
 
     @property
     def label(self) -> str:
@@ -155,16 +156,28 @@ class Cell:
         return self.scheme if self.rate is None else f"{self.scheme}_p{self.rate:g}"
 
     def __str__(self) -> str:
-        return f"{self.label} d={self.distance} seed={self.seed}"
+        where = "" if self.task is None else f"{self.task} "
+        return f"{where}{self.label} d={self.distance} seed={self.seed}"
+
+
+TASK_KEYS = ("task", "task_args", "distances")  # what an entry of StudyConfig.tasks sets
 
 
 @dataclass
 class StudyConfig:
-    """A long-range study: schemes x rates x distances x seeds on one synthetic task.
+    """A long-range study: schemes x rates x distances x seeds on one or more synthetic tasks.
 
     Each cell trains a fresh :class:`~rnndrop.models.SequenceModel` for the same budget
     (``steps`` optimiser steps of ``batch_size`` new samples) and is then evaluated on
     ``eval_size`` held-out samples, deterministically and with ``mc_samples`` MC passes.
+
+    One task: ``task``, ``task_args`` and ``distances``. Several: ``tasks`` maps a label to
+    ``{task, task_args, distances}`` (``task`` defaults to the label), each task with its own
+    distance grid; every other setting is shared. ``variants`` adds schemes on another model:
+    ``{h128: {model: {hidden_size: 128}, schemes: [none, variational]}}`` adds
+    ``none_h128`` and ``variational_h128``. A scheme is compared with the scheme without
+    dropout on the same encoder and model (``none`` for the LSTM, ``none_h128`` for the
+    variant), seed by seed: same data, same order, same initial weights.
     """
 
     name: str = "long_range"  # the study's folder under out_dir
@@ -188,6 +201,8 @@ class StudyConfig:
     report_grad_distance: int | None = None  # the report's gradient curves (default: middle d)
     solved_threshold: float = 0.9  # normalised accuracy that counts as solved
     out_dir: str = "runs"
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> task settings
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> model, schemes
 
     def __post_init__(self) -> None:
         known = {**BUILTIN_SCHEMES, **self.custom_schemes}
@@ -197,6 +212,9 @@ class StudyConfig:
                 f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}; or define "
                 "them under custom_schemes"
             )
+        self._variant_schemes = self._expand_variants(known)
+        self._label: str | None = None  # this task's label when made by for_task
+        self._check_tasks()
         for name, value in (("steps", self.steps), ("batch_size", self.batch_size),
                             ("eval_size", self.eval_size)):  # fmt: skip
             if value < 1:
@@ -205,7 +223,7 @@ class StudyConfig:
             raise ValueError(f"distances must be positive integers, got {self.distances}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
-        for scheme in self.schemes:  # validate every scheme at every rate now, not mid-sweep
+        for scheme in self.all_schemes():  # validate every scheme at every rate now
             for p in self.rates_for(scheme):
                 try:
                     resolve_scheme(self.scheme_spec(scheme), p)
@@ -213,8 +231,73 @@ class StudyConfig:
                     raise ValueError(f"scheme {scheme!r}: {err}") from err
         check_model_settings(self.model, "model")
 
+    def _expand_variants(self, known: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for name, variant in self.variants.items():
+            if not isinstance(variant, Mapping) or set(variant) - {"model", "schemes"}:
+                raise ValueError(f"variants.{name}: give {{model: {{...}}, schemes: [...]}}, "
+                                 f"got {variant!r}")  # fmt: skip
+            model = dict(variant.get("model") or {})
+            check_model_settings(model, f"variants.{name}.model")
+            for scheme in variant.get("schemes") or []:
+                if scheme not in known:
+                    raise ValueError(f"variants.{name}: unknown scheme {scheme!r}")
+                spec = dict(known[scheme])
+                spec["model"] = {**spec.get("model", {}), **model}
+                label = f"{scheme}_{name}"
+                if label in known or label in out:
+                    raise ValueError(f"variants.{name}: scheme name {label!r} is taken")
+                out[label] = spec
+        return out
+
+    def _check_tasks(self) -> None:
+        for label, spec in self.tasks.items():
+            if not isinstance(spec, Mapping) or set(spec) - set(TASK_KEYS):
+                raise ValueError(f"tasks.{label}: give {{task, task_args, distances}}, got "
+                                 f"{spec!r}")  # fmt: skip
+            self.for_task(label)  # validates the distances
+
+    def all_schemes(self) -> list[str]:
+        """``schemes`` followed by the schemes ``variants`` adds."""
+        return [*self.schemes, *self._variant_schemes]
+
     def scheme_spec(self, scheme: str) -> dict[str, Any]:
+        if scheme in self._variant_schemes:
+            return self._variant_schemes[scheme]
         return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
+
+    def task_labels(self) -> list[str]:
+        """The tasks' labels; a one-task study's label is its task."""
+        return list(self.tasks) if self.tasks else [self.task]
+
+    def for_task(self, label: str) -> StudyConfig:
+        """The one-task study of task ``label`` (itself for a one-task study)."""
+        if not self.tasks:
+            if label not in (None, self.task):
+                raise ValueError(f"task {label!r} is not in this study (it runs {self.task})")
+            return self
+        if label not in self.tasks:
+            raise ValueError(f"task {label!r} is not in this study; tasks: {list(self.tasks)}")
+        spec = {"task": label, **self.tasks[label]}
+        sub = dataclasses.replace(self, tasks={}, **spec)
+        sub._label = label
+        return sub
+
+    def baseline(self, scheme: str) -> str | None:
+        """The scheme a scheme is paired with: no dropout, same encoder and model settings.
+
+        None for a scheme without dropout itself, or when the study runs no such scheme.
+        """
+        if _is_none(self, scheme):
+            return None
+        encoder = self.scheme_spec(scheme).get("encoder", "lstm")
+        model = self.model_for(scheme)
+        for other in self.all_schemes():
+            spec = self.scheme_spec(other)
+            if (_is_none(self, other) and spec.get("encoder", "lstm") == encoder
+                    and self.model_for(other) == model):  # fmt: skip
+                return other
+        return None
 
     def model_for(self, scheme: str) -> dict[str, Any]:
         """The study's model settings with the scheme's own overrides."""
@@ -224,25 +307,37 @@ class StudyConfig:
         return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
 
     def cells(self) -> list[Cell]:
-        """Every cell, in a fixed order (scheme, rate, distance, seed)."""
+        """Every cell, in a fixed order (task, scheme, rate, distance, seed)."""
+        if self.tasks:
+            return [c for label in self.tasks for c in self.for_task(label).cells()]
         return [
-            Cell(s, p, d, seed)
-            for s in self.schemes
+            Cell(s, p, d, seed, self._label)
+            for s in self.all_schemes()
             for p in self.rates_for(s)
             for d in self.distances
             for seed in self.seeds
         ]
 
     @property
+    def study_root(self) -> Path:
+        """``<out_dir>/<name>``: a study of several tasks writes its verdict here."""
+        return Path(self.out_dir) / self.name
+
+    @property
     def root(self) -> Path:
-        return Path(self.out_dir) / self.name / self.task
+        """``<out_dir>/<name>/<task label>``: one task's cells and report."""
+        return self.study_root / (self._label or self.task)
 
     def cell_dir(self, cell: Cell) -> Path:
         """``runs/<study>/<task>/<scheme>/d=<d>/seed=<s>`` (the rate is part of the scheme)."""
+        if self.tasks:
+            return self.for_task(cell.task).cell_dir(cell)
         return self.root / cell.label / f"d={cell.distance}" / f"seed={cell.seed}"
 
     def cell_spec(self, cell: Cell) -> dict[str, Any]:
         """Everything that determines a cell's result (hashed to recognise finished cells)."""
+        if self.tasks:
+            return self.for_task(cell.task).cell_spec(cell)
         encoder, dropout = resolve_scheme(self.scheme_spec(cell.scheme), cell.rate)
         train = {k: getattr(self, k) for k in ("steps", "batch_size", "optimizer", "lr",
                                                 "gradient_clip_val", "val_every")}  # fmt: skip
@@ -250,7 +345,7 @@ class StudyConfig:
         return {
             "format": FORMAT, "task": self.task, "task_args": self.task_args,
             "distance": cell.distance, "seed": cell.seed, "scheme": cell.scheme,
-            "rate": cell.rate, "encoder": encoder, "dropout": dropout.to_dict(),
+            "rate": cell.rate, "encoder": encoder, "dropout": _hashed(dropout.to_dict()),
             "model": self.model_for(cell.scheme),
             "train": train, "eval": evaluation,
         }  # fmt: skip
@@ -261,6 +356,24 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# dropout fields added after results were published, with their defaults: left out of a cell's
+# spec at those defaults, so the hashes (and finished cells) of earlier studies stay valid
+_LATER_FIELDS = {"concrete": False, "temperature": 0.1}
+
+
+def _hashed(dropout: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dropout.items()
+            if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}  # fmt: skip
+
+
+def _is_none(study: StudyConfig, scheme: str) -> bool:
+    """True if the scheme has no dropout at any rate (it runs once)."""
+    if uses_rate(study.scheme_spec(scheme)):
+        return False
+    _, dropout = resolve_scheme(study.scheme_spec(scheme), None)
+    return all(getattr(dropout, rate) == 0 for rate in dropout._RATES)
 
 
 def check_model_settings(model: Mapping[str, Any], where: str) -> None:
@@ -282,6 +395,8 @@ def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of study settings, got {type(data)}")
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if data.get("tasks") and (clash := [k for k in TASK_KEYS if k in data]):
+        raise ValueError(f"{clash}: a study with `tasks` sets these per task, under tasks.<label>")
     known = {f.name for f in dataclasses.fields(StudyConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

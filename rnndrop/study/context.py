@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 
 from .common import format_ci, fresh_run_dir, group_by, tensorboard_summary, write_json
-from .config import BUILTIN_SCHEMES, check_model_settings, resolve_scheme, uses_rate
+from .config import BUILTIN_SCHEMES, _hashed, check_model_settings, resolve_scheme, uses_rate
 
 __all__ = [
     "ContextCell",
@@ -150,7 +150,7 @@ class ContextStudyConfig:
         model = {**self.model, **self.scheme_spec(cell.scheme).get("model", {})}
         cell_keys = {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed}
         return {**d, **cell_keys, "format": FORMAT, "encoder": encoder,
-                "dropout": dropout.to_dict(), "model": model}  # fmt: skip
+                "dropout": _hashed(dropout.to_dict()), "model": model}  # fmt: skip
 
     def cell_hash(self, cell: ContextCell) -> str:
         blob = json.dumps(self.cell_spec(cell), sort_keys=True, default=str)

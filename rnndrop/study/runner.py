@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from .common import fresh_run_dir, write_json
 from .config import Cell, StudyConfig, resolve_scheme
 
-__all__ = ["is_finished", "load_result", "run_cell", "run_study"]
+__all__ = ["StudyInterrupted", "is_finished", "load_result", "run_cell", "run_study"]
 
 RESULT = "result.json"
 
@@ -72,6 +72,7 @@ def run_cell(
     from ..models import RECURRENT_CELLS, SequenceModel
 
     start = time.perf_counter()
+    study = study.for_task(cell.task)  # a study of several tasks: this cell's task
     out = study.cell_dir(cell)
     fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
@@ -90,12 +91,13 @@ def run_cell(
     )  # fmt: skip
     task = SequenceTask(model, loss=dm.loss, baseline_loss=dm.baseline_loss,
                         optimizer=study.optimizer, lr=study.lr)  # fmt: skip
+    curve = _LearningCurve()
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(
         max_steps=study.steps, max_epochs=1, val_check_interval=min(study.val_every, study.steps),
         logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[NaNGuard(save_every_n_steps=0)]
+        callbacks=[NaNGuard(save_every_n_steps=0), curve]
         + ([_step_bar(cell, study.steps, bar_position)] if bar_position is not None else []),
         default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
@@ -121,16 +123,40 @@ def run_cell(
         _log_final(logger, cell, encoder, metrics, grads)
     result = {
         "cell": {"scheme": cell.scheme, "rate": cell.rate, "distance": cell.distance,
-                 "seed": cell.seed, "label": cell.label},
+                 "seed": cell.seed, "label": cell.label, "task": cell.task},
         "config_hash": study.cell_hash(cell), "spec": study.cell_spec(cell), "status": status,
         "task": {"name": study.task, "baseline_loss": dm.baseline_loss, "loss": dm.loss,
                  "chance": 1.0 / dm.output_size if dm.loss == "cross_entropy" else None},
         "metrics": metrics,
+        "curve": curve.points,
         "grad_through_time": {w: {str(k): v for k, v in g.items()} for w, g in grads.items()},
         "seconds": time.perf_counter() - start,
     }  # fmt: skip
     write_json(out / RESULT, result)
     return result
+
+
+def _LearningCurve():
+    """A callback recording ``{step, loss, acc}`` after every validation: the learning curve
+    the budget-free measures (steps to solve, area under the curve) are read from."""
+    from lightning.pytorch.callbacks import Callback
+
+    class LearningCurve(Callback):
+        def __init__(self) -> None:
+            self.points: list[dict[str, float]] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            m = trainer.callback_metrics
+            point = {"step": int(trainer.global_step)}
+            for key in ("loss", "acc"):
+                if f"val/{key}" in m:
+                    point[key] = float(m[f"val/{key}"])
+            if len(point) > 1 and (not self.points or self.points[-1]["step"] != point["step"]):
+                self.points.append(point)
+
+    return LearningCurve()
 
 
 def _log_final(logger, cell: Cell, encoder: str, metrics, grads) -> None:
@@ -148,15 +174,40 @@ def _log_final(logger, cell: Cell, encoder: str, metrics, grads) -> None:
 _SLOT: dict[str, int | None] = {"row": None}  # this worker's terminal row for its step bar
 
 
+class StudyInterrupted(Exception):
+    """SIGTERM or SIGINT reached the study: workers are stopped, finished cells are kept."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+def _interrupt(signum, frame) -> None:
+    raise StudyInterrupted(signal.Signals(signum).name, signum)
+
+
+def _die_now(signum, frame) -> None:
+    # a worker asked to stop leaves no result: its result.json would be written only after
+    # training and evaluation, and a rerun clears its partial TensorBoard events
+    os._exit(128 + signum)
+
+
 def _init_worker(threads: int, slots: Any, bars: bool) -> None:
     torch.set_num_threads(threads)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: main decides
+    signal.signal(signal.SIGTERM, _die_now)  # Lightning's own handler only sets a flag
+    if sys.platform.startswith("linux"):  # die with the main process, even if it is SIGKILLed
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     if bars:
         with slots.get_lock():
             slots.value += 1
             _SLOT["row"] = slots.value  # row 0 is the sweep's bar
 
 
-def _work(study: StudyConfig, cell: Cell) -> dict[str, Any]:
+def _work(job: tuple[StudyConfig, Cell]) -> dict[str, Any]:
+    study, cell = job
     return run_cell(study, cell, bar_position=_SLOT["row"])
 
 
@@ -197,25 +248,46 @@ def run_study(
           file=sys.stderr, flush=True)  # fmt: skip
     workers = max(1, min(workers, len(todo)))
     bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not progress or not todo)
-    if workers <= 1:
-        for cell in todo:
-            bar.write(summary_line(run_cell(study, cell, progress=progress)))
-            bar.update()
-    else:
-        import multiprocessing as mp
-
-        from ..kernels.cpp import build as _ext
-
-        _ext.load()  # build the loop kernel once here, not in every worker at the same time
-
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        ctx = mp.get_context("spawn")
-        slots = ctx.Value("i", 0)
-        init = (threads, slots, progress)
-        with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
-            futures = [pool.submit(_work, study, c) for c in todo]
-            for future in as_completed(futures):
-                bar.write(summary_line(future.result()))
+    handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if workers <= 1:
+            for cell in todo:
+                bar.write(summary_line(run_cell(study, cell, progress=progress)))
                 bar.update()
-    bar.close()
+        else:
+            _run_pool(study, todo, workers, progress, bar)
+    except StudyInterrupted as err:
+        done = sum(is_finished(study, c) for c in cells)
+        raise StudyInterrupted(
+            f"stopped by {err}: {done} of {len(cells)} cells finished and kept; run the same "
+            "command again to continue", err.signum
+        ) from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        bar.close()
     return [r for c in cells if (r := load_result(study, c)) is not None]
+
+
+def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool, bar) -> None:
+    """The cells in ``workers`` spawned processes; an interrupt terminates them all."""
+    import multiprocessing as mp
+
+    from ..kernels.cpp import build as _ext
+
+    _ext.load()  # build the loop kernel once here, not in every worker at the same time
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    slots = ctx.Value("i", 0)
+    pool = ctx.Pool(workers, _init_worker, (threads, slots, progress))
+    try:
+        for result in pool.imap_unordered(_work, [(study, c) for c in todo]):
+            bar.write(summary_line(result))
+            bar.update()
+        pool.close()
+    except BaseException:
+        pool.terminate()  # SIGTERM to every worker: each exits at once, writing nothing
+        raise
+    finally:
+        pool.join()
