@@ -4,8 +4,10 @@ import warnings
 
 from .base import Task, detach_state, max_norm_
 from .callbacks import (
+    DivergenceError,
     GradientThroughTime,
     LearningRateLogger,
+    LineProgress,
     MaskStatistics,
     NaNGuard,
     NonFiniteLossError,
@@ -13,14 +15,30 @@ from .callbacks import (
 from .lm import LanguageModelTask
 from .sequence import SequenceTask
 
-# Lightning 2.6 calls a pytree API that torch >= 2.10 deprecates, once per fit: harmless, and it
-# buried the study's per-cell lines. Only this exact message is silenced.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# Lightning 2.6's CombinedLoader builds a torch pytree LeafSpec, which torch >= 2.10 deprecates
+# with a FutureWarning, once per fit/validate/test: harmless, and it buried the study's
+# per-cell lines. Neither Lightning nor torch has a switch for it, so this uses the public
+# mechanism Python has, a warnings filter, made as narrow as it can be: this message, this
+# category, and only when raised from Lightning's pytree module; the same warning from any
+# other code (yours) still shows. It has to be set at import: the study's worker processes
+# and Python API users call Trainer.fit themselves.
+def _quiet_lightning_pytree() -> None:
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+
+
+_quiet_lightning_pytree()
 
 __all__ = [
+    "DivergenceError",
     "GradientThroughTime",
     "LanguageModelTask",
     "LearningRateLogger",
+    "LineProgress",
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",

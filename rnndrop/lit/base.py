@@ -28,7 +28,12 @@ class SplitMetric(nn.Module):
         from torchmetrics import MeanMetric
 
         # "train" would clash with nn.Module.train as a ModuleDict key
-        self.means = nn.ModuleDict({f"{s}_": MeanMetric() for s in ("train", "val", "test")})
+        # no NaN check: torchmetrics' costs a host sync per update (per step on a GPU) and
+        # would drop NaNs silently; the NaN guard stops training on one, and a NaN
+        # evaluation loss should show as NaN
+        self.means = nn.ModuleDict(
+            {f"{s}_": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")}
+        )
 
     def __getitem__(self, split: str):
         return self.means[f"{split}_"]
@@ -140,6 +145,25 @@ class Task(L.LightningModule):
             opt, lambda epoch: decay ** max(0, epoch + 1 - start)
         )  # epoch is the number of finished epochs: epochs 0..start-1 run at lr
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        # an overflowing step (Adam at lr 1e38) raises a bare RuntimeError from inside torch,
+        # before any weight changes: stop as the guard stops for a diverged loss
+        from .callbacks import OVERFLOW_MESSAGE, DivergenceError, guard_of
+
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        except RuntimeError as err:
+            if OVERFLOW_MESSAGE not in str(err):
+                raise
+            guard = guard_of(self.trainer)
+            if guard is not None:
+                guard.overflow(self.trainer)
+            raise DivergenceError(
+                f"rnndrop: optimizer overflow (a step too large for float32) at global step "
+                f"{self.trainer.global_step}; training stopped before the update. Lower the "
+                "learning rate."
+            ) from err
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.max_norm is not None:

@@ -1,14 +1,19 @@
-"""Callbacks: a NaN/inf guard, mask statistics, gradient norm through time."""
+"""Callbacks: a NaN/inf and divergence guard, mask statistics, gradient norm through time,
+plain-line progress for logs that are not a terminal."""
 
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TextIO
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..analysis import gradient_through_time
@@ -16,8 +21,10 @@ from ..models import RecurrentStack
 from ..nn.dropout import StochasticModule
 
 __all__ = [
+    "DivergenceError",
     "GradientThroughTime",
     "LearningRateLogger",
+    "LineProgress",
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",
@@ -28,26 +35,74 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or infinite loss (raised before it reached the weights)."""
 
 
+class DivergenceError(NonFiniteLossError):
+    """Training diverged: a finite loss far above the run's first losses, or an optimiser
+    overflow (raised before the update, like :class:`NonFiniteLossError`)."""
+
+
+#: what torch raises when a learning rate or step overflows float32 inside an optimiser
+OVERFLOW_MESSAGE = "cannot be converted to type float without overflow"
+
+
+def guard_of(trainer: L.Trainer) -> NaNGuard | None:
+    return next((c for c in trainer.callbacks if isinstance(c, NaNGuard)), None)
+
+
 class NaNGuard(Callback):
-    """Stop at the first non-finite loss, before its backward pass touches the weights.
+    """Stop at the first non-finite or diverged loss, before its backward pass touches the
+    weights.
 
     Every ``save_every_n_steps`` steps (and at the end of each epoch) the current state is
-    written to ``<log_dir>/checkpoints/last_good.ckpt``; a non-finite loss raises
-    :class:`NonFiniteLossError` with a message saying where and what to try, and that
-    checkpoint is the last one known to be good (``--ckpt_path`` resumes from it).
+    written; it becomes ``<log_dir>/checkpoints/last_good.ckpt`` only once the next training
+    loss, computed with those weights, has passed the checks (until then it waits as
+    ``last_good.pending.ckpt``), so a state is never called good before it was seen to be.
+    A bad loss raises :class:`NonFiniteLossError` (NaN or inf) or :class:`DivergenceError`
+    (finite but above ``divergence_factor`` times the run's first loss, or times 1 if that
+    was smaller; the first loss comes from the initial weights, so a run that blows up in its
+    first steps cannot inflate it) with a one-line message saying where and what to try;
+    ``--ckpt_path`` resumes from the last good checkpoint. An optimiser overflow (Adam at
+    lr 1e38) stops the same way (:class:`~rnndrop.lit.base.Task` reports it here).
+
+    The check reads the loss on the host once a step: on a GPU that is one sync per step, the
+    price of stopping before the update rather than after it.
 
     Args:
         save_every_n_steps: how often to refresh the last good checkpoint (0: epoch ends only).
         check_grads: also stop on non-finite gradients (one pass over the gradients a step).
+        divergence_factor: how many times the first loss counts as diverged (None: off).
+            The first loss is kept in checkpoints, so a resumed run keeps its reference.
     """
 
-    def __init__(self, save_every_n_steps: int = 500, check_grads: bool = False) -> None:
+    def __init__(
+        self,
+        save_every_n_steps: int = 500,
+        check_grads: bool = False,
+        divergence_factor: float | None = 100.0,
+    ) -> None:
+        if divergence_factor is not None and not divergence_factor > 1:
+            raise ValueError(f"divergence_factor must be > 1 or None, got {divergence_factor}")
         self.every, self.check_grads = save_every_n_steps, check_grads
-        self.path: Path | None = None
+        self.factor = divergence_factor
+        self.first_loss: float | None = None
+        self.path: Path | None = None  # the last good checkpoint
+        self._pending: Path | None = None  # saved, not yet seen to give a good loss
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"first_loss": self.first_loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.first_loss = state_dict.get("first_loss")
+
+    @property
+    def threshold(self) -> float | None:
+        """The loss above which training counts as diverged (None before the first loss)."""
+        if self.factor is None or self.first_loss is None:
+            return None
+        return self.factor * max(self.first_loss, 1.0)
 
     def _save(self, trainer: L.Trainer) -> None:
         # a non-finite gradient with a finite loss poisons the weights silently: never keep
-        # such weights as "good" (check_grads=True stops at the gradient itself)
+        # such weights (check_grads=True stops at the gradient itself)
         for name, p in trainer.lightning_module.named_parameters():
             if not torch.isfinite(p).all():
                 self._fail(trainer, f"non-finite weights in {name} (from a non-finite gradient)")
@@ -55,21 +110,41 @@ class NaNGuard(Callback):
             return
         # beside the run's other checkpoints, under the trainer's root dir (never the cwd)
         root = Path(trainer.log_dir or trainer.default_root_dir)
-        self.path = root / "checkpoints" / "last_good.ckpt"
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state: resumable
+        self._pending = root / "checkpoints" / "last_good.pending.ckpt"
+        trainer.save_checkpoint(self._pending, weights_only=False)  # full state: resumable
 
-    def _fail(self, trainer: L.Trainer, what: str) -> None:
+    def _promote(self, trainer: L.Trainer) -> None:
+        if self._pending is None:
+            return
+        good = self._pending.with_name("last_good.ckpt")
+        if trainer.is_global_zero and self._pending.exists():
+            self._pending.replace(good)
+        self.path, self._pending = good, None
+
+    def _fail(self, trainer: L.Trainer, what: str, error: type = NonFiniteLossError) -> None:
         where = f"epoch {trainer.current_epoch}, global step {trainer.global_step}"
         good = f"last good checkpoint: {self.path}" if self.path else "no checkpoint saved yet"
-        raise NonFiniteLossError(
+        raise error(
             f"rnndrop: {what} at {where}; training stopped before the update. {good}. "
             "Usual causes: a learning rate too high for the dropout scheme, no gradient "
             "clipping (set trainer.gradient_clip_val, e.g. 0.25 or 5), or a bad input batch."
         )
 
+    def overflow(self, trainer: L.Trainer) -> None:
+        """Report an optimiser overflow (the step never happened) and stop."""
+        self._fail(trainer, "optimizer overflow (a step too large for float32)", DivergenceError)
+
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            self._fail(trainer, f"non-finite loss ({float(loss.detach().float().mean())})")
+        value = float(loss.detach().float().mean())  # the one host sync of the guard
+        if not math.isfinite(value):
+            self._fail(trainer, f"non-finite loss ({value})")
+        threshold = self.threshold
+        if threshold is not None and value > threshold:
+            self._fail(trainer, f"diverged: loss {value:.4g} > {self.factor:g} x the first loss "
+                       f"{self.first_loss:.4g}", DivergenceError)  # fmt: skip
+        if self.first_loss is None:
+            self.first_loss = value
+        self._promote(trainer)  # the weights that gave this loss are good
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.check_grads:
@@ -83,6 +158,14 @@ class NaNGuard(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # the final weights: no later training loss checks them; a finite validation loss
+        # (when there was one) and finite weights are the evidence left
+        val = trainer.callback_metrics.get("val/loss")
+        threshold = self.threshold or math.inf
+        if val is None or (math.isfinite(float(val)) and float(val) <= threshold):
+            self._promote(trainer)
 
 
 class LearningRateLogger(LearningRateMonitor):
@@ -211,3 +294,72 @@ def _plot(norms: dict[int, float], wrt: str):
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+class LineProgress(ProgressBar):
+    """Progress as plain lines, for logs that are not a terminal (SLURM, CI, ``| tee``).
+
+    A carriage-return bar redrawn every step fills such a log with redraws; this writes one
+    line every ``every_n_steps`` training steps or ``every_s`` seconds, whichever comes first,
+    and one line per validation and test. The progress-bar metrics (a host sync each) are read
+    only when a line is written.
+
+    Args:
+        every_n_steps: at most this many steps between lines.
+        every_s: at most this many seconds between lines (checked at step ends).
+        stream: where the lines go (default ``sys.stderr``, where Lightning's bar draws).
+    """
+
+    def __init__(self, every_n_steps: int = 100, every_s: float = 60.0,
+                 stream: TextIO | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps, self.every_s, self.stream = every_n_steps, every_s, stream
+        self._enabled = True
+        self._last = (0.0, 0)  # time and global step of the last line
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def _write(self, text: str) -> None:
+        if self._enabled and self.trainer.is_global_zero:
+            print(text, file=self.stream or sys.stderr, flush=True)
+
+    @staticmethod
+    def _format(metrics: dict[str, Any]) -> str:
+        return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in metrics.items())  # fmt: skip
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._last = (time.monotonic(), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now, step = time.monotonic(), trainer.global_step
+        last_time, last_step = self._last
+        if step - last_step < self.every_n_steps and now - last_time < self.every_s:
+            return
+        rate = (step - last_step) / max(now - last_time, 1e-9)
+        total = self.total_train_batches
+        of = f"/{total}" if isinstance(total, int) else ""
+        metrics = self._format(self.get_metrics(trainer, pl_module))
+        self._write(f"epoch {trainer.current_epoch} batch {batch_idx + 1}{of} step {step} "
+                    f"{rate:.2f} it/s {metrics}")  # fmt: skip
+        self._last = (now, step)
+
+    def _eval_line(self, trainer, split: str) -> None:
+        metrics = {k: v for k, v in trainer.progress_bar_metrics.items() if k.startswith(split)}
+        metrics |= {k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith(f"{split}/") and v.numel() == 1}  # fmt: skip
+        self._write(f"epoch {trainer.current_epoch} step {trainer.global_step} {split}: "
+                    + self._format(dict(sorted(metrics.items()))))  # fmt: skip
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._eval_line(trainer, "val")
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self._eval_line(trainer, "test")

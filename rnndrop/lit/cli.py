@@ -90,6 +90,25 @@ class FinalValidation(Callback):
             trainer.should_stop = True
 
 
+def progress_display(callbacks: list, enabled: bool | None) -> Callback | None:
+    """The progress display: a bar on a terminal, plain periodic lines in a log file.
+
+    Lightning's bar redraws with carriage returns every step, which fills a SLURM or CI log
+    (71 KB for 300 steps) and reads the logged metrics (a host sync on a GPU) every step. On
+    a terminal the bar refreshes every 10 steps; elsewhere :class:`LineProgress` writes a line
+    every 100 steps or 60 s. None when progress is off or the user chose a display.
+    """
+    from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+
+    from .callbacks import LineProgress
+
+    if enabled is False or any(isinstance(c, ProgressBar) for c in callbacks):
+        return None
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return TQDMProgressBar(refresh_rate=10)
+    return LineProgress()
+
+
 def trainer_defaults() -> dict:
     """Root dir ``runs``; TensorBoard logging under it; lr monitor, NaN guard, final validation."""
     from jsonargparse import lazy_instance
@@ -386,14 +405,22 @@ class RnndropCLI(LightningCLI):
             self.parser.error(str(err))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        # the checkpoint group joins the trainer's callbacks unless checkpointing is off
+        # the checkpoint group and the progress display join the trainer's callbacks
         config = self.config_init.get(self.subcommand) if self.subcommand else self.config_init
         checkpoint = config.get("checkpoint")
         trainer = config.get("trainer", {})
-        if isinstance(checkpoint, ModelCheckpoint) and trainer.get("enable_checkpointing", True) \
-                is not False and "callbacks" not in kwargs:  # fmt: skip
+        if "callbacks" not in kwargs:
             given = trainer.get("callbacks") or []
-            kwargs["callbacks"] = [*(given if isinstance(given, list) else [given]), checkpoint]
+            given = list(given if isinstance(given, list) else [given])
+            extra = []
+            if isinstance(checkpoint, ModelCheckpoint) and \
+                    trainer.get("enable_checkpointing", True) is not False:  # fmt: skip
+                extra.append(checkpoint)
+            progress = progress_display(given, trainer.get("enable_progress_bar"))
+            if progress is not None:
+                extra.append(progress)
+            if extra:
+                kwargs["callbacks"] = [*given, *extra]
         return super().instantiate_trainer(**kwargs)
 
     # the subcommands: a user error while running (a missing corpus, a corrupt file) exits 2
