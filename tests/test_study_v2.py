@@ -288,3 +288,37 @@ def test_sigterm_stops_every_worker_and_keeps_finished_cells(tmp_path):
     assert not any(is_finished(study, c) for c in study.cells())
     assert not list(Path(study.root).rglob("*.json.tmp"))
     assert all(load_result(study, c) is None for c in study.cells())
+
+
+def test_only_selects_a_slice_and_keeps_the_baseline_under_a_rate_filter(tmp_path):
+    from rnndrop.study.cli import select_cells
+
+    study = tiny(tmp_path, rates=[0.1, 0.3])
+    cells = study.cells()
+    got = {cells[i] for i in select_cells(cells, ["task=copy", "rate=0.3", "seed=1"])}
+    assert got == {c for c in cells if c.task == "copy" and c.seed == 1
+                   and c.rate in (None, 0.3)}  # fmt: skip
+    assert {c.scheme for c in got} == {"none", "variational"}
+    for bad in (["colour=red"], ["seed"], ["seed="]):
+        with pytest.raises(ValueError, match="KEY=V1,V2"):
+            select_cells(cells, bad)
+    with pytest.raises(ValueError, match="no cell"):
+        select_cells(cells, ["seed=9"])
+
+
+def test_cells_run_seed_major(tmp_path, monkeypatch):
+    """A sweep stopped early leaves whole seeds: every cell's seed 0 runs before any seed 1."""
+    from rnndrop.study import runner
+
+    order = []
+
+    def fake(study, cell, **kw):
+        order.append(cell)
+        return {"cell": {"label": cell.label, "distance": cell.distance, "seed": cell.seed},
+                "status": "skipped", "metrics": {}}  # fmt: skip
+
+    monkeypatch.setattr(runner, "run_cell", fake)
+    study = tiny(tmp_path)
+    run_study(study, progress=False)
+    assert sorted(order, key=lambda c: c.seed) == order and len(order) == len(study.cells())
+    assert order[0].seed == 0 and order[-1].seed == 1

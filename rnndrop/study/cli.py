@@ -40,12 +40,39 @@ def build_parser() -> argparse.ArgumentParser:
         "one per CPU core, up to 8: the study's small models run best on one thread each)",
     )  # fmt: skip
     p.add_argument("--cell", type=int, nargs="+", help="run only these cell numbers")
+    p.add_argument(
+        "--only", nargs="+", metavar="KEY=V1,V2", default=[],
+        help="run a slice of the grid: cells whose task, scheme, rate, distance and seed are "
+        "among the values given (e.g. --only scheme=none,zoneout seed=0,1,2); it has the "
+        "same results as the whole grid's cells, which a later run of the whole grid keeps",
+    )  # fmt: skip
     p.add_argument("--list-cells", action="store_true", help="print the numbered cells and exit")
     p.add_argument("--report-only", action="store_true", help="only write the report")
     p.add_argument("--out-dir", help="where runs go (default: the config's out_dir, runs/)")
     p.add_argument("--name", help="study name (its folder under out_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def select_cells(cells: list, filters: list[str]) -> set[int]:
+    """Numbers of the cells matching every ``key=v1,v2`` filter (a key's values are ORed)."""
+    keys = {"task", "scheme", "rate", "distance", "seed"}
+    picked = set(range(len(cells)))
+    for f in filters:
+        key, sep, values = f.partition("=")
+        if not sep or key not in keys or not values:
+            raise ValueError(f"--only {f!r}: give KEY=V1,V2 with KEY one of {sorted(keys)}")
+        wanted = {v.strip() for v in values.split(",")}
+        # a scheme without a rate runs once whatever the rates: a rate filter keeps it
+        picked &= {i for i, c in enumerate(cells) if _as_text(getattr(c, key)) in wanted
+                   or (key == "rate" and c.rate is None)}  # fmt: skip
+    if not picked:
+        raise ValueError(f"--only {' '.join(filters)}: no cell of the study matches")
+    return picked
+
+
+def _as_text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,14 +156,18 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{i:4d}  {done}  {cell}")
         return 0
     start = time.perf_counter()
+    only = args.cell
+    if args.only:
+        picked = select_cells(cells, args.only)
+        only = [i for i in (only if only is not None else range(len(cells))) if i in picked]
     if not args.report_only:
         workers = args.workers or min(8, os.cpu_count() or 1)
-        run_study(study, workers=workers, only=args.cell, progress=not args.no_progress)
-    if args.cell is not None and not args.report_only:
+        run_study(study, workers=workers, only=only, progress=not args.no_progress)
+    if only is not None and not args.report_only and not args.only:
         return 0  # one array job: the report is written once all cells have finished
     results = [r for c in cells if (r := load_result(study, c)) is not None]
     if not results:
-        print(f"rnndrop study: no finished cells under {study.root}", file=sys.stderr)
+        print(f"rnndrop study: no finished cells under {study.study_root}", file=sys.stderr)
         return 1
     paths, markdown = write_reports(study, results)
     missing = len(cells) - len(results)

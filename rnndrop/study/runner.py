@@ -242,9 +242,13 @@ def run_study(
         if bad:
             raise ValueError(f"cell numbers {bad} out of range: the study has {len(cells)} cells")
         cells = [cells[i] for i in only]
-    todo = [c for c in cells if not is_finished(study, c)]
+    # seed-major: every cell's first seed before any cell's second, so a sweep stopped early
+    # leaves whole seeds, each paired with its baseline
+    seeds = {seed: i for i, seed in enumerate(dict.fromkeys(c.seed for c in cells))}
+    todo = sorted((c for c in cells if not is_finished(study, c)), key=lambda c: seeds[c.seed])
     print(f"study {study.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, "
-          f"{len(todo)} to run, {min(workers, len(todo))} worker(s); results under {study.root}",
+          f"{len(todo)} to run, {min(workers, len(todo))} worker(s); results under "
+          f"{study.study_root if study.tasks else study.root}",
           file=sys.stderr, flush=True)  # fmt: skip
     workers = max(1, min(workers, len(todo)))
     bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not progress or not todo)
