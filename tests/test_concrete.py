@@ -508,3 +508,52 @@ def test_noise_site_rate_rises(seed, one_thread):
     noise, signal = _toy(False, seed), _toy(True, seed)
     assert noise > 0.4  # rose from 0.2
     assert signal < 0.2  # fell from 0.2
+
+
+# ---- a whole model --------------------------------------------------------------------------
+
+
+def test_model_level_helpers():
+    from rnndrop.nn import concrete_rates, concrete_regularizer
+
+    class Two(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = LSTM(3, 4, dropout=RD(recurrent=0.2, output=0.3, concrete=True))
+            self.b = GRU(4, 5, dropout=RD(input=0.25, concrete=True))
+            self.plain = LSTM(5, 5, dropout=RD.variational(0.2))  # fixed rates: not listed
+            self.dec = torch.nn.Linear(5, 7)
+
+    model = Two()
+    rates = concrete_rates(model)
+    assert rates == pytest.approx({"a/recurrent": 0.2, "a/output": 0.3, "b/input": 0.25},
+                                  abs=1e-6)  # fmt: skip
+    assert concrete_rates(model.a) == model.a.concrete_rates()
+    N = 50
+    total = concrete_regularizer(model, N, output_weight=model.dec.weight)
+    expect = (model.a.concrete_regularizer(N, output_weight=model.b.weight_ih_l0)
+              + model.b.concrete_regularizer(N, output_weight=model.dec.weight))  # fmt: skip
+    torch.testing.assert_close(total, expect)
+    assert float(concrete_regularizer(torch.nn.Linear(2, 2), N)) == 0.0
+
+
+def test_step_cells_refuse_concrete():
+    from rnndrop.nn import LSTMCell
+
+    with pytest.raises(ValueError, match="concrete=True"):
+        LSTMCell(3, 4, dropout=RD(recurrent=0.2, concrete=True))
+
+
+def test_folded_untied_input_masks_multi_layer():
+    """Regression (found here): untied per-batch per-sequence input masks fold into layer
+    0's ``W_ih`` only; the one-fused-call path folded them into every layer's."""
+    cfg = RD(input=0.3, recurrent=0.3, batch="per_batch", tied=False)
+    torch.manual_seed(0)
+    m = LSTM(3, 4, num_layers=2, dropout=cfg).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    torch.manual_seed(1)
+    fused, _ = m(x)
+    m.force_loop = True  # the same masks, drawn in the same order, through the loop path
+    torch.manual_seed(1)
+    looped, _ = m(x)
+    torch.testing.assert_close(fused, looped, atol=1e-12, rtol=0)

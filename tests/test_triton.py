@@ -259,7 +259,8 @@ def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, monkeypatch
 def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     """The compiled path, which the interpreter never takes: Triton's front end, its GPU
     passes and the bundled ptxas build each kernel for sm_90 (every site on, untied masks)
-    within the shared memory of a block. No GPU is needed to compile."""
+    within the shared memory of a block, the backward kernels with the mask gradients of
+    concrete dropout on (MG). No GPU is needed to compile."""
     import inspect
 
     import triton
@@ -273,7 +274,7 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
     fn = JITFunction(getattr(_kernels, kernel))
-    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH"}
+    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG"}
     consts, sig = {}, {}
     for name in inspect.signature(fn.fn).parameters:
         if name in flags:

@@ -14,7 +14,7 @@ from .dropout import (
     Zoneout,
     mc_dropout,
 )
-from .rnn import GRU, LSTM, RNNBase
+from .rnn import GRU, LSTM, RNNBase, concrete_rates, concrete_regularizer
 from .stepcells import GRUCell, LSTMCell
 from .transformer import CausalTransformer, TransformerBlock
 
@@ -32,5 +32,7 @@ __all__ = [
     "TransformerBlock",
     "Zoneout",
     "as_dropout",
+    "concrete_rates",
+    "concrete_regularizer",
     "mc_dropout",
 ]

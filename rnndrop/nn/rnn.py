@@ -19,7 +19,7 @@ from .dropout import StochasticModule
 from .masks import ForwardMasks, _layer_sites, is_active, needs_loop
 from .workspace import WeightBuffers
 
-__all__ = ["GRU", "LSTM", "RNNBase"]
+__all__ = ["GRU", "LSTM", "RNNBase", "concrete_rates", "concrete_regularizer"]
 
 
 class RNNBase(StochasticModule):
@@ -648,3 +648,50 @@ class GRU(RNNBase):
     ) -> None:
         super().__init__(GRU_CELL, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)  # fmt: skip
+
+
+# ---- concrete dropout over a whole model ----------------------------------------------------
+
+
+def _recurrent_modules(model: nn.Module) -> list[tuple[str, RNNBase]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, RNNBase) and m.concrete_parameters()]  # fmt: skip
+
+
+def concrete_rates(model: nn.Module) -> dict[str, float]:
+    """The learned rates of every :class:`RNNBase` in ``model`` (concrete dropout).
+
+    Keys are ``"<site>"`` for a model that is itself the layer, else ``"<module path>/<site>"``
+    (e.g. ``"encoder.parts.0/recurrent"``): ready for TensorBoard as ``dropout_rate/<key>``.
+    """
+    return {(f"{name}/{site}" if name else site): rate
+            for name, m in _recurrent_modules(model)
+            for site, rate in m.concrete_rates().items()}  # fmt: skip
+
+
+def concrete_regularizer(
+    model: nn.Module,
+    dataset_size: int,
+    length_scale: float = 1e-4,
+    *,
+    output_weight: Tensor | None = None,
+    weight_regularizer: float | None = None,
+    dropout_regularizer: float | None = None,
+) -> Tensor:
+    """The sum of :meth:`RNNBase.concrete_regularizer` over every recurrent module of ``model``.
+
+    ``output_weight`` (the decoder's weight) goes to the last of them in module order, the
+    one whose output the decoder reads; a module whose output feeds another recurrent module
+    gets that module's first ``W_ih`` for its output site. Returns a 0-dim zero (on the
+    model's first parameter's device) when no module learns rates.
+    """
+    mods = _recurrent_modules(model)
+    first = next(model.parameters(), None)
+    total = torch.zeros((), device=None if first is None else first.device)
+    for k, (_, m) in enumerate(mods):
+        w = output_weight if k == len(mods) - 1 else mods[k + 1][1].weight_ih_l0
+        total = total + m.concrete_regularizer(
+            dataset_size, length_scale, output_weight=w,
+            weight_regularizer=weight_regularizer, dropout_regularizer=dropout_regularizer,
+        )  # fmt: skip
+    return total

@@ -256,6 +256,11 @@ class StepCellBase(StochasticModule):
     def _check_dropout(self) -> None:
         cfg, kind = self.dropout, type(self).__name__
         cfg.check_cell(self.cell.name, kind)
+        if cfg.concrete:
+            raise ValueError(
+                f"{kind}: concrete=True (learned rates) is supported by the layers "
+                "rnndrop.nn.LSTM / GRU, not by the step-at-a-time cells; use fixed rates here"
+            )
         if cfg.between_layers > 0:
             warnings.warn(
                 f"{kind}: between_layers={cfg.between_layers} has no meaning for a single cell "
