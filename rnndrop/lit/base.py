@@ -12,12 +12,39 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torchmetrics import Metric
 
 from ..nn import GRUCell, LSTMCell, RNNBase
 
-__all__ = ["OptimizerName", "SplitMetric", "Task", "detach_state", "max_norm_"]
+__all__ = ["OptimizerName", "SplitMetric", "Task", "WeightedMean", "detach_state", "max_norm_"]
 
 OptimizerName = Literal["sgd", "nt_asgd", "adam", "adamw"]
+
+
+class WeightedMean(Metric):
+    """``Σ w·x / Σ w`` over updates, summed across DDP ranks at ``compute``.
+
+    torchmetrics' ``MeanMetric`` checks every update for NaNs (a host sync per step on a GPU),
+    and its ``nan_strategy="disable"`` also drops the weights (torchmetrics 1.9). The NaN guard
+    stops training on a NaN loss, and a NaN evaluation loss should show as NaN, so this mean
+    does no check.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.zeros(()), dist_reduce_fx="sum")
+        self.add_state("weight", torch.zeros(()), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor | float, weight: torch.Tensor | float = 1.0) -> None:
+        value = torch.as_tensor(value, dtype=torch.float32, device=self.device)
+        weight = torch.as_tensor(weight, dtype=torch.float32, device=self.device)
+        self.total += (value * weight).sum()
+        self.weight += torch.broadcast_to(weight, value.shape).sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
 
 
 class SplitMetric(nn.Module):
@@ -25,15 +52,8 @@ class SplitMetric(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        from torchmetrics import MeanMetric
-
         # "train" would clash with nn.Module.train as a ModuleDict key
-        # no NaN check: torchmetrics' costs a host sync per update (per step on a GPU) and
-        # would drop NaNs silently; the NaN guard stops training on one, and a NaN
-        # evaluation loss should show as NaN
-        self.means = nn.ModuleDict(
-            {f"{s}_": MeanMetric(nan_strategy="disable") for s in ("train", "val", "test")}
-        )
+        self.means = nn.ModuleDict({f"{s}_": WeightedMean() for s in ("train", "val", "test")})
 
     def __getitem__(self, split: str):
         return self.means[f"{split}_"]
@@ -238,6 +258,13 @@ class Task(L.LightningModule):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Restore :meth:`extra_state`."""
 
+    def _split_metrics(self) -> list[tuple[str, SplitMetric]]:
+        return [(n, m) for n, m in self.named_children() if isinstance(m, SplitMetric)]
+
+    @staticmethod
+    def _state_of(metric: Metric) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rnndrop"] = {  # tensors and plain types only: loads with weights_only
@@ -256,6 +283,9 @@ class Task(L.LightningModule):
             "val_history": list(self.val_history),
             "averaged": self.averaged,
             "n_averaged": self.n_averaged,
+            # the epoch's running means so far: a mid-epoch resume ends the epoch with the
+            # same train/epoch_loss as an uninterrupted run (this rank's; under DDP, rank 0's)
+            "train_means": {name: self._state_of(m["train"]) for name, m in self._split_metrics()},
             **self.extra_state(),
         }
 
@@ -272,4 +302,9 @@ class Task(L.LightningModule):
         random.setstate(rng["python"])
         self.val_history = list(state["val_history"])
         self.averaged, self.n_averaged = state["averaged"], state["n_averaged"]
+        saved = state.get("train_means", {})  # absent in checkpoints from before it was kept
+        for name, m in self._split_metrics():
+            if name in saved and set(saved[name]) == set(m["train"].metric_state):
+                m["train"].reset()
+                m["train"].merge_state({k: v.to(self.device) for k, v in saved[name].items()})
         self.load_extra_state(state)
