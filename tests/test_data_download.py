@@ -245,3 +245,22 @@ def test_script_runs():
         [sys.executable, str(script), "--list"], capture_output=True, text=True, env=env, timeout=60
     )
     assert out.returncode == 0 and "mnist" in out.stdout
+
+
+def test_failed_download_leaves_no_empty_directory_and_says_how_to_install_by_hand(
+    server, tmp_path
+):
+    root = tmp_path / "new" / "deeper"  # neither exists: both would be created
+    spec = spec_for(server, "/missing.txt")
+    with pytest.raises(DownloadError) as err:
+        fetch(spec, root, verbose=False)
+    assert not (tmp_path / "new").exists()
+    msg = str(err.value)
+    assert f"{server.url}/missing.txt" in msg and GOOD_SHA[:12] in msg
+    assert f"put them in {root / 'toy'}" in msg and "--verify-only" in msg
+    # a directory that existed before, or that holds anything, stays
+    (tmp_path / "kept" / "toy").mkdir(parents=True)
+    (tmp_path / "kept" / "toy" / "notes").write_text("mine")
+    with pytest.raises(DownloadError):
+        fetch(spec, tmp_path / "kept", verbose=False)
+    assert leftovers(tmp_path / "kept" / "toy") == ["notes"]

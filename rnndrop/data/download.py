@@ -256,6 +256,7 @@ def fetch(
             f"`python -m rnndrop.data.download {dataset.name} --data-dir {directory}` "
             "(or pass download=True), or point data_dir at a local copy"
         )
+    created = _missing_ancestors(directory)  # removed again if nothing gets downloaded
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -299,11 +300,41 @@ def fetch(
             f"  {f.name}: " + ("; ".join(errors[f.name]) or "no source lists this file")
             for f in missing
         ]
+        for d in created:  # deepest first; a directory holding anything stays
+            with contextlib.suppress(OSError):
+                d.rmdir()
         raise DownloadError(
             f"{dataset.name}: could not fetch {len(missing)} file(s) into {directory}; nothing "
-            "unverified was left behind. Tried:\n" + "\n".join(lines)
+            "unverified was left behind. Tried:\n" + "\n".join(lines) + "\n"
+            + _by_hand(dataset, missing, directory)
         )
     return directory
+
+
+def _missing_ancestors(directory: Path) -> list[Path]:
+    """``directory`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    for d in [directory, *directory.parents]:
+        if d.exists():
+            break
+        out.append(d)
+    return out
+
+
+def _by_hand(dataset: DatasetSpec, missing: list[FileSpec], directory: Path) -> str:
+    """How to install the missing files without this machine's network."""
+    sources = []
+    for f in missing:
+        where = list(f.urls) + [
+            f"{a.urls[0]} (member {a.members[f.name]})"
+            for a in dataset.archives if f.name in a.members and a.urls
+        ]  # fmt: skip
+        sources.append(f"  {f.name} (sha256 {f.sha256[:12]}…): " + (" or ".join(where) or "?"))
+    return (
+        "To install them by hand: fetch these on a machine with internet,\n" + "\n".join(sources)
+        + f"\nput them in {directory}, and check them with `python -m rnndrop.data.download "
+        f"{dataset.name} --data-dir {directory} --verify-only`."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
