@@ -7,6 +7,10 @@ rnndrop export-tb runs/a runs/b --long --out all.csv          # one row per (run
 Every directory under the given paths that holds ``events.out.tfevents.*`` files is one run,
 named by its path relative to the path given. Wide tables have one row per run and one
 column per tag (the tag's last, min, max or mean value); ``--long`` keeps every point.
+
+Why not ``tbparse``: it reads the same events through the same TensorBoard reader and returns a
+pandas DataFrame; this module needs neither pandas (a new dependency of the ``train`` extra) nor
+more than ~100 lines, and it writes Markdown as well as CSV.
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 
 __all__ = ["mean_ci", "normalized_accuracy", "solved_distance", "t_quantile"]
 
-# two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 the normal value is within 2%
+# two-sided 95% Student-t quantiles t_{0.975, df}; beyond 30 the normal value is within 2%.
+# A table, not scipy.stats.t.ppf: the one quantile the reports use does not justify scipy as a
+# dependency; tests/test_stats.py checks every entry against a numerical integral of the pdf.
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
          2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
          2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # fmt: skip

@@ -16,6 +16,10 @@ copy (e.g. ``../shared/data/ptb``) or a root with one sub-directory per dataset
 (``ptb``, ``wikitext-2``, ``mnist``); the default root is ``~/.cache/rnndrop``.
 
 Command line: ``python -m rnndrop.data.download ptb wikitext2 --data-dir DIR``.
+
+Why not ``pooch``: it verifies whole downloads by hash, but not members of an archive whose
+own hash is unknown (the PTB tarball), it has no per-file fallback from mirrors to archives,
+and it would be a dependency of every data module; this file is the ~300 lines those need.
 """
 
 from __future__ import annotations
