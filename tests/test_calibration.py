@@ -200,3 +200,13 @@ def test_sequence_task_logs_calibration(tmp_path):
     values, images = fit(SequenceTask(net, mc_samples=2), dm, tmp_path)
     check_logged(values, images)
     assert "val/acc_mc" in values
+
+
+def test_reliability_diagrams_can_be_turned_off(tmp_path):
+    dm = SyntheticDataModule("delayed_recall", distance=3, task_args={"n_symbols": 4},
+                             train_size=24, val_size=16, test_size=16, batch_size=8)  # fmt: skip
+    net = SequenceModel("tokens", vocab_size=dm.vocab_size, output_size=dm.output_size,
+                        hidden_size=8)  # fmt: skip
+    values, images = fit(SequenceTask(net, reliability_diagrams=False), dm, tmp_path)
+    assert "val/ece" in values and "val/ece_mc" not in values  # no MC asked for
+    assert not images

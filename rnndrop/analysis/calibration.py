@@ -217,7 +217,7 @@ def reliability_diagram(
     series = dict(bins) if isinstance(bins, Mapping) else {"": bins}
     series = {k: (v.reliability() if isinstance(v, Calibration) else v) for k, v in series.items()}
     fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(4.2, 4.8), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+        2, 1, figsize=(4.2, 4.8), dpi=80, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
     top.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="calibrated")
     width = None
@@ -241,7 +241,9 @@ def reliability_diagram(
         top.set_title(title, fontsize=9)
     bottom.set_xlabel("top-1 confidence")
     bottom.set_ylabel("fraction")
-    fig.tight_layout()
+    # fixed margins: tight_layout doubled the cost of a figure logged at every validation
+    fig.subplots_adjust(left=0.16, right=0.97, bottom=0.1, top=0.93 if title else 0.97,
+                        hspace=0.08)  # fmt: skip
     return fig
 
 
