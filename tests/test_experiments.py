@@ -23,6 +23,7 @@ def test_every_config_is_covered():
     covered = {f"ptb/{c}.yaml" for c in PTB} | {f"synthetic/{c}.yaml" for c in SYNTHETIC}
     covered |= {"ptb/base.yaml", "synthetic/base.yaml", "wikitext2/awd.yaml"}
     covered |= {f"long_range/{c}.yaml" for c in STUDIES}
+    covered |= {"inference/delayed_recall.yaml"}  # run in tests/test_inference_study.py
     assert found == covered
 
 

@@ -3,6 +3,7 @@ against mc_aggregate on the same samples."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +22,10 @@ from rnndrop.study.inference import (
     evaluate_inference,
     learned_rates,
     load_inference_study,
+    run_inference_study,
 )
+
+CONFIG = Path(__file__).resolve().parents[1] / "experiments/inference/delayed_recall.yaml"
 
 TINY = {
     "name": "tiny",
@@ -153,3 +157,12 @@ def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="stepz"):
         load_inference_study(bad)
     assert main(["inference", "--config", str(bad)]) == 2
+
+
+def test_the_experiment_config_loads_and_runs_a_cell(tmp_path):
+    study = load_inference_study(CONFIG)
+    assert len(study.cells()) == 12 and study.mc_samples == 50
+    tiny = load_inference_study(CONFIG, out_dir=str(tmp_path), schemes=["weight_drop"], seeds=[0],
+                                steps=2, val_every=2, eval_size=4, sample_sizes=[1, 2])  # fmt: skip
+    (result,) = run_inference_study(tiny, progress=False)
+    assert result["status"] == "ok" and result["evaluation"]["targets"] == 4 * 50
