@@ -252,7 +252,8 @@ class SplitCalibration(nn.Module):
 
     For a task's evaluation: ``update(split, preds, target, kind=...)`` per batch, and at the
     epoch's end ``epoch_logs(split)``: ``{f"{split}/ece{suffix}", .../nll..., .../brier...}``
-    for every kind that saw targets (suffix ``""`` or ``"_mc"``), after which the split is
+    for every kind that was updated (suffix ``""`` or ``"_mc"``; NaN if every target was
+    ignored), after which the split is
     reset. :meth:`figure` draws the split's reliability diagram (all kinds overlaid); call it
     before ``epoch_logs``.
     """
@@ -316,7 +317,9 @@ class SplitCalibration(nn.Module):
         logs = {}
         for kind in self.kinds:
             metric = self[split, kind]
-            if float(metric.total) > 0:
+            # update_count, not the local target count, decides: every process of a
+            # distributed run then agrees on which metrics to compute (and so to sync)
+            if metric.update_count > 0:
                 values = metric.compute()
                 suffix = f"_{kind}" if kind else ""
                 for name in ("ece", "nll", "brier"):
