@@ -253,9 +253,8 @@ class SplitCalibration(nn.Module):
     For a task's evaluation: ``update(split, preds, target, kind=...)`` per batch, and at the
     epoch's end ``epoch_logs(split)``: ``{f"{split}/ece{suffix}", .../nll..., .../brier...}``
     for every kind that was updated (suffix ``""`` or ``"_mc"``; NaN if every target was
-    ignored), after which the split is
-    reset. :meth:`figure` draws the split's reliability diagram (all kinds overlaid); call it
-    before ``epoch_logs``.
+    ignored), after which the split is reset. :meth:`figure` draws the split's reliability
+    diagram (all kinds overlaid); call it before ``epoch_logs``.
     """
 
     def __init__(
