@@ -116,3 +116,17 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path, capsys):
     delta.write_text("trainer:\n  max_epoch: 3\n")
     line = run(["fit", f"--config={delta}"], capsys)
     assert str(delta) in line and "max_epoch" in line and "trainer.max_epochs" in line
+
+
+@pytest.mark.parametrize("arg", ["--optimizer=torch.optim.SGD", "--lr_scheduler.class_path=x"])
+def test_lightning_optimizer_groups_are_rejected_with_the_one_way(arg, capsys):
+    line = run(["fit", arg, "--trainer.max_steps=1"], capsys)
+    assert line.startswith(f"error: {arg.split('=')[0]}: LightningCLI's ")
+    assert "--model.init_args.optimizer" in line
+
+
+def test_optimizer_group_in_a_yaml_names_the_file(tmp_path, capsys):
+    config = tmp_path / "opt.yaml"
+    config.write_text("optimizer:\n  class_path: torch.optim.SGD\n  init_args: {lr: 0.1}\n")
+    line = run(["fit", f"--config={config}"], capsys)
+    assert f"{config}: optimizer: LightningCLI's optimizer group is not supported" in line

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import os
 import random
 from typing import Any, Literal
 
@@ -237,10 +237,50 @@ class Task(L.LightningModule):
 
     # ---- TensorBoard HPARAMS ---------------------------------------------------------------
 
+    def tensorboard_hparams(self) -> dict[str, Any]:
+        """What the HPARAMS tab shows: the task's settings, the model's (only those its encoder
+        uses), the data module's (corpus, bptt, batch size, ...) and the seed; no ``None``."""
+        flat: dict[str, Any] = {}
+
+        def put(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    put(f"{prefix}/{k}" if prefix else str(k), v)
+            elif value is not None:
+                ok = isinstance(value, bool | int | float | str)
+                flat[prefix] = value if ok else str(value)
+
+        task = {k: v for k, v in self.hparams.items() if k != "model" and not k.startswith("_")}
+        if "bpc" in task:  # resolved from the corpus in setup
+            task["bpc"] = bool(getattr(self, "bpc", False))
+        put("", task)
+        model = dict(self.hparams.get("model", {}).get("init_args", {}))
+        if model.get("encoder", "lstm") != "transformer":  # settings a recurrent encoder ignores
+            for k in ("transformer_dropout", "num_heads", "ffn_size", "positions", "max_len"):
+                model.pop(k, None)
+        put("model", model)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data = getattr(datamodule, "hparams", {}) or {}
+        put("data", {k: v for k, v in data.items() if not k.startswith("_")})
+        seed = os.environ.get("PL_GLOBAL_SEED")  # set by seed_everything (the CLI's seed)
+        if seed is not None:
+            flat["seed"] = int(seed)
+        return flat
+
     def on_fit_start(self) -> None:
+        # the hparams summary itself, declaring the hp/* metrics: Lightning's
+        # log_hyperparams(params, metrics) would also log the metrics' placeholder values as
+        # scalars at step 0 (NaN in every hp/* curve); the real values come at validation
+        if not self.hp_metrics or not self.trainer.is_global_zero:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
         for logger in self.loggers:
-            if isinstance(logger, TensorBoardLogger) and self.hp_metrics:
-                logger.log_hyperparams(self.hparams, {m: math.nan for m in self.hp_metrics})
+            if isinstance(logger, TensorBoardLogger):
+                summaries = hparams(self.tensorboard_hparams(), dict.fromkeys(self.hp_metrics, 0.0))
+                writer = logger.experiment.file_writer
+                for summary in summaries:  # experiment, session start, session end
+                    writer.add_summary(summary)
 
     # ---- exact resume ---------------------------------------------------------------------
 

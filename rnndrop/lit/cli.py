@@ -299,6 +299,27 @@ def cli_spelling(message: str) -> str:
                   message)  # fmt: skip
 
 
+OPTIMIZER_GROUPS = ("optimizer", "lr_scheduler")
+
+
+def reject_optimizer_groups(sources: list[tuple[str, str, Any]]) -> None:
+    """One way to choose the optimiser: the task's ``optimizer`` argument.
+
+    LightningCLI's ``--optimizer``/``--lr_scheduler`` would replace the task's
+    ``configure_optimizers`` with only a warning, silently dropping ``lr_decay``, NT-ASGD's
+    averaging and the per-chunk learning-rate scaling; the CLI is built without them
+    (``auto_configure_optimizers=False``), and this names the replacement.
+    """
+    for where, key, _ in sources:
+        if key.split(".")[0] in OPTIMIZER_GROUPS:
+            group = key.split(".")[0]
+            place = where if where.startswith("--") else f"{where}: {group}"
+            fix = ("choose the optimiser with --model.init_args.optimizer (sgd, nt_asgd, adam, "
+                   "adamw) and its lr, momentum, weight_decay, lr_decay, decay_start "
+                   "(docs/training.md)")  # fmt: skip
+            fail(f"{place}: LightningCLI's {group} group is not supported; {fix}")
+
+
 class RnndropCLI(LightningCLI):
     """LightningCLI with rnndrop's links, defaults, output rule and error messages."""
 
@@ -311,6 +332,7 @@ class RnndropCLI(LightningCLI):
         global _ARGV
         given = sys.argv[1:] if args is None else args
         _ARGV = list(given) if isinstance(given, list) else []  # a dict/Namespace: no argv
+        reject_optimizer_groups(_sources(_ARGV))
         super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -494,6 +516,7 @@ def make_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> Rnndr
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         parser_class=RnndropArgumentParser,
+        auto_configure_optimizers=False,  # the task's optimizer argument is the one way
         args=args,
         run=run,
         **kwargs,
