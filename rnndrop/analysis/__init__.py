@@ -16,6 +16,7 @@ from .ensembles import (
 )
 from .evaluation import evaluate_sequence_model
 from .gradients import default_distances, gradient_through_time, last_step_loss
+from .inference import collect_predictions, evaluate_inference, learned_rates
 from .stats import mean_ci, normalized_accuracy, solved_distance, t_quantile
 
 _CALIBRATION = (
@@ -43,13 +44,16 @@ __all__ = [
     "SplitCalibration",
     "calibration_metrics",
     "categorical_kl",
+    "collect_predictions",
     "context_usage",
     "default_distances",
     "effective_context",
+    "evaluate_inference",
     "evaluate_sequence_model",
     "exact_ensemble",
     "gradient_through_time",
     "last_step_loss",
+    "learned_rates",
     "mc_aggregate",
     "mc_convergence",
     "mc_predict",

@@ -14,10 +14,10 @@ the training is the same), then predict the held-out targets three ways:
   single softmax layer; :func:`rnndrop.analysis.exact_ensemble`).
 
 Each is scored on the targets that test memory (the task's ``memory_mask``) by accuracy, NLL,
-ECE and Brier score (:mod:`rnndrop.analysis.calibration`). The convergence in ``S``: the
-largest ``S`` draws are split into ``S_max // S`` disjoint groups of ``S``, each group
-aggregated (:func:`rnndrop.analysis.mc_aggregate`) and scored, and the mean and spread over
-groups reported for every ``S`` in ``sample_sizes``.
+ECE and Brier score (:mod:`rnndrop.analysis.inference`, :mod:`rnndrop.analysis.calibration`).
+The convergence in ``S``: the largest ``S`` draws are split into ``S_max // S`` disjoint groups
+of ``S``, each group aggregated (:func:`rnndrop.analysis.mc_aggregate`) and scored, and the
+mean and spread over groups reported for every ``S`` in ``sample_sizes``.
 
 Runs live in ``runs/<name>/<task>/<scheme>/seed=<s>`` (``model.pt``, ``train.json``,
 ``result.json`` and a TensorBoard run with the training curves, the final scores as
@@ -40,17 +40,23 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
 
-from .common import format_ci, fresh_run_dir, group_by, tensorboard_summary, write_json
+from ..analysis.inference import (
+    METHODS,
+    SCORES,
+    collect_predictions,
+    evaluate_inference,
+    learned_rates,
+)
+from .common import fresh_run_dir, write_json
 from .config import BUILTIN_SCHEMES, check_model_settings, resolve_scheme, uses_rate
+from .inference_report import TITLES, write_inference_report
 
 __all__ = [
     "METHODS",
@@ -68,12 +74,6 @@ __all__ = [
 
 FORMAT = 1
 
-#: The three predictions compared, in report order.
-METHODS: tuple[str, ...] = ("weight_scaling", "mc_arithmetic", "mc_geometric")
-_TITLES = {"weight_scaling": "weight scaling", "mc_arithmetic": "MC arithmetic",
-           "mc_geometric": "MC geometric"}  # fmt: skip
-_SCORES = ("acc", "nll", "ece", "brier")
-_MIN_BIN = 20  # the report's reliability plot leaves out bins with fewer (pooled) targets
 _TRAIN_KEYS = ("task", "task_args", "distance", "model", "steps", "batch_size", "optimizer",
                "lr", "gradient_clip_val", "val_every")  # fmt: skip
 
@@ -104,25 +104,25 @@ class InferenceStudyConfig:
     measured on a loaded 2-core machine).
     """
 
-    name: str = "inference"
-    task: str = "delayed_recall"
-    task_args: dict[str, Any] = field(default_factory=lambda: {"n_symbols": 4})
-    distance: int = 10
+    name: str = "inference"  # the study's folder under out_dir
+    task: str = "delayed_recall"  # a classification task of rnndrop.data.synthetic
+    task_args: dict[str, Any] = field(default_factory=lambda: {"n_symbols": 4})  # its arguments
+    distance: int = 10  # the task's dependency distance
     schemes: list[str] = field(default_factory=lambda: ["none", "naive", "variational"])
-    rates: list[float] = field(default_factory=lambda: [0.25])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    custom_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rates: list[float] = field(default_factory=lambda: [0.25])  # "p" of the schemes
+    seeds: list[int] = field(default_factory=lambda: [0])  # data, initialisation and MC draws
+    custom_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)  # as long-range
     model: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "embedding_size": 16})
-    steps: int = 2000
-    batch_size: int = 32
+    steps: int = 2000  # optimiser steps per model
+    batch_size: int = 32  # fresh samples per step
     optimizer: str = "adam"
     lr: float = 3e-3
     gradient_clip_val: float = 1.0
-    val_every: int = 500
-    eval_size: int = 512
+    val_every: int = 500  # validation (TensorBoard curves) every n steps
+    eval_size: int = 512  # held-out sequences scored
     eval_batch_size: int = 256
-    sample_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 50])
-    n_bins: int = 15
+    sample_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 50])  # S; max: MC rows
+    n_bins: int = 15  # confidence bins of ECE and the reliability diagrams
     threads: int | None = 1  # torch threads (None: torch's default); small models: one is best
     out_dir: str = "runs"
 
@@ -239,139 +239,6 @@ def load_inference_result(
     return r if r.get("config_hash") == study.cell_hash(cell) else None
 
 
-# ---- evaluation -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def collect_predictions(
-    model: nn.Module, loader, samples: int, *, task: Any = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Deterministic and ``samples`` Monte Carlo logits on the scored targets of ``loader``.
-
-    The scored targets are those the task's ``memory_mask`` selects (else every target that
-    is not -100). The model is put in eval mode (restored after); MC passes sample every
-    rnndrop dropout site (:func:`rnndrop.nn.mc_dropout`).
-
-    Returns:
-        ``(scaled, sampled, target)``: logits ``(N, C)``, ``(S, N, C)`` and classes ``(N,)``,
-        float32 on the CPU.
-    """
-    from ..nn import mc_dropout
-
-    was = model.training
-    model.eval()
-    det, mc, targets = [], [], []
-    device = next(model.parameters()).device
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            scored = task.memory_mask(y) if hasattr(task, "memory_mask") else y != -100
-            det.append(model(x).prediction.float()[scored].cpu())
-            with mc_dropout(model):
-                mc.append(torch.stack([model(x).prediction.float()[scored].cpu()
-                                       for _ in range(samples)]))  # fmt: skip
-            targets.append(y[scored].cpu())
-    finally:
-        model.train(was)
-    return torch.cat(det), torch.cat(mc, 1), torch.cat(targets)
-
-
-def _scores(logp: Tensor, target: Tensor, n_bins: int, bins: dict | None = None):
-    """Scores of one prediction; with ``bins``, its reliability bins go in there too."""
-    from ..analysis.calibration import Calibration
-
-    metric = Calibration(n_bins=n_bins)
-    metric.update(logp, target, log=True)
-    m = {k: float(v) for k, v in metric.compute().items()}
-    if bins is not None:
-        rel = metric.reliability()
-        bins.update(count=rel.count.tolist(),
-                    confidence_sum=(rel.confidence.nan_to_num() * rel.count).tolist(),
-                    correct_sum=(rel.accuracy.nan_to_num() * rel.count).tolist())  # fmt: skip
-    return {k: m[k] for k in (*_SCORES, "mce", "confidence")}
-
-
-def evaluate_inference(
-    scaled: Tensor,
-    sampled: Tensor,
-    target: Tensor,
-    *,
-    sample_sizes: Sequence[int] = (1, 2, 5, 10, 50),
-    n_bins: int = 15,
-) -> dict[str, Any]:
-    """Score weight scaling, MC arithmetic and MC geometric on the same targets.
-
-    Args:
-        scaled: deterministic logits ``(N, C)``.
-        sampled: Monte Carlo logits ``(S_max, N, C)``, ``S_max >= max(sample_sizes)``.
-        target: classes ``(N,)``.
-        sample_sizes: the ``S`` of the convergence curve.
-        n_bins: ECE bins.
-
-    Returns:
-        ``{"methods": {method: {acc, nll, ece, brier, mce, confidence}}, "convergence":
-        {aggregate: {S: {score: [mean, std over groups, groups]}}}, "mc_samples": S_max,
-        "targets": N, "bins": {method: {count, confidence_sum, correct_sum}}}`` (the
-        reliability bins, which pool over runs by adding). The MC methods aggregate the
-        first ``max(sample_sizes)`` draws; the convergence at ``S`` splits those into
-        ``S_max // S`` disjoint groups.
-    """
-    from ..analysis import mc_aggregate
-
-    s_max = max(sample_sizes)
-    if sampled.shape[0] < s_max:
-        raise ValueError(f"{sampled.shape[0]} MC samples given, sample_sizes needs {s_max}")
-    sampled = sampled[:s_max]
-    bins: dict[str, dict[str, list[float]]] = {m: {} for m in METHODS}
-    methods = {"weight_scaling": _scores(scaled.float().log_softmax(-1), target, n_bins,
-                                         bins["weight_scaling"])}  # fmt: skip
-    for agg in ("arithmetic", "geometric"):
-        logp = mc_aggregate(sampled, agg, log=True)
-        methods[f"mc_{agg}"] = _scores(logp, target, n_bins, bins[f"mc_{agg}"])
-    convergence: dict[str, dict[int, dict[str, list[float]]]] = {}
-    for agg in ("arithmetic", "geometric"):
-        curve = {}
-        for s in sample_sizes:
-            groups = [_scores(mc_aggregate(sampled[g * s : (g + 1) * s], agg, log=True), target,
-                              n_bins) for g in range(s_max // s)]  # fmt: skip
-            curve[int(s)] = {k: _mean_std([g[k] for g in groups]) for k in _SCORES}
-        convergence[agg] = curve
-    return {"methods": methods, "convergence": convergence, "mc_samples": s_max,
-            "targets": int(target.numel()), "bins": bins}  # fmt: skip
-
-
-def _mean_std(values: list[float]) -> list[float]:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else math.nan
-    return [mean, std, float(n)]
-
-
-def learned_rates(model: nn.Module) -> dict[str, float]:
-    """Learned dropout rates of ``model`` (concrete dropout), ``{}`` when it has none.
-
-    A module's ``learned_rates()`` (a mapping of site to rate) is used where one exists; else
-    every parameter whose name contains ``rate`` (its mean) or ``logit`` (the sigmoid of its
-    mean) is read as a rate.
-    """
-    out: dict[str, float] = {}
-    for prefix, module in model.named_modules():
-        fn = getattr(module, "learned_rates", None)
-        if callable(fn) and module is not model:
-            for site, value in dict(fn()).items():
-                key = f"{prefix}.{site}" if prefix else str(site)
-                out[key] = float(torch.as_tensor(value).float().mean())
-    if out:
-        return out
-    for name, p in model.named_parameters():
-        low = name.lower()
-        if "logit" in low:
-            out[name] = float(torch.sigmoid(p.detach().float().mean()))
-        elif "rate" in low:
-            out[name] = float(p.detach().float().mean())
-    return out
-
-
 # ---- running --------------------------------------------------------------------------------
 
 
@@ -471,7 +338,7 @@ def _log_cell(logger, study, cell, evaluation, rates, scaled, sampled, target) -
 
     w = logger.experiment
     for method, scores in evaluation["methods"].items():
-        for k in _SCORES:
+        for k in SCORES:
             w.add_scalar(f"inference/{method}/{k}", scores[k], global_step=study.steps)
     for agg, curve in evaluation["convergence"].items():
         for s, scores in curve.items():
@@ -491,7 +358,7 @@ def _log_cell(logger, study, cell, evaluation, rates, scaled, sampled, target) -
     fig = reliability_diagram(bins, title=str(cell))
     w.add_figure("inference/reliability", fig, global_step=study.steps)  # closes the figure
     hp = {"scheme": cell.scheme, "rate": cell.rate or 0.0, "seed": cell.seed}
-    final = {f"final/{m}_{k}": v[k] for m, v in evaluation["methods"].items() for k in _SCORES}
+    final = {f"final/{m}_{k}": v[k] for m, v in evaluation["methods"].items() for k in SCORES}
     logger.log_hyperparams(hp, final)
     w.flush()
 
@@ -524,216 +391,7 @@ def _summary_line(r: dict[str, Any]) -> str:
     if r["status"] != "ok":
         return f"{c['label']} seed={c['seed']}: {r['status'][:80]}"
     m = r["evaluation"]["methods"]
-    parts = ", ".join(f"{_TITLES[k]} acc {m[k]['acc']:.3f} nll {m[k]['nll']:.3f}"
+    parts = ", ".join(f"{TITLES[k]} acc {m[k]['acc']:.3f} nll {m[k]['nll']:.3f}"
                       for k in METHODS)  # fmt: skip
     how = "reused model" if r["reused_model"] else f"trained in {r['train_seconds']:.0f} s"
     return f"{c['label']} seed={c['seed']}: {parts} ({how}, {r['seconds']:.0f} s)"
-
-
-# ---- the report -----------------------------------------------------------------------------
-
-
-def _ci(values: list[float], digits: int) -> str:
-    from ..analysis import mean_ci
-
-    return format_ci(*mean_ci(values), digits=digits)
-
-
-def write_inference_report(
-    study: InferenceStudyConfig, results: list[dict[str, Any]]
-) -> dict[str, Path]:
-    """``inference.md``, ``inference.csv``, ``convergence.png``, ``reliability.png`` and a
-    TensorBoard summary under the study's root."""
-    import csv
-
-    root = study.root
-    root.mkdir(parents=True, exist_ok=True)
-    ok = [r for r in results if r["status"] == "ok"]
-    labels = list(dict.fromkeys(r["cell"]["label"] for r in ok))
-    by_label = group_by(ok, lambda r: r["cell"]["label"])
-    s_max = study.mc_samples
-    paths = {"markdown": root / "inference.md", "csv": root / "inference.csv"}
-
-    with paths["csv"].open("w", newline="") as f:
-        cols = ["label", "scheme", "rate", "seed", "config_hash", "method", "samples", *_SCORES]
-        writer = csv.DictWriter(f, fieldnames=cols)
-        writer.writeheader()
-        for r in ok:
-            base = {"label": r["cell"]["label"], "scheme": r["cell"]["scheme"],
-                    "rate": r["cell"]["rate"], "seed": r["cell"]["seed"],
-                    "config_hash": r["config_hash"]}  # fmt: skip
-            ev = r["evaluation"]
-            for method, scores in ev["methods"].items():
-                samples = 1 if method == "weight_scaling" else ev["mc_samples"]
-                writer.writerow({**base, "method": method, "samples": samples,
-                                 **{k: scores[k] for k in _SCORES}})  # fmt: skip
-            for agg, curve in ev["convergence"].items():
-                for s, scores in curve.items():
-                    writer.writerow({**base, "method": f"mc_{agg}_groups", "samples": s,
-                                     **{k: scores[k][0] for k in _SCORES}})  # fmt: skip
-
-    def col(label: str, method: str, key: str) -> list[float]:
-        return [r["evaluation"]["methods"][method][key] for r in by_label[label]]
-
-    seeds = sorted({r["cell"]["seed"] for r in ok})
-    n_targets = sorted({r["evaluation"]["targets"] for r in ok})
-    lines = [
-        f"# {study.name}: test-time inference on {study.task} (d = {study.distance})", "",
-        f"{len(ok)} runs ({len(labels)} schemes x {len(seeds)} seed(s)); {study.steps} Adam "
-        f"steps of {study.batch_size} per run; model {study.model}; scored on "
-        f"{', '.join(map(str, n_targets))} held-out targets (where the task tests memory). "
-        f"Weight scaling: one deterministic pass. MC: {s_max} passes with sampled masks, "
-        "probabilities averaged (arithmetic) or log-probabilities averaged and renormalised "
-        f"(geometric). ECE: {study.n_bins} equal-width bins of top-1 confidence. Mean ± 95% "
-        "interval over seeds (Student t).", "",
-        "Accuracy and NLL (nats):", "",
-        "| scheme | acc WS | acc MC-arith | acc MC-geo | NLL WS | NLL MC-arith | NLL MC-geo |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
-    for label in labels:
-        accs = [_ci(col(label, m, "acc"), 3) for m in METHODS]
-        nlls = [_ci(col(label, m, "nll"), 3) for m in METHODS]
-        lines.append(f"| {label} | " + " | ".join(accs + nlls) + " |")
-    lines += ["", "Calibration: ECE and Brier score (lower is better), and the mean top-1 "
-              "confidence minus accuracy (> 0: overconfident, < 0: underconfident):", "",
-              "| scheme | ECE WS | ECE MC-arith | ECE MC-geo | Brier WS | Brier MC-arith | "
-              "Brier MC-geo | conf. − acc WS | conf. − acc MC-arith |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for label in labels:
-        eces = [_ci(col(label, m, "ece"), 3) for m in METHODS]
-        briers = [_ci(col(label, m, "brier"), 3) for m in METHODS]
-        over = []
-        for m in ("weight_scaling", "mc_arithmetic"):
-            gaps = [a - b for a, b in zip(col(label, m, "confidence"), col(label, m, "acc"),
-                                          strict=True)]  # fmt: skip
-            over.append(_ci(gaps, 3))
-        lines.append(f"| {label} | " + " | ".join([*eces, *briers, *over]) + " |")
-    sizes = study.sample_sizes
-    for agg in ("arithmetic", "geometric"):
-        lines += ["", f"Convergence in S, MC {agg}: NLL (nats) of S-sample estimates, mean over "
-                  f"the {s_max} // S disjoint groups of the {s_max} draws and over seeds "
-                  "(weight scaling for reference):", "",
-                  "| scheme | WS | " + " | ".join(f"S={s}" for s in sizes) + " |",
-                  "|---|---:|" + "---:|" * len(sizes)]  # fmt: skip
-        for label in labels:
-            vals = [_ci([_curve(r, agg, s, "nll") for r in by_label[label]], 3) for s in sizes]
-            ws = _ci(col(label, "weight_scaling", "nll"), 3)
-            lines.append(f"| {label} | {ws} | " + " | ".join(vals) + " |")
-    lines += ["", "Convergence in S, MC arithmetic: accuracy:", "",
-              "| scheme | WS | " + " | ".join(f"S={s}" for s in sizes) + " |",
-              "|---|---:|" + "---:|" * len(sizes)]  # fmt: skip
-    for label in labels:
-        vals = [_ci([_curve(r, "arithmetic", s, "acc") for r in by_label[label]], 3) for s in sizes]
-        ws = _ci(col(label, "weight_scaling", "acc"), 3)
-        lines.append(f"| {label} | {ws} | " + " | ".join(vals) + " |")
-    rated = [r for r in ok if r["learned_rates"]]
-    if rated:
-        lines += ["", "Learned dropout rates (concrete dropout), mean over seeds:", "",
-                  "| scheme | site | rate |", "|---|---|---:|"]  # fmt: skip
-        for label, group in group_by(rated, lambda r: r["cell"]["label"]).items():
-            for site in group[0]["learned_rates"]:
-                vals = [r["learned_rates"].get(site, math.nan) for r in group]
-                lines.append(f"| {label} | {site} | {_ci(vals, 3)} |")
-    else:
-        lines += ["", "Learned dropout rates: none of these schemes learns its rates."]
-    failed = [r for r in results if r["status"] != "ok"]
-    if failed:
-        lines += ["", "Failed runs: " + "; ".join(f"{r['cell']['label']} seed="
-                  f"{r['cell']['seed']}: {r['status'][:60]}" for r in failed)]  # fmt: skip
-    md = "\n".join(lines) + "\n"
-    paths["markdown"].write_text(md)
-    if ok:
-        paths.update(_plots(study, root, labels, by_label))
-    tensorboard_summary(root, paths, md, images=("convergence_png", "reliability_png"))
-    return paths
-
-
-def _curve(r: dict[str, Any], agg: str, s: int, key: str) -> float:
-    curve = r["evaluation"]["convergence"][agg]
-    return (curve[str(s)] if str(s) in curve else curve[s])[key][0]
-
-
-def _plots(study, root: Path, labels, by_label) -> dict[str, Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..analysis import mean_ci
-
-    paths = {}
-    sizes = study.sample_sizes
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, label in enumerate(labels):
-        color = colors[i % len(colors)]
-        group = by_label[label]
-        for ax, key in zip(axes, ("nll", "acc"), strict=True):
-            for agg, ls in (("arithmetic", "-"), ("geometric", "--")):
-                ys = [mean_ci([_curve(r, agg, s, key) for r in group])[0] for s in sizes]
-                ax.plot(sizes, ys, ls=ls, marker="o", ms=3, color=color,
-                        label=label if agg == "arithmetic" else None)  # fmt: skip
-            ws = mean_ci([r["evaluation"]["methods"]["weight_scaling"][key] for r in group])[0]
-            ax.axhline(ws, color=color, ls=":", lw=1)
-    for ax, name in zip(axes, ("NLL (nats)", "accuracy"), strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel("MC samples S")
-        ax.set_ylabel(name)
-    axes[0].set_title("solid: MC arithmetic, dashed: geometric, dotted: WS", fontsize=8)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    paths["convergence_png"] = root / "convergence.png"
-    fig.savefig(paths["convergence_png"], dpi=110)
-    plt.close(fig)
-
-    n = len(labels)
-    cols = min(3, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 3.1 * rows), squeeze=False)
-    for ax, label in zip(axes.flat, labels, strict=False):
-        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1)
-        for method in ("weight_scaling", "mc_arithmetic"):
-            rel = _pooled_bins(by_label[label], method)
-            if rel is None:
-                continue
-            shown = rel.count >= _MIN_BIN  # a bin of a few targets is noise, not a trend
-            ece = _ci([r["evaluation"]["methods"][method]["ece"] for r in by_label[label]], 3)
-            ax.plot(rel.confidence[shown], rel.accuracy[shown], marker="o", ms=3,
-                    label=f"{_TITLES[method]} (ECE {ece})")  # fmt: skip
-        ax.set_title(f"{label} (bins of >= {_MIN_BIN} targets)", fontsize=8)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence", fontsize=8)
-        ax.set_ylabel("accuracy", fontsize=8)
-        ax.legend(fontsize=6, loc="upper left")
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    fig.tight_layout()
-    paths["reliability_png"] = root / "reliability.png"
-    fig.savefig(paths["reliability_png"], dpi=110)
-    plt.close(fig)
-    return paths
-
-
-def _pooled_bins(group: list[dict[str, Any]], method: str):
-    """The reliability bins of one method, pooled over the seeds' runs."""
-    from ..analysis import Reliability
-
-    count = conf = correct = None
-    for r in group:
-        b = r["evaluation"].get("bins", {}).get(method)
-        if b is None:
-            return None
-        c = torch.tensor(b["count"], dtype=torch.float64)
-        count = c if count is None else count + c
-        cs = torch.tensor(b["confidence_sum"], dtype=torch.float64)
-        conf = cs if conf is None else conf + cs
-        k = torch.tensor(b["correct_sum"], dtype=torch.float64)
-        correct = k if correct is None else correct + k
-    if count is None:
-        return None
-    edges = torch.linspace(0, 1, len(count) + 1, dtype=torch.float64)
-    safe = count.clamp_min(1)
-    nan = torch.full_like(count, math.nan)
-    return Reliability(edges, count, torch.where(count > 0, conf / safe, nan),
-                       torch.where(count > 0, correct / safe, nan))  # fmt: skip
