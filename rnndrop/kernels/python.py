@@ -15,7 +15,14 @@ from torch import Tensor
 
 from .contract import Grads, LayerInputs, LayerMasks, Saved
 
-__all__ = ["PythonBackend", "loop_mask_grads", "outside_mask_grads", "project", "sum_to"]
+__all__ = [
+    "PythonBackend",
+    "input_mask_grad",
+    "loop_mask_grads",
+    "mask_grad_buffers",
+    "project",
+    "sum_to",
+]
 
 
 def _at(m: Tensor | None, t: int) -> Tensor | None:
@@ -62,50 +69,55 @@ def _need(need_masks: tuple[bool, ...]) -> tuple[bool, ...]:
     return tuple(need_masks) + (False,) * (5 - len(need_masks))
 
 
-def outside_mask_grads(
-    inp: LayerInputs, s: Saved, dgx: Tensor, dgh: Tensor, need_masks: tuple[bool, ...]
-) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of the untied input masks and the recurrent masks, from the gate gradients.
+def input_mask_grad(inp: LayerInputs, dgx: Tensor) -> Tensor:
+    """Gradient of the untied input masks ``(G, Tm, B|1, I)``: ``Σ (dgx_k W_ih,k) ⊙ x``.
 
-    Both act on a GEMM's input, so every backend gets them after its loop from what it
-    returns (``dgx``, ``dgh`` (T, B, G·H) = dL/d(input projection), dL/d(recurrent product))
-    and saves: ``dL/dm^x_k = sum((dgx_k W_ih,k) ⊙ x)`` and ``dL/dm^h_{t,k} = (dgh_{t,k}
-    W_hh,k) ⊙ h_{t-1}``, each summed over the dims its mask shares.
+    They act on the input projection's GEMM, before the loop, so every backend gets it from
+    the gate gradients it returns (``dgx`` (T, B, G·H) = dL/d(input projection)).
     """
-    m, need = inp.masks, _need(need_masks)
-    d_in = d_rec = None
-    if need[0] and m.input is not None:
-        G = m.input.shape[0]
-        H = dgx.shape[-1] // G
-        d_in = torch.stack([
-            sum_to((dgx[..., k * H : (k + 1) * H] @ inp.w_ih[k * H : (k + 1) * H]) * inp.x,
-                   m.input.shape[1:])
-            for k in range(G)
-        ])  # fmt: skip
-    if need[1] and m.recurrent is not None:
-        h, h0 = s.h_seq, inp.h0[None]
-        prev = torch.cat([h[1:], h0]) if inp.reverse else torch.cat([h0, h[:-1]])
-        Gr, H = m.recurrent.shape[1], inp.w_hh.shape[1]
-        if Gr == 1:
-            dhm = (dgh @ inp.w_hh).unsqueeze(1)
-        else:
-            dhm = torch.stack([dgh[..., k * H : (k + 1) * H] @ inp.w_hh[k * H : (k + 1) * H]
-                               for k in range(Gr)], 1)  # fmt: skip
-        d_rec = sum_to(dhm * prev.unsqueeze(1), m.recurrent.shape)
-    return d_in, d_rec
+    m = inp.masks.input
+    G = m.shape[0]
+    H = dgx.shape[-1] // G
+    return torch.stack([
+        sum_to((dgx[..., k * H : (k + 1) * H] @ inp.w_ih[k * H : (k + 1) * H]) * inp.x,
+               m.shape[1:])
+        for k in range(G)
+    ])  # fmt: skip
 
 
 def loop_mask_grads(
-    inp: LayerInputs, s: Saved, dgx: Tensor, dgh: Tensor, need_masks: tuple[bool, ...],
+    inp: LayerInputs, dgx: Tensor, need_masks: tuple[bool, ...],
     per_step: tuple[Tensor | None, ...],
 ) -> LayerMasks:
-    """``Grads.dmasks``: :func:`outside_mask_grads` and the per-step ``(T, B, H)`` gradients of
-    the candidate and zoneout masks a loop wrote (``per_step``), summed to the masks' shapes."""
-    m = inp.masks
-    d_in, d_rec = outside_mask_grads(inp, s, dgx, dgh, need_masks)
+    """``Grads.dmasks`` from what a loop wrote per step, summed to the masks' shapes.
+
+    ``per_step`` = (recurrent ``(T, Gr, B, H)``: dL/d(masked h_{t-1}) ⊙ h_{t-1}; candidate,
+    zoneout_h, zoneout_c ``(T, B, H)``), None where not asked for; the untied input masks'
+    gradient comes from ``dgx`` (:func:`input_mask_grad`).
+    """
+    m, need = inp.masks, _need(need_masks)
+    d_in = input_mask_grad(inp, dgx) if need[0] and m.input is not None else None
+    masks = (m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c)
     inner = [None if d is None else sum_to(d, mask.shape)
-             for d, mask in zip(per_step, (m.candidate, m.zoneout_h, m.zoneout_c), strict=True)]
-    return LayerMasks(d_in, d_rec, *inner)
+             for d, mask in zip(per_step, masks, strict=True)]  # fmt: skip
+    return LayerMasks(d_in, *inner)
+
+
+def mask_grad_buffers(inp: LayerInputs, T: int, need_masks: tuple[bool, ...], like: Tensor):
+    """Per-step buffers for the gradients of the masks applied in the loop (recurrent
+    ``(T, Gr, B, H)``, candidate, zoneout_h, zoneout_c ``(T, B, H)``), None where a mask is
+    absent or its gradient not asked for."""
+    m, need = inp.masks, _need(need_masks)
+    B, H = inp.h0.shape
+    masks = (m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c)
+    out = []
+    for k, (n, mask) in enumerate(zip(need[1:], masks, strict=True)):
+        if not n or mask is None:
+            out.append(None)
+        else:
+            out.append(like.new_empty(T, mask.shape[1], B, H) if k == 0 else
+                       like.new_empty(T, B, H))  # fmt: skip
+    return tuple(out)
 
 
 def _order(T: int, reverse: bool, backward: bool = False) -> range:
@@ -163,9 +175,7 @@ class PythonBackend:
         T, B, GH = s.acts.shape
         H = inp.w_hh.shape[1]
         need = _need(need_masks)
-        inner = (m.candidate, m.zoneout_h, m.zoneout_c)  # masks applied inside the loop
-        dm_seq = tuple(s.acts.new_empty(T, B, H) if n and mask is not None else None
-                       for n, mask in zip(need[2:], inner, strict=True))  # fmt: skip
+        drec_seq, *dm_seq = mask_grad_buffers(inp, T, need, s.acts)  # concrete dropout
         step_dm = any(d is not None for d in dm_seq)
         dgx = torch.empty_like(s.acts)
         dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
@@ -195,6 +205,8 @@ class PythonBackend:
                 carry = torch.zeros_like(d)
             dh_rec = self._recurrent_grad(dgh[t], inp.w_hh, 1 if m.recurrent is None else
                                           m.recurrent.shape[1])  # fmt: skip
+            if drec_seq is not None:  # dL/dm^h_t = dL/d(masked h_{t-1}) ⊙ h_{t-1}
+                torch.mul(dh_rec, h_prev, out=drec_seq[t])
             m_next = _at(m.recurrent, t)
         g = Grads(dc0=dc)
         if dh_rec is None:  # T = 0
@@ -207,7 +219,7 @@ class PythonBackend:
                 g.db_h = dgh.reshape(T * B, GH).sum(0)
         self._input_grads(g, inp, dgx, need_x, need_w)
         if any(need):
-            g.dmasks = loop_mask_grads(inp, s, dgx, dgh, need, dm_seq)
+            g.dmasks = loop_mask_grads(inp, dgx, need, (drec_seq, *dm_seq))
         return g
 
     @staticmethod

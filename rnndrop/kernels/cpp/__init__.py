@@ -65,9 +65,9 @@ class CppBackend:
                 m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x, need_w, mg,
             )  # fmt: skip
             g = Grads(dgates if inp.w_ih is None else dx, dw_ih, db, dw_hh, None, dh0, dc0)
-            dgx = dgh = dgates
+            dgx = dgates
         else:
-            dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, dgh, *inner = ext.gru_backward(
+            dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, *inner = ext.gru_backward(
                 dh_seq, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
                 inp.b_h is not None, inp.h0, s.acts, s.h_seq, s.hm_seq, s.hn_seq, m.recurrent,
                 m.candidate, m.zoneout_h, inp.reverse, need_x, need_w, mg,
@@ -75,5 +75,5 @@ class CppBackend:
             g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, None)
             inner.append(None)  # no cell state
         if mg:
-            g.dmasks = loop_mask_grads(inp, s, dgx, dgh, need_masks, tuple(inner))
+            g.dmasks = loop_mask_grads(inp, dgx, need_masks, tuple(inner))
         return g

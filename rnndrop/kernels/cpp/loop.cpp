@@ -28,10 +28,11 @@
 //   hm_seq    (Gr, T, B, H)   masked h_{t-1}, gate-group-major (only with rec_mask)
 //   hn_seq    (T, B, H)       GRU W_hn (h_{t-1} * m_n) + b_hn
 // Backward with need_masks (concrete dropout learns the rates) also returns the gradients of
-// the masks applied inside the loop, per step, (T, B, H) each (the adapter sums them to the
-// masks' shapes): candidate dL/dm = dL/dc~ * i * g (LSTM), dL/dh~ * (1 - z) * n (GRU);
-// zoneout dL/dz_h = dL/dh_t * (h_{t-1} - h~_t), dL/dz_c = dL/dc_t * (c_{t-1} - c~_t).
-// The input and recurrent masks' gradients come from dgates outside (python.py).
+// the masks applied inside the loop, per step (the adapter sums them to the masks' shapes):
+// recurrent (T, Gr, B, H) dL/dm = dL/d(masked h_{t-1}) * h_{t-1}; candidate (T, B, H)
+// dL/dm = dL/dc~ * i * g (LSTM), dL/dh~ * (1 - z) * n (GRU); zoneout dL/dz_h =
+// dL/dh_t * (h_{t-1} - h~_t), dL/dz_c = dL/dc_t * (c_{t-1} - c~_t). The untied input masks'
+// gradient comes from dgates outside (python.py).
 
 #include <torch/extension.h>
 
@@ -277,6 +278,18 @@ inline void recurrent_grad(const Tensor& dg, const Tensor& w_hh, const Tensor& w
   }
 }
 
+// drm[t] (Gr, B, H) = dr * h_{t-1}: the recurrent mask's gradient at step t (concrete
+// dropout), from dr = dL/d(masked h_{t-1}) of that step.
+template <typename T>
+void rec_mask_grad(const Tensor& dr, const T* hp, const Tensor& drm, int64_t t) {
+  const int64_t Gr = dr.size(0), BH = dr.size(1) * dr.size(2);
+  const T* d = dr.data_ptr<T>();
+  T* o = drm.data_ptr<T>() + t * Gr * BH;
+  for (int64_t k = 0; k < Gr; ++k) {
+    for (int64_t q = 0; q < BH; ++q) o[k * BH + q] = d[k * BH + q] * hp[q];
+  }
+}
+
 // dW_hh = sum_t dg_t^T (masked h_{t-1}), dg (T, B, GH): one GEMM per gate group over
 // all T*B rows (batched over gates when untied).
 Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
@@ -474,8 +487,8 @@ std::vector<Tensor> lstm_forward_impl(const Tensor& x, const OptT& w_ih, const O
   return {h_seq, c_seq, acts, ct_seq, hm_seq};
 }
 
-// Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias, dcand, dzone_h, dzone_c}; dx, dw_ih,
-// dbias only with w_ih; the mask gradients (T, B, H) only with need_masks and the mask.
+// Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias, drec, dcand, dzone_h, dzone_c}; dx,
+// dw_ih, dbias only with w_ih; the mask gradients only with need_masks and the mask.
 template <typename T>
 std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last,
                                        const Tensor& x, const OptT& w_ih, bool has_bias,
@@ -512,6 +525,7 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
   Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
   std::vector<T> junk(need_masks ? 3 * H : 0);
   auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
     return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
@@ -543,14 +557,15 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
       }
     }
     recurrent_grad(dgates[t], w_hh, w_gate, dh_rec);
+    if (drec.defined()) rec_mask_grad<T>(dh_rec, hp, drec, t);
     t_next = t;
   }
   for (int64_t b = 0; b < B; ++b) {  // the first step's recurrent input was h0
     gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
   }
 
-  std::vector<Tensor> out{dgates, dh,      dc,      Tensor(), Tensor(),
-                          Tensor(), Tensor(), dcand, dzone_h, dzone_c};
+  std::vector<Tensor> out{dgates,   dh,   dc,    Tensor(), Tensor(), Tensor(),
+                          Tensor(), drec, dcand, dzone_h,  dzone_c};
   if (need_w) out[3] = weight_hh_grad(dgates, h0, h_seq, hm_seq, reverse);
   if (has(w_ih)) {
     auto g = input_grads(dgates, x, *w_ih, in_mask, has_bias, need_x, need_w);
@@ -701,10 +716,9 @@ std::vector<Tensor> gru_forward_impl(const Tensor& x, const OptT& w_ih, const Op
   return {h_seq, acts, hm_seq, hn_seq};
 }
 
-// Returns {dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, dgh, dcand, dzone_h}: dgx = dL/d(input
+// Returns {dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, drec, dcand, dzone_h}: dgx = dL/d(input
 // projection) (T, B, 3H); dw_hh and db_h only with need_w (db_h with has_bias_h); dx, dw_ih,
-// db_x only with w_ih; dgh = dL/d(recurrent product) and the mask gradients (T, B, H) only
-// with need_masks (each mask gradient only with its mask).
+// db_x only with w_ih; the mask gradients only with need_masks and their mask.
 template <typename T>
 std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const OptT& w_ih,
                                       bool has_bias_x, const OptT& in_mask, const Tensor& w_hh,
@@ -735,6 +749,7 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
   auto opts = acts.options();
   Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
   std::vector<T> junk(need_masks ? 2 * H : 0);
   auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
     return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
@@ -763,14 +778,15 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
       }
     }
     recurrent_grad(dgh[t], w_hh, w_gate, dh_rec);
+    if (drec.defined()) rec_mask_grad<T>(dh_rec, hp, drec, t);
     t_next = t;
   }
   for (int64_t b = 0; b < B; ++b) {  // the first step's recurrent input was h0
     gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
   }
 
-  std::vector<Tensor> out{dgx,      dh,       Tensor(),                       Tensor(), Tensor(),
-                          Tensor(), Tensor(), need_masks ? dgh : Tensor(), dcand,    dzone_h};
+  std::vector<Tensor> out{dgx,      dh,       Tensor(), Tensor(), Tensor(),
+                          Tensor(), Tensor(), drec,     dcand,    dzone_h};
   if (need_w) {
     out[2] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
     if (has_bias_h) out[3] = dgh.view({T_ * B, G * H}).sum(0);

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..contract import Grads, LayerInputs, Saved
-from ..python import PythonBackend, loop_mask_grads, project
+from ..python import PythonBackend, loop_mask_grads, mask_grad_buffers, project
 
 __all__ = ["MAX_H", "TritonBackend", "interpreting"]
 
@@ -189,12 +189,9 @@ class TritonBackend:
         cell, m = inp.cell, inp.masks
         T, B, GH = s.acts.shape
         H = inp.w_hh.shape[1]
-        need = tuple(need_masks) + (False,) * (5 - len(need_masks))
-        mg = any(need)
+        mg = any(need_masks)
         # per-step gradients of the masks applied in the loop (concrete dropout)
-        inner = tuple(s.acts.new_empty(T, B, H) if n and mask is not None else None
-                      for n, mask in zip(need[2:], (m.candidate, m.zoneout_h, m.zoneout_c),
-                                         strict=True))  # fmt: skip
+        inner = mask_grad_buffers(inp, T, need_masks, s.acts)
         Gr = m.recurrent.shape[1] if m.recurrent is not None else 1
         dummy = s.acts
         rm = _mask_args(m.recurrent, (T, Gr, B, H), dummy)
@@ -209,7 +206,7 @@ class TritonBackend:
                       REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H),
                       MG=mg, num_stages=NUM_STAGES)  # fmt: skip
         dh = dummy if dh_seq is None else dh_seq.contiguous()
-        dcm, dzh, dzc = (dummy if b is None else b for b in inner)
+        drm, dcm, dzh, dzc = (dummy if b is None else b for b in inner)
         interp = interpreting()
         g = Grads()
         if cell.name == "lstm":
@@ -219,7 +216,7 @@ class TritonBackend:
             _kernel("lstm_bwd", interp)[grid](
                 s.acts, inp.w_hh, inp.c0, s.c_seq, dummy if s.ct_seq is None else s.ct_seq,
                 rm[0], cm[0], zh[0], zc[0], dh, dcl, dgx, dh0, dc0,
-                inp.h0, s.h_seq, dcm, dzh, dzc,
+                inp.h0, s.h_seq, drm, dcm, dzh, dzc,
                 T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
                 HAS_ZC=m.zoneout_c is not None, **common,
             )  # fmt: skip
@@ -227,7 +224,7 @@ class TritonBackend:
         else:
             _kernel("gru_bwd", interp)[grid](
                 s.acts, inp.w_hh, inp.h0, s.h_seq, s.hn_seq, rm[0], cm[0], zh[0], dh,
-                dgx, dgh, dh0, dcm, dzh, T, B, H, *rm[1:], *cm[1:], *zh[1:], **common,
+                dgx, dgh, dh0, drm, dcm, dzh, T, B, H, *rm[1:], *cm[1:], *zh[1:], **common,
             )  # fmt: skip
         g.dh0 = dh0
         # weight and input gradients: GEMMs over all T·B rows, exactly the reference's
@@ -237,7 +234,7 @@ class TritonBackend:
                 g.db_h = dgh.reshape(T * B, GH).sum(0)
         PythonBackend._input_grads(g, inp, dgx, need_x, need_w)
         if mg:
-            g.dmasks = loop_mask_grads(inp, s, dgx, dgh, need, inner)
+            g.dmasks = loop_mask_grads(inp, dgx, need_masks, inner)
         return g
 
 

@@ -123,7 +123,7 @@ def lstm_fwd(
 
 def lstm_bwd(
     ACT, W, C0, CSEQ, CTSEQ, RM, CM, ZH, ZC, DHSEQ, DCLAST, DG, DH0, DC0,
-    H0, HSEQ, DCM, DZH, DZC,
+    H0, HSEQ, DRM, DCM, DZH, DZC,
     T, B, H,
     rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, zh_t, zh_b, zh_h, zc_t, zc_b, zc_h,
     HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
@@ -132,9 +132,10 @@ def lstm_bwd(
 ):  # fmt: skip
     """Backprop through time: DG (T, B, 4H) dL/d(pre-activations); DH0, DC0 (B, H).
 
-    With MG (concrete dropout) also the per-step gradients (T, B, H) of the masks applied in
-    the loop: DCM dL/d(candidate mask) = dL/dc̃ ⊙ i ⊙ g, DZH dL/dz_h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
-    DZC dL/dz_c = dL/dc_t ⊙ (c_{t-1} − c̃_t), each only where its mask is (HAS_*).
+    With MG (concrete dropout) also the per-step gradients of the masks applied in the loop:
+    DRM (T, GR, B, H) dL/d(recurrent mask) = dL/d(masked h_{t-1}) ⊙ h_{t-1}; (T, B, H):
+    DCM dL/d(candidate mask) = dL/dc̃ ⊙ i ⊙ g, DZH dL/dz_h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
+    DZC dL/dz_c = dL/dc_t ⊙ (c_{t-1} − c̃_t); each only where its mask is (HAS_*).
     """
     pid = tl.program_id(0)
     rb = pid * BB + tl.arange(0, BB)
@@ -200,12 +201,13 @@ def lstm_bwd(
         gf = dcn * cp * (f * (1.0 - f))
         gg = dgg * (1.0 - g * g)
         go = dht * tc * (o * (1.0 - o))
+        hpv = dc  # h_{t-1}, loaded only for the mask gradients
         if MG:
+            hpv = tl.where(first, tl.load(H0 + bh, mask=m2, other=0.0),
+                           tl.load(HSEQ + tp * B * H + bh, mask=m2, other=0.0))  # fmt: skip
             if HAS_CM:
                 tl.store(DCM + t * B * H + bh, dcn * i * g, mask=m2)
             if HAS_ZH:
-                hpv = tl.where(first, tl.load(H0 + bh, mask=m2, other=0.0),
-                               tl.load(HSEQ + tp * B * H + bh, mask=m2, other=0.0))  # fmt: skip
                 tl.store(DZH + t * B * H + bh, d * (hpv - o * tc), mask=m2)
             if HAS_ZC:
                 tl.store(DZC + t * B * H + bh, dc * (cp - ctv), mask=m2)
@@ -227,11 +229,19 @@ def lstm_bwd(
         if HAS_RM:
             rmo = RM + t * rm_t + rb[:, None] * rm_b + rn[None, :] * rm_h
             if GR > 1:
+                if MG:
+                    drm = DRM + t * 4 * B * H + bh
+                    tl.store(drm, r0 * hpv, mask=m2)
+                    tl.store(drm + B * H, r1 * hpv, mask=m2)
+                    tl.store(drm + 2 * B * H, r2 * hpv, mask=m2)
+                    tl.store(drm + 3 * B * H, r3 * hpv, mask=m2)
                 dhr = (r0 * tl.load(rmo, mask=m2, other=0.0)
                        + r1 * tl.load(rmo + rm_g, mask=m2, other=0.0)
                        + r2 * tl.load(rmo + 2 * rm_g, mask=m2, other=0.0)
                        + r3 * tl.load(rmo + 3 * rm_g, mask=m2, other=0.0))  # fmt: skip
             else:
+                if MG:
+                    tl.store(DRM + t * B * H + bh, (r0 + r1 + r2 + r3) * hpv, mask=m2)
                 dhr = (r0 + r1 + r2 + r3) * tl.load(rmo, mask=m2, other=0.0)
         else:
             dhr = r0 + r1 + r2 + r3
@@ -316,7 +326,7 @@ def gru_fwd(
 
 
 def gru_bwd(
-    ACT, W, H0, HSEQ, HNSEQ, RM, CM, ZH, DHSEQ, DGX, DGH, DH0, DCM, DZH,
+    ACT, W, H0, HSEQ, HNSEQ, RM, CM, ZH, DHSEQ, DGX, DGH, DH0, DRM, DCM, DZH,
     T, B, H,
     rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, zh_t, zh_b, zh_h,
     HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
@@ -325,8 +335,9 @@ def gru_bwd(
 ):  # fmt: skip
     """Backprop through time: DGX dL/d(xp), DGH dL/d(hp) (T, B, 3H); DH0 (B, H).
 
-    With MG (concrete dropout) also DCM dL/d(candidate mask) = dL/dh̃ ⊙ (1 − z) ⊙ n and DZH
-    dL/dz_h = dL/dh_t ⊙ (h_{t-1} − h̃_t), (T, B, H), each only where its mask is.
+    With MG (concrete dropout) also DRM (T, GR, B, H) dL/d(recurrent mask) = dL/d(masked
+    h_{t-1}) ⊙ h_{t-1}, DCM dL/d(candidate mask) = dL/dh̃ ⊙ (1 − z) ⊙ n and DZH dL/dz_h =
+    dL/dh_t ⊙ (h_{t-1} − h̃_t), (T, B, H); each only where its mask is.
     """
     pid = tl.program_id(0)
     rb = pid * BB + tl.arange(0, BB)
@@ -400,10 +411,17 @@ def gru_bwd(
         if HAS_RM:
             rmo = RM + t * rm_t + rb[:, None] * rm_b + rn[None, :] * rm_h
             if GR > 1:
+                if MG:
+                    drm = DRM + t * 3 * B * H + bh
+                    tl.store(drm, r0 * hp, mask=m2)
+                    tl.store(drm + B * H, r1 * hp, mask=m2)
+                    tl.store(drm + 2 * B * H, r2 * hp, mask=m2)
                 dhr = (r0 * tl.load(rmo, mask=m2, other=0.0)
                        + r1 * tl.load(rmo + rm_g, mask=m2, other=0.0)
                        + r2 * tl.load(rmo + 2 * rm_g, mask=m2, other=0.0))  # fmt: skip
             else:
+                if MG:
+                    tl.store(DRM + t * B * H + bh, (r0 + r1 + r2) * hp, mask=m2)
                 dhr = (r0 + r1 + r2) * tl.load(rmo, mask=m2, other=0.0)
         else:
             dhr = r0 + r1 + r2
