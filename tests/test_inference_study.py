@@ -23,6 +23,7 @@ from rnndrop.study.inference import (
     learned_rates,
     load_inference_study,
     run_inference_study,
+    write_inference_report,
 )
 
 CONFIG = Path(__file__).resolve().parents[1] / "experiments/inference/delayed_recall.yaml"
@@ -144,6 +145,13 @@ def test_learned_rates_hook():
     outer = nn.Sequential(Site())
     assert learned_rates(outer) == {"0.recurrent": pytest.approx(0.3)}
 
+    # rnndrop's concrete dropout: the layers' own rates, whatever their parametrisation
+    concrete = SequenceModel("tokens", vocab_size=4, output_size=4, hidden_size=6,
+                             dropout=RD.variational(0.2, concrete=True))  # fmt: skip
+    rates = learned_rates(concrete)
+    assert rates and all(k.endswith(("/input", "/recurrent", "/output")) for k in rates), rates
+    assert all(v == pytest.approx(0.2, abs=1e-4) for v in rates.values()), rates
+
 
 def test_config_errors_name_the_setting(tmp_path):
     with pytest.raises(ValueError, match="regression"):
@@ -166,3 +174,17 @@ def test_the_experiment_config_loads_and_runs_a_cell(tmp_path):
                                 steps=2, val_every=2, eval_size=4, sample_sizes=[1, 2])  # fmt: skip
     (result,) = run_inference_study(tiny, progress=False)
     assert result["status"] == "ok" and result["evaluation"]["targets"] == 4 * 50
+
+
+def test_a_concrete_scheme_reports_its_learned_rates(tmp_path):
+    concrete = {"encoder": "lstm", "dropout": {"preset": "variational", "p": "p",
+                                               "concrete": True}}  # fmt: skip
+    study = InferenceStudyConfig(**{**TINY, "schemes": ["variational_concrete"],
+                                    "custom_schemes": {"variational_concrete": concrete},
+                                    "out_dir": str(tmp_path)})  # fmt: skip
+    (result,) = run_inference_study(study, progress=False)
+    rates = result["learned_rates"]
+    assert set(rates) == {f"encoder.parts.0/{s}" for s in ("input", "recurrent", "output")}
+    assert all(0 < v < 1 for v in rates.values())
+    md = write_inference_report(study, [result])["markdown"].read_text()
+    assert "| variational_concrete_p0.25 | encoder.parts.0/recurrent |" in md

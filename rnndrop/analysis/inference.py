@@ -133,11 +133,16 @@ def _mean_std(values: list[float]) -> list[float]:
 def learned_rates(model: nn.Module) -> dict[str, float]:
     """Learned dropout rates of ``model`` (concrete dropout), ``{}`` when it has none.
 
-    A module's ``learned_rates()`` (a mapping of site to rate) is used where one exists; else
-    every parameter whose name contains ``rate`` (its mean) or ``logit`` (the sigmoid of its
-    mean) is read as a rate.
+    rnndrop's recurrent layers report theirs (:func:`rnndrop.nn.concrete_rates`: keys
+    ``"<module path>/<site>"``). Other modules: a ``learned_rates()`` method (a mapping of site
+    to rate) where one exists, else every parameter whose name contains ``rate`` (its mean) or
+    ``logit`` (the sigmoid of its mean) is read as a rate.
     """
-    out: dict[str, float] = {}
+    from ..nn import concrete_rates
+
+    out = dict(concrete_rates(model))
+    if out:
+        return out
     for prefix, module in model.named_modules():
         fn = getattr(module, "learned_rates", None)
         if callable(fn) and module is not model:
@@ -146,6 +151,13 @@ def learned_rates(model: nn.Module) -> dict[str, float]:
                 out[key] = float(torch.as_tensor(value).float().mean())
     if out:
         return out
+    for name, p in model.named_parameters():
+        low = name.lower()
+        if "logit" in low:
+            out[name] = float(torch.sigmoid(p.detach().float().mean()))
+        elif "rate" in low:
+            out[name] = float(p.detach().float().mean())
+    return out
     for name, p in model.named_parameters():
         low = name.lower()
         if "logit" in low:
