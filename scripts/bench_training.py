@@ -6,7 +6,9 @@ Both sides train the same model (2x200 LSTM, ``RecurrentDropout.variational(0.5)
 vocabulary of 10,000 words) on the same 20x35 batches (``LanguageModelDataModule``) with SGD
 (lr 1) and gradient clipping at norm 5. The Lightning side is built by the CLI with its
 defaults (TensorBoard logger, progress bar, learning-rate logger, NaN/divergence guard,
-checkpoints), so what is measured is what a user runs. The bare loop does no host sync at all.
+checkpoints, and the allocator setting of :func:`rnndrop.lit.cli.tune_allocator`), so what
+is measured is what a user runs. The bare loop does no host sync at all; ``--same-allocator``
+gives it the same allocator setting, leaving the framework's own overhead.
 
 Each round runs the two in separate processes, in alternating order, and times ``--steps``
 steps after ``--warmup`` steps (from the start of one batch to the start of the batch
@@ -15,6 +17,7 @@ tokens/s of each side and the ratio of the medians (bare / Lightning: 1.00 = no 
 
     python scripts/bench_training.py                      # synthetic PTB-sized corpus, CPU
     python scripts/bench_training.py --rounds 5 --threads 1
+    python scripts/bench_training.py --same-allocator     # framework overhead alone
     python scripts/bench_training.py --data-dir ../shared/data/ptb     # the real PTB
     python scripts/bench_training.py --device cuda --hidden 650       # a GPU, PTB-medium
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -96,7 +100,7 @@ class Window:
 
     def __init__(self, warmup: int, steps: int, cuda: bool) -> None:
         self.warmup, self.steps, self.cuda = warmup, steps, cuda
-        self.start: tuple[float, float] | None = None
+        self.start: tuple[float, ...] | None = None
         self.seconds: dict[str, float] | None = None
 
     def at_batch_start(self, i: int) -> bool:
@@ -106,12 +110,13 @@ class Window:
                 import torch
 
                 torch.cuda.synchronize()
-            now = (time.perf_counter(), time.process_time())
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            now = (time.perf_counter(), time.process_time(), usage.ru_stime, usage.ru_minflt)
             if i == self.warmup:
                 self.start = now
             else:
-                wall, cpu = (b - a for a, b in zip(self.start, now, strict=True))
-                self.seconds = {"wall": wall, "cpu": cpu}
+                wall, cpu, sys_, faults = (b - a for a, b in zip(self.start, now, strict=True))
+                self.seconds = {"wall": wall, "cpu": cpu, "sys": sys_, "faults": faults}
                 return True
         return False
 
@@ -207,6 +212,12 @@ def main() -> None:
         default=None,
         help="PTB directory (e.g. ../shared/data/ptb); default: a synthetic corpus",
     )
+    p.add_argument(
+        "--same-allocator",
+        action="store_true",
+        help="give the bare loop the allocator setting rnndrop fit makes (glibc MALLOC_* "
+        "variables for both sides): the framework's own overhead, allocator effects aside",
+    )
     p.add_argument("--worker", choices=["lightning", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -236,6 +247,9 @@ def main() -> None:
                 cmd += ["--data-dir", args.data_dir] if args.data_dir else ["--corpus", str(corpus)]
                 # stderr (the progress bar) to a file: not a terminal, as in a SLURM job
                 env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+                if args.same_allocator:  # what rnndrop.lit.cli.tune_allocator sets
+                    env |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                            "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # fmt: skip
                 with open(run_dir / "stderr.txt", "w") as err:
                     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                           env=env)  # fmt: skip
@@ -247,11 +261,14 @@ def main() -> None:
                     rates[side][c].append(tokens / res[c])
                 print(f"round {r + 1}/{args.rounds} {side:9s} "
                       f"{1000 * res['wall'] / args.steps:7.1f} ms/step wall, "
-                      f"{1000 * res['cpu'] / args.steps:7.1f} ms/step CPU", flush=True)  # fmt: skip
+                      f"{1000 * res['cpu'] / args.steps:7.1f} ms/step CPU "
+                      f"(kernel {1000 * res['sys'] / args.steps:5.1f} ms, "
+                      f"{res['faults'] / args.steps:6.0f} page faults)", flush=True)  # fmt: skip
     print(
         f"{args.device}, {args.threads} thread(s), hidden {args.hidden}, "
         f"{'PTB' if args.data_dir else 'synthetic corpus'}, {args.rounds} rounds x "
-        f"{args.steps} steps; median tokens/s:"
+        f"{args.steps} steps{', same allocator' if args.same_allocator else ''}; "
+        "median tokens/s:"
     )
     for c in ("cpu", "wall"):
         bare, lit = (statistics.median(rates[s][c]) for s in ("bare", "lightning"))

@@ -59,3 +59,20 @@ def test_cli_run_into_a_log_file_has_no_carriage_returns(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "\r" not in captured.err + captured.out
     assert "step 3 val: " in captured.err  # the final validation, one line
+
+
+def test_allocator_tuning_only_where_it_is_ours_to_make(monkeypatch):
+    import ctypes.util
+
+    from rnndrop.lit.cli import tune_allocator
+
+    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    glibc = sys.platform == "linux" and ctypes.util.find_library("c") == "libc.so.6"
+    assert tune_allocator() is glibc
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # the user's own malloc settings win
+    assert tune_allocator() is False
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so")
+    assert tune_allocator() is False
