@@ -13,7 +13,7 @@ EXP = Path(__file__).resolve().parents[1] / "experiments"
 PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large",
        "gal_medium_tied", "gal_large_tied", "awd", "transformer", "zoneout_char"]  # fmt: skip
 SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist"]
-STUDIES = ["full", "context_ptb", "context_ptb_short"]
+STUDIES = ["full", "v2", "context_ptb", "context_ptb_short"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.fast_dev_run=1", "--trainer.logger=false"]  # fmt: skip
 
@@ -158,20 +158,23 @@ def test_yaml_dropout_forms_reach_the_model(dropout, want, tmp_path):
 TINY_STUDY = {"steps": 2, "batch_size": 4, "eval_size": 8, "mc_samples": 1, "val_every": 1}
 
 
-@pytest.mark.parametrize("which", ["quick", "full"])
+@pytest.mark.parametrize("which", ["quick", "full", "v2"])
 def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
     from rnndrop.study import load_study, run_study
     from rnndrop.study.cli import QUICK
 
-    path = QUICK if which == "quick" else EXP / "long_range/full.yaml"
+    path = QUICK if which == "quick" else EXP / f"long_range/{which}.yaml"
     study = load_study(path, out_dir=str(tmp_path), **TINY_STUDY)
-    assert len(study.cells()) == {"quick": 36, "full": 345}[which]
+    assert len(study.cells()) == {"quick": 36, "full": 345, "v2": 2430}[which]
     cells = study.cells()
     picks = [
         cells.index(next(c for c in cells if c.scheme == s))
-        for s in ("none", "variational", "gru_variational", "gru_zoneout", "transformer_standard")
-        if s in study.schemes
-    ]
+        for s in ("none", "variational", "gru_variational", "gru_zoneout", "transformer_standard",
+                  "zoneout_h128")
+        if s in study.all_schemes()
+    ]  # fmt: skip
+    picks += [cells.index(next(c for c in cells if c.task == t)) for t in study.tasks]
+    picks = sorted(set(picks))
     results = run_study(study, only=picks, progress=False)
     assert [r["status"] for r in results] == ["ok"] * len(picks)
 

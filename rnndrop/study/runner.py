@@ -90,7 +90,8 @@ def run_cell(
         **study.model_for(cell.scheme),
     )  # fmt: skip
     task = SequenceTask(model, loss=dm.loss, baseline_loss=dm.baseline_loss,
-                        optimizer=study.optimizer, lr=study.lr)  # fmt: skip
+                        optimizer=study.optimizer, lr=study.lr,
+                        reliability_diagrams=False)  # a figure per validation: seconds per cell
     curve = _LearningCurve()
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(
