@@ -557,3 +557,15 @@ def test_folded_untied_input_masks_multi_layer():
     torch.manual_seed(1)
     looped, _ = m(x)
     torch.testing.assert_close(fused, looped, atol=1e-12, rtol=0)
+
+
+def test_language_model_init_range_keeps_the_concrete_rates():
+    from rnndrop.models import LanguageModel
+
+    model = LanguageModel(50, embedding_size=8, hidden_size=8, num_layers=2, init_range=0.1,
+                          dropout=RecurrentDropout.variational(0.3, concrete=True))  # fmt: skip
+    from rnndrop.nn import concrete_rates
+
+    rates = concrete_rates(model)
+    assert rates and all(r == pytest.approx(0.3, abs=1e-6) for r in rates.values())
+    assert all(p.abs().max() <= 0.1 for n, p in model.named_parameters() if "logit" not in n)

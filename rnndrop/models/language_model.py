@@ -107,8 +107,9 @@ class LanguageModel(nn.Module):
 
     def _init(self, init_range: float | None) -> None:
         if init_range is not None:
-            for p in self.parameters():
-                nn.init.uniform_(p, -init_range, init_range)
+            for name, p in self.named_parameters():
+                if "dropout_logit" not in name:  # concrete dropout's rates keep their init
+                    nn.init.uniform_(p, -init_range, init_range)
             return
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
