@@ -182,9 +182,8 @@ class RNNBase(StochasticModule):
 
         .. math::
 
-            rac{1}{N}\mathrm{KL} pprox rac{l^2 (1-p)}{2N} \lVert M
-Vert^2
-            - rac{K}{N} \mathcal{H}(p),\qquad
+            \frac{1}{N}\mathrm{KL} \approx \frac{l^2 (1-p)}{2N} \lVert M \rVert^2
+            - \frac{K}{N} \mathcal{H}(p),\qquad
             \mathcal{H}(p) = -p\log p - (1-p)\log(1-p).
 
         Here kept units are scaled by ``1/(1-p)`` (inverted dropout), so the weights ``W``
