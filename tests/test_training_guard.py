@@ -48,7 +48,8 @@ def test_last_good_holds_weights_that_gave_a_good_loss(text_corpus, tmp_path):
     dm = LanguageModelDataModule("folder", data_dir=str(text_corpus), batch_size=4, bptt=6)
     task = LanguageModelTask(LanguageModel(dm.vocab_size, 8, 12, 1), optimizer="adam", lr=1e-2)
     trainer = L.Trainer(max_steps=30, default_root_dir=tmp_path, limit_val_batches=0,
-                        enable_checkpointing=False, callbacks=[guard, BlowUp()], **QUIET)  # fmt: skip
+                        enable_checkpointing=False, callbacks=[guard, BlowUp()],
+                        **QUIET)  # fmt: skip
     with pytest.raises(DivergenceError, match="global step 6"):
         trainer.fit(task, dm)
     # saved at steps 2, 4 (good: losses at steps 3, 5 passed) and 6 (pending: it diverged)

@@ -15,6 +15,7 @@ from .callbacks import (
 from .lm import LanguageModelTask
 from .sequence import SequenceTask
 
+
 # Lightning 2.6's CombinedLoader builds a torch pytree LeafSpec, which torch >= 2.10 deprecates
 # with a FutureWarning, once per fit/validate/test: harmless, and it buried the study's
 # per-cell lines. Neither Lightning nor torch has a switch for it, so this uses the public

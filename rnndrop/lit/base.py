@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from typing import Any, Literal
@@ -306,6 +307,16 @@ class Task(L.LightningModule):
         return {k: v.detach().cpu().clone() for k, v in metric.metric_state.items()}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The CLI offers the data module's links (loss, baseline_loss) to every task, and
+        # Lightning's CLI instantiator records them in the hyperparameters even where the task
+        # does not take them; `rnndrop fit|test --ckpt_path` (LightningCLI) parses the saved
+        # hyperparameters back into the task's arguments and would fail on them. Keep only
+        # the task's own arguments (and Lightning's `_` keys).
+        hparams = checkpoint.get("hyper_parameters")
+        if hparams:
+            params = inspect.signature(type(self).__init__).parameters
+            for key in [k for k in hparams if not k.startswith("_") and k not in params]:
+                del hparams[key]
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rnndrop"] = {  # tensors and plain types only: loads with weights_only
             "rng": {

@@ -362,41 +362,6 @@ class RnndropCLI(LightningCLI):
             }
         )
 
-    def _parse_ckpt_path(self) -> None:
-        """As LightningCLI's, minus hyperparameters the task's class does not take.
-
-        Links from the data module (``loss``, ``baseline_loss``) are offered to every task
-        and land in the checkpoint's hyperparameters even where the task ignores them; parsed
-        back they would fail ``--ckpt_path`` with "unexpected keyword argument".
-        """
-        import inspect
-        from importlib import import_module
-        from pathlib import Path
-
-        import torch
-
-        if not self.config.get("subcommand"):
-            return
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not (ckpt_path and Path(ckpt_path).is_file()):
-            return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-            "hyper_parameters", {}
-        )
-        hparams.pop("_instantiator", None)
-        class_path = hparams.pop("_class_path", None)
-        if not hparams or class_path is None:
-            return super()._parse_ckpt_path()
-        module, _, name = class_path.rpartition(".")
-        params = inspect.signature(getattr(import_module(module), name)).parameters
-        kwargs = {k: v for k, v in hparams.items() if k in params}
-        ckpt = {"model": {"class_path": class_path, "init_args": kwargs}}
-        try:
-            self.config = self.parser.parse_object({self.config.subcommand: ckpt}, self.config)
-        except SystemExit:
-            sys.stderr.write(f"could not parse the hyperparameters stored in {ckpt_path}\n")
-            raise
-
     def before_instantiate_classes(self) -> None:
         """Put every output under the trainer's root dir (relative paths are taken from it)."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
