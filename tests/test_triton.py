@@ -224,6 +224,15 @@ def test_auto_never_picks_the_interpreter_over_cpp():
         assert kernels.select_backend(_inputs(LSTM_CELL)).name == "cpp"
 
 
+def test_auto_never_picks_the_interpreter_even_without_cpp(monkeypatch):
+    """With TRITON_INTERPRET=1 (set here) and no compiled kernel, auto falls to python."""
+    monkeypatch.setattr(kernels.BACKENDS["cpp"], "unavailable", lambda inp: "disabled")
+    with kernels.loop_backend("auto"):
+        assert kernels.select_backend(_inputs(LSTM_CELL)).name == "python"
+    with kernels.loop_backend("triton"):  # asked for explicitly, the interpreter runs
+        assert kernels.select_backend(_inputs(LSTM_CELL)).name == "triton"
+
+
 @pytest.mark.parametrize("cls", [LSTM, GRU])
 def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, monkeypatch):
     """Two layers, both directions, every loop-path site: the same masks (same seed, recorded
