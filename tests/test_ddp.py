@@ -79,3 +79,72 @@ def test_synthetic_data_under_ddp_is_sharded_and_deterministic(tmp_path):
     orders = [[tuple(r[1:]) for r in rank if r[0] == e] for rank in first for e in (0, 1)]
     assert orders[0] != orders[1]  # rank 0 reshuffles between epochs
     assert _run(tmp_path, "b") == first  # same seed: the same shards in the same order
+
+
+EVAL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import lightning as L, torch
+    from rnndrop.data import LanguageModelDataModule, SyntheticDataModule
+    from rnndrop.lit import LanguageModelTask, SequenceTask
+    from rnndrop.models import LanguageModel, SequenceModel
+
+    out, corpus, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+    class Done(L.Callback):
+        def teardown(self, trainer, pl_module, stage):
+            # gloo's threads must stop before the worker exits, else a rare abort at exit
+            if torch.distributed.is_initialized():
+                torch.distributed.barrier()
+
+    def evaluate(task, dm):
+        trainer = L.Trainer(accelerator="cpu", devices=devices, logger=False,
+                            strategy="ddp_spawn" if devices > 1 else "auto",
+                            enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, callbacks=[Done()])
+        (val,) = trainer.validate(task, dm)
+        (test,) = trainer.test(task, dm)
+        return {**val, **test}
+
+    if __name__ == "__main__":
+        L.seed_everything(0, verbose=False)
+        # LM: 4 streams in all, split over the ranks (the same tokens either way)
+        lm = LanguageModelDataModule("folder", data_dir=corpus, batch_size=4,
+                                     eval_batch_size=4 // devices, bptt=5)
+        lm_task = LanguageModelTask(LanguageModel(lm.vocab_size, 8, 12, 2))
+        # sequence task: 32 samples, batches of 8 (per rank): no padding duplicates
+        seq = SyntheticDataModule("delayed_recall", distance=2, task_args={"length": 12},
+                                  train_size=16, val_size=32, test_size=32,
+                                  batch_size=8, seed=5)
+        seq_task = SequenceTask(SequenceModel("tokens", vocab_size=seq.vocab_size,
+                                              output_size=seq.num_classes, hidden_size=8))
+        results = {"lm": evaluate(lm_task, lm), "seq": evaluate(seq_task, seq)}
+        with open(out, "w") as f:
+            json.dump(results, f)
+    """
+)
+
+
+def _evaluate(tmp_path, corpus, devices):
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(EVAL_SCRIPT)
+    out = tmp_path / f"eval{devices}.json"
+    proc = subprocess.run([sys.executable, str(script), str(out), str(corpus), str(devices)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_validation_and_test_metrics_equal_single_process(tmp_path, text_corpus):
+    """Epoch metrics come from torchmetrics, which sums over ranks: 2 DDP processes (gloo)
+    must report the single process's perplexity and accuracy on the same data."""
+    (one, _), (two, log) = _evaluate(tmp_path, text_corpus, 1), _evaluate(tmp_path, text_corpus, 2)
+    for split in ("val", "test"):
+        assert two["lm"][f"{split}/ppl"] == pytest.approx(one["lm"][f"{split}/ppl"], rel=1e-5)
+        assert two["lm"][f"{split}/loss"] == pytest.approx(one["lm"][f"{split}/loss"], rel=1e-5)
+        assert two["seq"][f"{split}/acc"] == pytest.approx(one["seq"][f"{split}/acc"], rel=1e-6)
+        assert two["seq"][f"{split}/loss"] == pytest.approx(one["seq"][f"{split}/loss"], rel=1e-5)
+    assert one["lm"]["val/ppl"] > 1.0 and 0 < one["seq"]["val/acc"] < 1  # real numbers
+    # the values are reduced over ranks already: no advice to sync them (again)
+    assert "sync_dist" not in log, [ln for ln in log.splitlines() if "sync_dist" in ln][:3]

@@ -167,6 +167,18 @@ class Task(L.LightningModule):
         )  # epoch is the number of finished epochs: epochs 0..start-1 run at lr
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
+    def log_reduced(self, logs: dict[str, Any], **kwargs: Any) -> None:
+        """Log epoch values that are already the same on every DDP rank.
+
+        The epoch metrics come from torchmetrics, whose ``compute`` sums over ranks, and what
+        is derived from them (perplexity, the best-so-far ``hp/*``) is then equal on every rank.
+        ``sync_dist=True`` would all-reduce them a second time; plain ``log`` makes Lightning
+        advise ``sync_dist=True`` for each of them at every evaluation. ``rank_zero_only=True``
+        is Lightning's public way to say "no reduction" (its sync becomes a no-op); every rank
+        still logs, so callbacks (checkpoint monitors) see the values on every rank.
+        """
+        self.log_dict(logs, sync_dist=True, rank_zero_only=True, **kwargs)
+
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         # an overflowing step (Adam at lr 1e38) raises a bare RuntimeError from inside torch,
         # before any weight changes: stop as the guard stops for a diverged loss

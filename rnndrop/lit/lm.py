@@ -155,7 +155,7 @@ class LanguageModelTask(Task):
         self.nll["train"].reset()
         logs = self._summary("train", loss)
         logs["train/epoch_loss"] = logs.pop("train/loss")  # train/loss is the per-step curve
-        self.log_dict(logs)
+        self.log_reduced(logs)
 
     # ---- evaluation --------------------------------------------------------------------------
 
@@ -238,7 +238,7 @@ class LanguageModelTask(Task):
             if self.mc_samples:
                 self.best["val_mc"] = min(self.best["val_mc"], float(logs["val/ppl_mc"]))
                 logs["hp/val_ppl_mc"] = torch.tensor(self.best["val_mc"])
-        self.log_dict(logs, prog_bar=False)
+        self.log_reduced(logs, prog_bar=False)
         self.note_validation(float(logs["val/loss"]))
         super().on_validation_epoch_end()
 
@@ -252,7 +252,7 @@ class LanguageModelTask(Task):
     def on_test_epoch_end(self) -> None:
         logs = self._end_eval("test")
         logs["hp/test_ppl"] = logs["test/ppl"]
-        self.log_dict(logs)
+        self.log_reduced(logs)
         self._swap_out_average()
 
     # ---- checkpoints ------------------------------------------------------------------------
