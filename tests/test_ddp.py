@@ -148,3 +148,56 @@ def test_ddp_validation_and_test_metrics_equal_single_process(tmp_path, text_cor
     assert one["lm"]["val/ppl"] > 1.0 and 0 < one["seq"]["val/acc"] < 1  # real numbers
     # the values are reduced over ranks already: no advice to sync them (again)
     assert "sync_dist" not in log, [ln for ln in log.splitlines() if "sync_dist" in ln][:3]
+
+
+GUARD_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import lightning as L, torch
+    from rnndrop.data import SyntheticDataModule
+    from rnndrop.lit import NaNGuard, SequenceTask
+    from rnndrop.models import SequenceModel
+
+    out = sys.argv[1]
+
+    class PoisonRank1(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_rank == 1 and trainer.global_step == 2:
+                with torch.no_grad():
+                    pl_module.model.head.bias.fill_(float("nan"))
+
+        def on_exception(self, trainer, pl_module, exception):
+            with open(f"{out}/rank{trainer.global_rank}.txt", "w") as f:
+                f.write(f"{type(exception).__name__}: {exception}")
+
+    if __name__ == "__main__":
+        L.seed_everything(0, verbose=False)
+        dm = SyntheticDataModule("delayed_recall", distance=2, task_args={"length": 12},
+                                 train_size=64, val_size=16, batch_size=4, seed=5)
+        task = SequenceTask(SequenceModel("tokens", vocab_size=dm.vocab_size,
+                                          output_size=dm.num_classes, hidden_size=8))
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0,
+                            callbacks=[NaNGuard(save_every_n_steps=0), PoisonRank1()])
+        try:
+            trainer.fit(task, dm)
+        except Exception:
+            pass  # each rank wrote what stopped it
+    """
+)
+
+
+@pytest.mark.slow
+def test_one_ranks_nan_loss_stops_every_rank(tmp_path):
+    script = tmp_path / "ddp_guard.py"
+    script.write_text(GUARD_SCRIPT)
+    # without the shared verdict rank 0 waits in backward's all-reduce: the timeout fails it
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                          text=True, timeout=240)  # fmt: skip
+    stopped = {r: (tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)
+               if (tmp_path / f"rank{r}.txt").exists()}  # fmt: skip
+    assert set(stopped) == {0, 1}, proc.stderr[-3000:]
+    assert stopped[1].startswith("NonFiniteLossError: rnndrop: non-finite loss")
+    assert stopped[0].startswith("NonFiniteLossError: rnndrop: a bad loss on another rank")
+    assert "global step 2" in stopped[0] and "global step 2" in stopped[1]

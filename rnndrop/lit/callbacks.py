@@ -64,7 +64,8 @@ class NaNGuard(Callback):
     lr 1e38) stops the same way (:class:`~rnndrop.lit.base.Task` reports it here).
 
     The check reads the loss on the host once a step: on a GPU that is one sync per step, the
-    price of stopping before the update rather than after it.
+    price of stopping before the update rather than after it. Under DDP the verdict is also
+    all-reduced (one scalar a step), so one rank's bad loss stops every rank.
 
     Args:
         save_every_n_steps: how often to refresh the last good checkpoint (0: epoch ends only).
@@ -136,12 +137,21 @@ class NaNGuard(Callback):
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         value = float(loss.detach().float().mean())  # the one host sync of the guard
-        if not math.isfinite(value):
-            self._fail(trainer, f"non-finite loss ({value})")
+        problem: tuple[str, type] | None = None
         threshold = self.threshold
-        if threshold is not None and value > threshold:
-            self._fail(trainer, f"diverged: loss {value:.4g} > {self.factor:g} x the first loss "
+        if not math.isfinite(value):
+            problem = f"non-finite loss ({value})", NonFiniteLossError
+        elif threshold is not None and value > threshold:
+            problem = (f"diverged: loss {value:.4g} > {self.factor:g} x the first loss "
                        f"{self.first_loss:.4g}", DivergenceError)  # fmt: skip
+        # under DDP every rank must stop together: a rank that went on into backward would
+        # wait forever in the gradient all-reduce for the one that stopped
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+            problem is not None, all=False
+        ):
+            problem = problem or ("a bad loss on another rank", NonFiniteLossError)
+        if problem is not None:
+            self._fail(trainer, *problem)
         if self.first_loss is None:
             self.first_loss = value
         self._promote(trainer)  # the weights that gave this loss are good
