@@ -115,6 +115,11 @@ class Task(L.LightningModule):
         nonmono: NT-ASGD's patience, in validations.
         max_norm: if set, renormalise each unit's incoming weights to at most this L2 norm
             after every step (Srivastava et al. 2014).
+        concrete_length_scale: the prior length-scale ``l`` of concrete dropout's regulariser
+            (Gal, Hron & Kendall 2017), added to the loss when the model learns its rates
+            (``RecurrentDropout(concrete=True)``); see :func:`rnndrop.nn.concrete_regularizer`.
+        concrete_dataset_size: ``N`` of that regulariser; default the training set's size
+            (tokens for a language model, sequences for a sequence task).
     """
 
     #: metrics shown in TensorBoard's HPARAMS tab (declared at fit start, logged later)
@@ -130,8 +135,15 @@ class Task(L.LightningModule):
         decay_start: int = 0,
         nonmono: int = 5,
         max_norm: float | None = None,
+        concrete_length_scale: float = 1e-4,
+        concrete_dataset_size: int | None = None,
     ) -> None:
         super().__init__()
+        if concrete_length_scale < 0:
+            raise ValueError(f"concrete_length_scale must be >= 0, got {concrete_length_scale}")
+        if concrete_dataset_size is not None and concrete_dataset_size < 1:
+            raise ValueError(f"concrete_dataset_size must be >= 1, got {concrete_dataset_size}")
+        self.concrete = {"length_scale": concrete_length_scale, "n": concrete_dataset_size}
         if optimizer not in ("sgd", "nt_asgd", "adam", "adamw"):
             raise ValueError(f"optimizer must be sgd, nt_asgd, adam or adamw, got {optimizer!r}")
         if lr <= 0:
@@ -151,7 +163,11 @@ class Task(L.LightningModule):
 
     def configure_optimizers(self):
         o = self.optim
-        params = [p for p in self.parameters() if p.requires_grad]
+        rates = {id(p) for p in self._concrete_parameters()}
+        params: Any = [p for p in self.parameters() if p.requires_grad and id(p) not in rates]
+        if rates:  # weight decay would pull every rate logit to 0, every rate to 0.5
+            params = [{"params": params},
+                      {"params": self._concrete_parameters(), "weight_decay": 0.0}]  # fmt: skip
         if o["name"] in ("sgd", "nt_asgd"):
             opt = torch.optim.SGD(params, lr=o["lr"], momentum=o["momentum"],
                                   weight_decay=o["weight_decay"])  # fmt: skip
@@ -166,6 +182,45 @@ class Task(L.LightningModule):
             opt, lambda epoch: decay ** max(0, epoch + 1 - start)
         )  # epoch is the number of finished epochs: epochs 0..start-1 run at lr
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ---- concrete dropout -----------------------------------------------------------------
+
+    def _concrete_parameters(self) -> list[torch.nn.Parameter]:
+        from ..nn import RNNBase
+
+        return [p for m in self.modules() if isinstance(m, RNNBase)
+                for p in m.concrete_parameters().values()]  # fmt: skip
+
+    def concrete_dataset_size(self) -> int:
+        """``N`` of concrete dropout's regulariser: the setting, else the task's training set."""
+        if self.concrete["n"] is not None:
+            return self.concrete["n"]
+        n = self._training_set_size()
+        if n is None:
+            raise ValueError("concrete dropout needs the training set's size for its regulariser: "
+                             "set concrete_dataset_size")  # fmt: skip
+        return n
+
+    def _training_set_size(self) -> int | None:
+        return None
+
+    def _output_weight(self) -> torch.Tensor | None:
+        return None
+
+    def concrete_loss(self) -> torch.Tensor | None:
+        """The concrete-dropout regulariser for the loss, and the learned rates logged as
+        ``dropout_rate/<module>/<site>``; None when no layer learns its rates."""
+        if not self._concrete_parameters():
+            return None
+        from ..nn import concrete_rates, concrete_regularizer
+
+        reg = concrete_regularizer(self.model, self.concrete_dataset_size(),
+                                   self.concrete["length_scale"],
+                                   output_weight=self._output_weight())  # fmt: skip
+        self.log("train/concrete_reg", reg.detach(), on_step=True)
+        self.log_dict({f"dropout_rate/{k}": v for k, v in concrete_rates(self.model).items()},
+                      on_step=True)  # fmt: skip
+        return reg
 
     def log_reduced(self, logs: dict[str, Any], **kwargs: Any) -> None:
         """Log epoch values that are already the same on every DDP rank.

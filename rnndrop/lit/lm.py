@@ -39,9 +39,9 @@ class LanguageModelTask(Task):
 
     Args:
         model: the network (its arguments go under ``model:`` in a config).
-        optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono, max_norm:
-            see :class:`~rnndrop.lit.base.Task`. Gradient clipping is the trainer's
-            ``gradient_clip_val``.
+        optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono, max_norm,
+        concrete_length_scale, concrete_dataset_size: see :class:`~rnndrop.lit.base.Task`.
+            Gradient clipping is the trainer's ``gradient_clip_val``.
         alpha: activation regularisation ``α·mean(h²)`` on the dropped output (AR).
         beta: temporal activation regularisation ``β·mean((h_t - h_{t-1})²)`` on the
             undropped output (TAR) (both Merity et al. 2017).
@@ -72,6 +72,8 @@ class LanguageModelTask(Task):
         decay_start: int = 0,
         nonmono: int = 5,
         max_norm: float | None = None,
+        concrete_length_scale: float = 1e-4,
+        concrete_dataset_size: int | None = None,
         alpha: float = 0.0,
         beta: float = 0.0,
         lr_scale_by_length: bool = False,
@@ -81,7 +83,7 @@ class LanguageModelTask(Task):
         reliability_diagrams: bool = True,
     ) -> None:
         super().__init__(optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono,
-                         max_norm)  # fmt: skip
+                         max_norm, concrete_length_scale, concrete_dataset_size)  # fmt: skip
         if mc_samples < 0:
             raise ValueError(f"mc_samples must be >= 0, got {mc_samples}")
         if loss_reduction not in ("token_mean", "sequence_sum"):
@@ -119,6 +121,14 @@ class LanguageModelTask(Task):
         if self.batches_done_this_epoch() == 0:  # a resumed epoch keeps its restored state
             self.state["train"] = None
 
+    def _training_set_size(self) -> int | None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        corpus = getattr(dm, "corpus", None)
+        return len(corpus["train"]) if corpus is not None else None
+
+    def _output_weight(self) -> torch.Tensor | None:
+        return self.model.decoder.weight
+
     def training_step(self, batch, batch_idx):
         x, y = batch  # (B, T)
         out = self.model(x, self.state["train"])
@@ -131,6 +141,8 @@ class LanguageModelTask(Task):
             total = total + temporal_activation_regularization(
                 out.raw_output, self.beta, batch_first=True
             )
+        if (reg := self.concrete_loss()) is not None:
+            total = total + reg
         self.nll["train"].update(loss.detach(), y.numel())
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=y.numel())
         if self.lr_scale_by_length:

@@ -45,8 +45,8 @@ class SequenceTask(Task):
         model: the network (its arguments go under ``model:`` in a config).
         loss: ``"cross_entropy"`` or ``"mse"`` (linked from the data module).
         baseline_loss: the task's memoryless loss (linked from the data module).
-        optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono, max_norm: see
-            :class:`~rnndrop.lit.base.Task`.
+        optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono, max_norm,
+        concrete_length_scale, concrete_dataset_size: see :class:`~rnndrop.lit.base.Task`.
         mc_samples: Monte Carlo evaluation passes (0: off; classification only).
         reliability_diagrams: draw the reliability diagram into TensorBoard at every
             evaluation's end (about 0.2 s of matplotlib each; the calibration scalars are
@@ -68,11 +68,13 @@ class SequenceTask(Task):
         decay_start: int = 0,
         nonmono: int = 5,
         max_norm: float | None = None,
+        concrete_length_scale: float = 1e-4,
+        concrete_dataset_size: int | None = None,
         mc_samples: int = 0,
         reliability_diagrams: bool = True,
     ) -> None:
         super().__init__(optimizer, lr, momentum, weight_decay, lr_decay, decay_start, nonmono,
-                         max_norm)  # fmt: skip
+                         max_norm, concrete_length_scale, concrete_dataset_size)  # fmt: skip
         if loss not in ("cross_entropy", "mse"):
             raise ValueError(f"loss must be 'cross_entropy' or 'mse', got {loss!r}")
         if mc_samples < 0:
@@ -176,10 +178,19 @@ class SequenceTask(Task):
         logs.update(self.calibration.epoch_logs(split))
         return logs
 
+    def _training_set_size(self) -> int | None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datasets = getattr(dm, "datasets", None)
+        return len(datasets["train"]) if datasets else None
+
+    def _output_weight(self) -> torch.Tensor | None:
+        return self.model.head.weight
+
     def training_step(self, batch, batch_idx):
         loss = self._step(batch, "train")
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(batch[0]))
-        return loss
+        reg = self.concrete_loss()
+        return loss if reg is None else loss + reg
 
     def on_train_epoch_end(self) -> None:
         logs = self._epoch_logs("train")
