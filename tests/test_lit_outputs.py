@@ -86,3 +86,17 @@ def test_test_after_fit_evaluates_the_best_checkpoint_and_says_so(tmp_path, caps
     assert best and Path(best).name == "best-epoch=0-step=3.ckpt"
     assert f"testing the best checkpoint {best}" in capsys.readouterr().err
     assert cli.trainer.ckpt_path == best  # trainer.test loaded it
+
+
+def test_figures_are_on_by_default(tmp_path):
+    """Mask statistics and the gradient through time, as scalars and a figure, with no
+    setting: the plots a researcher opens first."""
+    root = tmp_path / "root"
+    cli = make_cli(tiny("--trainer.max_steps=5", f"--trainer.default_root_dir={root}",
+                        "--model.init_args.model.init_args.dropout=variational"))  # fmt: skip
+    ea = EventAccumulator(cli.trainer.log_dir, size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    scalars, images = ea.Tags()["scalars"], ea.Tags()["images"]
+    assert any(t.startswith("masks/") for t in scalars), scalars
+    assert any(t.startswith("grad_through_time/k=") for t in scalars), scalars
+    assert "grad_through_time" in images

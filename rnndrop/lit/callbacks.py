@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -274,13 +275,18 @@ class GradientThroughTime(Callback):
         return self._batch
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.current_epoch % self.every:
+        if trainer.sanity_checking or math.isinf(self.every) or trainer.current_epoch % self.every:
             return
         x, y = (t.to(pl_module.device) for t in self._fixed_batch(trainer))
         wrt = self.wrt
         if wrt == "auto":
             wrt = "state" if isinstance(pl_module.model.encoder, RecurrentStack) else "input"
-        norms = gradient_through_time(pl_module.model, x, y, self.distances, wrt=wrt)
+        try:
+            norms = gradient_through_time(pl_module.model, x, y, self.distances, wrt=wrt)
+        except ValueError as err:  # a task whose batches cannot be probed: say so once, stop
+            warnings.warn(f"GradientThroughTime is off for this run: {err}", stacklevel=1)
+            self.every = math.inf
+            return
         pl_module.log_dict({f"grad_through_time/k={k}": v for k, v in norms.items()})
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
