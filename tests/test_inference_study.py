@@ -169,7 +169,7 @@ def test_config_errors_name_the_setting(tmp_path):
 
 def test_the_experiment_config_loads_and_runs_a_cell(tmp_path):
     study = load_inference_study(CONFIG)
-    assert len(study.cells()) == 12 and study.mc_samples == 50
+    assert len(study.cells()) == 14 and study.mc_samples == 50
     tiny = load_inference_study(CONFIG, out_dir=str(tmp_path), schemes=["weight_drop"], seeds=[0],
                                 steps=2, val_every=2, eval_size=4, sample_sizes=[1, 2])  # fmt: skip
     (result,) = run_inference_study(tiny, progress=False)
