@@ -155,7 +155,11 @@ class Task(L.LightningModule):
                       "decay_start": decay_start}  # fmt: skip
         self.nonmono, self.max_norm = nonmono, max_norm
         self.val_history: list[float] = []  # validation losses, for NT-ASGD's trigger
-        self.averaged: dict[str, torch.Tensor] | None = None  # NT-ASGD running average
+        # NT-ASGD's running average. Not torch.optim.swa_utils.AveragedModel: that wraps a deep
+        # copy of the whole module (a second model to move between devices, checkpoint and
+        # swap for evaluation); the average of the parameters alone, a dict saved in the task's
+        # extra state and swapped in by _load_params, is what AWD-LSTM's evaluation needs
+        self.averaged: dict[str, torch.Tensor] | None = None
         self.n_averaged = 0
         self._backup: dict[str, torch.Tensor] | None = None
 
