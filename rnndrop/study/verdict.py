@@ -156,6 +156,10 @@ def verdict(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _span(xs: list[int]) -> str:
+    return str(xs[0]) if len(xs) == 1 else f"{xs[0]}–{xs[-1]}"
+
+
 def _fmt(mean: float, half: float) -> str:
     if math.isnan(mean):
         return "–"
@@ -182,7 +186,7 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
     lines = [
         f"# {study.name}: verdict against no dropout",
         "",
-        f"Tasks: {', '.join(tasks)}; {'/'.join(map(str, seeds))} paired seeds per cell (same "
+        f"Tasks: {', '.join(tasks)}; {_span(seeds)} paired seeds per comparison (same "
         "data, order and initial weights as the baseline). Each entry: the scheme's score minus "
         "its baseline's (no dropout, same encoder and model), averaged over the task's "
         "distances, mean over seeds with its 95% t-interval; **better** / **worse** when the "
