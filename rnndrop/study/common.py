@@ -11,7 +11,34 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_ci", "fresh_run_dir", "group_by", "tensorboard_summary", "write_json"]
+__all__ = ["format_ci", "fresh_run_dir", "group_by", "read_settings", "tensorboard_summary",
+           "write_json"]
+
+
+def read_settings(
+    path: str | os.PathLike | None, overrides: dict[str, Any], config: type, what: str
+) -> dict[str, Any]:
+    """A study's settings: the YAML mapping at ``path`` (if any), updated by the ``overrides``
+    that are not None; a key that is not a field of the dataclass ``config`` is an error
+    naming the valid ones (``what``: "study", "context-study", ...)."""
+    import dataclasses
+
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"study config {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of study settings, got {type(data)}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; valid: {sorted(known)}")
+    return data
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..config import PRESETS, RecurrentDropout, TransformerDropout, as_dropout
 from ..models.encoders import ENCODERS, RECURRENT_CELLS
+from .common import read_settings
 
 __all__ = [
     "BUILTIN_SCHEMES",
@@ -386,19 +385,7 @@ def check_model_settings(model: Mapping[str, Any], where: str) -> None:
 
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
     """A study from a YAML file (keys as :class:`StudyConfig`'s fields) plus overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"study config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of study settings, got {type(data)}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    data = read_settings(path, overrides, StudyConfig, "study")
     if data.get("tasks") and (clash := [k for k in TASK_KEYS if k in data]):
         raise ValueError(f"{clash}: a study with `tasks` sets these per task, under tasks.<label>")
-    known = {f.name for f in dataclasses.fields(StudyConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown study setting(s) {unknown}; valid: {sorted(known)}")
     return StudyConfig(**data)

@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .common import format_ci, fresh_run_dir, group_by, tensorboard_summary, write_json
+from .common import (
+    format_ci,
+    fresh_run_dir,
+    group_by,
+    read_settings,
+    tensorboard_summary,
+    write_json,
+)
 from .config import BUILTIN_SCHEMES, _hashed, check_model_settings, resolve_scheme, uses_rate
 
 __all__ = [
@@ -161,15 +166,7 @@ class ContextStudyConfig:
 
 
 def load_context_study(path: str | Path, **overrides: Any) -> ContextStudyConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study config {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(ContextStudyConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown context-study setting(s) {unknown}; valid: {sorted(known)}")
+    data = read_settings(path, overrides, ContextStudyConfig, "context-study")
     return ContextStudyConfig(**data)
 
 

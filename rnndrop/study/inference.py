@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..analysis.inference import (
     METHODS,
@@ -54,7 +53,7 @@ from ..analysis.inference import (
     evaluate_inference,
     learned_rates,
 )
-from .common import fresh_run_dir, write_json
+from .common import fresh_run_dir, read_settings, write_json
 from .config import BUILTIN_SCHEMES, check_model_settings, resolve_scheme, uses_rate
 from .inference_report import TITLES, write_inference_report
 
@@ -212,19 +211,7 @@ def _hash(spec: dict[str, Any]) -> str:
 
 def load_inference_study(path: str | Path | None = None, **overrides: Any) -> InferenceStudyConfig:
     """A study from a YAML file (keys as :class:`InferenceStudyConfig`'s fields) + overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"study config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of study settings, got {type(data)}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(InferenceStudyConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown inference-study setting(s) {unknown}; valid: {sorted(known)}")
+    data = read_settings(path, overrides, InferenceStudyConfig, "inference-study")
     return InferenceStudyConfig(**data)
 
 
