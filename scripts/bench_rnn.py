@@ -10,6 +10,11 @@ median over rounds of the time and of the ratio. Training mode (masks sampled ev
     python scripts/bench_rnn.py --loop python            # the pure-PyTorch loop instead of C++
     python scripts/bench_rnn.py --python-row             # add a pure-PyTorch loop row per scheme
     python scripts/bench_rnn.py --device cuda --python-row   # on a GPU: ratios to cuDNN
+    python scripts/bench_rnn.py --device cuda --graph-row --step-row  # triton's paths side by side
+
+On CUDA the ``triton`` loop backend runs a layer in one launch where its kernel fits (hidden
+size <= 128) and per step otherwise; ``--step-row`` adds the step path where the one launch
+would run, ``--graph-row`` the step path replayed from CUDA graphs (RNNDROP_CUDA_GRAPHS=1).
 """
 
 from __future__ import annotations
@@ -60,10 +65,24 @@ def scheme_for(cell: str, name: str) -> RecurrentDropout:
     return cfg.replace(zoneout_cell=0.0) if cell == "gru" else cfg
 
 
-def time_fwd_bwd(model, x, reps: int, backend: str | None = None) -> float:
+@contextlib.contextmanager
+def environ(env: dict[str, str] | None):
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+
+
+def time_fwd_bwd(model, x, reps: int, backend: str | None = None, env=None) -> float:
     times = []
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
-    with loop_backend(backend) if backend else contextlib.nullcontext():
+    with loop_backend(backend) if backend else contextlib.nullcontext(), environ(env):
         for _ in range(reps):
             sync()
             start = time.perf_counter()
@@ -74,37 +93,49 @@ def time_fwd_bwd(model, x, reps: int, backend: str | None = None) -> float:
     return statistics.median(times)
 
 
-def bench(cell, config, schemes, rounds, reps, dtype, device, python_row) -> list[tuple]:
+STEP = {"RNNDROP_TRITON_PATH": "step"}
+GRAPHS = {"RNNDROP_TRITON_PATH": "step", "RNNDROP_CUDA_GRAPHS": "1"}
+
+
+def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_row=False,
+          graph_row=False) -> list[tuple]:  # fmt: skip
     I, H, L, T, B = CONFIGS[config]
     ours, theirs = CELLS[cell]
     torch.manual_seed(0)
     ref = theirs(I, H, L).to(device, dtype)
     base_name = f"nn.{cell.upper()}"
-    variants = {base_name: (ref, None)}
+    variants = {base_name: (ref, None, None)}
     for name in schemes:
         m = ours(I, H, L, dropout=scheme_for(cell, name)).to(device, dtype)
         m.load_state_dict(ref.state_dict())
-        variants[name] = (m, None)
-        if python_row and _path(m, device) not in ("fused", "fused (torch)"):
-            variants[f"{name} [python loop]"] = (m, "python")
+        variants[name] = (m, None, None)
+        path = _path(m, device)
+        if python_row and path not in ("fused", "fused (torch)"):
+            variants[f"{name} [python loop]"] = (m, "python", None)
+        if step_row and path == "loop (triton, one launch)":
+            variants[f"{name} [triton step]"] = (m, "triton", STEP)
+        if graph_row and path.startswith("loop (triton"):
+            variants[f"{name} [triton step, CUDA graphs]"] = (m, "triton", GRAPHS)
     x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=True)
-    for m, backend in variants.values():  # warm up (and build the kernel)
-        time_fwd_bwd(m, x, 2, backend)
+    for m, backend, env in variants.values():  # warm up (build the kernels, capture graphs)
+        time_fwd_bwd(m, x, 3, backend, env)
     ms = {n: [] for n in variants}
     ratios = {n: [] for n in variants}
     for _ in range(rounds):
         base = time_fwd_bwd(ref, x, reps)
         ms[base_name].append(base)
         ratios[base_name].append(1.0)
-        for name, (m, backend) in variants.items():
+        for name, (m, backend, env) in variants.items():
             if name == base_name:
                 continue
-            t = time_fwd_bwd(m, x, reps, backend)
+            t = time_fwd_bwd(m, x, reps, backend, env)
             ms[name].append(t)
             ratios[name].append(t / base)
     rows = []
-    for n, (m, backend) in variants.items():
+    for n, (m, backend, env) in variants.items():
         path = "loop (python)" if backend == "python" else _path(m, device)
+        if env is not None:
+            path = "loop (triton, step)"
         rows.append((cell, config, n, statistics.median(ms[n]) * 1e3,
                      statistics.median(ratios[n]), path))  # fmt: skip
     return rows
@@ -120,7 +151,10 @@ def _path(m, device: str) -> str:
     x = torch.zeros(1, 1, m.cell.gates * H, device=device, dtype=m.weight_hh_l0.dtype)
     h = x.new_zeros(1, H)
     probe = LayerInputs(m.cell, x, None, None, m.weight_hh_l0, None, h, h, LayerMasks())
-    return f"loop ({select_backend(probe).name})"
+    backend = select_backend(probe)
+    if backend.name == "triton":  # which of its two paths
+        return f"loop (triton, {'step' if backend._steps(probe) else 'one launch'})"
+    return f"loop ({backend.name})"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,6 +167,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--loop", choices=["auto", "python", "cpp", "triton"], default="auto")
     ap.add_argument("--python-row", action="store_true", help="add a pure-PyTorch loop row")
+    ap.add_argument("--step-row", action="store_true",
+                    help="CUDA: add triton's step path where its one-launch kernel runs")
+    ap.add_argument("--graph-row", action="store_true",
+                    help="CUDA: add triton's step path replayed from CUDA graphs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -154,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     for cell in args.cells:
         for config in args.configs:
             rows = bench(cell, config, args.schemes, args.rounds, args.reps, dtype, args.device,
-                         args.python_row)  # fmt: skip
+                         args.python_row, args.step_row, args.graph_row)  # fmt: skip
             for c, cfg, name, ms, ratio, path in rows:
                 print(f"| {c} | {cfg} | {name} | {path} | {ms:.1f} | {ratio:.2f} |", flush=True)
 

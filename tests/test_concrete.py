@@ -276,13 +276,15 @@ def test_cpp_matches_python(cell, name):
     _parity(cell, name, "cpp", torch.float64, dict(atol=1e-12, rtol=1e-10))
 
 
+@pytest.mark.parametrize("path", ["loop", "step"])
 @pytest.mark.parametrize("name", ["per_step_untied", "everything"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_triton_matches_python(cell, name, monkeypatch):
+def test_triton_matches_python(cell, name, path, monkeypatch):
     """float32 in Triton's interpreter, the tolerance of tests/test_triton.py (its tanh is
-    written 2σ(2x) − 1, a few ulps from torch's)."""
+    written 2σ(2x) − 1, a few ulps from torch's); both of its paths (one launch, per step)."""
     pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", path)
     _parity(cell, name, "triton", torch.float32, dict(atol=1e-5, rtol=1e-5))
 
 

@@ -151,3 +151,41 @@ def test_every_build_is_announced(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert len(calls) == 1 and "compiling the loop kernel" in err and "built in" in err
     assert Path(tmp_path).exists()
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_autocast_runs_the_loop_in_autocasts_dtype(cls):
+    """Under autocast the loop computes in autocast's dtype, as torch's fused RNNs do: the
+    layer equals the same layer run on bfloat16 copies of every tensor (the same masks), and
+    float32 parameters still get float32 gradients close to the float32 layer's."""
+    from rnndrop.kernels import LayerMasks, rnn_layer
+
+    torch.manual_seed(0)
+    cell = cls(3, 5).cell
+    T, B, I, H, G = 4, 3, 3, 5, cell.gates
+    b_h = torch.randn(G * H) * 0.5 if cell.split_recurrent else None
+    c0 = torch.randn(B, H) if cell.has_cell else None
+    leaves = [torch.randn(T, B, I), torch.randn(G * H, I) * 0.5, torch.randn(G * H) * 0.5,
+              torch.randn(G * H, H) * 0.5, b_h, torch.randn(B, H), c0]  # fmt: skip
+    leaves = [None if t is None else t.requires_grad_() for t in leaves]
+    masks = LayerMasks(recurrent=(torch.rand(1, 1, B, H) > 0.3) / 0.7,
+                       zoneout_h=(torch.rand(T, B, H) < 0.2).float())  # fmt: skip
+    present = [t for t in leaves if t is not None]
+
+    def run(tensors, masks):
+        h, _ = rnn_layer(cell, *tensors, masks=masks, backend="python")
+        return h, torch.autograd.grad(h.float().square().sum(), present)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, grads = run(leaves, masks)
+    assert h.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads)
+    bf = [None if t is None else t.to(torch.bfloat16) for t in leaves]
+    want, _ = run(bf, LayerMasks(*[None if m is None else m.to(torch.bfloat16)
+                                   for m in masks.tensors()]))  # fmt: skip
+    assert torch.equal(h, want)
+    h32, grads32 = run(leaves, masks)
+    assert h32.dtype == torch.float32
+    torch.testing.assert_close(h.float(), h32, atol=0.05, rtol=0.05)  # bfloat16: 8 bits
+    for g, g32 in zip(grads, grads32, strict=True):
+        torch.testing.assert_close(g, g32, atol=0.1 * g32.abs().max().item(), rtol=0.1)

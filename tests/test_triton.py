@@ -30,6 +30,13 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(params=["loop", "step"])
+def path(request, monkeypatch):
+    """Both paths of the backend: the whole loop in one launch, and a kernel per step."""
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", request.param)
+    return request.param
+
+
 # mask site -> options: rec (Tm, tied|untied); inp (Tm, batch); cand Tm;
 # zh / zc: "sampled" (0/1 per step, a padded step carrying exactly) or "eval" (z, shared)
 CASES = {
@@ -129,7 +136,7 @@ def assert_agree(cell, leaves, masks, reverse, use_h=True):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_every_site_matches_python(cell, case, reverse):
+def test_every_site_matches_python(cell, case, reverse, path):
     cell = CELLS[cell]
     T, B, I, H = 4, 3, 3, 5  # H = 5: the (16, 16) tiles are mostly padding
     masks = make_masks(cell, case, T, B, I, H)
@@ -140,7 +147,7 @@ def test_every_site_matches_python(cell, case, reverse):
 @pytest.mark.parametrize("projected", [False, True], ids=["w_ih", "projected"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_projection_and_bias_variants(cell, reverse, projected, bias):
+def test_projection_and_bias_variants(cell, reverse, projected, bias, path):
     cell = CELLS[cell]
     T, B, I, H = 3, 2, 3, 6
     masks = make_masks(cell, "everything_untied", T, B, I, H)
@@ -155,7 +162,7 @@ def test_projection_and_bias_variants(cell, reverse, projected, bias):
     ids=["one_step", "two_programs", "full_tile", "two_tiles_wide", "max_h"],
 )
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_shapes(cell, shape):
+def test_shapes(cell, shape, path):
     """One step and one unit; a batch over two programs; H filling and overrunning 16."""
     cell = CELLS[cell]
     T, B, I, H = shape
@@ -164,7 +171,7 @@ def test_shapes(cell, shape):
         assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, reverse)
 
 
-def test_lstm_gradient_through_the_last_cell_state_only():
+def test_lstm_gradient_through_the_last_cell_state_only(path):
     """No gradient reaches h_seq (dh_seq is None in backward): only c_last is used."""
     T, B, I, H = 3, 2, 3, 5
     masks = make_masks(LSTM_CELL, "everything_untied", T, B, I, H)
@@ -173,7 +180,7 @@ def test_lstm_gradient_through_the_last_cell_state_only():
 
 
 @pytest.mark.parametrize("wants", ["x", "weights", "h0"])
-def test_partial_gradients(wants):
+def test_partial_gradients(wants, path):
     T, B, I, H = 3, 2, 3, 5
     for cell in CELLS.values():
         leaves = make_leaves(cell, False, True, T, B, I, H)
@@ -204,15 +211,38 @@ def test_cpu_without_the_interpreter_says_how(monkeypatch):
     assert "TRITON_INTERPRET=1" in TritonBackend().unavailable(_inputs(GRU_CELL))
 
 
-def test_what_it_refuses_it_names():
+def test_what_it_refuses_it_names(monkeypatch):
     b = TritonBackend()
     for cell in CELLS.values():
         assert b.unavailable(_inputs(cell)) is None
-        assert "float32 only" in b.unavailable(_inputs(cell, torch.float64))
+        assert "float32, float16 and bfloat16 only" in b.unavailable(_inputs(cell, torch.float64))
+        assert b.unavailable(_inputs(cell, torch.bfloat16)) is None  # the step path takes it
+        assert b.unavailable(_inputs(cell, H=MAX_H + 1)) is None  # the step path takes it
+        monkeypatch.setenv("RNNDROP_TRITON_PATH", "loop")
         assert f"up to {MAX_H}" in b.unavailable(_inputs(cell, H=MAX_H + 1))
+        assert "float32 only" in b.unavailable(_inputs(cell, torch.float16))
+        monkeypatch.delenv("RNNDROP_TRITON_PATH")
     gru = _inputs(GRU_CELL)
     gru.masks.zoneout_c = torch.zeros(1, 1, 3)
     assert "no cell state" in b.unavailable(gru)
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", "fused")
+    with pytest.raises(ValueError, match=r"RNNDROP_TRITON_PATH='fused': choose one of"):
+        b.unavailable(_inputs(LSTM_CELL))
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_auto_runs_hidden_sizes_beyond_the_one_launch_kernel_per_step(cell, monkeypatch):
+    """H > MAX_H: the step kernels run (and not the one-launch ones), matching python."""
+    from rnndrop.kernels import triton as tb
+
+    launched = []
+    kernel = tb._kernel
+    monkeypatch.setattr(tb, "_kernel", lambda name, i: launched.append(name) or kernel(name, i))
+    cell = CELLS[cell]
+    T, B, I, H = 2, 2, 3, MAX_H + 3
+    masks = make_masks(cell, "everything_untied", T, B, I, H)
+    assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, False)
+    assert set(launched) == {f"{cell.name}_step_fwd", f"{cell.name}_step_bwd"}
 
 
 def test_auto_never_picks_the_interpreter_over_cpp():
@@ -234,7 +264,7 @@ def test_auto_never_picks_the_interpreter_even_without_cpp(monkeypatch):
 
 
 @pytest.mark.parametrize("cls", [LSTM, GRU])
-def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, monkeypatch):
+def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, path, monkeypatch):
     """Two layers, both directions, every loop-path site: the same masks (same seed, recorded
     and compared), the same outputs, final states and gradients."""
     cfg = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.2, input=0.2, tied=False,
@@ -264,7 +294,53 @@ def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, monkeypatch
         torch.testing.assert_close(a, b, **TOL)
 
 
-@pytest.mark.parametrize("kernel", ["lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd"])
+def _copy_into(dst, src):
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif dst is not None:
+        pairs = zip(dst.tensors() if hasattr(dst, "tensors") else dst,
+                    src.tensors() if hasattr(src, "tensors") else src, strict=True)  # fmt: skip
+        for d, s in pairs:
+            _copy_into(d, s)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_step_path_graph_cache_replays_static_buffers(cell, monkeypatch):
+    """The CUDA-graph cache of the step path, with the capture faked on CPU (a replay reruns
+    the captured function on the static buffers and writes into the captured outputs, as a
+    graph does): the first call runs eagerly, the second captures, later calls copy their
+    inputs in, replay and clone out; new inputs and masks every call match the python loop,
+    and nothing but the first call of a signature runs outside a replay."""
+    from rnndrop.kernels import triton as tb
+
+    captures, replays = [], []
+
+    def fake_capture(fn, static):
+        out = fn(*static)
+        captures.append(1)
+
+        def replay():
+            replays.append(1)
+            _copy_into(out, fn(*static))
+
+        return replay, out
+
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", "step")
+    monkeypatch.setattr(tb, "cuda_graphs", lambda t: True)
+    monkeypatch.setattr(tb, "_GRAPHS", tb._GraphCache())
+    monkeypatch.setattr(tb._GRAPHS, "_capture", fake_capture)
+    cell = CELLS[cell]
+    T, B, I, H = 3, 2, 3, 5
+    for call in range(4):
+        torch.manual_seed(call)
+        masks = make_masks(cell, "everything_untied", T, B, I, H)
+        assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, False)
+    assert len(captures) == 2  # forward and backward, each captured once (second call)
+    assert len(replays) == 2 * 3  # calls 2, 3 and 4 replay both
+
+
+@pytest.mark.parametrize("kernel", ["lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "lstm_step_fwd",
+                                    "lstm_step_bwd", "gru_step_fwd", "gru_step_bwd"])
 def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     """The compiled path, which the interpreter never takes: Triton's front end, its GPU
     passes and the bundled ptxas build each kernel for sm_90 (every site on, untied masks)
@@ -277,25 +353,26 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, _kernels
+    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, STEP_BLOCK, _kernels
 
     pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend here")
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
     fn = JITFunction(getattr(_kernels, kernel))
-    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG"}
+    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG", "MG_CM", "MG_ZH",
+             "MG_ZC"}
     consts, sig = {}, {}
     for name in inspect.signature(fn.fn).parameters:
         if name in flags:
             consts[name] = True
-        elif name in ("GR", "REVERSE", "BB", "BH"):
+        elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK"):
             consts[name] = {"GR": 4 if kernel.startswith("lstm") else 3, "REVERSE": True,
-                            "BB": 16, "BH": 16}[name]  # fmt: skip
+                            "BB": 16, "BH": 16, "BLOCK": STEP_BLOCK}[name]  # fmt: skip
         sig[name] = (
             "constexpr"
             if name in consts
             else "i32"
-            if not name.isupper() or name in ("T", "B", "H")
+            if not name.isupper() or name in ("T", "B", "H", "N")
             else "*fp32"
         )
     try:
@@ -336,3 +413,57 @@ def test_auto_picks_triton_for_the_loop_path_on_cuda():
         inp.w_hh = inp.w_hh.cuda()
         with kernels.loop_backend("auto"):
             assert kernels.select_backend(inp).name == "triton"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_step_path_cuda_graphs_match_python(cell, monkeypatch):
+    """RNNDROP_CUDA_GRAPHS=1: the first call runs eagerly, the second captures, the rest
+    replay; every call, with new inputs and masks each time, matches the python loop."""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", "step")
+    monkeypatch.setenv("RNNDROP_CUDA_GRAPHS", "1")
+    cell = CELLS[cell]
+    T, B, I, H = 5, 7, 4, 200
+    for call in range(4):
+        torch.manual_seed(call)
+        masks = make_masks(cell, "everything_untied", T, B, I, H)
+        leaves = make_leaves(cell, False, True, T, B, I, H)
+        masks = LayerMasks(*[None if t is None else t.cuda() for t in masks.tensors()])
+        leaves = [None if t is None else t.detach().cuda().requires_grad_() for t in leaves]
+        for reverse in (False, True):
+            assert_agree(cell, leaves, masks, reverse)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dtype):
+    """float16 / bfloat16 (what autocast hands the loop): the step kernels widen to float32
+    and round once per store, so against the float32 layer they are at least about as exact
+    as the python loop run in the same dtype (which rounds after every op)."""
+    cell = CELLS[cell]
+    T, B, I, H = 6, 3, 4, 20
+    torch.manual_seed(0)
+    masks = make_masks(cell, "everything_untied", T, B, I, H)
+    leaves = make_leaves(cell, False, True, T, B, I, H)
+    weight = torch.randn(T, B, H)
+
+    def cast(ts, dt):
+        return [None if t is None else t.detach().to(dt).requires_grad_(t.requires_grad)
+                for t in ts]  # fmt: skip
+
+    ref = run("python", cell, leaves, masks, False, weight)
+    for reverse in (False, True):
+        ref = run("python", cell, leaves, masks, reverse, weight)
+        half_masks = LayerMasks(*cast(masks.tensors(), dtype))
+        ours = run("triton", cell, cast(leaves, dtype), half_masks, reverse, weight.to(dtype))
+        theirs = run("python", cell, cast(leaves, dtype), half_masks, reverse, weight.to(dtype))
+        for k, (a, b, want) in enumerate(zip(ours, theirs, ref, strict=True)):
+            if want is None:
+                continue
+            assert a.dtype == dtype
+            err = (a.float() - want).abs().max().item()
+            ref_err = (b.float() - want).abs().max().item()
+            scale = want.abs().max().item()
+            eps = torch.finfo(dtype).eps
+            assert err <= 1.5 * ref_err + 4 * eps * scale, (k, err, ref_err)

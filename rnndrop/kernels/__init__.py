@@ -7,7 +7,8 @@ Backends, in the order ``auto`` tries them:
 
 ========  ======================================================================
 ``cpp``   compiled C++ time loop, CPU float32/float64 (:mod:`rnndrop.kernels.cpp`)
-``triton``  GPU kernels, the whole time loop in one launch (CUDA float32, H <= 128)
+``triton``  GPU kernels (CUDA float32/float16/bfloat16): the whole loop in one launch where
+            it fits (float32, H <= 128), else a cuBLAS GEMM and one fused kernel per step
 ``python``  the reference loop in PyTorch; runs everywhere
 ========  ======================================================================
 
@@ -173,18 +174,28 @@ def rnn_layer(
     cell without a cell state.
     """
     masks = masks or LayerMasks()
-    inp = LayerInputs(
-        cell,
-        x.contiguous(),
-        None if w_ih is None else w_ih.contiguous(),
-        None if b_x is None else b_x.contiguous(),
-        w_hh.contiguous(),
-        None if b_h is None else b_h.contiguous(),
-        h0.contiguous(),
-        None if c0 is None else c0.contiguous(),
-        LayerMasks(*[_prep(m, x) for m in masks.tensors()]),
-        reverse,
-    )
-    chosen = select_backend(inp, backend)
-    return RNNLayer.apply(chosen, cell, reverse, inp.x, inp.w_ih, inp.b_x, inp.w_hh, inp.b_h,
-                          inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip
+    dtype = compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(dtype)
+
+        def prep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(dtype).contiguous()
+
+        inp = LayerInputs(cell, x.contiguous(), prep(w_ih), prep(b_x), prep(w_hh), prep(b_h),
+                          prep(h0), prep(c0), LayerMasks(*[_prep(m, x) for m in masks.tensors()]),
+                          reverse)  # fmt: skip
+        chosen = select_backend(inp, backend)
+        return RNNLayer.apply(chosen, cell, reverse, inp.x, inp.w_ih, inp.b_x, inp.w_hh,
+                              inp.b_h, inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a loop layer computes in: autocast's (float16 / bfloat16) where autocast is
+    on for ``x``'s device and ``x`` is a float32 or lower-precision input, as torch's fused
+    RNNs do under autocast; else ``x``'s. Every tensor of the layer is cast to it (the casts
+    are differentiable: float32 parameters get float32 gradients)."""
+    device = x.device.type
+    if (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and torch.is_autocast_enabled(device)):  # fmt: skip
+        return torch.get_autocast_dtype(device)
+    return x.dtype

@@ -134,10 +134,15 @@ class PythonBackend:
         return None
 
     def forward(self, inp: LayerInputs) -> Saved:
+        x = inp.x
+        acts = x.clone() if inp.w_ih is None else project(x, inp.w_ih, inp.b_x, inp.masks.input)
+        return self._loop(inp, acts)
+
+    def _loop(self, inp: LayerInputs, acts: Tensor) -> Saved:
+        """The time loop, from the input projection ``acts`` (overwritten with activations)."""
         cell, m, x = inp.cell, inp.masks, inp.x
         T, B = x.shape[:2]
         H = inp.w_hh.shape[1]
-        acts = x.clone() if inp.w_ih is None else project(x, inp.w_ih, inp.b_x, m.input)
         new = x.new_empty
         h_seq = new(T, B, H)
         c_seq = new(T, B, H) if cell.has_cell else None
@@ -157,24 +162,48 @@ class PythonBackend:
                 _recurrent_gemm(rec, hm, inp.w_hh, accumulate=False)
                 if inp.b_h is not None:
                     rec.add_(inp.b_h)
-            h_new, c_new, ct = cell.step_forward(
-                acts[t], rec, h, c, _at(m.candidate, t), _at(m.zoneout_h, t),
-                _at(m.zoneout_c, t), None if hn_seq is None else hn_seq[t],
+            self._step_forward(
+                cell, acts[t], rec, h, c, _at(m.candidate, t), _at(m.zoneout_h, t),
+                _at(m.zoneout_c, t), None if hn_seq is None else hn_seq[t], h_seq[t],
+                None if c_seq is None else c_seq[t], None if ct_seq is None else ct_seq[t],
             )  # fmt: skip
-            h_seq[t].copy_(h_new)
             h = h_seq[t]
             if c_seq is not None:
-                c_seq[t].copy_(c_new)
                 c = c_seq[t]
-            if ct_seq is not None:
-                ct_seq[t].copy_(ct)
         return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
 
+    @staticmethod
+    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out) -> None:
+        """The pointwise math of one step (the cell's ``step_forward``) into the output rows.
+
+        The seam where the ``triton`` backend's step path puts one fused kernel.
+        """
+        h_new, c_new, ct = cell.step_forward(a, rec, h, c, cm, zh, zc, extra)
+        h_out.copy_(h_new)
+        if c_out is not None:
+            c_out.copy_(c_new)
+        if ct_out is not None:
+            ct_out.copy_(ct)
+
     def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()) -> Grads:
-        cell, m = inp.cell, inp.masks
         T, B, GH = s.acts.shape
-        H = inp.w_hh.shape[1]
         need = _need(need_masks)
+        dgx, dgh, dh0, dc0, per_step = self._bptt(inp, s, dh_seq, dc_last, need)
+        g = Grads(dh0=dh0, dc0=dc0)
+        if need_w:
+            g.dw_hh = self._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
+            if inp.b_h is not None:
+                g.db_h = dgh.reshape(T * B, GH).sum(0)
+        self._input_grads(g, inp, dgx, need_x, need_w)
+        if any(need):
+            g.dmasks = loop_mask_grads(inp, dgx, need, per_step)
+        return g
+
+    def _bptt(self, inp, s: Saved, dh_seq, dc_last, need: tuple[bool, ...]) -> tuple:
+        """Backprop through time: ``(dgx, dgh, dh0, dc0, per-step mask gradients)``."""
+        cell, m = inp.cell, inp.masks
+        T, B = s.acts.shape[:2]
+        H = inp.w_hh.shape[1]
         drec_seq, *dm_seq = mask_grad_buffers(inp, T, need, s.acts)  # concrete dropout
         step_dm = any(d is not None for d in dm_seq)
         dgx = torch.empty_like(s.acts)
@@ -195,11 +224,11 @@ class PythonBackend:
             if cell.has_cell:
                 c_prev = inp.c0 if t == first else s.c_seq[tp]
                 ct = s.c_seq[t] if s.ct_seq is None else s.ct_seq[t]
-            carry, dc = cell.step_backward(
-                s.acts[t], None if s.hn_seq is None else s.hn_seq[t], h_prev, c_prev, ct,
+            carry, dc = self._step_backward(
+                cell, s.acts[t], None if s.hn_seq is None else s.hn_seq[t], h_prev, c_prev, ct,
                 _at(m.candidate, t), _at(m.zoneout_h, t), _at(m.zoneout_c, t), d, dc,
-                dgx[t], dgh[t],
-                **({"dm": tuple(None if b is None else b[t] for b in dm_seq)} if step_dm else {}),
+                dgx[t], dgh[t], tuple(None if b is None else b[t] for b in dm_seq)
+                if step_dm else None,
             )  # fmt: skip
             if carry is None:
                 carry = torch.zeros_like(d)
@@ -208,19 +237,19 @@ class PythonBackend:
             if drec_seq is not None:  # dL/dm^h_t = dL/d(masked h_{t-1}) ⊙ h_{t-1}
                 torch.mul(dh_rec, h_prev, out=drec_seq[t])
             m_next = _at(m.recurrent, t)
-        g = Grads(dc0=dc)
         if dh_rec is None:  # T = 0
-            g.dh0 = carry
+            dh0 = carry
         else:
-            g.dh0 = carry + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
-        if need_w:
-            g.dw_hh = self._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
-            if inp.b_h is not None:
-                g.db_h = dgh.reshape(T * B, GH).sum(0)
-        self._input_grads(g, inp, dgx, need_x, need_w)
-        if any(need):
-            g.dmasks = loop_mask_grads(inp, dgx, need, (drec_seq, *dm_seq))
-        return g
+            dh0 = carry + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
+        return dgx, dgh, dh0, dc, (drec_seq, *dm_seq)
+
+    @staticmethod
+    def _step_backward(cell, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm):
+        """Backward of :meth:`_step_forward`: the cell's ``step_backward`` (``dm`` None
+        unless a mask's gradient is wanted). Returns ``(carry, dc_prev)``."""
+        kw = {} if dm is None else {"dm": dm}
+        return cell.step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh,
+                                  **kw)  # fmt: skip
 
     @staticmethod
     def _recurrent_grad(dg: Tensor, w_hh: Tensor, Gr: int) -> Tensor:

@@ -1,20 +1,33 @@
-"""The ``triton`` loop backend: the whole time loop of a layer in one Triton launch.
+"""The ``triton`` loop backend: GPU kernels for every loop-path site of the LSTM and the GRU.
 
 For the LSTM and the GRU, every loop-path site of the contract: tied and untied recurrent
 masks (per sample, shared over time or per step), candidate masks, zoneout on ``h`` (and on
 ``c`` for the LSTM), untied input masks (applied by :func:`~rnndrop.kernels.python.project`
 before the loop), both directions, with or without biases and the input projection.
-Float32 only, hidden size up to :data:`MAX_H`. Kernels: :mod:`._kernels`.
+
+Two paths (``$RNNDROP_TRITON_PATH``, :func:`triton_path`):
+
+- ``loop``: the whole time loop of a layer in one launch (:mod:`._kernels` ``{cell}_fwd`` /
+  ``{cell}_bwd``). Each program owns a block of the batch and keeps its state on chip for
+  every step. Float32, hidden size up to :data:`MAX_H`, and the shared memory a block may use.
+- ``step``: for everything else (larger hidden sizes, float16/bfloat16 under autocast, GPUs
+  with less shared memory): the reference loop of :class:`~rnndrop.kernels.python.PythonBackend`
+  with a cuBLAS GEMM per step and the step's pointwise math in one fused kernel
+  (``{cell}_step_fwd`` / ``{cell}_step_bwd``). With ``RNNDROP_CUDA_GRAPHS=1`` the loop of
+  forward and of backward is captured into CUDA graphs, cached per call signature, and
+  replayed (one launch for the whole loop's kernels; opt-in until it is measured on a GPU).
+
+``auto`` (the default) takes ``loop`` where it fits, else ``step``.
 
 Where it runs: on CUDA tensors (compiled), or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set (slow: for the parity tests). This module imports triton only when
 the backend is asked whether it can run, so ``import rnndrop`` never needs it (torch's
 dynamo imports an installed triton early on its own).
 
-What the kernel does and what the adapter does: the kernel runs the time loop (recurrent
-GEMMs, masks, gate math) and, in backward, writes the gate gradients and ``dh0``/``dc0``.
-The input projection before the loop and every weight and input gradient after it are
-plain torch GEMMs over all ``T·B`` rows, the very functions of the ``python`` reference.
+What the kernels do and what the adapter does: the kernels run the time loop (recurrent
+GEMMs, masks, gate math) or one step of it and, in backward, write the gate gradients; the
+input projection before the loop and every weight and input gradient after it are plain torch
+GEMMs over all ``T·B`` rows, the very functions of the ``python`` reference.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..contract import Grads, LayerInputs, Saved
+from ..contract import Grads, LayerInputs, LayerMasks, Saved
 from ..python import PythonBackend, loop_mask_grads, mask_grad_buffers, project
 
 __all__ = ["MAX_H", "TritonBackend", "interpreting"]
@@ -118,23 +131,37 @@ class TritonBackend:
         why = _triton_missing()
         if why is not None:
             return why
-        if x.dtype != torch.float32:
-            return f"its kernels run float32 only and the input is {x.dtype}"
+        if x.dtype not in (*HALF, torch.float32):
+            return (f"its kernels run float32, float16 and bfloat16 only and the input is "
+                    f"{x.dtype}")  # fmt: skip
         if inp.cell.name not in ("lstm", "gru"):
             return f"it has no {inp.cell.name} kernel"
+        if inp.cell.name == "gru" and inp.masks.zoneout_c is not None:
+            return "a GRU has no cell state to zone out"
+        if x.shape[0] == 0:
+            return "the sequence is empty"
+        B, H = inp.h0.shape
+        if B * inp.cell.gates * H > _INT32:
+            return "the tensors are too large for the kernels' 32-bit offsets"
+        if triton_path() == "loop":
+            return self._loop_unfit(inp)
+        return None
+
+    @staticmethod
+    def _loop_unfit(inp: LayerInputs) -> str | None:
+        """Why the one-launch kernel cannot hold this layer (None: it can)."""
+        x = inp.x
+        T, B = x.shape[:2]
+        G = inp.cell.gates
         H = inp.w_hh.shape[1]
+        if x.dtype != torch.float32:
+            return f"its one-launch kernel runs float32 only and the input is {x.dtype}"
         if H > MAX_H:
             return (f"its one-launch kernel holds hidden sizes up to {MAX_H} and this layer has "
                     f"{H}")  # fmt: skip
-        if inp.cell.name == "gru" and inp.masks.zoneout_c is not None:
-            return "a GRU has no cell state to zone out"
-        T, B = x.shape[:2]
-        G = inp.cell.gates
         if max(T * B * G * H, G * H * H, max(inp.masks.recurrent.shape[1], 1) * T * B * H
                if inp.masks.recurrent is not None else 0) > _INT32:  # fmt: skip
-            return "the tensors are too large for the kernels' 32-bit offsets"
-        if T == 0:
-            return "the sequence is empty"
+            return "the tensors are too large for the one-launch kernel's 32-bit offsets"
         if x.device.type == "cuda":
             need = _SHARED_BYTES[_block_h(H)]
             have = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
@@ -145,7 +172,14 @@ class TritonBackend:
                 )
         return None
 
+    def _steps(self, inp: LayerInputs) -> bool:
+        """Whether this layer runs on the step path (see :func:`triton_path`)."""
+        path = triton_path()
+        return path == "step" or (path == "auto" and self._loop_unfit(inp) is not None)
+
     def forward(self, inp: LayerInputs) -> Saved:
+        if self._steps(inp):
+            return _STEPS.forward(inp)
         cell, m, x = inp.cell, inp.masks, inp.x
         T, B = x.shape[:2]
         H = inp.w_hh.shape[1]
@@ -186,6 +220,8 @@ class TritonBackend:
     def backward(
         self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()
     ) -> Grads:
+        if self._steps(inp):
+            return _STEPS.backward(inp, s, dh_seq, dc_last, need_x, need_w, need_masks)
         cell, m = inp.cell, inp.masks
         T, B, GH = s.acts.shape
         H = inp.w_hh.shape[1]
@@ -240,3 +276,195 @@ class TritonBackend:
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+PATHS = ("auto", "loop", "step")
+HALF = (torch.float16, torch.bfloat16)  # the step path's (autocast's) lower precisions
+
+
+def triton_path() -> str:
+    """``$RNNDROP_TRITON_PATH``: ``auto`` (default), ``loop`` or ``step``.
+
+    ``loop``: the whole time loop in one launch (hidden sizes up to :data:`MAX_H`, and the
+    shared memory a block may use on this GPU). ``step``: the host runs the loop, a cuBLAS
+    GEMM per step adds the recurrent product and one fused Triton kernel does the step's
+    pointwise math. ``auto`` takes ``loop`` where it fits, else ``step``.
+    """
+    path = os.environ.get("RNNDROP_TRITON_PATH", "auto").strip().lower()
+    if path not in PATHS:
+        raise ValueError(f"RNNDROP_TRITON_PATH={path!r}: choose one of {list(PATHS)}")
+    return path
+
+
+STEP_BLOCK = 512  # (B, H) elements per program of a step kernel
+
+
+class _TritonSteps(PythonBackend):
+    """The step path: the reference loop of :class:`PythonBackend` (its GEMMs, the masked
+    ``h_{t-1}`` and every weight gradient, unchanged), with each step's pointwise math, the
+    cells' ``step_forward`` / ``step_backward``, done by one Triton kernel
+    (``{cell}_step_fwd`` / ``{cell}_step_bwd``) that writes straight into the output rows."""
+
+    @staticmethod
+    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out) -> None:
+        B, H = h.shape
+        N = B * H
+        grid = (triton_cdiv(N, STEP_BLOCK),)
+        cma = _mask_args(cm, (B, H), a)
+        zha = _mask_args(zh, (B, H), a)
+        interp = interpreting()
+        if cell.name == "lstm":
+            zca = _mask_args(zc, (B, H), a)
+            _kernel("lstm_step_fwd", interp)[grid](
+                a, h, c, cma[0], zha[0], zca[0], h_out, c_out, a if ct_out is None else ct_out,
+                N, H, *cma[1:], *zha[1:], *zca[1:], HAS_CM=cm is not None,
+                HAS_ZH=zh is not None, HAS_ZC=zc is not None, BLOCK=STEP_BLOCK,
+            )  # fmt: skip
+            return
+        _kernel("gru_step_fwd", interp)[grid](
+            a, rec, h, cma[0], zha[0], h_out, extra, N, H, *cma[1:], *zha[1:],
+            HAS_CM=cm is not None, HAS_ZH=zh is not None, BLOCK=STEP_BLOCK,
+        )  # fmt: skip
+
+    @staticmethod
+    def _step_backward(cell, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm):
+        B, H = h_prev.shape
+        N = B * H
+        grid = (triton_cdiv(N, STEP_BLOCK),)
+        d = d.contiguous()
+        cma = _mask_args(cm, (B, H), acts)
+        zha = _mask_args(zh, (B, H), acts)
+        dcm, dzh, dzc = (None, None, None) if dm is None else dm
+        carry = torch.empty_like(d)
+        interp = interpreting()
+        if cell.name == "lstm":
+            zca = _mask_args(zc, (B, H), acts)
+            dc_prev = torch.empty_like(d)
+            _kernel("lstm_step_bwd", interp)[grid](
+                acts, ct, c_prev, h_prev, cma[0], zha[0], zca[0], d, dc.contiguous(), dgx,
+                carry, dc_prev, *(acts if t is None else t for t in (dcm, dzh, dzc)),
+                N, H, *cma[1:], *zha[1:], *zca[1:], HAS_CM=cm is not None,
+                HAS_ZH=zh is not None, HAS_ZC=zc is not None, MG_CM=dcm is not None,
+                MG_ZH=dzh is not None, MG_ZC=dzc is not None, BLOCK=STEP_BLOCK,
+            )  # fmt: skip
+            return carry, dc_prev
+        _kernel("gru_step_bwd", interp)[grid](
+            acts, extra, h_prev, cma[0], zha[0], d, dgx, dgh, carry,
+            *(acts if t is None else t for t in (dcm, dzh)), N, H, *cma[1:], *zha[1:],
+            HAS_CM=cm is not None, HAS_ZH=zh is not None, MG_CM=dcm is not None,
+            MG_ZH=dzh is not None, BLOCK=STEP_BLOCK,
+        )  # fmt: skip
+        return carry, None
+
+
+    # the loop of forward and of backward, each replayed from a CUDA graph when enabled
+    def _loop(self, inp: LayerInputs, acts: Tensor) -> Saved:
+        if not cuda_graphs(acts):
+            return super()._loop(inp, acts)
+        m = inp.masks
+
+        def run(acts, w_hh, b_h, h0, c0, *masks):
+            static = LayerInputs(inp.cell, acts, None, None, w_hh, b_h, h0, c0,
+                                 LayerMasks(*masks), inp.reverse)  # fmt: skip
+            return PythonBackend._loop(self, static, acts)
+
+        key = ("loop", inp.cell.name, inp.reverse)
+        return _GRAPHS(key, run, acts, inp.w_hh, inp.b_h, inp.h0, inp.c0, *m.tensors())
+
+    def _bptt(self, inp, s: Saved, dh_seq, dc_last, need):
+        if not cuda_graphs(s.acts):
+            return super()._bptt(inp, s, dh_seq, dc_last, need)
+        n_masks = len(inp.masks.tensors())
+
+        def run(w_hh, h0, c0, dh_seq, dc_last, *rest):
+            masks, saved = rest[:n_masks], rest[n_masks:]
+            static = LayerInputs(inp.cell, saved[0], None, None, w_hh, None, h0, c0,
+                                 LayerMasks(*masks), inp.reverse)  # fmt: skip
+            return PythonBackend._bptt(self, static, Saved(*saved), dh_seq, dc_last, need)
+
+        key = ("bptt", inp.cell.name, inp.reverse, tuple(need))
+        return _GRAPHS(key, run, inp.w_hh, inp.h0, inp.c0, dh_seq, dc_last,
+                       *inp.masks.tensors(), *s.tensors())  # fmt: skip
+
+
+_STEPS = _TritonSteps()
+
+
+def cuda_graphs(t: Tensor) -> bool:
+    """Whether the step loop replays CUDA graphs: ``RNNDROP_CUDA_GRAPHS=1``, a CUDA tensor,
+    and no capture of the caller's under way (a graph inside a graph is not captured)."""
+    on = os.environ.get("RNNDROP_CUDA_GRAPHS", "0").strip().lower() in ("1", "true", "on", "yes")
+    return on and t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+def _clone(out):
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, Saved):
+        return Saved(*[_clone(t) for t in out.tensors()])
+    if isinstance(out, tuple):
+        return tuple(_clone(t) for t in out)
+    return out  # None
+
+
+class _GraphCache:
+    """CUDA graphs of the step loop, one per call signature (the shapes, strides, dtype and
+    device of every tensor, which are None, the cell, the direction, the gradients asked for),
+    least recently used evicted beyond :attr:`size` (each holds its buffers: about the
+    layer's saved activations).
+
+    A signature's first call runs eagerly (it compiles the Triton kernels and warms cuBLAS,
+    which must not happen during a capture); its second captures the loop into a graph on
+    static copies of the inputs; every call copies its inputs into those, replays, and clones
+    the outputs (the next replay overwrites them, and two layers of one shape share a graph).
+    """
+
+    size = 16
+
+    def __init__(self) -> None:
+        from collections import OrderedDict
+
+        self.entries: OrderedDict = OrderedDict()
+
+    def __call__(self, key, fn, *tensors: Tensor | None):
+        key = (key, tuple(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
+                          for t in tensors))  # fmt: skip
+        entry = self.entries.get(key)
+        if entry is None:
+            self.entries[key] = False
+            self._trim()
+            return fn(*tensors)
+        if entry is False:
+            static = [None if t is None else t.clone() for t in tensors]
+            entry = self.entries[key] = (*self._capture(fn, static), static)
+        self.entries.move_to_end(key)
+        replay, out, static = entry
+        for dst, src in zip(static, tensors, strict=True):
+            if src is not None:
+                dst.copy_(src)
+        replay()
+        return _clone(out)
+
+    @staticmethod
+    def _capture(fn, static: list):
+        """``(replay, outputs)``: ``fn(*static)`` captured into a CUDA graph."""
+        device = next(t for t in static if t is not None).device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up on a side stream, as torch asks
+            fn(*static)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out = fn(*static)
+        return graph.replay, out
+
+    def _trim(self) -> None:
+        graphs = [k for k, e in self.entries.items() if e]
+        for k in graphs[: max(0, len(graphs) - self.size)]:
+            del self.entries[k]
+        while len(self.entries) > 4 * self.size:
+            self.entries.popitem(last=False)
+
+
+_GRAPHS = _GraphCache()

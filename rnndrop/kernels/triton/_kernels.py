@@ -426,3 +426,193 @@ def gru_bwd(
         else:
             dhr = r0 + r1 + r2
     tl.store(DH0 + bh, carry + dhr, mask=m2)
+
+
+# ---- the step path (hidden sizes beyond the one-launch kernel) ----------------------------
+# The loop runs on the host: per step a cuBLAS GEMM adds the recurrent product, then one of
+# these kernels does the step's pointwise math, exactly the cells' step_forward/step_backward
+# (rnndrop/nn/cells). One program per BLOCK elements of the (B, H) state; element e is
+# (b, n) = (e // H, e % H). A mask row (B, H) of step t comes with its strides (0: shared).
+# Tensors may be float32, float16 or bfloat16 (autocast): every load is widened to float32,
+# the math runs in float32, and each store rounds once to its tensor's dtype.
+
+
+def lstm_step_fwd(
+    A, HP, CP, CM, ZH, ZC, HOUT, COUT, CTOUT,
+    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A (B, 4H) pre-activations -> i, f, g, o in place; HOUT, COUT (B, H) h_t, c_t; CTOUT
+    c̃_t (with zoneout on c)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < N
+    b = e // H
+    n = e % H
+    a = A + b * 4 * H + n
+    i = 1.0 / (1.0 + tl.exp(-tl.load(a, mask=m, other=0.0).to(tl.float32)))
+    f = 1.0 / (1.0 + tl.exp(-tl.load(a + H, mask=m, other=0.0).to(tl.float32)))
+    g = 2.0 / (1.0 + tl.exp(-2.0 * tl.load(a + 2 * H, mask=m, other=0.0).to(tl.float32))) - 1.0
+    o = 1.0 / (1.0 + tl.exp(-tl.load(a + 3 * H, mask=m, other=0.0).to(tl.float32)))
+    tl.store(a, i, mask=m)
+    tl.store(a + H, f, mask=m)
+    tl.store(a + 2 * H, g, mask=m)
+    tl.store(a + 3 * H, o, mask=m)
+    hp = tl.load(HP + e, mask=m, other=0.0).to(tl.float32)
+    cp = tl.load(CP + e, mask=m, other=0.0).to(tl.float32)
+    gm = g
+    if HAS_CM:
+        gm = g * tl.load(CM + b * cm_b + n * cm_h, mask=m, other=0.0).to(tl.float32)
+    ct = f * cp + i * gm
+    h = o * (2.0 / (1.0 + tl.exp(-2.0 * ct)) - 1.0)
+    c = ct
+    if HAS_ZC:
+        c = ct + tl.load(ZC + b * zc_b + n * zc_h, mask=m, other=0.0).to(tl.float32) * (cp - ct)
+        tl.store(CTOUT + e, ct, mask=m)
+    if HAS_ZH:
+        h = h + tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32) * (hp - h)
+    tl.store(HOUT + e, h, mask=m)
+    tl.store(COUT + e, c, mask=m)
+
+
+def lstm_step_bwd(
+    A, CT, CP, HP, CM, ZH, ZC, D, DC, DG, CARRY, DCP, DCM, DZH, DZC,
+    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
+    MG_CM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Backward of lstm_step_fwd. D dL/dh_t, DC dL/dc_t, CT c̃_t (c_t without zoneout on c),
+    A the activations; writes DG (B, 4H) dL/d(pre-activations), CARRY zoneout's direct
+    gradient into h_{t-1} (0 without it), DCP dL/dc_{t-1}, and under MG_* the gradients of
+    this step's masks: DCM dL/dc̃ ⊙ i ⊙ g, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t), DZC dL/dc_t ⊙
+    (c_{t-1} − c̃_t)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < N
+    b = e // H
+    n = e % H
+    a = A + b * 4 * H + n
+    i = tl.load(a, mask=m, other=0.0).to(tl.float32)
+    f = tl.load(a + H, mask=m, other=0.0).to(tl.float32)
+    g = tl.load(a + 2 * H, mask=m, other=0.0).to(tl.float32)
+    o = tl.load(a + 3 * H, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(D + e, mask=m, other=0.0).to(tl.float32)
+    dc = tl.load(DC + e, mask=m, other=0.0).to(tl.float32)
+    ct = tl.load(CT + e, mask=m, other=0.0).to(tl.float32)
+    cp = tl.load(CP + e, mask=m, other=0.0).to(tl.float32)
+    dht = d
+    carry = tl.full((BLOCK,), 0.0, tl.float32)
+    if HAS_ZH:
+        zh = tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32)
+        dht = d * (1.0 - zh)
+        carry = d * zh
+    dcn = dc
+    if HAS_ZC:
+        zc = tl.load(ZC + b * zc_b + n * zc_h, mask=m, other=0.0).to(tl.float32)
+        dcn = dc * (1.0 - zc)
+    tc = 2.0 / (1.0 + tl.exp(-2.0 * ct)) - 1.0
+    dcn = dcn + dht * o * (1.0 - tc * tc)
+    gm = g
+    dgg = dcn * i
+    if HAS_CM:
+        cm = tl.load(CM + b * cm_b + n * cm_h, mask=m, other=0.0).to(tl.float32)
+        gm = g * cm
+        dgg = dcn * i * cm
+    dg = DG + b * 4 * H + n
+    tl.store(dg, dcn * gm * (i * (1.0 - i)), mask=m)
+    tl.store(dg + H, dcn * cp * (f * (1.0 - f)), mask=m)
+    tl.store(dg + 2 * H, dgg * (1.0 - g * g), mask=m)
+    tl.store(dg + 3 * H, dht * tc * (o * (1.0 - o)), mask=m)
+    if MG_CM:
+        tl.store(DCM + e, dcn * i * g, mask=m)
+    if MG_ZH:
+        tl.store(DZH + e, d * (tl.load(HP + e, mask=m, other=0.0).to(tl.float32) - o * tc), mask=m)
+    if MG_ZC:
+        tl.store(DZC + e, dc * (cp - ct), mask=m)
+    dcp = dcn * f
+    if HAS_ZC:
+        dcp = dcp + dc * zc
+    tl.store(DCP + e, dcp, mask=m)
+    tl.store(CARRY + e, carry, mask=m)
+
+
+def gru_step_fwd(
+    A, REC, HP, CM, ZH, HOUT, EXTRA,
+    N, H, cm_b, cm_h, zh_b, zh_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """A (B, 3H) input projections -> r, z, n in place, with REC (B, 3H) the recurrent
+    product (b_hh included); EXTRA (B, H) ← its n block (saved for backward); HOUT h_t."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < N
+    b = e // H
+    n = e % H
+    a = A + b * 3 * H + n
+    rec = REC + b * 3 * H + n
+    r = 1.0 / (1.0 + tl.exp(-(tl.load(a, mask=m, other=0.0).to(tl.float32)
+                              + tl.load(rec, mask=m, other=0.0).to(tl.float32))))  # fmt: skip
+    z = 1.0 / (1.0 + tl.exp(-(tl.load(a + H, mask=m, other=0.0).to(tl.float32)
+                              + tl.load(rec + H, mask=m, other=0.0).to(tl.float32))))  # fmt: skip
+    pn = tl.load(rec + 2 * H, mask=m, other=0.0).to(tl.float32)
+    xn = tl.load(a + 2 * H, mask=m, other=0.0).to(tl.float32) + r * pn
+    nn = 2.0 / (1.0 + tl.exp(-2.0 * xn)) - 1.0
+    tl.store(a, r, mask=m)
+    tl.store(a + H, z, mask=m)
+    tl.store(a + 2 * H, nn, mask=m)
+    tl.store(EXTRA + e, pn, mask=m)
+    hp = tl.load(HP + e, mask=m, other=0.0).to(tl.float32)
+    nm = nn
+    if HAS_CM:
+        nm = nn * tl.load(CM + b * cm_b + n * cm_h, mask=m, other=0.0).to(tl.float32)
+    h = nm + z * (hp - nm)
+    if HAS_ZH:
+        h = h + tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32) * (hp - h)
+    tl.store(HOUT + e, h, mask=m)
+
+
+def gru_step_bwd(
+    A, EXTRA, HP, CM, ZH, D, DGX, DGH, CARRY, DCM, DZH,
+    N, H, cm_b, cm_h, zh_b, zh_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, MG_CM: tl.constexpr, MG_ZH: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Backward of gru_step_fwd: DGX dL/d(xp_t), DGH dL/d(hp_t) (B, 3H), CARRY the direct
+    gradient into h_{t-1}; under MG_*: DCM dL/dh̃ ⊙ (1 − z) ⊙ n, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < N
+    b = e // H
+    n = e % H
+    a = A + b * 3 * H + n
+    r = tl.load(a, mask=m, other=0.0).to(tl.float32)
+    z = tl.load(a + H, mask=m, other=0.0).to(tl.float32)
+    nn = tl.load(a + 2 * H, mask=m, other=0.0).to(tl.float32)
+    pn = tl.load(EXTRA + e, mask=m, other=0.0).to(tl.float32)
+    hp = tl.load(HP + e, mask=m, other=0.0).to(tl.float32)
+    d = tl.load(D + e, mask=m, other=0.0).to(tl.float32)
+    dht = d
+    if HAS_ZH:
+        zh = tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32)
+        dht = d * (1.0 - zh)
+    nm = nn
+    dn = dht * (1.0 - z)
+    if HAS_CM:
+        cm = tl.load(CM + b * cm_b + n * cm_h, mask=m, other=0.0).to(tl.float32)
+        nm = nn * cm
+        dn = dht * (1.0 - z) * cm
+    gn = dn * (1.0 - nn * nn)
+    gr = gn * pn * (r * (1.0 - r))
+    gz = dht * (hp - nm) * (z * (1.0 - z))
+    dgx = DGX + b * 3 * H + n
+    tl.store(dgx, gr, mask=m)
+    tl.store(dgx + H, gz, mask=m)
+    tl.store(dgx + 2 * H, gn, mask=m)
+    dgh = DGH + b * 3 * H + n
+    tl.store(dgh, gr, mask=m)
+    tl.store(dgh + H, gz, mask=m)
+    tl.store(dgh + 2 * H, gn * r, mask=m)
+    if MG_CM:
+        tl.store(DCM + e, dht * (1.0 - z) * nn, mask=m)
+    if MG_ZH:
+        tl.store(DZH + e, d * (hp - (nm + z * (hp - nm))), mask=m)
+    carry = dht * z
+    if HAS_ZH:
+        carry = carry + d * zh
+    tl.store(CARRY + e, carry, mask=m)
