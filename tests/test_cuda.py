@@ -1,13 +1,15 @@
 """CUDA: fused path against cuDNN's nn.LSTM, loop path against the CPU (same masks)."""
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
+from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import LSTM
+from rnndrop.nn import GRU, LSTM
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -60,3 +62,76 @@ def test_eval_and_mc_on_cuda():
     assert torch.equal(lstm(x)[0], lstm(x)[0])
     with mc_dropout(lstm):
         assert not torch.equal(lstm(x)[0], lstm(x)[0])
+
+
+# ---- the triton backend on a GPU (its parity in the interpreter: tests/test_triton.py) ----
+
+CELL_PAIRS = [(LSTM, nn.LSTM), (GRU, nn.GRU)]
+LOOP_SCHEME = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.1, tied=False, time="per_step")
+
+
+def _run(model, x, loop=None, env=None, monkeypatch=None):
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    x = x.clone().requires_grad_()
+    with kernels.loop_backend(loop) if loop else contextlib.nullcontext():
+        torch.manual_seed(3)
+        out, state = model(x)
+    states = state if isinstance(state, tuple) else (state,)
+    grads = torch.autograd.grad(out.square().sum() + sum(s.sum() for s in states),
+                                [x, *model.parameters()])  # fmt: skip
+    for k in env or {}:
+        monkeypatch.delenv(k)
+    return [out, *states, *grads]
+
+
+@pytest.mark.parametrize("path", ["loop", "step", "graphs"])
+@pytest.mark.parametrize("H", [64, 200])
+@pytest.mark.parametrize("cls,ref", CELL_PAIRS)
+def test_triton_without_dropout_matches_cudnn(cls, ref, H, path, monkeypatch):
+    """The loop forced (force_loop) on triton at no dropout against cuDNN, TF32 off."""
+    if path == "loop" and H > 128:
+        pytest.skip("the one-launch kernel holds H <= 128")
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    theirs = ref(8, H, 2, bidirectional=True).cuda()
+    ours = cls(8, H, 2, bidirectional=True).cuda()
+    ours.load_state_dict(theirs.state_dict())
+    ours.force_loop = True
+    env = {"RNNDROP_TRITON_PATH": "step" if path == "graphs" else path}
+    if path == "graphs":
+        env["RNNDROP_CUDA_GRAPHS"] = "1"
+    x = torch.randn(9, 5, 8, device="cuda")
+    want = _run(theirs, x)
+    for _ in range(3 if path == "graphs" else 1):  # eager, capture, replay
+        got = _run(ours, x, "triton", env, monkeypatch)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("H", [64, 200])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_triton_with_masks_matches_the_python_loop_on_cuda(cls, H, monkeypatch):
+    """Both paths against the PyTorch loop (the GEMMs follow torch's TF32 setting, off by
+    default, in both)."""
+    m = cls(8, H, 2, bidirectional=True, dropout=LOOP_SCHEME).cuda().train()
+    x = torch.randn(9, 5, 8, device="cuda")
+    want = _run(m, x, "python")
+    for env in ({}, {"RNNDROP_TRITON_PATH": "step"}):
+        got = _run(m, x, "triton", env, monkeypatch)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_triton_under_autocast_trains(cls, dtype):
+    """Autocast: the step path runs the loop in autocast's dtype; float32 gradients, close
+    to the float32 layer's at half precision's tolerance."""
+    m = cls(8, 200, 2, dropout=LOOP_SCHEME).cuda().train()
+    x = torch.randn(9, 5, 8, device="cuda")
+    with torch.autocast("cuda", dtype=dtype):
+        got = _run(m, x, "triton")
+    want = _run(m, x, "python")
+    assert got[1].dtype == dtype
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b, atol=0.05 * b.abs().max().item(), rtol=0.05)
