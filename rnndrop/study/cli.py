@@ -88,52 +88,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _context(args: argparse.Namespace) -> int:
-    from .context import (
-        load_context_result,
-        load_context_study,
-        run_context_study,
-        write_context_report,
-    )
+    from . import context as c
 
-    if not args.config or args.quick or args.cell or args.list_cells:
-        print("rnndrop study context: give --config (no --quick, --cell, --list-cells)",
-              file=sys.stderr)  # fmt: skip
+    if not args.config:
+        print("rnndrop study context: give --config", file=sys.stderr)
         return 2
-    study = load_context_study(args.config, out_dir=args.out_dir, name=args.name)
-    if not args.report_only:
-        results = run_context_study(study, progress=not args.no_progress)
-    else:
-        results = [r for c in study.cells() if (r := load_context_result(study, c)) is not None]
-    if not results:
-        print(f"rnndrop study: no finished runs under {study.root}", file=sys.stderr)
-        return 1
-    paths = write_context_report(study, results)
-    print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    print(paths["markdown"].read_text())
-    return 0
+    return _grid_study(args, "context", c.load_context_study, c.run_context_study,
+                       c.load_context_result, c.write_context_report)  # fmt: skip
 
 
 def _inference(args: argparse.Namespace) -> int:
-    from .inference import (
-        load_inference_result,
-        load_inference_study,
-        run_inference_study,
-        write_inference_report,
-    )
+    from . import inference as i
 
+    return _grid_study(args, "inference", i.load_inference_study, i.run_inference_study,
+                       i.load_inference_result, i.write_inference_report)  # fmt: skip
+
+
+def _grid_study(args, kind: str, load, run, load_result, write_report) -> int:
+    """A study of schemes x rates x seeds (context, inference): run, or read, then report."""
     if args.quick or args.cell or args.list_cells:
-        print("rnndrop study inference: give --config (no --quick, --cell, --list-cells)",
+        print(f"rnndrop study {kind}: give --config (no --quick, --cell, --list-cells)",
               file=sys.stderr)  # fmt: skip
         return 2
-    study = load_inference_study(args.config, out_dir=args.out_dir, name=args.name)
+    study = load(args.config, out_dir=args.out_dir, name=args.name)
     if not args.report_only:
-        results = run_inference_study(study, progress=not args.no_progress)
+        results = run(study, progress=not args.no_progress)
     else:
-        results = [r for c in study.cells() if (r := load_inference_result(study, c)) is not None]
+        results = [r for c in study.cells() if (r := load_result(study, c)) is not None]
     if not results:
         print(f"rnndrop study: no finished runs under {study.root}", file=sys.stderr)
         return 1
-    paths = write_inference_report(study, results)
+    paths = write_report(study, results)
     print("report: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
     print(paths["markdown"].read_text())
     return 0

@@ -139,6 +139,34 @@ def resolve_scheme(
     return encoder, config
 
 
+class SchemeGrid:
+    """The grid of a study of schemes × rates × seeds (the context and inference studies):
+    ``scheme_spec``, ``rates_for``, ``cells`` and ``cell_dir``, from the dataclass's fields
+    ``schemes``, ``rates``, ``seeds`` and ``custom_schemes``, its ``root`` and its cell class
+    ``_cell`` (called ``_cell(scheme, rate, seed)``, with a ``label``)."""
+
+    def _check_schemes(self) -> None:
+        """Every scheme named is built in or defined under ``custom_schemes``."""
+        unknown = [s for s in self.schemes if s not in self.custom_schemes
+                   and s not in BUILTIN_SCHEMES]  # fmt: skip
+        if unknown:
+            raise ValueError(f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}; "
+                             "or define them under custom_schemes")  # fmt: skip
+
+    def scheme_spec(self, scheme: str) -> dict[str, Any]:
+        return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
+
+    def rates_for(self, scheme: str) -> list[float | None]:
+        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
+
+    def cells(self) -> list:
+        return [self._cell(s, p, seed) for s in self.schemes for p in self.rates_for(s)
+                for seed in self.seeds]  # fmt: skip
+
+    def cell_dir(self, cell) -> Path:
+        return self.root / cell.label / f"seed={cell.seed}"
+
+
 @dataclass(frozen=True)
 class Cell:
     """One run of the grid. ``task`` is the task's label in a study of several tasks."""

@@ -32,7 +32,7 @@ from .common import (
     tensorboard_summary,
     write_json,
 )
-from .config import BUILTIN_SCHEMES, _hashed, check_model_settings, resolve_scheme, uses_rate
+from .config import SchemeGrid, _hashed, check_model_settings, resolve_scheme
 
 __all__ = [
     "ContextCell",
@@ -61,12 +61,14 @@ class ContextCell:
 
 
 @dataclass
-class ContextStudyConfig:
+class ContextStudyConfig(SchemeGrid):
     """Schemes x rates x seeds of language models on one corpus, each probed for context use.
 
     ``corpus`` is ``ptb``, ``ptb_char``, ``wikitext2`` (from ``data_dir`` /
     ``$RNNDROP_DATA_DIR``) or ``folder`` (``data_dir`` holding train/valid/test text files).
     """
+
+    _cell = ContextCell  # not a field: no annotation
 
     name: str = "context"
     corpus: str = "ptb"
@@ -94,10 +96,7 @@ class ContextStudyConfig:
     def __post_init__(self) -> None:
         from ..analysis.context import MODES
 
-        known = {**BUILTIN_SCHEMES, **self.custom_schemes}
-        unknown = [s for s in self.schemes if s not in known]
-        if unknown:
-            raise ValueError(f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}")
+        self._check_schemes()
         if self.corpus not in ("ptb", "ptb_char", "wikitext2", "folder"):
             raise ValueError(f"corpus must be ptb, ptb_char, wikitext2 or folder, got "
                              f"{self.corpus!r}")  # fmt: skip
@@ -130,22 +129,9 @@ class ContextStudyConfig:
                 "more than bptt tokens; probe with window <= bptt or train with bptt >= window"
             )
 
-    def scheme_spec(self, scheme: str) -> dict[str, Any]:
-        return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
-
-    def rates_for(self, scheme: str) -> list[float | None]:
-        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
-
-    def cells(self) -> list[ContextCell]:
-        return [ContextCell(s, p, seed) for s in self.schemes for p in self.rates_for(s)
-                for seed in self.seeds]  # fmt: skip
-
     @property
     def root(self) -> Path:
         return Path(self.out_dir) / self.name / self.corpus
-
-    def cell_dir(self, cell: ContextCell) -> Path:
-        return self.root / cell.label / f"seed={cell.seed}"
 
     def cell_spec(self, cell: ContextCell) -> dict[str, Any]:
         encoder, dropout = resolve_scheme(self.scheme_spec(cell.scheme), cell.rate)

@@ -54,7 +54,7 @@ from ..analysis.inference import (
     learned_rates,
 )
 from .common import fresh_run_dir, read_settings, write_json
-from .config import BUILTIN_SCHEMES, check_model_settings, resolve_scheme, uses_rate
+from .config import SchemeGrid, check_model_settings, resolve_scheme
 from .inference_report import TITLES, write_inference_report
 
 __all__ = [
@@ -92,7 +92,7 @@ class InferenceCell:
 
 
 @dataclass
-class InferenceStudyConfig:
+class InferenceStudyConfig(SchemeGrid):
     """Schemes x rates x seeds of sequence models on one synthetic classification task, each
     evaluated by weight scaling and by Monte Carlo with both aggregations.
 
@@ -102,6 +102,8 @@ class InferenceStudyConfig:
     gain from more than one, and on a busy machine more threads spin (ten times slower
     measured on a loaded 2-core machine).
     """
+
+    _cell = InferenceCell  # not a field: no annotation
 
     name: str = "inference"  # the study's folder under out_dir
     task: str = "delayed_recall"  # a classification task of rnndrop.data.synthetic
@@ -128,11 +130,7 @@ class InferenceStudyConfig:
     def __post_init__(self) -> None:
         from ..data.synthetic import TASKS
 
-        known = {**BUILTIN_SCHEMES, **self.custom_schemes}
-        unknown = [s for s in self.schemes if s not in known]
-        if unknown:
-            raise ValueError(f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}; "
-                             "or define them under custom_schemes")  # fmt: skip
+        self._check_schemes()
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
         if TASKS[self.task].loss != "cross_entropy":
@@ -164,22 +162,9 @@ class InferenceStudyConfig:
     def mc_samples(self) -> int:
         return max(self.sample_sizes)
 
-    def scheme_spec(self, scheme: str) -> dict[str, Any]:
-        return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
-
-    def rates_for(self, scheme: str) -> list[float | None]:
-        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
-
-    def cells(self) -> list[InferenceCell]:
-        return [InferenceCell(s, p, seed) for s in self.schemes for p in self.rates_for(s)
-                for seed in self.seeds]  # fmt: skip
-
     @property
     def root(self) -> Path:
         return Path(self.out_dir) / self.name / self.task
-
-    def cell_dir(self, cell: InferenceCell) -> Path:
-        return self.root / cell.label / f"seed={cell.seed}"
 
     def train_spec(self, cell: InferenceCell) -> dict[str, Any]:
         """Everything that decides the trained model (hashed: a saved model is reused when
