@@ -54,6 +54,8 @@ SCHEMES = {
     "weight_drop": RecurrentDropout.weight_drop(0.5),
     "semeniuta": RecurrentDropout.semeniuta(0.25),
     "awd": RecurrentDropout.awd(),
+    # learned rates: relaxed masks, drawn explicitly, with gradients back to the rates
+    "variational concrete": RecurrentDropout.variational(0.5).replace(concrete=True),
 }
 
 
@@ -107,7 +109,7 @@ def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_r
     variants = {base_name: (ref, None, None)}
     for name in schemes:
         m = ours(I, H, L, dropout=scheme_for(cell, name)).to(device, dtype)
-        m.load_state_dict(ref.state_dict())
+        m.load_state_dict(ref.state_dict(), strict=False)  # concrete: + its rate logits
         variants[name] = (m, None, None)
         path = _path(m, device)
         if python_row and path not in ("fused", "fused (torch)"):
