@@ -120,6 +120,15 @@ def mask_grad_buffers(inp: LayerInputs, T: int, need_masks: tuple[bool, ...], li
     return tuple(out)
 
 
+def gather_dh(carry: Tensor, dh: Tensor | None, dh_rec: Tensor | None,
+              m_next: Tensor | None) -> Tensor:  # fmt: skip
+    """dL/dh_t = ``carry + dh + Σ_k dh_rec_k ⊙ m_next_k`` (see ``_step_backward``)."""
+    d = carry if dh is None else carry + dh
+    if dh_rec is not None:
+        d = d + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
+    return d
+
+
 def _order(T: int, reverse: bool, backward: bool = False) -> range:
     forward_in_time = reverse == backward
     return range(T) if forward_in_time else range(T - 1, -1, -1)
@@ -215,9 +224,8 @@ class PythonBackend:
         dh_rec, m_next = None, None  # dL/d(masked h_t) from the step after t, and its mask
         first = T - 1 if inp.reverse else 0
         for t in _order(T, inp.reverse, backward=True):
-            d = carry if dh_seq is None else carry + dh_seq[t]
-            if dh_rec is not None:
-                d = d + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
+            # dL/dh_t = carry + dh_seq[t] + Σ_k dh_rec_k ⊙ m_next_k, summed by the step
+            d = (carry, None if dh_seq is None else dh_seq[t], dh_rec, m_next)
             tp = t + 1 if inp.reverse else t - 1
             h_prev = inp.h0 if t == first else s.h_seq[tp]
             c_prev = ct = None
@@ -231,7 +239,7 @@ class PythonBackend:
                 if step_dm else None,
             )  # fmt: skip
             if carry is None:
-                carry = torch.zeros_like(d)
+                carry = torch.zeros_like(h_prev)
             dh_rec = self._recurrent_grad(dgh[t], inp.w_hh, 1 if m.recurrent is None else
                                           m.recurrent.shape[1])  # fmt: skip
             if drec_seq is not None:  # dL/dm^h_t = dL/d(masked h_{t-1}) ⊙ h_{t-1}
@@ -246,19 +254,25 @@ class PythonBackend:
     @staticmethod
     def _step_backward(cell, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm):
         """Backward of :meth:`_step_forward`: the cell's ``step_backward`` (``dm`` None
-        unless a mask's gradient is wanted). Returns ``(carry, dc_prev)``."""
+        unless a mask's gradient is wanted). Returns ``(carry, dc_prev)``.
+
+        ``d`` = ``(carry, dh, dh_rec, m_next)``, the parts of dL/dh_t: the direct gradient
+        from step t+1 (zoneout's and the GRU's carry), the output's gradient (or None), and
+        ``(Gr, B, H)`` dL/d(masked h_t) per gate group from step t+1's recurrent GEMM with
+        that step's recurrent mask (None before the first step, or without a mask).
+        """
         kw = {} if dm is None else {"dm": dm}
-        return cell.step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh,
-                                  **kw)  # fmt: skip
+        return cell.step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, gather_dh(*d),
+                                  dc, dgx, dgh, **kw)  # fmt: skip
 
     @staticmethod
     def _recurrent_grad(dg: Tensor, w_hh: Tensor, Gr: int) -> Tensor:
-        """dL/d(masked h_{t-1}) per gate group: ``(Gr, B, H)``."""
+        """dL/d(masked h_{t-1}) per gate group: ``(Gr, B, H)``, one GEMM (or batched GEMM)."""
         if Gr == 1:
             return (dg @ w_hh).unsqueeze(0)
-        H = w_hh.shape[1]
-        return torch.stack([dg[:, k * H : (k + 1) * H] @ w_hh[k * H : (k + 1) * H]
-                            for k in range(Gr)])  # fmt: skip
+        B, H = dg.shape[0], w_hh.shape[1]
+        # (Gr, B, H) views with row stride Gr·H: a strided batched GEMM, no copy
+        return torch.bmm(dg.view(B, Gr, H).transpose(0, 1), w_hh.view(Gr, H, H))
 
     @staticmethod
     def _weight_hh_grad(dgh: Tensor, h0: Tensor, s: Saved, reverse: bool) -> Tensor:

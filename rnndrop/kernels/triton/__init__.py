@@ -331,28 +331,35 @@ class _TritonSteps(PythonBackend):
         B, H = h_prev.shape
         N = B * H
         grid = (triton_cdiv(N, STEP_BLOCK),)
-        d = d.contiguous()
+        carry_in, dh, dh_rec, m_next = d  # the parts of dL/dh_t, summed in the kernel
+        Gr = 1 if dh_rec is None else dh_rec.shape[0]
+        mna = _mask_args(m_next, (Gr, B, H), acts)
+        gather = dict(HAS_DH=dh is not None, HAS_REC=dh_rec is not None,
+                      HAS_MN=m_next is not None, GR=Gr)  # fmt: skip
         cma = _mask_args(cm, (B, H), acts)
         zha = _mask_args(zh, (B, H), acts)
         dcm, dzh, dzc = (None, None, None) if dm is None else dm
-        carry = torch.empty_like(d)
+        parts = (carry_in.contiguous(), acts if dh is None else dh.contiguous(),
+                 acts if dh_rec is None else dh_rec.contiguous(), mna[0])  # fmt: skip
+        carry = torch.empty_like(h_prev)
         interp = interpreting()
         if cell.name == "lstm":
             zca = _mask_args(zc, (B, H), acts)
-            dc_prev = torch.empty_like(d)
+            dc_prev = torch.empty_like(h_prev)
             _kernel("lstm_step_bwd", interp)[grid](
-                acts, ct, c_prev, h_prev, cma[0], zha[0], zca[0], d, dc.contiguous(), dgx,
+                acts, ct, c_prev, h_prev, cma[0], zha[0], zca[0], *parts, dc.contiguous(), dgx,
                 carry, dc_prev, *(acts if t is None else t for t in (dcm, dzh, dzc)),
-                N, H, *cma[1:], *zha[1:], *zca[1:], HAS_CM=cm is not None,
-                HAS_ZH=zh is not None, HAS_ZC=zc is not None, MG_CM=dcm is not None,
-                MG_ZH=dzh is not None, MG_ZC=dzc is not None, BLOCK=STEP_BLOCK,
+                N, H, *cma[1:], *zha[1:], *zca[1:], *mna[1:], HAS_CM=cm is not None,
+                HAS_ZH=zh is not None, HAS_ZC=zc is not None, **gather,
+                MG_CM=dcm is not None, MG_ZH=dzh is not None, MG_ZC=dzc is not None,
+                BLOCK=STEP_BLOCK,
             )  # fmt: skip
             return carry, dc_prev
         _kernel("gru_step_bwd", interp)[grid](
-            acts, extra, h_prev, cma[0], zha[0], d, dgx, dgh, carry,
+            acts, extra, h_prev, cma[0], zha[0], *parts, dgx, dgh, carry,
             *(acts if t is None else t for t in (dcm, dzh)), N, H, *cma[1:], *zha[1:],
-            HAS_CM=cm is not None, HAS_ZH=zh is not None, MG_CM=dcm is not None,
-            MG_ZH=dzh is not None, BLOCK=STEP_BLOCK,
+            *mna[1:], HAS_CM=cm is not None, HAS_ZH=zh is not None, **gather,
+            MG_CM=dcm is not None, MG_ZH=dzh is not None, BLOCK=STEP_BLOCK,
         )  # fmt: skip
         return carry, None
 

@@ -475,12 +475,15 @@ def lstm_step_fwd(
 
 
 def lstm_step_bwd(
-    A, CT, CP, HP, CM, ZH, ZC, D, DC, DG, CARRY, DCP, DCM, DZH, DZC,
-    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h,
+    A, CT, CP, HP, CM, ZH, ZC, CIN, DH, DHREC, MN, DC, DG, CARRY, DCP, DCM, DZH, DZC,
+    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, mn_g, mn_b, mn_h,
     HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
+    HAS_DH: tl.constexpr, HAS_REC: tl.constexpr, HAS_MN: tl.constexpr, GR: tl.constexpr,
     MG_CM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Backward of lstm_step_fwd. D dL/dh_t, DC dL/dc_t, CT c̃_t (c_t without zoneout on c),
+    """Backward of lstm_step_fwd. dL/dh_t is gathered here from CIN (the direct gradient from
+    step t+1), DH (the output's, HAS_DH) and DHREC (GR, B, H) dL/d(masked h_t) of step t+1
+    (HAS_REC) times its recurrent mask MN (HAS_MN); DC dL/dc_t, CT c̃_t (c_t without zoneout on c),
     A the activations; writes DG (B, 4H) dL/d(pre-activations), CARRY zoneout's direct
     gradient into h_{t-1} (0 without it), DCP dL/dc_{t-1}, and under MG_* the gradients of
     this step's masks: DCM dL/dc̃ ⊙ i ⊙ g, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t), DZC dL/dc_t ⊙
@@ -494,7 +497,28 @@ def lstm_step_bwd(
     f = tl.load(a + H, mask=m, other=0.0).to(tl.float32)
     g = tl.load(a + 2 * H, mask=m, other=0.0).to(tl.float32)
     o = tl.load(a + 3 * H, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(D + e, mask=m, other=0.0).to(tl.float32)
+    # dL/dh_t = carry + dh_t + Σ_k dL/d(masked h_t)_k ⊙ m_k (step t+1's GEMM and mask)
+    d = tl.load(CIN + e, mask=m, other=0.0).to(tl.float32)
+    if HAS_DH:
+        d = d + tl.load(DH + e, mask=m, other=0.0).to(tl.float32)
+    if HAS_REC:
+        mo = MN + b * mn_b + n * mn_h
+        q = tl.load(DHREC + e, mask=m, other=0.0).to(tl.float32)
+        if HAS_MN:
+            q = q * tl.load(mo, mask=m, other=0.0).to(tl.float32)
+        if GR > 1:
+            q1 = tl.load(DHREC + N + e, mask=m, other=0.0).to(tl.float32)
+            q2 = tl.load(DHREC + 2 * N + e, mask=m, other=0.0).to(tl.float32)
+            if HAS_MN:
+                q1 = q1 * tl.load(mo + mn_g, mask=m, other=0.0).to(tl.float32)
+                q2 = q2 * tl.load(mo + 2 * mn_g, mask=m, other=0.0).to(tl.float32)
+            q = q + q1 + q2
+            if GR > 3:
+                q3 = tl.load(DHREC + 3 * N + e, mask=m, other=0.0).to(tl.float32)
+                if HAS_MN:
+                    q3 = q3 * tl.load(mo + 3 * mn_g, mask=m, other=0.0).to(tl.float32)
+                q = q + q3
+        d = d + q
     dc = tl.load(DC + e, mask=m, other=0.0).to(tl.float32)
     ct = tl.load(CT + e, mask=m, other=0.0).to(tl.float32)
     cp = tl.load(CP + e, mask=m, other=0.0).to(tl.float32)
@@ -569,13 +593,15 @@ def gru_step_fwd(
 
 
 def gru_step_bwd(
-    A, EXTRA, HP, CM, ZH, D, DGX, DGH, CARRY, DCM, DZH,
-    N, H, cm_b, cm_h, zh_b, zh_h,
-    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, MG_CM: tl.constexpr, MG_ZH: tl.constexpr,
-    BLOCK: tl.constexpr,
+    A, EXTRA, HP, CM, ZH, CIN, DH, DHREC, MN, DGX, DGH, CARRY, DCM, DZH,
+    N, H, cm_b, cm_h, zh_b, zh_h, mn_g, mn_b, mn_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
+    HAS_DH: tl.constexpr, HAS_REC: tl.constexpr, HAS_MN: tl.constexpr, GR: tl.constexpr,
+    MG_CM: tl.constexpr, MG_ZH: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Backward of gru_step_fwd: DGX dL/d(xp_t), DGH dL/d(hp_t) (B, 3H), CARRY the direct
-    gradient into h_{t-1}; under MG_*: DCM dL/dh̃ ⊙ (1 − z) ⊙ n, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t)."""
+    """Backward of gru_step_fwd, dL/dh_t gathered as in lstm_step_bwd: DGX dL/d(xp_t), DGH
+    dL/d(hp_t) (B, 3H), CARRY the direct gradient into h_{t-1}; under MG_*: DCM dL/dh̃ ⊙
+    (1 − z) ⊙ n, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t)."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = e < N
     b = e // H
@@ -586,7 +612,28 @@ def gru_step_bwd(
     nn = tl.load(a + 2 * H, mask=m, other=0.0).to(tl.float32)
     pn = tl.load(EXTRA + e, mask=m, other=0.0).to(tl.float32)
     hp = tl.load(HP + e, mask=m, other=0.0).to(tl.float32)
-    d = tl.load(D + e, mask=m, other=0.0).to(tl.float32)
+    # dL/dh_t = carry + dh_t + Σ_k dL/d(masked h_t)_k ⊙ m_k (step t+1's GEMM and mask)
+    d = tl.load(CIN + e, mask=m, other=0.0).to(tl.float32)
+    if HAS_DH:
+        d = d + tl.load(DH + e, mask=m, other=0.0).to(tl.float32)
+    if HAS_REC:
+        mo = MN + b * mn_b + n * mn_h
+        q = tl.load(DHREC + e, mask=m, other=0.0).to(tl.float32)
+        if HAS_MN:
+            q = q * tl.load(mo, mask=m, other=0.0).to(tl.float32)
+        if GR > 1:
+            q1 = tl.load(DHREC + N + e, mask=m, other=0.0).to(tl.float32)
+            q2 = tl.load(DHREC + 2 * N + e, mask=m, other=0.0).to(tl.float32)
+            if HAS_MN:
+                q1 = q1 * tl.load(mo + mn_g, mask=m, other=0.0).to(tl.float32)
+                q2 = q2 * tl.load(mo + 2 * mn_g, mask=m, other=0.0).to(tl.float32)
+            q = q + q1 + q2
+            if GR > 3:
+                q3 = tl.load(DHREC + 3 * N + e, mask=m, other=0.0).to(tl.float32)
+                if HAS_MN:
+                    q3 = q3 * tl.load(mo + 3 * mn_g, mask=m, other=0.0).to(tl.float32)
+                q = q + q3
+        d = d + q
     dht = d
     if HAS_ZH:
         zh = tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32)
