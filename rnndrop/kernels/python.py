@@ -50,13 +50,11 @@ def _recurrent_gemm(out: Tensor, hm: Tensor, w_hh: Tensor, accumulate: bool) -> 
         else:
             torch.mm(hm[0], w_hh.t(), out=out)
         return
-    H = w_hh.shape[1]
-    for k in range(hm.shape[0]):
-        sl = slice(k * H, (k + 1) * H)
-        if accumulate:
-            out[:, sl].addmm_(hm[k], w_hh[sl].t())
-        else:
-            out[:, sl] = hm[k] @ w_hh[sl].t()
+    Gr, B, H = hm.shape
+    # one strided batched GEMM into the (Gr, B, H) view of out's gate blocks (row stride
+    # Gr·H), instead of a GEMM per gate block; beta 0 ignores what out held
+    out.view(B, Gr, H).transpose(0, 1).baddbmm_(hm, w_hh.view(Gr, H, H).transpose(1, 2),
+                                                beta=1 if accumulate else 0)  # fmt: skip
 
 
 def sum_to(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
