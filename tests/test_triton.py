@@ -360,7 +360,8 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
     fn = JITFunction(getattr(_kernels, kernel))
     flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG", "MG_CM", "MG_ZH",
-             "MG_ZC"}
+             "MG_ZC", "HAS_NEXT", "HAS_REC", "HAS_MN"}
+    assert {n for n in inspect.signature(fn.fn).parameters if n.startswith(("HAS_", "MG"))} <= flags
     consts, sig = {}, {}
     for name in inspect.signature(fn.fn).parameters:
         if name in flags:

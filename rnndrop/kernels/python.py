@@ -42,19 +42,26 @@ def project(x: Tensor, w_ih: Tensor, bias: Tensor | None, in_mask: Tensor | None
     return acts if bias is None else acts.add_(bias)
 
 
-def _recurrent_gemm(out: Tensor, hm: Tensor, w_hh: Tensor, accumulate: bool) -> None:
-    """``out (+)= hm W_hhᵀ``, with ``hm`` (Gr, B, H): one GEMM (Gr = 1) or one per gate block."""
+def _recurrent_gemm(out: Tensor, hm: Tensor, w_hh: Tensor, accumulate: bool,
+                    bias: Tensor | None = None) -> None:  # fmt: skip
+    """``out (+)= hm W_hhᵀ (+ bias)``, with ``hm`` (Gr, B, H): one GEMM, or for Gr > 1 one
+    strided batched GEMM (a block of W_hh per gate group)."""
     if hm.shape[0] == 1:
         if accumulate:
             out.addmm_(hm[0], w_hh.t())
+        elif bias is not None:
+            torch.addmm(bias, hm[0], w_hh.t(), out=out)
+            return
         else:
             torch.mm(hm[0], w_hh.t(), out=out)
-        return
-    Gr, B, H = hm.shape
-    # one strided batched GEMM into the (Gr, B, H) view of out's gate blocks (row stride
-    # Gr·H), instead of a GEMM per gate block; beta 0 ignores what out held
-    out.view(B, Gr, H).transpose(0, 1).baddbmm_(hm, w_hh.view(Gr, H, H).transpose(1, 2),
-                                                beta=1 if accumulate else 0)  # fmt: skip
+    else:
+        Gr, B, H = hm.shape
+        # into the (Gr, B, H) view of out's gate blocks (row stride Gr·H), instead of a GEMM
+        # per gate block; beta 0 ignores what out held
+        out.view(B, Gr, H).transpose(0, 1).baddbmm_(hm, w_hh.view(Gr, H, H).transpose(1, 2),
+                                                    beta=1 if accumulate else 0)  # fmt: skip
+    if bias is not None:
+        out.add_(bias)
 
 
 def sum_to(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
@@ -158,21 +165,26 @@ class PythonBackend:
         hn_seq = new(T, B, H) if cell.split_recurrent else None
         rec = new(B, cell.gates * H) if cell.split_recurrent else None
         h, c = inp.h0, inp.c0
-        for t in _order(T, inp.reverse):
+        order = _order(T, inp.reverse)
+        ready = False  # whether the previous step already wrote this step's masked h_{t-1}
+        for i, t in enumerate(order):
             if hm_seq is None:
                 hm = h.unsqueeze(0)
+            elif ready:
+                hm = hm_seq[:, t]
             else:
                 hm = torch.mul(h.unsqueeze(0), _at(m.recurrent, t), out=hm_seq[:, t])
+            nxt = None  # where the next step's masked h_t goes, and its mask
+            if hm_seq is not None and i + 1 < T:
+                nxt = (hm_seq[:, order[i + 1]], _at(m.recurrent, order[i + 1]))
             if rec is None:  # the recurrent product goes straight into the gates
                 _recurrent_gemm(acts[t], hm, inp.w_hh, accumulate=True)
             else:
-                _recurrent_gemm(rec, hm, inp.w_hh, accumulate=False)
-                if inp.b_h is not None:
-                    rec.add_(inp.b_h)
-            self._step_forward(
+                _recurrent_gemm(rec, hm, inp.w_hh, accumulate=False, bias=inp.b_h)
+            ready = self._step_forward(
                 cell, acts[t], rec, h, c, _at(m.candidate, t), _at(m.zoneout_h, t),
                 _at(m.zoneout_c, t), None if hn_seq is None else hn_seq[t], h_seq[t],
-                None if c_seq is None else c_seq[t], None if ct_seq is None else ct_seq[t],
+                None if c_seq is None else c_seq[t], None if ct_seq is None else ct_seq[t], nxt,
             )  # fmt: skip
             h = h_seq[t]
             if c_seq is not None:
@@ -180,10 +192,12 @@ class PythonBackend:
         return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
 
     @staticmethod
-    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out) -> None:
+    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out, nxt) -> bool:
         """The pointwise math of one step (the cell's ``step_forward``) into the output rows.
 
-        The seam where the ``triton`` backend's step path puts one fused kernel.
+        The seam where the ``triton`` backend's step path puts one fused kernel. ``nxt``:
+        None, or ``(hm_out, mask)`` ``(Gr, B, H)``: the next step's masked ``h_t``, which a
+        backend may write (returning True) so that the loop need not.
         """
         h_new, c_new, ct = cell.step_forward(a, rec, h, c, cm, zh, zc, extra)
         h_out.copy_(h_new)
@@ -191,6 +205,7 @@ class PythonBackend:
             c_out.copy_(c_new)
         if ct_out is not None:
             ct_out.copy_(ct)
+        return False
 
     def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()) -> Grads:
         T, B, GH = s.acts.shape

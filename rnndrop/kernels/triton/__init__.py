@@ -306,25 +306,32 @@ class _TritonSteps(PythonBackend):
     (``{cell}_step_fwd`` / ``{cell}_step_bwd``) that writes straight into the output rows."""
 
     @staticmethod
-    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out) -> None:
+    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out, nxt) -> bool:
         B, H = h.shape
         N = B * H
         grid = (triton_cdiv(N, STEP_BLOCK),)
         cma = _mask_args(cm, (B, H), a)
         zha = _mask_args(zh, (B, H), a)
+        hm_next, rm_next = (a, None) if nxt is None else nxt
+        Gr = 1 if nxt is None else hm_next.shape[0]
+        rma = _mask_args(rm_next, (Gr, B, H), a)
+        step = dict(HAS_NEXT=nxt is not None, GR=Gr, BLOCK=STEP_BLOCK)
+        nexts = (hm_next, rma[0])
+        next_strides = (0 if nxt is None else hm_next.stride(0), *rma[1:])
         interp = interpreting()
         if cell.name == "lstm":
             zca = _mask_args(zc, (B, H), a)
             _kernel("lstm_step_fwd", interp)[grid](
                 a, h, c, cma[0], zha[0], zca[0], h_out, c_out, a if ct_out is None else ct_out,
-                N, H, *cma[1:], *zha[1:], *zca[1:], HAS_CM=cm is not None,
-                HAS_ZH=zh is not None, HAS_ZC=zc is not None, BLOCK=STEP_BLOCK,
+                *nexts, N, H, *cma[1:], *zha[1:], *zca[1:], *next_strides,
+                HAS_CM=cm is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None, **step,
             )  # fmt: skip
-            return
+            return nxt is not None
         _kernel("gru_step_fwd", interp)[grid](
-            a, rec, h, cma[0], zha[0], h_out, extra, N, H, *cma[1:], *zha[1:],
-            HAS_CM=cm is not None, HAS_ZH=zh is not None, BLOCK=STEP_BLOCK,
+            a, rec, h, cma[0], zha[0], h_out, extra, *nexts, N, H, *cma[1:], *zha[1:],
+            *next_strides, HAS_CM=cm is not None, HAS_ZH=zh is not None, **step,
         )  # fmt: skip
+        return nxt is not None
 
     @staticmethod
     def _step_backward(cell, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm):

@@ -438,12 +438,14 @@ def gru_bwd(
 
 
 def lstm_step_fwd(
-    A, HP, CP, CM, ZH, ZC, HOUT, COUT, CTOUT,
-    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h,
-    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, BLOCK: tl.constexpr,
+    A, HP, CP, CM, ZH, ZC, HOUT, COUT, CTOUT, HMN, RMN,
+    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, hmn_g, rmn_g, rmn_b, rmn_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_NEXT: tl.constexpr,
+    GR: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """A (B, 4H) pre-activations -> i, f, g, o in place; HOUT, COUT (B, H) h_t, c_t; CTOUT
-    c̃_t (with zoneout on c)."""
+    c̃_t (with zoneout on c); with HAS_NEXT, HMN (GR, B, H) ← h_t ⊙ RMN, the next step's
+    masked h (the loop's GEMM input), saving the loop a launch."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = e < N
     b = e // H
@@ -472,6 +474,20 @@ def lstm_step_fwd(
         h = h + tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32) * (hp - h)
     tl.store(HOUT + e, h, mask=m)
     tl.store(COUT + e, c, mask=m)
+    if HAS_NEXT:  # the next step's masked h_t: h_t as stored (rounded) ⊙ its mask, per group
+        hs = h.to(HOUT.dtype.element_ty).to(tl.float32)
+        ro = RMN + b * rmn_b + n * rmn_h
+        tl.store(HMN + e, hs * tl.load(ro, mask=m, other=0.0).to(tl.float32), mask=m)
+        if GR > 1:
+            tl.store(HMN + hmn_g + e, hs * tl.load(ro + rmn_g, mask=m, other=0.0).to(tl.float32),
+                     mask=m)  # fmt: skip
+            tl.store(HMN + 2 * hmn_g + e,
+                     hs * tl.load(ro + 2 * rmn_g, mask=m, other=0.0).to(tl.float32),
+                     mask=m)  # fmt: skip
+            if GR > 3:
+                tl.store(HMN + 3 * hmn_g + e,
+                         hs * tl.load(ro + 3 * rmn_g, mask=m, other=0.0).to(tl.float32),
+                         mask=m)  # fmt: skip
 
 
 def lstm_step_bwd(
@@ -559,12 +575,14 @@ def lstm_step_bwd(
 
 
 def gru_step_fwd(
-    A, REC, HP, CM, ZH, HOUT, EXTRA,
-    N, H, cm_b, cm_h, zh_b, zh_h,
-    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, BLOCK: tl.constexpr,
+    A, REC, HP, CM, ZH, HOUT, EXTRA, HMN, RMN,
+    N, H, cm_b, cm_h, zh_b, zh_h, hmn_g, rmn_g, rmn_b, rmn_h,
+    HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_NEXT: tl.constexpr, GR: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """A (B, 3H) input projections -> r, z, n in place, with REC (B, 3H) the recurrent
-    product (b_hh included); EXTRA (B, H) ← its n block (saved for backward); HOUT h_t."""
+    product (b_hh included); EXTRA (B, H) ← its n block (saved for backward); HOUT h_t;
+    HMN as in lstm_step_fwd."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = e < N
     b = e // H
@@ -590,6 +608,20 @@ def gru_step_fwd(
     if HAS_ZH:
         h = h + tl.load(ZH + b * zh_b + n * zh_h, mask=m, other=0.0).to(tl.float32) * (hp - h)
     tl.store(HOUT + e, h, mask=m)
+    if HAS_NEXT:  # the next step's masked h_t: h_t as stored (rounded) ⊙ its mask, per group
+        hs = h.to(HOUT.dtype.element_ty).to(tl.float32)
+        ro = RMN + b * rmn_b + n * rmn_h
+        tl.store(HMN + e, hs * tl.load(ro, mask=m, other=0.0).to(tl.float32), mask=m)
+        if GR > 1:
+            tl.store(HMN + hmn_g + e, hs * tl.load(ro + rmn_g, mask=m, other=0.0).to(tl.float32),
+                     mask=m)  # fmt: skip
+            tl.store(HMN + 2 * hmn_g + e,
+                     hs * tl.load(ro + 2 * rmn_g, mask=m, other=0.0).to(tl.float32),
+                     mask=m)  # fmt: skip
+            if GR > 3:
+                tl.store(HMN + 3 * hmn_g + e,
+                         hs * tl.load(ro + 3 * rmn_g, mask=m, other=0.0).to(tl.float32),
+                         mask=m)  # fmt: skip
 
 
 def gru_step_bwd(
