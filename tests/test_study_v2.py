@@ -207,6 +207,45 @@ def test_paired_differences_and_verdict_by_hand(tmp_path):
     assert all(r["seeds"] == 4 and 4 not in r["d_score_per_seed"] for r in rows)
 
 
+def test_pairs_across_machines_are_counted_and_flagged(tmp_path):
+    """Cells whose `machine` (ISA, torch, threads) differs from their baseline's are counted
+    per row and the verdict warns; results without the record (older runs) are not."""
+    from rnndrop.study.verdict import verdict_markdown
+
+    study = StudyConfig(name="m", task="delayed_recall", distances=[5], seeds=[0, 1, 2],
+                        rates=[0.25], schemes=["none", "zoneout"], steps=100,
+                        out_dir=str(tmp_path))  # fmt: skip
+    here = {"isa": "AVX512", "torch": "2.13.0", "threads": 1, "cpu": "a"}
+    results = []
+    for seed in (0, 1, 2):
+        curve = [{"step": 100, "loss": 1.0, "acc": 0.5 + 0.1 * seed}]
+        results.append(_result("cls", curve, seed=seed))
+        results.append(_result("cls", curve, seed=seed, scheme="zoneout", rate=0.25))
+    for r in results:
+        r["cell"]["task"] = None
+    rows = paired_differences(study, results)  # no record anywhere: nothing flagged
+    assert rows[0]["mixed_machines"] == 0
+    assert "different machines" not in verdict_markdown(study, rows, verdict(rows))
+    for r in results:  # same ISA/torch/threads, another CPU name: the same machine
+        r["machine"] = {**here, "cpu": r["cell"]["scheme"]}
+    rows = paired_differences(study, results)
+    assert rows[0]["mixed_machines"] == 0
+    results[1]["machine"] = {**here, "isa": "AVX2"}  # seed 0's zoneout cell elsewhere
+    results[3]["machine"] = {**here, "threads": 2}  # seed 1's too
+    rows = paired_differences(study, results)
+    assert rows[0]["mixed_machines"] == 2
+    md = verdict_markdown(study, rows, verdict(rows))
+    assert "2 of 3 pairs compare cells run on different machines" in md
+
+
+def test_a_run_records_its_machine(tmp_path):
+    from rnndrop.study.common import machine
+
+    m = machine()
+    assert m["isa"] == torch.backends.cpu.get_cpu_capability()
+    assert m["torch"] == torch.__version__ and m["threads"] == torch.get_num_threads()
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 
@@ -217,6 +256,7 @@ def test_multi_task_study_end_to_end_writes_reports_and_verdict(tmp_path):
     for r in results:  # a validation every val_every steps, recorded as the learning curve
         assert [p["step"] for p in r["curve"]] == [2, 4, 6]
         assert r["cell"]["task"] in TASKS
+        assert r["machine"]["isa"] == torch.backends.cpu.get_cpu_capability()
     paths, markdown = write_reports(study, results)
     assert (tmp_path / "v2" / "copy" / "summary.md").exists()
     assert (tmp_path / "v2" / "adding" / "summary.md").exists()
@@ -225,7 +265,8 @@ def test_multi_task_study_end_to_end_writes_reports_and_verdict(tmp_path):
     rows = list(csv.DictReader(paths["paired_csv"].open()))
     assert {(r["task"], r["distance"]) for r in rows} == {("copy", "3"), ("copy", "5"),
                                                             ("adding", "4")}  # fmt: skip
-    assert all(r["seeds"] == "2" for r in rows)
+    assert all(r["seeds"] == "2" and r["mixed_machines"] == "0" for r in rows)
+    assert "different machines" not in text  # one machine ran every cell
     assert paths["verdict_png"].stat().st_size > 0
     assert "verdict against no dropout" in markdown
 

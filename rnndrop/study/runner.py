@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .common import fresh_run_dir, write_json
+from .common import fresh_run_dir, machine, write_json
 from .config import Cell, StudyConfig, resolve_scheme
 
 __all__ = ["StudyInterrupted", "is_finished", "load_result", "run_cell", "run_study"]
@@ -132,6 +132,7 @@ def run_cell(
         "curve": curve.points,
         "grad_through_time": {w: {str(k): v for k, v in g.items()} for w, g in grads.items()},
         "seconds": time.perf_counter() - start,
+        "machine": machine(),
     }  # fmt: skip
     write_json(out / RESULT, result)
     return result

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis import mean_ci, normalized_accuracy
-from .common import group_by, tensorboard_summary
+from .common import group_by, same_machine, tensorboard_summary
 from .config import StudyConfig
 from .report import score, write_report
 
@@ -86,11 +86,12 @@ def paired_differences(
             continue
         diffs: dict[str, dict[int, float]] = {"score": {}, "auc": {}}
         solve: dict[str, list[float]] = {"scheme": [], "baseline": []}
-        seeds = []
+        seeds, mixed = [], 0
         for r in sorted(group, key=lambda r: r["cell"]["seed"]):
             partner = by_key.get((task, base, None, d, r["cell"]["seed"]))
             if partner is None:
                 continue
+            mixed += same_machine(r, partner) is False
             a, b = _values(study, r), _values(study, partner)
             seeds.append(r["cell"]["seed"])
             for m in diffs:
@@ -101,7 +102,8 @@ def paired_differences(
             continue
         row = {"task": task or study.task, "scheme": scheme, "rate": rate,
                "label": group[0]["cell"]["label"], "baseline": base, "distance": d,
-               "seeds": len(seeds), "budget": study.for_task(task).steps}  # fmt: skip
+               "seeds": len(seeds), "budget": study.for_task(task).steps,
+               "mixed_machines": mixed}  # fmt: skip
         for m, xs in diffs.items():
             row[f"d_{m}"], row[f"d_{m}_ci"] = mean_ci(list(xs.values()))
             row[f"d_{m}_per_seed"] = xs
@@ -196,6 +198,17 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
         "AUC and gains score.",
         "",
     ]
+    mixed = sum(r.get("mixed_machines", 0) for r in rows)
+    if mixed:
+        pairs = sum(r["seeds"] for r in rows)
+        lines += [
+            f"**Warning: {mixed} of {pairs} pairs compare cells run on different machines** "
+            "(CPU vector ISA, torch build or threads differ: see `machine` in each result.json). "
+            "A seed does not reproduce to the bit across machines, so those differences carry "
+            "machine noise besides the dropout's; rerun the baselines (or the schemes) on one "
+            "machine for a clean pairing.",
+            "",
+        ]
     by = {(v["task"], v["scheme"], v["rate"]): v for v in verdicts}
     cols = [(t, p) for t in tasks for p in rates]
     for measure, title in (("score", "Final score"), ("auc", "Area under the learning curve")):
@@ -244,7 +257,7 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
 
 COLUMNS = ["task", "scheme", "rate", "label", "baseline", "distance", "seeds", "d_score",
            "d_score_ci", "d_auc", "d_auc_ci", "solve_scheme", "solve_baseline",
-           "budget"]  # fmt: skip
+           "budget", "mixed_machines"]  # fmt: skip
 
 
 def write_verdict(study: StudyConfig, results: Sequence[dict[str, Any]]) -> dict[str, Path]:
