@@ -176,14 +176,9 @@ def rnn_layer(
     masks = masks or LayerMasks()
     dtype = compute_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        x = x.to(dtype)
-
-        def prep(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(dtype).contiguous()
-
-        inp = LayerInputs(cell, x.contiguous(), prep(w_ih), prep(b_x), prep(w_hh), prep(b_h),
-                          prep(h0), prep(c0), LayerMasks(*[_prep(m, x) for m in masks.tensors()]),
-                          reverse)  # fmt: skip
+        x = x.to(dtype).contiguous()
+        inp = LayerInputs(cell, x, *[_prep(t, x) for t in (w_ih, b_x, w_hh, b_h, h0, c0)],
+                          LayerMasks(*[_prep(m, x) for m in masks.tensors()]), reverse)  # fmt: skip
         chosen = select_backend(inp, backend)
         return RNNLayer.apply(chosen, cell, reverse, inp.x, inp.w_ih, inp.b_x, inp.w_hh,
                               inp.b_h, inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip

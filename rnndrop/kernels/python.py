@@ -208,17 +208,25 @@ class PythonBackend:
         return False
 
     def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()) -> Grads:
-        T, B, GH = s.acts.shape
         need = _need(need_masks)
         dgx, dgh, dh0, dc0, per_step = self._bptt(inp, s, dh_seq, dc_last, need)
+        return self._grads(inp, s, dgx, dgh, dh0, dc0, per_step, need_x, need_w, need)
+
+    @classmethod
+    def _grads(cls, inp, s: Saved, dgx, dgh, dh0, dc0, per_step, need_x, need_w,
+               need_masks) -> Grads:  # fmt: skip
+        """:class:`Grads` from what backprop through time gave (the gate gradients, ``dh0``,
+        ``dc0``, the per-step mask gradients): every weight and input gradient as GEMMs over
+        all ``T·B`` rows, and the masks' gradients where asked for. Every backend's tail."""
+        T, B, GH = s.acts.shape
         g = Grads(dh0=dh0, dc0=dc0)
         if need_w:
-            g.dw_hh = self._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
+            g.dw_hh = cls._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
             if inp.b_h is not None:
                 g.db_h = dgh.reshape(T * B, GH).sum(0)
-        self._input_grads(g, inp, dgx, need_x, need_w)
-        if any(need):
-            g.dmasks = loop_mask_grads(inp, dgx, need, per_step)
+        cls._input_grads(g, inp, dgx, need_x, need_w)
+        if any(need_masks):
+            g.dmasks = loop_mask_grads(inp, dgx, need_masks, per_step)
         return g
 
     def _bptt(self, inp, s: Saved, dh_seq, dc_last, need: tuple[bool, ...]) -> tuple:
@@ -258,10 +266,7 @@ class PythonBackend:
             if drec_seq is not None:  # dL/dm^h_t = dL/d(masked h_{t-1}) ⊙ h_{t-1}
                 torch.mul(dh_rec, h_prev, out=drec_seq[t])
             m_next = _at(m.recurrent, t)
-        if dh_rec is None:  # T = 0
-            dh0 = carry
-        else:
-            dh0 = carry + (dh_rec if m_next is None else dh_rec * m_next).sum(0)
+        dh0 = gather_dh(carry, None, dh_rec, m_next)
         return dgx, dgh, dh0, dc, (drec_seq, *dm_seq)
 
     @staticmethod

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..contract import Grads, LayerInputs, LayerMasks, Saved
-from ..python import PythonBackend, loop_mask_grads, mask_grad_buffers, project
+from ..python import PythonBackend, mask_grad_buffers, project
 
 __all__ = ["MAX_H", "TritonBackend", "interpreting"]
 
@@ -223,7 +223,7 @@ class TritonBackend:
         if self._steps(inp):
             return _STEPS.backward(inp, s, dh_seq, dc_last, need_x, need_w, need_masks)
         cell, m = inp.cell, inp.masks
-        T, B, GH = s.acts.shape
+        T, B = s.acts.shape[:2]
         H = inp.w_hh.shape[1]
         mg = any(need_masks)
         # per-step gradients of the masks applied in the loop (concrete dropout)
@@ -244,7 +244,7 @@ class TritonBackend:
         dh = dummy if dh_seq is None else dh_seq.contiguous()
         drm, dcm, dzh, dzc = (dummy if b is None else b for b in inner)
         interp = interpreting()
-        g = Grads()
+        dc0 = None
         if cell.name == "lstm":
             dc0 = torch.empty_like(inp.c0)
             dcl = torch.zeros_like(inp.c0) if dc_last is None else dc_last.contiguous()
@@ -256,22 +256,14 @@ class TritonBackend:
                 T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
                 HAS_ZC=m.zoneout_c is not None, **common,
             )  # fmt: skip
-            g.dc0 = dc0
         else:
             _kernel("gru_bwd", interp)[grid](
                 s.acts, inp.w_hh, inp.h0, s.h_seq, s.hn_seq, rm[0], cm[0], zh[0], dh,
                 dgx, dgh, dh0, drm, dcm, dzh, T, B, H, *rm[1:], *cm[1:], *zh[1:], **common,
             )  # fmt: skip
-        g.dh0 = dh0
         # weight and input gradients: GEMMs over all T·B rows, exactly the reference's
-        if need_w:
-            g.dw_hh = PythonBackend._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
-            if inp.b_h is not None:
-                g.db_h = dgh.reshape(T * B, GH).sum(0)
-        PythonBackend._input_grads(g, inp, dgx, need_x, need_w)
-        if mg:
-            g.dmasks = loop_mask_grads(inp, dgx, need_masks, inner)
-        return g
+        return PythonBackend._grads(inp, s, dgx, dgh, dh0, dc0, inner, need_x, need_w,
+                                    need_masks)  # fmt: skip
 
 
 def triton_cdiv(a: int, b: int) -> int:
