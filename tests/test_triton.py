@@ -453,7 +453,6 @@ def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dty
         return [None if t is None else t.detach().to(dt).requires_grad_(t.requires_grad)
                 for t in ts]  # fmt: skip
 
-    ref = run("python", cell, leaves, masks, False, weight)
     for reverse in (False, True):
         ref = run("python", cell, leaves, masks, reverse, weight)
         half_masks = LayerMasks(*cast(masks.tensors(), dtype))

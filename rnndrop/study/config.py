@@ -139,6 +139,14 @@ def resolve_scheme(
     return encoder, config
 
 
+def check_schemes(schemes: list[str], custom_schemes: Mapping[str, Any]) -> None:
+    """Every scheme named is built in or defined under ``custom_schemes``."""
+    unknown = [s for s in schemes if s not in custom_schemes and s not in BUILTIN_SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}; "
+                         "or define them under custom_schemes")  # fmt: skip
+
+
 class SchemeGrid:
     """The grid of a study of schemes × rates × seeds (the context and inference studies):
     ``scheme_spec``, ``rates_for``, ``cells`` and ``cell_dir``, from the dataclass's fields
@@ -146,12 +154,7 @@ class SchemeGrid:
     ``_cell`` (called ``_cell(scheme, rate, seed)``, with a ``label``)."""
 
     def _check_schemes(self) -> None:
-        """Every scheme named is built in or defined under ``custom_schemes``."""
-        unknown = [s for s in self.schemes if s not in self.custom_schemes
-                   and s not in BUILTIN_SCHEMES]  # fmt: skip
-        if unknown:
-            raise ValueError(f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}; "
-                             "or define them under custom_schemes")  # fmt: skip
+        check_schemes(self.schemes, self.custom_schemes)
 
     def scheme_spec(self, scheme: str) -> dict[str, Any]:
         return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
@@ -232,13 +235,8 @@ class StudyConfig:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> model, schemes
 
     def __post_init__(self) -> None:
+        check_schemes(self.schemes, self.custom_schemes)
         known = {**BUILTIN_SCHEMES, **self.custom_schemes}
-        unknown = [s for s in self.schemes if s not in known]
-        if unknown:
-            raise ValueError(
-                f"unknown scheme(s) {unknown}; built in: {sorted(BUILTIN_SCHEMES)}; or define "
-                "them under custom_schemes"
-            )
         self._variant_schemes = self._expand_variants(known)
         self._label: str | None = None  # this task's label when made by for_task
         self._check_tasks()
