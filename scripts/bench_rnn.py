@@ -11,6 +11,13 @@ median over rounds of the time and of the ratio. Training mode (masks sampled ev
     python scripts/bench_rnn.py --python-row             # add a pure-PyTorch loop row per scheme
     python scripts/bench_rnn.py --device cuda --python-row   # on a GPU: ratios to cuDNN
     python scripts/bench_rnn.py --device cuda --graph-row --step-row  # triton's paths side by side
+    python scripts/bench_rnn.py --subnormals keep        # IEEE subnormals on every path
+
+The header names the machine: CPU, its vector extensions (AVX2, AVX-512, AMX), threads and
+the subnormal setting, which decides long-sequence speed on Intel cores (rnndrop.runtime).
+``--subnormals flush`` (the default, as in ``rnndrop fit``) flushes them on both sides of each
+ratio; ``keep`` keeps them everywhere; ``default`` is the layers' own default (only the
+compiled loop flushes, inside its calls).
 
 On CUDA the ``triton`` loop backend runs a layer in one launch where its kernel fits (hidden
 size <= 128) and per step otherwise; ``--step-row`` adds the step path where the one launch
@@ -22,13 +29,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
+from rnndrop import runtime
 from rnndrop.config import RecurrentDropout
 from rnndrop.kernels import LayerInputs, LayerMasks, loop_backend, select_backend
 from rnndrop.nn import GRU, LSTM
@@ -60,6 +66,7 @@ SCHEMES = {
 
 
 CELLS = {"lstm": (LSTM, torch.nn.LSTM), "gru": (GRU, torch.nn.GRU)}
+SUBNORMALS = {"flush": True, "keep": False, "default": None}  # rnndrop.set_flush_subnormals
 
 
 def scheme_for(cell: str, name: str) -> RecurrentDropout:
@@ -176,19 +183,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--subnormals", choices=list(SUBNORMALS), default="flush",
+                    help="flush: on every path (rnndrop fit's default); keep: nowhere; "
+                         "default: the layers' default (the C++ loop only)")  # fmt: skip
     args = ap.parse_args(argv)
     args.configs = args.configs or DEFAULT_CONFIGS["cuda" if args.device == "cuda" else "cpu"]
     os.environ["RNNDROP_LOOP"] = args.loop
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.float64 else torch.float32
-    print(
-        f"# torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {dtype}, "
-        f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
-        f"rounds={args.rounds} reps={args.reps}; median over rounds",
-        file=sys.stdout,
-    )
+    runtime.set_flush_subnormals(SUBNORMALS[args.subnormals])
+    print(f"# {runtime.describe_machine()} (--subnormals {args.subnormals}), {dtype}, "
+          f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
+          f"rounds={args.rounds} reps={args.reps}; median over rounds")  # fmt: skip
     print("| cell | config | scheme | path | fwd+bwd ms | ratio to torch |")
     print("|---|---|---|---|---|---|")
     for cell in args.cells:

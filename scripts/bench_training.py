@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """Training overhead: tokens/s of ``rnndrop fit`` (LightningCLI, ``Trainer.fit`` and
-:class:`~rnndrop.lit.LanguageModelTask`) against a bare PyTorch TBPTT loop.
+:class:`~rnndrop.lit.LanguageModelTask`), or of the task in a user's own plain ``Trainer``
+(``--lightning trainer``), against a bare PyTorch TBPTT loop.
 
 Both sides train the same model (2x200 LSTM, ``RecurrentDropout.variational(0.5)``, the PTB
 vocabulary of 10,000 words) on the same 20x35 batches (``LanguageModelDataModule``) with SGD
 (lr 1) and gradient clipping at norm 5. The Lightning side is built by the CLI with its
 defaults (TensorBoard logger, progress bar, learning-rate logger, NaN/divergence guard,
-checkpoints, and the allocator setting of :func:`rnndrop.lit.cli.tune_allocator`), so what
-is measured is what a user runs. The bare loop does no host sync at all; ``--same-allocator``
-gives it the same allocator setting, leaving the framework's own overhead.
+checkpoints, and the training defaults of :func:`rnndrop.runtime.training_defaults`: the
+allocator setting and subnormal flushing), so what is measured is what a user runs. With
+``--lightning trainer`` the task runs in ``L.Trainer(gradient_clip_val=5, ...)`` as a user
+writes it, and gets the same defaults from the task itself. The bare loop does no host sync
+at all; ``--same-allocator`` gives it the same allocator setting, ``--same-settings`` the
+allocator and the subnormal setting (the framework's own overhead alone).
 
 Each round runs the two in separate processes, in alternating order, and times ``--steps``
 steps after ``--warmup`` steps (from the start of one batch to the start of the batch
@@ -17,7 +21,8 @@ tokens/s of each side and the ratio of the medians (bare / Lightning: 1.00 = no 
 
     python scripts/bench_training.py                      # synthetic PTB-sized corpus, CPU
     python scripts/bench_training.py --rounds 5 --threads 1
-    python scripts/bench_training.py --same-allocator     # framework overhead alone
+    python scripts/bench_training.py --same-allocator     # allocator effects aside
+    python scripts/bench_training.py --lightning trainer --same-settings  # a plain Trainer
     python scripts/bench_training.py --data-dir ../shared/data/ptb     # the real PTB
     python scripts/bench_training.py --device cuda --hidden 650       # a GPU, PTB-medium
 """
@@ -144,6 +149,35 @@ def run_lightning(args) -> dict[str, float]:
     return window.seconds
 
 
+def run_trainer(args) -> dict[str, float]:
+    """The task in a plain ``Trainer``, as the README shows users to write it."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from rnndrop.config import RecurrentDropout
+    from rnndrop.lit import LanguageModelTask
+    from rnndrop.models import LanguageModel
+
+    dm = data_module(args)
+    dm.setup("fit")
+    net = LanguageModel(dm.vocab_size, args.hidden, args.hidden, 2,
+                        dropout=RecurrentDropout.variational(0.5))  # fmt: skip
+    task = LanguageModelTask(net, optimizer="sgd", lr=1.0)
+    window = Window(args.warmup, args.steps, args.device == "cuda")
+
+    class Timer(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if window.at_batch_start(trainer.global_step):
+                trainer.should_stop = True
+
+    trainer = L.Trainer(accelerator=args.device, devices=1, gradient_clip_val=5.0,
+                        max_steps=args.warmup + args.steps + 1, limit_val_batches=0,
+                        num_sanity_val_steps=0, default_root_dir=args.tmp,
+                        callbacks=[Timer()])  # fmt: skip
+    trainer.fit(task, datamodule=dm)
+    return window.seconds
+
+
 def run_bare(args) -> dict[str, float]:
     import torch
     from torch.nn import functional as F
@@ -152,6 +186,10 @@ def run_bare(args) -> dict[str, float]:
     from rnndrop.lit import detach_state
     from rnndrop.models import LanguageModel
 
+    if args.same_settings:  # what the tasks apply (rnndrop.runtime.training_defaults)
+        from rnndrop.runtime import training_defaults
+
+        training_defaults()
     dm = data_module(args)
     dm.setup("fit")
     device = torch.device(args.device)
@@ -181,7 +219,8 @@ def worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    seconds = (run_lightning if args.worker == "lightning" else run_bare)(args)
+    run = {"lightning": run_lightning, "trainer": run_trainer, "bare": run_bare}[args.worker]
+    seconds = run(args)
     if seconds is None:
         sys.exit("the run ended before the timing window closed (corpus too short?)")
     print(json.dumps({"side": args.worker, **seconds}))
@@ -218,7 +257,19 @@ def main() -> None:
         help="give the bare loop the allocator setting rnndrop fit makes (glibc MALLOC_* "
         "variables for both sides): the framework's own overhead, allocator effects aside",
     )
-    p.add_argument("--worker", choices=["lightning", "bare"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--same-settings",
+        action="store_true",
+        help="give the bare loop rnndrop.runtime.training_defaults() (allocator and subnormal "
+        "flushing), as the tasks set them: the framework's own overhead alone",
+    )
+    p.add_argument(
+        "--lightning",
+        choices=["cli", "trainer"],
+        default="cli",
+        help="the Lightning side: rnndrop fit's CLI (default) or the task in a plain Trainer",
+    )
+    p.add_argument("--worker", choices=["lightning", "trainer", "bare"], help=argparse.SUPPRESS)
     p.add_argument("--corpus", help=argparse.SUPPRESS)
     p.add_argument("--tmp", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -226,6 +277,11 @@ def main() -> None:
         return worker(args)
     clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
     tokens = BATCH * BPTT * args.steps
+    trainer_mode = args.lightning == "trainer"
+    from rnndrop.runtime import describe_machine
+
+    print(f"# {describe_machine()} (this process; the runs set their own threads and "
+          "subnormals)", flush=True)  # fmt: skip
 
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         corpus = None
@@ -240,14 +296,16 @@ def main() -> None:
             for side in order:
                 run_dir = Path(tmp) / f"run{r}_{side}"
                 run_dir.mkdir()
-                cmd = [sys.executable, __file__, "--worker", side, "--tmp", str(run_dir),
+                worker_name = "trainer" if side == "lightning" and trainer_mode else side
+                cmd = [sys.executable, __file__, "--worker", worker_name, "--tmp", str(run_dir),
                        "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--device", args.device, "--threads", str(args.threads),
                        "--hidden", str(args.hidden)]  # fmt: skip
+                cmd += ["--same-settings"] if args.same_settings else []
                 cmd += ["--data-dir", args.data_dir] if args.data_dir else ["--corpus", str(corpus)]
                 # stderr (the progress bar) to a file: not a terminal, as in a SLURM job
                 env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-                if args.same_allocator:  # what rnndrop.lit.cli.tune_allocator sets
+                if args.same_allocator:  # what rnndrop.runtime.tune_allocator sets
                     env |= {"MALLOC_MMAP_THRESHOLD_": str(32 << 20),
                             "MALLOC_TRIM_THRESHOLD_": str(2**31 - 1)}  # fmt: skip
                 with open(run_dir / "stderr.txt", "w") as err:
@@ -267,14 +325,15 @@ def main() -> None:
     print(
         f"{args.device}, {args.threads} thread(s), hidden {args.hidden}, "
         f"{'PTB' if args.data_dir else 'synthetic corpus'}, {args.rounds} rounds x "
-        f"{args.steps} steps{', same allocator' if args.same_allocator else ''}; "
-        "median tokens/s:"
+        f"{args.steps} steps{', same allocator' if args.same_allocator else ''}"
+        f"{', same settings' if args.same_settings else ''}; median tokens/s:"
     )
+    side = "plain Trainer" if trainer_mode else "rnndrop fit"
     for c in ("cpu", "wall"):
         bare, lit = (statistics.median(rates[s][c]) for s in ("bare", "lightning"))
         mark = "  <- the ratio" if c == clock else ""
         print(
-            f"  {c:4s} clock: bare loop {bare:7.0f}, Trainer.fit {lit:7.0f}, "
+            f"  {c:4s} clock: bare loop {bare:7.0f}, {side} {lit:7.0f}, "
             f"overhead {bare / lit:.3f}x{mark}"
         )
 

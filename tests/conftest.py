@@ -19,6 +19,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests/reference.py
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    yield
+    # a task's fit turns subnormal flushing on for the process (rnndrop.runtime): every test
+    # starts from the library's default instead of the previous test's
+    from rnndrop import runtime
+
+    runtime._applied = False
+    if runtime.flush_subnormals_mode() is not None:
+        runtime.set_flush_subnormals(None)
 
 
 @pytest.fixture(params=["cpp", "python"])

@@ -64,7 +64,7 @@ def test_cli_run_into_a_log_file_has_no_carriage_returns(tmp_path, capsys):
 def test_allocator_tuning_only_where_it_is_ours_to_make(monkeypatch):
     import ctypes.util
 
-    from rnndrop.lit.cli import tune_allocator
+    from rnndrop.runtime import tune_allocator
 
     for k in [k for k in __import__("os").environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(k)

@@ -16,6 +16,7 @@ from torch import nn
 from torchmetrics import Metric
 
 from ..nn import GRUCell, LSTMCell, RNNBase
+from ..runtime import training_defaults
 
 __all__ = ["OptimizerName", "SplitMetric", "Task", "WeightedMean", "detach_state", "max_norm_"]
 
@@ -340,6 +341,9 @@ class Task(L.LightningModule):
         return flat
 
     def on_fit_start(self) -> None:
+        # a task in the user's own Trainer runs as fast as under `rnndrop fit`: the allocator
+        # and subnormal flushing, once per process (opt-outs in rnndrop.runtime)
+        training_defaults()
         # the hparams summary itself, declaring the hp/* metrics: Lightning's
         # log_hyperparams(params, metrics) would also log the metrics' placeholder values as
         # scalars at step 0 (NaN in every hp/* curve); the real values come at validation

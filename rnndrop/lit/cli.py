@@ -46,6 +46,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from ..runtime import training_defaults, tune_allocator  # noqa: F401  (tune_allocator: its old home)
 from .base import Task
 
 __all__ = ["FinalValidation", "RnndropArgumentParser", "RnndropCLI", "main"]
@@ -472,40 +473,12 @@ def _remove_empty_runs(fresh: list[Path]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def tune_allocator() -> bool:
-    """Keep freed tensor memory in the process (glibc on Linux); True if it was set.
-
-    PyTorch's CPU tensors come from ``malloc``. glibc hands blocks of a few MB and more
-    (a 20x35x10000 logits tensor is 28 MB) back to the kernel when they are freed, and
-    every training step then page-faults them in again: measured on the PTB-small benchmark
-    (scripts/bench_training.py), 34 ms/step of kernel time and 14,500 minor faults a step,
-    about 15% of the step. A fixed mmap threshold of 32 MB and a trim threshold of 2 GB keep
-    that memory mapped (the process keeps its peak heap, as a training run does anyway).
-    Nothing is changed when the user set ``MALLOC_*`` variables or preloads an allocator
-    (jemalloc, tcmalloc), or off glibc.
-    """
-    import ctypes
-    import os
-
-    if sys.platform != "linux" or "LD_PRELOAD" in os.environ or \
-            any(k.startswith("MALLOC_") for k in os.environ):  # fmt: skip
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
-            libc.mallopt(m_trim_threshold, 2**31 - 1)
-        )
-    except (OSError, AttributeError):  # not glibc (musl, ...)
-        return False
-
-
 def make_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> RnndropCLI:
     """Build the CLI (``run=False`` to only instantiate: tests, notebooks)."""
     import rnndrop.data
     import rnndrop.lit  # noqa: F401
 
-    tune_allocator()
+    training_defaults()  # the allocator and flushing subnormals (rnndrop.runtime)
 
     return RnndropCLI(
         Task,

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..runtime import machine
+
 __all__ = ["format_ci", "fresh_run_dir", "group_by", "machine", "read_settings",
            "same_machine", "tensorboard_summary", "write_json"]
 
@@ -41,32 +43,15 @@ def read_settings(
     return data
 
 
-def machine() -> dict[str, Any]:
-    """What decides a run's floating-point results beside its seed: the CPU's vector ISA as
-    torch's kernels see it, the torch build and the intra-op threads (and the CPU's name, for
-    the reader). The same seed on two machines that differ here need not give the same bits."""
-    import platform
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                       cpu)  # fmt: skip
-    except OSError:
-        pass
-    return {"isa": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": cpu}  # fmt: skip
-
-
 def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
-    """Whether two results ran where the same seed gives the same bits (ISA, torch, threads);
-    None when either predates this record."""
+    """Whether two results ran where the same seed gives the same bits (ISA, torch, threads,
+    subnormal flushing); None when either predates this record."""
     ma, mb = a.get("machine"), b.get("machine")
     if not ma or not mb:
         return None
-    return all(ma.get(k) == mb.get(k) for k in ("isa", "torch", "threads"))
+    # results from before the subnormal switch ran without flushing
+    return all(ma.get(k) == mb.get(k) for k in ("isa", "torch", "threads")) and \
+        ma.get("flush_subnormals", False) == mb.get("flush_subnormals", False)  # fmt: skip
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -40,7 +40,10 @@ def disabled() -> bool:
 
 def _flags() -> list[str]:
     # Explicit ISA flags (not -march=native) so the cache key names what the code needs.
-    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -fopenmp: at::parallel_for is a header template; without it the template runs serially
+    # and the subnormal setting would reach only the calling thread. No -lgomp: its symbols
+    # resolve to the libgomp that libtorch already loaded (one OpenMP pool, not two).
+    flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability in {"AVX2", "AVX512"} and _is_x86():
         flags += ["-mavx2", "-mfma"]
@@ -100,7 +103,15 @@ def load() -> ModuleType | None:
         if "module" in _state:
             return _state["module"]  # type: ignore[return-value]
         _state["module"] = module = _build()
+        if module is not None and _mode_off():
+            module.set_loop_flush(False)  # rnndrop.set_flush_subnormals(False) came first
         return module
+
+
+def _mode_off() -> bool:
+    from ...runtime import flush_subnormals_mode
+
+    return flush_subnormals_mode() is False
 
 
 def loaded() -> ModuleType | None:
