@@ -387,6 +387,8 @@ class RNNBase(StochasticModule):
             elif self.batch_first:
                 out, pre = out.transpose(0, 1), pre.transpose(0, 1)
         if record is not None:
+            if unsorted_idx is not None:  # the masks were drawn in sorted order: the caller's
+                record = {k: _unsort(k, m, unsorted_idx) for k, m in record.items()}
             self.last_masks = record  # exactly this forward's masks (none drawn: empty)
 
         if unsorted_idx is not None:
@@ -536,6 +538,13 @@ class RNNBase(StochasticModule):
         n = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
         i = (layer * self.num_directions + d) * n
         return [getattr(self, name) for name in self._flat_weights_names[i : i + n]]
+
+
+def _unsort(name: str, mask: Tensor, unsorted_idx: Tensor) -> Tensor:
+    """A recorded mask in the caller's batch order (every site's batch dim is ``-2``)."""
+    if name.startswith("weight_hh") or mask.shape[-2] == 1:  # not per sample
+        return mask
+    return mask.index_select(-2, unsorted_idx.to(mask.device))
 
 
 class LSTM(RNNBase):
