@@ -86,7 +86,7 @@ class RNNBase(StochasticModule):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first = bool(bias), bool(batch_first)
         self.bidirectional, self.proj_size = bool(bidirectional), proj_size
-        self.dropout = as_dropout(dropout)
+        self.dropout = as_dropout(dropout, cell.name)  # a preset read for this cell
         self.mc = False
         self.force_loop = False  # run the time loop even where the fused op would do
         self.record_masks = False  # keep the last forward's masks in self.last_masks
@@ -331,6 +331,7 @@ class RNNBase(StochasticModule):
     def _check_dropout(self) -> None:
         cfg, kind = self.dropout, type(self).__name__
         cfg.check_cell(self.cell.name, kind)
+        cfg.warn_model_sites(kind, stacklevel=4)
         if self.num_layers == 1 and cfg.between_layers > 0 and not is_active(cfg, 1, True):
             warnings.warn(
                 f"{kind}: between_layers={cfg.between_layers} does nothing with num_layers=1 "
