@@ -37,7 +37,7 @@ _POLICY_SITES: tuple[str, ...] = tuple(
 _ZONEOUT_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.path == "loop_always")
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)  # tensors have no truth value: identity, as for modules
 class CellMasks:
     """The masks of one sequence run through a step cell (:class:`LSTMCell`, :class:`GRUCell`).
 
@@ -392,7 +392,7 @@ class StepCellBase(StochasticModule):
         try:
             yield masks
         finally:
-            scopes.remove(masks)
+            del scopes[next(i for i, m in enumerate(scopes) if m is masks)]
 
     def _open_scopes(self) -> list[CellMasks]:
         return self.__dict__.setdefault("_scopes", [])  # absent in cells pickled before
