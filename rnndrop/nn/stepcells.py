@@ -787,7 +787,7 @@ class LSTMCell(StepCellBase):
     calls (per-sequence masks, ``masks=``, :meth:`reset`), eval and MC modes, recording:
     :class:`StepCellBase`. ``zoneout_*`` and per-step masks are drawn at every call::
 
-        masks = cell.sample_masks(B)                  # or rely on hx=None / reset()
+        masks = cell.sample_masks(B)                  # or: with cell.sequence(): ...
         h = c = None
         for x_t in x:
             h, c = cell(x_t, None if h is None else (h, c), masks=masks)
