@@ -7,6 +7,7 @@ those without it should say what to install, not end in a bare ``ModuleNotFoundE
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -40,3 +41,15 @@ def needs_train_extra(package: str) -> Iterator[None]:
             f"{INSTALL_TRAIN}",
             name=err.name,
         ) from err
+
+
+def require_train_extra(package: str, modules: tuple[str, ...] = ("lightning", "numpy")) -> None:
+    """Raise the error of :func:`needs_train_extra` now if one of ``modules`` is missing.
+
+    For a package that imports its heavy dependencies lazily (inside functions, for a fast
+    command line): finding a module imports nothing.
+    """
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            with needs_train_extra(package):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)

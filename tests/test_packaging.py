@@ -44,7 +44,9 @@ def test_command_without_the_training_extra_names_it():
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.parametrize("package", ["rnndrop.lit", "rnndrop.lit.callbacks", "rnndrop.data"])
+@pytest.mark.parametrize(
+    "package", ["rnndrop.lit", "rnndrop.lit.callbacks", "rnndrop.data", "rnndrop.study"]
+)
 def test_importing_a_training_package_without_the_extra_names_it(package):
     """As a user finds it: ``import rnndrop.lit`` with Lightning not installed."""
     res = run(

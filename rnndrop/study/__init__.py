@@ -1,7 +1,8 @@
 """Long-range studies: how each dropout scheme changes what a model can remember."""
 
-from .._extras import needs_train_extra
+from .._extras import needs_train_extra, require_train_extra
 
+require_train_extra("rnndrop.study")  # its functions import Lightning when they run
 with needs_train_extra("rnndrop.study"):  # without the train extra: an error naming it
     from .config import (
         BUILTIN_SCHEMES,
