@@ -480,9 +480,9 @@ class StepCellBase(StochasticModule):
         rows = keep.rows(redraw.cpu() if isinstance(redraw, Tensor) else redraw)
         new = torch.zeros(B, dtype=torch.bool)
         new[rows] = True
-        out = CellMasks(batch_size=B)
         if not self.sampling or not keep.items():  # nothing drawn yet: nothing to keep
             return dataclasses.replace(keep, batch_size=B)
+        out = CellMasks(batch_size=B)
         some = bool(new.any()) and not bool(new.all())
         for site, m in keep.items():
             shared = site == "weight_hh" or (m.shape[-2] == 1 and B > 1)
