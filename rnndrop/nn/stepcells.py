@@ -372,7 +372,9 @@ class StepCellBase(StochasticModule):
 
         Every call inside without ``masks=`` uses the scope's :class:`CellMasks`, drawn at
         its first call that samples (``batch_size`` given: drawn now, if the cell samples).
-        Scopes nest; the innermost is used. ::
+        Scopes nest; the innermost is used. A scope is one sequence: open it where the
+        sequence starts (in ``forward``, per MC pass), not around a training loop, whose
+        batches would then share masks. ::
 
             with cell.sequence():              # one decoder run, one set of masks
                 hx = encoder_state
