@@ -209,6 +209,22 @@ def test_nested_scopes_use_the_innermost():
     assert not torch.equal(outer.input, inner.input)
 
 
+def test_a_copy_made_inside_a_scope_is_outside_it():
+    import copy
+    import pickle
+
+    cell = LSTMCell(I, H, dropout=VARIATIONAL)
+    hx = given_state("lstm", 2)
+    with cell.sequence():
+        cell(torch.randn(2, I), hx)
+        twins = [copy.deepcopy(cell), pickle.loads(pickle.dumps(cell))]
+    for twin in twins:
+        assert twin._open_scopes() == []
+        with pytest.raises(RuntimeError, match="continues a sequence"):
+            twin(torch.randn(2, I), hx)  # no masks carried over from the scope
+        torch.testing.assert_close(twin.weight_hh, cell.weight_hh)
+
+
 # ---- presets read for one cell: the README's example -----------------------------------------
 
 

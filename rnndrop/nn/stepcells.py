@@ -399,6 +399,13 @@ class StepCellBase(StochasticModule):
     def _open_scopes(self) -> list[CellMasks]:
         return self.__dict__.setdefault("_scopes", [])  # absent in cells pickled before
 
+    def __getstate__(self):
+        # a scope belongs to the `with` block that opened it: a copy made inside one (a target
+        # network, a pickle) must not keep its masks after the block ends
+        state = dict(self.__dict__)
+        state["_scopes"] = []
+        return state
+
     def reset(self) -> None:
         """Start a new sequence inside the open :meth:`sequence` scope: its masks are drawn
         again at the next call (for example at the start of each episode). Outside a scope
