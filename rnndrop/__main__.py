@@ -3,29 +3,40 @@
 rnndrop study long-range --quick    the quick long-range study (CPU, minutes)
 rnndrop fit --config a.yaml         train (LightningCLI: fit | validate | test | predict)
 rnndrop export-tb runs/...          TensorBoard scalars -> CSV / Markdown table
+rnndrop --version                   the installed version
 """
 
 from __future__ import annotations
 
 import sys
+from importlib import metadata
+
+from ._extras import INSTALL_TRAIN, missing_train_module
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 USAGE = "usage: rnndrop COMMAND ...\n\ncommands:\n" + __doc__.split("\n\n", 1)[1]
 
 
-TRAIN_EXTRA = ("lightning", "torchmetrics", "tensorboard", "jsonargparse", "matplotlib", "yaml",
-               "numpy", "tqdm")  # fmt: skip
+def version() -> str:
+    """The installed distribution's version; the package's ``__version__`` when run from a
+    source tree that is not installed."""
+    try:
+        return metadata.version("rnndrop")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(argv)
     except ModuleNotFoundError as err:
-        if err.name is None or err.name.split(".")[0] not in TRAIN_EXTRA:
+        if not missing_train_module(err):
             raise
         print(
             f"rnndrop: error: this command needs {err.name!r}, part of the training extras; "
-            "install them with: pip install 'rnndrop[train]'",
+            f"install them with: {INSTALL_TRAIN}",
             file=sys.stderr,
         )
         return 2
@@ -46,6 +57,9 @@ def _dispatch(argv: list[str] | None) -> int:
         from .tbexport import main as export_main
 
         return export_main(argv[1:])
+    if argv and argv[0] in ("-V", "--version"):
+        print(f"rnndrop {version()}")
+        return 0
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0

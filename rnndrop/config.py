@@ -9,6 +9,7 @@ from a YAML block. This module imports only the standard library.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import warnings
@@ -27,6 +28,7 @@ __all__ = [
     "TransformerDropout",
     "as_dropout",
     "check_rate",
+    "is_preset",
 ]
 
 TimePolicy = Literal["per_step", "per_sequence"]
@@ -287,6 +289,22 @@ class RecurrentDropout(_Rates):
                 "acts on h)"
             )
 
+    def warn_model_sites(self, owner: str, stacklevel: int = 2) -> None:
+        """Warn that the ``embedding`` rate does nothing in ``owner``, a bare layer or cell.
+
+        The embedding site drops word types of the model's embedding
+        (:class:`rnndrop.nn.EmbeddingDropout`, :class:`rnndrop.models.LanguageModel`); a
+        recurrent layer given it alone would show the rate in its repr and apply nothing.
+        """
+        if self.embedding > 0:
+            warnings.warn(
+                f"{owner}: embedding={self.embedding:g} has no effect here: it drops word types "
+                "of a model's embedding (rnndrop.nn.EmbeddingDropout, or "
+                "rnndrop.models.LanguageModel, which applies it), not inside a recurrent layer",
+                UserWarning,
+                stacklevel=stacklevel + 1,
+            )
+
     @property
     def gate_sites(self) -> bool:
         """True if a site that ``tied`` affects is active."""
@@ -487,11 +505,31 @@ class RecurrentDropout(_Rates):
         )
 
     @classmethod
-    def preset(cls, name: str, **kwargs: Any) -> RecurrentDropout:
-        """Build a named scheme: ``RecurrentDropout.preset("variational", p=0.3)``."""
+    def preset(cls, name: str, *, for_cell: str | None = None, **kwargs: Any) -> RecurrentDropout:
+        """Build a named scheme: ``RecurrentDropout.preset("variational", p=0.3)``.
+
+        Args:
+            name: one of :data:`PRESETS`.
+            for_cell: ``"lstm"`` or ``"gru"``, to read the preset for that cell: a default that
+                sets a site the cell lacks is dropped (zoneout on a GRU is its hidden-state
+                rate: ``zoneout_cell`` stays 0 unless ``cell=`` is passed to the preset, which
+                then raises where the GRU is built). ``None``: the LSTM's reading.
+            kwargs: the preset's arguments; an unknown one raises a ``ValueError`` that
+                lists them.
+        """
         if name not in PRESETS:
             raise ValueError(f"unknown dropout preset {name!r}; choose from {sorted(PRESETS)}")
-        return getattr(cls, name)(**kwargs)
+        build = getattr(cls, name)
+        takes = list(inspect.signature(build).parameters)
+        unknown = sorted(set(kwargs) - set(takes))
+        if unknown:
+            raise ValueError(
+                f"dropout preset {name!r} takes the argument(s) {takes}"
+                + ("" if takes else " (none)")
+                + f"; got unknown {unknown}"
+            )
+        defaults = _CELL_PRESET_DEFAULTS.get((name, for_cell), {})
+        return build(**{**defaults, **kwargs})
 
 
 PRESETS: tuple[str, ...] = (
@@ -506,28 +544,45 @@ PRESETS: tuple[str, ...] = (
 )
 
 
+#: A preset's defaults that set a site a cell lacks, replaced when it is read for that cell
+#: (``RecurrentDropout.preset(name, for_cell=...)``): Krueger et al.'s GRU zoneout acts on ``h``.
+_CELL_PRESET_DEFAULTS: dict[tuple[str, str | None], dict[str, Any]] = {
+    ("zoneout", "gru"): {"cell": 0.0},
+}
+
+
 # float before str: jsonargparse tries the members in order, and "0.3" must parse as a float
 DropoutSpec = RecurrentDropout | Mapping[str, Any] | float | str | None
 
 
-def as_dropout(dropout: DropoutSpec) -> RecurrentDropout:
+def is_preset(dropout: DropoutSpec) -> bool:
+    """True if ``dropout`` names a preset (``"variational"``, ``{"preset": ...}``)."""
+    return isinstance(dropout, str) or (isinstance(dropout, Mapping) and "preset" in dropout)
+
+
+def as_dropout(dropout: DropoutSpec, cell: str | None = None) -> RecurrentDropout:
     """Turn what users pass as ``dropout`` into a :class:`RecurrentDropout`, once.
 
     Accepts a config, a dict of its fields (``{"preset": "variational", "p": 0.3}`` builds
     a preset with arguments), a preset name (``"variational"``), ``None`` (no dropout) or a
     float, which means what it means for ``torch.nn.LSTM``/``GRU``: per-step dropout on the
     outputs of every layer but the last (``0.0``: no dropout at all).
+
+    Args:
+        dropout: what the user passed.
+        cell: ``"lstm"`` / ``"gru"``: read a preset for that cell (``GRU(dropout="zoneout")``
+            is zoneout on ``h``; see :meth:`RecurrentDropout.preset`).
     """
     if dropout is None:
         return RecurrentDropout()
     if isinstance(dropout, RecurrentDropout):
         return dropout
     if isinstance(dropout, str):
-        return RecurrentDropout.preset(dropout)
+        return RecurrentDropout.preset(dropout, for_cell=cell)
     if isinstance(dropout, Mapping):
         if "preset" in dropout:
             args = {k: v for k, v in dropout.items() if k != "preset"}
-            return RecurrentDropout.preset(dropout["preset"], **args)
+            return RecurrentDropout.preset(dropout["preset"], for_cell=cell, **args)
         return RecurrentDropout.from_dict(dropout)
     if isinstance(dropout, numbers.Real) and not isinstance(dropout, bool):
         p = check_rate("dropout", dropout)

@@ -131,9 +131,18 @@ def test_cli_trains_a_gru(which, text_corpus, tmp_path):
 def test_gru_with_zoneout_cell_is_a_cli_error(capsys):
     with pytest.raises(SystemExit) as info:
         make_cli(["--model.init_args.model.init_args.encoder=gru",
-                  "--model.init_args.model.init_args.dropout=zoneout"], run=False)  # fmt: skip
+                  '--model.init_args.model.init_args.dropout={"zoneout_cell": 0.3}'],
+                 run=False)  # fmt: skip
     err = capsys.readouterr().err
     assert info.value.code == 2 and "zoneout_cell" in err and "GRU" in err, err
+
+
+def test_gru_with_the_zoneout_preset_is_zoneout_on_h():
+    """The preset name is read for the GRU (issue 20): its hidden-state rate, no cell rate."""
+    cli = make_cli(["--model.init_args.model.init_args.encoder=gru",
+                    "--model.init_args.model.init_args.dropout=zoneout"], run=False)  # fmt: skip
+    cfg = cli.model.model.dropout
+    assert (cfg.zoneout_hidden, cfg.zoneout_cell) == (0.05, 0.0)
 
 
 @pytest.mark.parametrize(

@@ -121,7 +121,8 @@ def test_every_dropout_form_is_converted_once(dropout, cls):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_gru_with_zoneout_cell_fails_with_the_grus_error(tie):
-    for dropout in ("zoneout", RD.zoneout(0.1, 0.2), {"zoneout_cell": 0.1}):
+    # the preset name "zoneout" is read for the GRU (zoneout on h): tests/test_presets.py
+    for dropout in (RD.zoneout(0.1, 0.2), {"zoneout_cell": 0.1}):
         with pytest.raises(ValueError, match=r"zoneout_cell.*no meaning for a GRU"):
             LanguageModel(10, 4, 6, 2, encoder="gru", dropout=dropout, tie_weights=tie)
     with pytest.raises(ValueError, match=r"zoneout_cell.*no meaning for a GRU"):

@@ -218,19 +218,21 @@ def test_cell_loop_with_the_layers_masks_is_the_layer(kind, scheme):
 
 @pytest.mark.parametrize("kind", CELLS)
 def test_kept_masks_are_one_masks_object_for_the_sequence(kind):
-    """The implicit path runs the sequence as an explicit object with the first call's masks."""
+    """A sequence scope runs the sequence as an explicit object with the first call's masks."""
     cfg = RD(input=0.3, recurrent=0.3, candidate=0.2, weight_hh=0.3, tied=False)
     _, cell = cell_like_layer(kind, cfg)
     cell.record_masks = True
     x = torch.randn(4, 2, I, dtype=torch.float64)
-    hx, outs = None, []
-    for t in range(4):
-        h, c, _ = run_cell(cell, x[t], hx, kind)
-        hx = (h, c) if kind == "lstm" else h
-        outs.append(h)
-        if t == 0:
-            first = cell.masks_from(cell.last_masks, 0)
-    again, _ = loop_cell(cell, kind, x, None, lambda t: first)
+    hx, outs = state(kind, 2, torch.float64), []  # started from a given state (a decoder)
+    start = hx
+    with cell.sequence():
+        for t in range(4):
+            h, c, _ = run_cell(cell, x[t], hx, kind)
+            hx = (h, c) if kind == "lstm" else h
+            outs.append(h)
+            if t == 0:
+                first = cell.masks_from(cell.last_masks, 0)
+    again, _ = loop_cell(cell, kind, x, start, lambda t: first)
     assert torch.equal(torch.stack(outs), again)
 
 
@@ -282,21 +284,27 @@ SEQ_SITES = ("input/l0", "recurrent/l0", "candidate/l0", "weight_hh/l0", "output
 
 
 @pytest.mark.parametrize("kind", CELLS)
-def test_per_sequence_masks_are_kept_until_reset_or_hx_none(kind):
+def test_per_sequence_masks_are_kept_for_the_scope_and_redrawn_by_reset(kind):
     cell = per_sequence_cell(kind)
     x = torch.randn(6, I)
-    hx, _, m0 = step(cell, kind, x, None)
-    hx, _, m1 = step(cell, kind, x, hx)
-    hx, _, m2 = step(cell, kind, x, hx)
-    assert set(m0) == set(SEQ_SITES)
+    with cell.sequence() as masks:
+        hx, _, m0 = step(cell, kind, x, None)
+        hx, _, m1 = step(cell, kind, x, hx)
+        hx, _, m2 = step(cell, kind, x, hx)
+        assert set(m0) == set(SEQ_SITES)
+        assert masks.batch_size == 6 and torch.equal(masks.weight_hh, m0["weight_hh/l0"])
+        for site in SEQ_SITES:
+            assert torch.equal(m0[site], m1[site]) and torch.equal(m1[site], m2[site]), site
+        cell.reset()  # a new sequence inside the scope (an episode boundary)
+        hx, _, m3 = step(cell, kind, x, hx)
+        _, _, m4 = step(cell, kind, x, hx)
+        for site in SEQ_SITES:
+            assert not torch.equal(m2[site], m3[site]), site
+            assert torch.equal(m3[site], m4[site]), site
+    with cell.sequence():  # the next scope: new masks, even from the same state
+        _, _, m5 = step(cell, kind, x, hx)
     for site in SEQ_SITES:
-        assert torch.equal(m0[site], m1[site]) and torch.equal(m1[site], m2[site]), site
-    cell.reset()
-    hx, _, m3 = step(cell, kind, x, hx)  # hx given, but reset: a new sequence
-    _, _, m4 = step(cell, kind, x, None)  # hx=None: a new sequence
-    for site in SEQ_SITES:
-        assert not torch.equal(m2[site], m3[site]), site
-        assert not torch.equal(m3[site], m4[site]), site
+        assert not torch.equal(m4[site], m5[site]), site
 
 
 @pytest.mark.parametrize("kind", CELLS)
@@ -337,8 +345,7 @@ def test_per_step_masks_differ_between_calls(kind):
     assert set(m0) == {"input/l0", "recurrent/l0", "candidate/l0", "output", "zoneout_hidden/l0"}
     for site in m0:
         assert not torch.equal(m0[site], m1[site]), site
-    # nothing per sequence: nothing kept, so a batch-size change is fine
-    assert cell._kept is None
+    # nothing per sequence: no scope needed, and a batch-size change is fine
     step(cell, kind, torch.randn(2, I), state(kind, 2))
 
 
@@ -355,34 +362,37 @@ def test_zoneout_is_drawn_every_call_even_with_a_masks_object():
 
 
 @pytest.mark.parametrize("kind", CELLS)
-def test_batch_size_change_without_reset_raises(kind):
+def test_batch_size_change_inside_a_scope_raises(kind):
     cell = per_sequence_cell(kind)
-    step(cell, kind, torch.randn(6, I), None)
-    with pytest.raises(RuntimeError, match=r"reset\(\)"):
-        step(cell, kind, torch.randn(4, I), state(kind, 4))
-    cell.reset()
-    step(cell, kind, torch.randn(4, I), state(kind, 4))  # fine after reset
-    step(cell, kind, torch.randn(3, I), None)  # and with hx=None
+    with cell.sequence():
+        step(cell, kind, torch.randn(6, I), None)
+        with pytest.raises(RuntimeError, match="batch size 6, this call has 4"):
+            step(cell, kind, torch.randn(4, I), state(kind, 4))
+    with cell.sequence(4):
+        step(cell, kind, torch.randn(4, I), state(kind, 4))  # fine in a new scope
+    step(cell, kind, torch.randn(3, I), None)  # and alone, from hx=None
     masks = cell.sample_masks(3)
     with pytest.raises(RuntimeError, match="batch size 3"):
         step(cell, kind, torch.randn(5, I), None, masks=masks)
 
 
-def test_kept_masks_are_tied_to_dtype_and_reset_when_the_module_moves_or_switches_mode():
+def test_scope_masks_are_redrawn_when_the_module_moves_or_switches_mode():
     cell = per_sequence_cell("lstm")
-    hx, _, _ = step(cell, "lstm", torch.randn(2, I), None)
-    assert cell._kept is not None
-    cell.eval()
-    cell.train()
-    assert cell._kept is None
-    hx, _, _ = step(cell, "lstm", torch.randn(2, I), hx)
-    cell.double()  # moving the module resets them
-    assert cell._kept is None
-    hx = tuple(s.double() for s in hx)
-    hx, _, _ = step(cell, "lstm", torch.randn(2, I, dtype=torch.float64), hx)
-    cell._kept = CellMasks(2, input=cell._kept.input.float())  # a stale float32 object
-    with pytest.raises(RuntimeError, match="float32"):
-        step(cell, "lstm", torch.randn(2, I, dtype=torch.float64), hx)
+    with cell.sequence() as masks:
+        hx, _, _ = step(cell, "lstm", torch.randn(2, I), None)
+        assert masks.input is not None
+        cell.eval()
+        cell.train()
+        assert masks.items() == []
+        hx, _, _ = step(cell, "lstm", torch.randn(2, I), hx)
+        cell.double()  # moving the module resets them
+        assert masks.items() == []
+        hx = tuple(s.double() for s in hx)
+        hx, _, _ = step(cell, "lstm", torch.randn(2, I, dtype=torch.float64), hx)
+        assert masks.input.dtype == torch.float64
+        masks.input = masks.input.float()  # a stale float32 mask
+        with pytest.raises(ValueError, match="float32"):
+            step(cell, "lstm", torch.randn(2, I, dtype=torch.float64), hx)
 
 
 def test_explicit_masks_are_checked():
@@ -410,15 +420,16 @@ def test_truncated_bptt_with_kept_masks_backprops_each_window():
     opt = torch.optim.SGD(cell.parameters(), lr=0.1)
     hx = None
     x = torch.randn(6, 3, I)
-    for window in (x[:3], x[3:]):
-        loss = 0
-        for x_t in window:
-            hx = cell(x_t, hx)
-            loss = loss + hx[0].square().sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        hx = tuple(s.detach() for s in hx)
+    with cell.sequence():  # one sequence, two windows
+        for window in (x[:3], x[3:]):
+            loss = 0
+            for x_t in window:
+                hx = cell(x_t, hx)
+                loss = loss + hx[0].square().sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hx = tuple(s.detach() for s in hx)
 
 
 # ---- eval, MC mode, expectations ----------------------------------------------------------
@@ -442,7 +453,7 @@ def test_eval_draws_nothing_and_applies_expectations(kind):
     cell.record_masks = True
     x, hx = torch.randn(3, I), state(kind, 3)
     h, c, out = run_cell(cell, x, hx, kind, return_output=True)
-    assert cell.last_masks == {} and cell._kept is None
+    assert cell.last_masks == {}
     h_ref, c_ref, _ = run_cell(ref, x * (1 - p_in), hx, kind)
     h_prev = hx[0] if kind == "lstm" else hx
     torch.testing.assert_close(h, zh * h_prev + (1 - zh) * h_ref)
@@ -547,7 +558,8 @@ def test_output_site_masks_the_output_not_the_state():
     with pytest.raises(ValueError, match="return_output=True"):
         cell(x, hx)
     cell.record_masks = True
-    out, (h, c) = cell(x, hx, return_output=True)
+    with cell.sequence():
+        out, (h, c) = cell(x, hx, return_output=True)
     h_ref, c_ref = ref(x, hx)
     assert torch.equal(h, h_ref) and torch.equal(c, c_ref)  # the state is undropped
     assert torch.equal(out, h * cell.last_masks["output"][0]) and (out == 0).any()
@@ -557,7 +569,8 @@ def test_unbatched_input_is_a_batch_of_one():
     cell = LSTMCell(I, H, dropout=RD(zoneout_hidden=0.3, recurrent=0.3, output=0.2))
     cell.record_masks = True
     x, hx = torch.randn(I), (torch.randn(H), torch.randn(H))
-    out, (h, c) = cell(x, hx, return_output=True)
+    with cell.sequence():
+        out, (h, c) = cell(x, hx, return_output=True)
     assert out.shape == h.shape == c.shape == (H,)
     replay = cell.masks_from(cell.last_masks, 0)
     out2, (h2, c2) = cell(x[None], (hx[0][None], hx[1][None]), masks=replay, return_output=True)
@@ -589,7 +602,7 @@ def test_weight_drop_saves_no_weight_sized_copy_per_step(kind, tied):
         return t
 
     hx = None
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cell.sequence():
         for _ in range(T):
             hx = cell(torch.randn(2, I), hx)
     # W_hh and the sequence's one mask; not one W_hh ⊙ M per step

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from .batching import BPTTBatches, batchify, variable_lengths
-from .corpus import Corpus, CorpusError, load_ptb, load_text_folder, load_wikitext2, read_tokens
-from .download import REGISTRY, ChecksumError, DownloadError, fetch
-from .mnist import MNISTError, PixelMNIST, load_mnist
-from .synthetic import (
-    TASKS,
-    AddingTask,
-    AssociativeRecall,
-    CopyTask,
-    DelayedRecall,
-    SyntheticTask,
-    make_task,
-)
-from .vocab import UnknownTokenError, Vocab
+from .._extras import needs_train_extra
+
+with needs_train_extra("rnndrop.data"):  # numpy: an error naming the extra without it
+    from .batching import BPTTBatches, batchify, variable_lengths
+    from .corpus import (
+        Corpus,
+        CorpusError,
+        load_ptb,
+        load_text_folder,
+        load_wikitext2,
+        read_tokens,
+    )
+    from .download import REGISTRY, ChecksumError, DownloadError, fetch
+    from .mnist import MNISTError, PixelMNIST, load_mnist
+    from .synthetic import (
+        TASKS,
+        AddingTask,
+        AssociativeRecall,
+        CopyTask,
+        DelayedRecall,
+        SyntheticTask,
+        make_task,
+    )
+    from .vocab import UnknownTokenError, Vocab
 
 _LAZY = ("LanguageModelDataModule", "PixelMNISTDataModule", "SyntheticDataModule")
 
@@ -60,7 +70,8 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:  # Lightning is imported only when a DataModule is asked for
-        from . import modules
+        with needs_train_extra(f"rnndrop.data.{name}"):
+            from . import modules
 
         return getattr(modules, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,18 +2,21 @@
 
 import warnings
 
-from .base import Task, detach_state, max_norm_
-from .callbacks import (
-    DivergenceError,
-    GradientThroughTime,
-    LearningRateLogger,
-    LineProgress,
-    MaskStatistics,
-    NaNGuard,
-    NonFiniteLossError,
-)
-from .lm import LanguageModelTask
-from .sequence import SequenceTask
+from .._extras import needs_train_extra
+
+with needs_train_extra("rnndrop.lit"):  # without Lightning: an error naming the extra
+    from .base import Task, detach_state, max_norm_
+    from .callbacks import (
+        DivergenceError,
+        GradientThroughTime,
+        LearningRateLogger,
+        LineProgress,
+        MaskStatistics,
+        NaNGuard,
+        NonFiniteLossError,
+    )
+    from .lm import LanguageModelTask
+    from .sequence import SequenceTask
 
 
 # Lightning 2.6's CombinedLoader builds a torch pytree LeafSpec, which torch >= 2.10 deprecates

@@ -62,6 +62,8 @@ class RecurrentStack(nn.Module):
         if cell not in RECURRENT_CELLS:
             raise ValueError(f"cell must be one of {list(RECURRENT_CELLS)}, got {cell!r}")
         rnn = RECURRENT_CELLS[cell]
+        if dropout.embedding > 0:  # the model's site (EmbeddingDropout): layers warn of it
+            dropout = dropout.replace(embedding=0.0, embedding_batch="per_batch")
         last = last_size or hidden_size
         if last == hidden_size or num_layers == 1:
             width = last if num_layers == 1 else hidden_size

@@ -68,7 +68,7 @@ class LanguageModel(nn.Module):
     ) -> None:
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.dropout = dropout = as_dropout(dropout)
+        self.dropout = dropout = as_dropout(dropout, encoder)  # GRU zoneout: on h
         transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
         # the constructor's arguments as plain data: hparams, and rebuilding from a checkpoint
         self.config = {**args, "dropout": dropout.to_dict(),

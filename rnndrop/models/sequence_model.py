@@ -74,7 +74,7 @@ class SequenceModel(nn.Module):
             self.embed, features = nn.Identity(), input_size
         else:
             raise ValueError(f"input_kind must be 'tokens' or 'float', got {input_kind!r}")
-        self.dropout = dropout = as_dropout(dropout)
+        self.dropout = dropout = as_dropout(dropout, encoder)  # GRU zoneout: on h
         transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
         # the constructor's arguments as plain data: hparams, and rebuilding from a checkpoint
         self.config = {**args, "dropout": dropout.to_dict(),

@@ -15,13 +15,14 @@ from .dropout import (
     mc_dropout,
 )
 from .rnn import GRU, LSTM, RNNBase, concrete_rates, concrete_regularizer
-from .stepcells import GRUCell, LSTMCell
+from .stepcells import CellMasks, GRUCell, LSTMCell, cell_dropout, sequence
 from .transformer import CausalTransformer, TransformerBlock
 
 __all__ = [
     "GRU",
     "LSTM",
     "CausalTransformer",
+    "CellMasks",
     "DropPath",
     "EmbeddingDropout",
     "GRUCell",
@@ -32,7 +33,9 @@ __all__ = [
     "TransformerBlock",
     "Zoneout",
     "as_dropout",
+    "cell_dropout",
     "concrete_rates",
     "concrete_regularizer",
     "mc_dropout",
+    "sequence",
 ]

@@ -148,7 +148,9 @@ class ForwardMasks:
 
     def _keep(self, name: str, m: Tensor) -> Tensor:
         if self.record is not None:
-            self.record[name] = m
+            # detached: a relaxed (concrete) mask would otherwise keep this forward's graph
+            # alive in last_masks, and a module holding non-leaf tensors cannot be deep-copied
+            self.record[name] = m.detach()
         return m
 
     def _policy(self, name: str, p: float, *lead: int, features: int) -> Tensor:

@@ -86,7 +86,7 @@ class RNNBase(StochasticModule):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first = bool(bias), bool(batch_first)
         self.bidirectional, self.proj_size = bool(bidirectional), proj_size
-        self.dropout = as_dropout(dropout)
+        self.dropout = as_dropout(dropout, cell.name)  # a preset read for this cell
         self.mc = False
         self.force_loop = False  # run the time loop even where the fused op would do
         self.record_masks = False  # keep the last forward's masks in self.last_masks
@@ -331,6 +331,7 @@ class RNNBase(StochasticModule):
     def _check_dropout(self) -> None:
         cfg, kind = self.dropout, type(self).__name__
         cfg.check_cell(self.cell.name, kind)
+        cfg.warn_model_sites(kind, stacklevel=4)
         if self.num_layers == 1 and cfg.between_layers > 0 and not is_active(cfg, 1, True):
             warnings.warn(
                 f"{kind}: between_layers={cfg.between_layers} does nothing with num_layers=1 "
@@ -387,6 +388,8 @@ class RNNBase(StochasticModule):
             elif self.batch_first:
                 out, pre = out.transpose(0, 1), pre.transpose(0, 1)
         if record is not None:
+            if unsorted_idx is not None:  # the masks were drawn in sorted order: the caller's
+                record = {k: _unsort(k, m, unsorted_idx) for k, m in record.items()}
             self.last_masks = record  # exactly this forward's masks (none drawn: empty)
 
         if unsorted_idx is not None:
@@ -536,6 +539,13 @@ class RNNBase(StochasticModule):
         n = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
         i = (layer * self.num_directions + d) * n
         return [getattr(self, name) for name in self._flat_weights_names[i : i + n]]
+
+
+def _unsort(name: str, mask: Tensor, unsorted_idx: Tensor) -> Tensor:
+    """A recorded mask in the caller's batch order (every site's batch dim is ``-2``)."""
+    if name.startswith("weight_hh") or mask.shape[-2] == 1:  # not per sample
+        return mask
+    return mask.index_select(-2, unsorted_idx.to(mask.device))
 
 
 class LSTM(RNNBase):

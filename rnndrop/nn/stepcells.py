@@ -5,27 +5,30 @@ with the same dropout sites, policies and equations as the layer's loop path
 (:mod:`rnndrop.nn.cells.lstm`, :mod:`rnndrop.nn.cells.gru`). What a layer keeps for one
 forward call, a step cell has to keep across calls: the per-sequence masks (and the
 weight-drop mask) of the sequence being run. They live in a :class:`CellMasks` object,
-either passed explicitly every step (``masks=cell.sample_masks(B)``) or kept by the cell
-until the next sequence starts (``hx=None`` or :meth:`StepCellBase.reset`).
+either passed explicitly every step (``masks=cell.sample_masks(B)``) or bound to a sequence
+scope (``with cell.sequence():``) that draws them afresh and forgets them on exit. A
+per-sequence scheme that samples (training, MC) refuses a call that has neither: a decoder
+started from an encoder's state would otherwise reuse one sequence's masks for the next.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import _VF, Tensor, nn
 
-from ..config import SITES, DropoutSpec, RecurrentDropout, as_dropout
+from ..config import SITES, DropoutSpec, RecurrentDropout, as_dropout, is_preset
 from ..functional import bernoulli_mask
 from .cells import GRU_CELL, LSTM_CELL, Cell
 from .dropout import StochasticModule
 
-__all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase"]
+__all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase", "cell_dropout", "sequence"]
 
 #: Sites whose masks follow the ``time``/``batch`` policy (and ``tied`` for input/recurrent).
 _POLICY_SITES: tuple[str, ...] = tuple(
@@ -34,17 +37,24 @@ _POLICY_SITES: tuple[str, ...] = tuple(
 _ZONEOUT_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.path == "loop_always")
 
 
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)  # tensors have no truth value: identity, as for modules
 class CellMasks:
     """The masks of one sequence run through a step cell (:class:`LSTMCell`, :class:`GRUCell`).
 
-    Build it with :meth:`StepCellBase.sample_masks` (a new sequence's per-sequence masks),
-    :meth:`StepCellBase.masks_from` (step ``t`` of a layer's recorded masks), or directly.
-    Passed as ``masks=`` to every step of the sequence. A field that is set is used as it is
-    at every call it is passed to (while sampling; in eval the object is ignored); a field
-    left ``None`` for an active site is drawn: once and stored here for a per-sequence site
-    (``time="per_sequence"``, and ``weight_hh`` always), afresh at every call for a per-step
-    site and for zoneout (which is never stored).
+    Build it with :meth:`StepCellBase.sample_masks` (a new sequence's per-sequence masks,
+    or a batch whose finished rows get new ones), :meth:`StepCellBase.sequence` (the scope's
+    object), :meth:`StepCellBase.masks_from` (step ``t`` of a layer's recorded masks), or
+    directly. Passed as ``masks=`` to every step of the sequence. A field that is set is used
+    as it is at every call it is passed to (while sampling; in eval the object is ignored); a
+    field left ``None`` for an active site is drawn: once and stored here for a per-sequence
+    site (``time="per_sequence"``, and ``weight_hh`` always), afresh at every call for a
+    per-step site and for zoneout (which is never stored).
+
+    ``masks[rows]`` keeps the rows of a batch (an index, slice, list, index tensor or boolean
+    ``(B,)`` tensor, as ``torch.arange(B)[rows]`` reads it): per-sample masks are indexed
+    along their batch dim, masks shared by the batch (``B|1`` of 1, ``weight_hh``) are kept
+    whole. A shrinking batch (environments that finish and leave) runs on with
+    ``masks[alive]``.
 
     Shapes (without the time dim of the layer's recorded masks; ``B|1``: per sample or per
     batch; ``G`` gates, 4 LSTM, 3 GRU):
@@ -83,6 +93,76 @@ class CellMasks:
             for f in dataclasses.fields(self)
             if f.name != "batch_size" and getattr(self, f.name) is not None
         ]
+
+    def _size(self) -> int:
+        """The batch size: ``batch_size``, else the per-sample masks' (1 if none has one)."""
+        if self.batch_size is not None:
+            return self.batch_size
+        sizes = {m.shape[-2] for site, m in self.items() if site != "weight_hh"} - {1}
+        if len(sizes) > 1:
+            raise ValueError(f"CellMasks: masks of different batch sizes {sorted(sizes)}")
+        return sizes.pop() if sizes else 1
+
+    def rows(self, index) -> Tensor:
+        """The batch rows ``index`` selects, as a 1-D index tensor (see the class)."""
+        rows = torch.arange(self._size())[index]
+        return rows.reshape(-1) if rows.dim() == 0 else rows
+
+    def __getitem__(self, index) -> CellMasks:
+        rows = self.rows(index)
+        B = self._size()
+        out = CellMasks(batch_size=None if self.batch_size is None else len(rows))
+        for site, m in self.items():
+            if site != "weight_hh" and m.shape[-2] == B and B > 1:  # per sample: its rows
+                m = m.index_select(-2, rows.to(m.device))
+            setattr(out, site, m)
+        return out
+
+
+def cell_dropout(dropout: DropoutSpec, cell: str = "lstm") -> RecurrentDropout:
+    """A step cell's reading of ``dropout``: a preset keeps the sites of one cell.
+
+    A preset names a network's scheme (Gal & Ghahramani's variational dropout masks the
+    inputs, the recurrence, between the layers and the outputs). One step cell is one layer's
+    step: it keeps the preset's ``input``, ``recurrent``, ``candidate``, ``weight_hh`` and
+    zoneout rates, and leaves ``between_layers``, ``output`` and ``embedding`` to the model
+    around it (:class:`~rnndrop.nn.LockedDropout` on what the cell returns, for example), so
+    that ``cell(x, hx)`` returns the state as ``torch.nn.LSTMCell`` does. Anything else (a
+    config object, a dict of fields, a float) is read as :func:`~rnndrop.config.as_dropout`
+    reads it.
+
+    Args:
+        dropout: what the user passed as ``dropout``.
+        cell: ``"lstm"`` or ``"gru"`` (GRU zoneout is on ``h``).
+    """
+    cfg = as_dropout(dropout, cell)
+    if is_preset(dropout) and (cfg.between_layers or cfg.output or cfg.embedding):
+        cfg = cfg.replace(between_layers=0.0, output=0.0, embedding=0.0,
+                          embedding_batch="per_batch")  # fmt: skip
+    return cfg
+
+
+@contextlib.contextmanager
+def sequence(model: nn.Module, batch_size: int | None = None) -> Iterator[nn.Module]:
+    """Open :meth:`StepCellBase.sequence` on every step cell of ``model`` (one sequence).
+
+    For a model whose forward runs its cells step by step: each ``with`` block is one
+    sequence with fresh per-sequence masks, as a training step or one Monte Carlo pass::
+
+        with torch.no_grad(), mc_dropout(model):
+            for _ in range(50):
+                with rnndrop.nn.sequence(model):
+                    outs.append(model(x))
+
+    Args:
+        model: a module holding :class:`LSTMCell` / :class:`GRUCell` (or one).
+        batch_size: passed to each cell's scope.
+    """
+    cells = [m for m in model.modules() if isinstance(m, StepCellBase)]
+    with contextlib.ExitStack() as stack:
+        for cell in cells:
+            stack.enter_context(cell.sequence(batch_size))
+        yield model
 
 
 class _DroppedLinear(torch.autograd.Function):
@@ -172,19 +252,32 @@ class StepCellBase(StochasticModule):
 
     A subclass names its :class:`~rnndrop.nn.cells.Cell` (gates, state, step math). Sites,
     policies and scaling are those of :class:`~rnndrop.config.RecurrentDropout` for layer 0
-    of a one-layer network; ``between_layers`` means nothing for one cell and is ignored
-    (with a warning); ``embedding`` belongs to the model.
+    of a one-layer network. A preset (``dropout="variational"``, ``{"preset": ...}``) is read
+    for one cell (:func:`cell_dropout`): its ``input``, ``recurrent``, ``candidate``,
+    ``weight_hh`` and zoneout rates; ``between_layers``, ``output`` and ``embedding`` act
+    between the layers of a network and around it, so a cell leaves them to the model around
+    it (``cell(x, hx)`` then returns the state, as ``nn.LSTMCell`` does). A config object is
+    taken as it is: ``between_layers`` is ignored with a warning, ``embedding`` warns.
 
     Per-sequence masks (``time="per_sequence"``) and the weight-drop mask must stay the same
-    for every step of a sequence, so they are kept across calls in a :class:`CellMasks`:
+    for every step of a sequence and be new for the next sequence. The cell cannot tell where
+    a sequence starts (a decoder starts from the encoder's state, never from ``hx=None``), so
+    while it samples (training, MC) a call with such a site must say which sequence it is in:
 
+    * a scope: ``with cell.sequence():`` around the steps of one sequence (or of one batch of
+      sequences run in step). The scope draws the masks at its first call and forgets them on
+      exit; every call inside without ``masks=`` uses them. :func:`sequence` opens one on
+      every cell of a model (a decoder of two cells; one scope per MC pass);
     * explicit: ``masks = cell.sample_masks(B)`` at the start of a sequence, then
-      ``cell(x_t, hx, masks=masks)`` at every step;
-    * implicit (``masks`` omitted): the cell draws them on the first call and keeps them
-      until :meth:`reset`. A call with ``hx=None`` starts a sequence (from zeros) and redraws
-      them; a call whose batch size, device or dtype differs from the kept masks' raises a
-      ``RuntimeError`` (call :meth:`reset`, pass ``hx=None``, or pass ``masks``). Moving the
-      module (``.to()``) and switching ``train()``/``eval()`` also reset them.
+      ``cell(x_t, hx, masks=masks)`` at every step. :class:`CellMasks` can be indexed
+      (``masks[alive]``) and refreshed row by row (``cell.sample_masks(B, keep=masks,
+      redraw=done)``): a batch of environments that end at different steps.
+
+    Outside both, nothing is kept: a call from ``hx=None`` is a sequence of its own with
+    fresh masks, and a call that continues a sequence (``hx`` given) raises a
+    ``RuntimeError`` that says how to scope it, rather than reuse or silently redraw masks.
+    Schemes without per-sequence masks (per-step masks, zoneout) and deterministic eval need
+    neither: their calls are independent.
 
     Per-step masks and zoneout are drawn afresh at every call. Zoneout mixes in the previous
     state, taken from ``hx``. Masks are sampled in training or in MC mode
@@ -193,10 +286,10 @@ class StepCellBase(StochasticModule):
     (1-z)·new``). With no site acting in a call, torch's own cell op runs with torch's
     arguments: bitwise ``torch.nn.LSTMCell`` / ``GRUCell``.
 
-    ``output`` masks the returned output only, never the state fed to the next step (as the
-    layer's output site): with ``output > 0`` call ``cell(x, hx, return_output=True)``,
-    which returns ``(output, state)``; the plain call raises a ``ValueError`` then, since it
-    returns only the state.
+    ``output`` (set in a config object) masks the returned output only, never the state fed
+    to the next step (as the layer's output site): with ``output > 0`` call ``cell(x, hx,
+    return_output=True)``, which returns ``(output, state)``; the plain call raises a
+    ``ValueError`` then, since it returns only the state.
 
     With ``record_masks = True``, ``last_masks`` holds the masks the last call used, under
     the layer's site names for layer 0 (``input/l0``, ``recurrent/l0``, ``candidate/l0``,
@@ -223,11 +316,11 @@ class StepCellBase(StochasticModule):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         self.cell = cell
         self.input_size, self.hidden_size, self.bias = input_size, hidden_size, bool(bias)
-        self.dropout: RecurrentDropout = as_dropout(dropout)
+        self.dropout: RecurrentDropout = cell_dropout(dropout, cell.name)
         self.mc = False
         self.record_masks = False
         self.last_masks: dict[str, Tensor] = {}
-        self._kept: CellMasks | None = None
+        self._scopes: list[CellMasks] = []  # the open sequence() scopes, innermost last
         self._check_dropout()
         kw = {"device": device, "dtype": dtype}
         G, H = cell.gates, hidden_size
@@ -269,19 +362,64 @@ class StepCellBase(StochasticModule):
                 UserWarning,
                 stacklevel=4,
             )
+        cfg.warn_model_sites(kind, stacklevel=4)
 
     # ---- sequence state ---------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def sequence(self, batch_size: int | None = None) -> Iterator[CellMasks]:
+        """A scope for one sequence: fresh per-sequence masks, forgotten on exit.
+
+        Every call inside without ``masks=`` uses the scope's :class:`CellMasks`, drawn at
+        its first call that samples (``batch_size`` given: drawn now, if the cell samples).
+        Scopes nest; the innermost is used. A scope is one sequence: open it where the
+        sequence starts (in ``forward``, per MC pass), not around a training loop, whose
+        batches would then share masks. ::
+
+            with cell.sequence():              # one decoder run, one set of masks
+                hx = encoder_state
+                for x_t in xs:
+                    hx = cell(x_t, hx)
+
+        Args:
+            batch_size: ``B`` of the sequence; ``None``: the first call's (a later call with
+                another raises).
+
+        Yields:
+            the scope's :class:`CellMasks` (it may be passed as ``masks=`` too).
+        """
+        masks = self.sample_masks(batch_size) if batch_size is not None else CellMasks()
+        scopes = self._open_scopes()
+        scopes.append(masks)
+        try:
+            yield masks
+        finally:
+            del scopes[next(i for i, m in enumerate(scopes) if m is masks)]
+
+    def _open_scopes(self) -> list[CellMasks]:
+        return self.__dict__.setdefault("_scopes", [])  # absent in cells pickled before
+
+    def __getstate__(self):
+        # a scope belongs to the `with` block that opened it: a copy made inside one (a target
+        # network, a pickle) must not keep its masks after the block ends
+        state = dict(self.__dict__)
+        state["_scopes"] = []
+        return state
+
     def reset(self) -> None:
-        """Forget the kept per-sequence masks: the next call starts a new sequence."""
-        self._kept = None
+        """Start a new sequence inside the open :meth:`sequence` scope: its masks are drawn
+        again at the next call (for example at the start of each episode). Outside a scope
+        there is nothing kept, and nothing to do."""
+        for masks in self._open_scopes():
+            for site, _ in masks.items():
+                setattr(masks, site, None)
 
     def train(self, mode: bool = True):
         self.reset()
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        self.__dict__["_kept"] = None
+        self.reset()  # masks drawn on the old device or dtype would not match
         return super()._apply(fn, recurse)
 
     def _rate(self, site: str) -> float:
@@ -297,6 +435,8 @@ class StepCellBase(StochasticModule):
         self,
         batch_size: int,
         *,
+        keep: CellMasks | None = None,
+        redraw=None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> CellMasks:
@@ -306,12 +446,28 @@ class StepCellBase(StochasticModule):
         drawn on the first call that samples. Per-step masks and zoneout are drawn at each
         call.
 
+        With ``keep`` and ``redraw``, the rows ``redraw`` selects start new sequences and the
+        others go on: a recurrent policy whose environments end at different steps::
+
+            masks = cell.sample_masks(B, keep=masks, redraw=done)   # done: (B,) bool
+
+        The result has ``keep``'s masks, bit for bit, in the rows not selected and new ones
+        in the rows selected (``keep`` itself is not changed). A mask shared by the whole
+        batch (``batch="per_batch"``, ``weight_hh``) cannot be new for some rows only: a
+        ``redraw`` of some but not all rows raises a ``ValueError`` then.
+
         Args:
             batch_size: ``B`` of the sequence (1 for unbatched input).
-            device, dtype: of the masks (default: the weights').
+            keep: the batch's current masks (``B`` rows), to keep where not redrawn.
+            redraw: the rows to draw anew: a ``(B,)`` bool tensor, indices, or a slice.
+            device, dtype: of the masks (default: ``keep``'s, else the weights').
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
             raise ValueError(f"batch_size must be an integer >= 0, got {batch_size!r}")
+        if (keep is None) != (redraw is None):
+            raise ValueError("sample_masks: pass keep= and redraw= together (or neither)")
+        if keep is not None:
+            return self._refresh(batch_size, keep, redraw)
         masks = CellMasks(batch_size=batch_size)
         if self.sampling:
             w = self.weight_hh
@@ -319,6 +475,42 @@ class StepCellBase(StochasticModule):
             for site in self._per_sequence_sites():
                 setattr(masks, site, self._draw(site, batch_size, like))
         return masks
+
+    def _refresh(self, B: int, keep: CellMasks, redraw) -> CellMasks:
+        """``keep`` with the rows ``redraw`` selects drawn anew (see :meth:`sample_masks`)."""
+        kind = type(self).__name__
+        if not isinstance(keep, CellMasks):
+            raise TypeError(f"{kind}: keep must be a CellMasks, got {type(keep).__name__}")
+        if keep._size() != B:
+            raise ValueError(f"{kind}: keep has masks for batch size {keep._size()}, not {B}")
+        if isinstance(redraw, Tensor) and redraw.dtype == torch.bool and redraw.shape != (B,):
+            raise ValueError(f"{kind}: a bool redraw must have shape ({B},), got "
+                             f"{tuple(redraw.shape)}")  # fmt: skip
+        rows = keep.rows(redraw.cpu() if isinstance(redraw, Tensor) else redraw)
+        new = torch.zeros(B, dtype=torch.bool)
+        new[rows] = True
+        if not self.sampling or not keep.items():  # nothing drawn yet: nothing to keep
+            return dataclasses.replace(keep, batch_size=B)
+        out = CellMasks(batch_size=B)
+        some = bool(new.any()) and not bool(new.all())
+        for site, m in keep.items():
+            shared = site == "weight_hh" or (m.shape[-2] == 1 and B > 1)
+            if not new.any():
+                fresh = m
+            elif shared and some:
+                raise ValueError(
+                    f"{kind}: the {site!r} mask is shared by the whole batch "
+                    f"({'weight drop' if site == 'weight_hh' else 'batch=per_batch'}), so it "
+                    "cannot be drawn anew for some rows only: redraw every row, or use "
+                    "per-sample masks (batch='per_sample', no weight_hh) for row-wise resets"
+                )
+            else:
+                drawn = self._draw(site, B, m)
+                # per sample (..., B, F): the selected rows from the new draw, the rest kept
+                rows = new.to(m.device).unsqueeze(-1)
+                fresh = drawn if shared else torch.where(rows, drawn, m)
+            setattr(out, site, fresh)
+        return out
 
     def masks_from(self, recorded: Mapping[str, Tensor], step: int = 0) -> CellMasks:
         """The :class:`CellMasks` of step ``step`` of a one-layer layer's recorded masks.
@@ -372,37 +564,37 @@ class StepCellBase(StochasticModule):
             shape = (1 if cfg.tied else G, *shape)
         return bernoulli_mask(shape, p, scale=scale, **kw)
 
-    def _sequence_masks(self, masks: CellMasks | None, B: int, x: Tensor, new: bool):
+    def _sequence_masks(self, masks: CellMasks | None, B: int, x: Tensor, starts: bool):
         """The :class:`CellMasks` this call draws its per-sequence masks from (or None)."""
         kind = type(self).__name__
+        scopes = self._open_scopes()
+        if masks is None and scopes:
+            masks = scopes[-1]
+            if masks.batch_size is None:  # the scope's batch is its first call's
+                masks.batch_size = B
         if masks is not None:
             if not isinstance(masks, CellMasks):
                 raise TypeError(f"{kind}: masks must be a CellMasks, got {type(masks).__name__}")
             if masks.batch_size is not None and masks.batch_size != B:
                 raise RuntimeError(
                     f"{kind}: masks were drawn for batch size {masks.batch_size}, this call has "
-                    f"{B}: pass masks=cell.sample_masks({B}) for a new sequence"
+                    f"{B}: pass masks=cell.sample_masks({B}) for a new sequence, or "
+                    "masks[rows] for the rows that go on"
                 )
             self._check_masks(masks, B, x)
             return masks
-        if not self._per_sequence_sites():
+        if starts or not self._per_sequence_sites():
+            # nothing is kept across calls: a call from hx=None starts a sequence with fresh
+            # masks, and if the sequence goes on, its next call (hx given) lands below
             return None
-        kept = self._kept
-        if new or kept is None:
-            kept = self._kept = CellMasks(batch_size=B)
-            return kept
-        drawn = [m for _, m in kept.items()]
-        if kept.batch_size != B or any((m.device, m.dtype) != (x.device, x.dtype) for m in drawn):
-            was = f"batch size {kept.batch_size}" + (
-                f", {drawn[0].dtype} on {drawn[0].device}" if drawn else ""
-            )
-            raise RuntimeError(
-                f"{kind}: the per-sequence masks kept from the previous calls were drawn for "
-                f"{was}; this call has batch size {B}, {x.dtype} on {x.device}. A new "
-                "sequence starts with hx=None or after cell.reset(); or pass "
-                f"masks=cell.sample_masks({B}) explicitly"
-            )
-        return kept
+        raise RuntimeError(
+            f"{kind}: dropout {self.dropout.describe()} keeps masks for a whole sequence, and "
+            "this call continues a sequence (hx given) without saying which one, so the "
+            "cell cannot keep its masks. Run each sequence inside `with cell.sequence():` "
+            f"(fresh masks per scope), or pass masks=cell.sample_masks({B}) at every step of "
+            "it (rnndrop.nn.sequence(model) opens a scope on every cell of a model). Eval "
+            "mode, and schemes without per-sequence masks, need neither"
+        )
 
     def _check_masks(self, masks: CellMasks, B: int, x: Tensor) -> None:
         kind, cfg = type(self).__name__, self.dropout
@@ -604,7 +796,7 @@ class LSTMCell(StepCellBase):
     calls (per-sequence masks, ``masks=``, :meth:`reset`), eval and MC modes, recording:
     :class:`StepCellBase`. ``zoneout_*`` and per-step masks are drawn at every call::
 
-        masks = cell.sample_masks(B)                  # or rely on hx=None / reset()
+        masks = cell.sample_masks(B)                  # or: with cell.sequence(): ...
         h = c = None
         for x_t in x:
             h, c = cell(x_t, None if h is None else (h, c), masks=masks)

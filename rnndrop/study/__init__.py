@@ -1,16 +1,20 @@
 """Long-range studies: how each dropout scheme changes what a model can remember."""
 
-from .config import (
-    BUILTIN_SCHEMES,
-    Cell,
-    StudyConfig,
-    load_study,
-    preset_scheme,
-    resolve_scheme,
-)
-from .report import write_report
-from .runner import StudyInterrupted, is_finished, load_result, run_cell, run_study
-from .verdict import curve_measures, paired_differences, verdict, write_reports, write_verdict
+from .._extras import needs_train_extra, require_train_extra
+
+require_train_extra("rnndrop.study")  # its functions import Lightning when they run
+with needs_train_extra("rnndrop.study"):  # without the train extra: an error naming it
+    from .config import (
+        BUILTIN_SCHEMES,
+        Cell,
+        StudyConfig,
+        load_study,
+        preset_scheme,
+        resolve_scheme,
+    )
+    from .report import write_report
+    from .runner import StudyInterrupted, is_finished, load_result, run_cell, run_study
+    from .verdict import curve_measures, paired_differences, verdict, write_reports, write_verdict
 
 __all__ = [
     "BUILTIN_SCHEMES",

@@ -134,7 +134,7 @@ def resolve_scheme(
             raise ValueError(f"a transformer scheme's dropout is a dict of TransformerDropout "
                              f"fields, got {dropout!r}")  # fmt: skip
         return encoder, TransformerDropout.from_dict(dropout or {})
-    config = as_dropout(dropout)  # raises naming a bad field, preset or rate
+    config = as_dropout(dropout, encoder)  # raises naming a bad field, preset or rate
     config.check_cell(encoder)
     return encoder, config
 
