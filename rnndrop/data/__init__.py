@@ -19,6 +19,7 @@ from .synthetic import (
     AssociativeRecall,
     CopyTask,
     DelayedRecall,
+    SelectiveCopy,
     SyntheticTask,
     make_task,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "MNISTError",
     "PixelMNIST",
     "PixelMNISTDataModule",
+    "SelectiveCopy",
     "SyntheticDataModule",
     "SyntheticTask",
     "UnknownTokenError",

@@ -152,11 +152,14 @@ class SyntheticDataModule(L.LightningDataModule):
     """A synthetic long-range task (see :mod:`rnndrop.data.synthetic`), generated on the fly.
 
     Args:
-        task: ``"copy"``, ``"adding"``, ``"delayed_recall"`` or ``"associative_recall"``.
+        task: a key of :data:`~rnndrop.data.synthetic.TASKS`: ``"copy"``, ``"adding"``,
+            ``"delayed_recall"``, ``"associative_recall"`` or ``"selective_copy"``.
         distance: the task's dependency-distance knob (a list of distances for cued delayed
             recall).
         task_args: other constructor arguments of the task, e.g. ``{"n_symbols": 8}``.
-        train_size, val_size, test_size: items per split (each split has its own data).
+        train_size, val_size, test_size: items per split (each split has its own data, seeded
+            apart). ``train_size`` is the data regime: a fixed set of that many sequences,
+            epochs over it; val and test are held-out sequences of the same distribution.
         batch_size: per device; ``eval_batch_size`` defaults to it.
         num_workers: DataLoader workers; the data do not depend on it.
         seed: data seed (each item is a function of seed, split and index) and shuffle seed.

@@ -136,7 +136,7 @@ class InferenceStudyConfig(SchemeGrid):
         if TASKS[self.task].loss != "cross_entropy":
             raise ValueError(f"task {self.task!r} is a regression: the inference study needs "
                              "class probabilities (copy, delayed_recall, "
-                             "associative_recall)")  # fmt: skip
+                             "associative_recall, selective_copy)")  # fmt: skip
         for name in ("distance", "steps", "batch_size", "val_every", "eval_size",
                      "eval_batch_size", "n_bins"):  # fmt: skip
             value = getattr(self, name)

@@ -77,8 +77,12 @@ def run_cell(
     fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
+    finite = study.train_size is not None
+    # unlimited: one pass over steps * batch_size distinct sequences (fresh every step);
+    # finite: epochs over the first train_size sequences of the same seeded stream
     dm = SyntheticDataModule(
-        study.task, cell.distance, study.task_args, train_size=study.steps * study.batch_size,
+        study.task, cell.distance, study.task_args,
+        train_size=study.train_size if finite else study.steps * study.batch_size,
         val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
         seed=cell.seed,
     )  # fmt: skip
@@ -95,7 +99,10 @@ def run_cell(
     curve = _LearningCurve()
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(
-        max_steps=study.steps, max_epochs=1, val_check_interval=min(study.val_every, study.steps),
+        max_steps=study.steps, max_epochs=-1 if finite else 1,
+        # finite: validate every val_every steps across epochs (an epoch may be one batch)
+        check_val_every_n_epoch=None if finite else 1,
+        val_check_interval=min(study.val_every, study.steps),
         logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[NaNGuard(save_every_n_steps=0), curve]
@@ -109,6 +116,7 @@ def run_cell(
     except NonFiniteLossError as err:  # record it, keep the sweep going
         status = f"diverged: {err}"
     metrics: dict[str, float] = {}
+    train_metrics: dict[str, float] = {}
     grads: dict[str, dict[int, float]] = {}
     if status == "ok":
         test = dm.test_dataloader()
@@ -121,7 +129,12 @@ def run_cell(
         if recurrent:  # LSTM or GRU: ‖∂L/∂h‖ through the hidden state
             ks_state = None if ks is None else [k for k in ks if k >= 1]
             grads["state"] = gradient_through_time(model, x, y, ks_state, wrt="state")
-        _log_final(logger, cell, encoder, metrics, grads)
+        # after the held-out measurements, which therefore stay those of earlier results
+        train_metrics = evaluate_sequence_model(
+            model, train_subset(dm, study.eval_size, study.batch_size), task=dm.task
+        )
+        metrics_train = {"train_" + k: v for k, v in train_metrics.items()}
+        _log_final(logger, cell, encoder, {**metrics, **metrics_train}, grads)
     result = {
         "cell": {"scheme": cell.scheme, "rate": cell.rate, "distance": cell.distance,
                  "seed": cell.seed, "label": cell.label, "task": cell.task},
@@ -129,6 +142,10 @@ def run_cell(
         "task": {"name": study.task, "baseline_loss": dm.baseline_loss, "loss": dm.loss,
                  "chance": 1.0 / dm.output_size if dm.loss == "cross_entropy" else None},
         "metrics": metrics,
+        "train_metrics": train_metrics,
+        "regime": {"train_size": study.train_size,
+                   "heldout_in_train": heldout_in_train(dm) if finite and status == "ok"
+                   else None},
         "curve": curve.points,
         "grad_through_time": {w: {str(k): v for k, v in g.items()} for w, g in grads.items()},
         "seconds": time.perf_counter() - start,
@@ -136,6 +153,31 @@ def run_cell(
     }  # fmt: skip
     write_json(out / RESULT, result)
     return result
+
+
+def train_subset(dm, size: int, batch_size: int):
+    """A loader over the first ``size`` training sequences (all of them if fewer): the train
+    score. Unlimited regime: sequences the model saw once; finite: the fixed training set."""
+    from torch.utils.data import DataLoader, Subset
+
+    train = dm.datasets["train"]
+    return DataLoader(Subset(train, range(min(size, len(train)))), batch_size=batch_size)
+
+
+def heldout_in_train(dm) -> float:
+    """The fraction of test sequences equal (input and target) to a training sequence.
+
+    The splits are seeded apart, so a match is a coincidence of a small input space (3 copy
+    symbols of 8 have 512 values): the held-out score of such a task partly measures recall
+    of the training set, and this says how much.
+    """
+    def key(item) -> bytes:
+        x, y = item
+        return x.numpy().tobytes() + y.numpy().tobytes()
+
+    train = {key(item) for item in dm.datasets["train"]}
+    test = dm.datasets["test"]
+    return sum(key(item) in train for item in test) / len(test)
 
 
 def _LearningCurve():
@@ -219,7 +261,11 @@ def summary_line(result: dict[str, Any]) -> str:
         return f"{c['label']} d={c['distance']} seed={c['seed']}: {result['status'][:80]}"
     score = f"acc {m['acc']:.3f}" if "acc" in m else f"mse {m['loss']:.4f}"
     ratio = m["loss"] / result["task"]["baseline_loss"]
-    return (f"{c['label']} d={c['distance']} seed={c['seed']}: {score}, loss/baseline "
+    tm = result.get("train_metrics") or {}
+    train = ""
+    if tm:
+        train = f" (train {tm['acc']:.3f})" if "acc" in tm else f" (train {tm['loss']:.4f})"
+    return (f"{c['label']} d={c['distance']} seed={c['seed']}: {score}{train}, loss/baseline "
             f"{ratio:.3f} ({result['seconds']:.0f} s)")  # fmt: skip
 
 
