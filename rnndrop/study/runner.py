@@ -69,6 +69,7 @@ def run_cell(
     from ..analysis import evaluate_sequence_model, gradient_through_time
     from ..data import SyntheticDataModule
     from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
+    from ..lit.cli import progress_display
     from ..models import RECURRENT_CELLS, SequenceModel
 
     start = time.perf_counter()
@@ -106,7 +107,9 @@ def run_cell(
         logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[NaNGuard(save_every_n_steps=0), curve]
-        + ([_step_bar(cell, study.steps, bar_position)] if bar_position is not None else []),
+        + ([_step_bar(cell, study.steps, bar_position)] if bar_position is not None else [])
+        # as `rnndrop fit`: a bar on a terminal, plain lines in a log (no redraws, no escapes)
+        + ([progress_display([], True)] if progress and bar_position is None else []),
         default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
@@ -299,15 +302,25 @@ def run_study(
           f"{study.study_root if study.tasks else study.root}",
           file=sys.stderr, flush=True)  # fmt: skip
     workers = max(1, min(workers, len(todo)))
-    bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not progress or not todo)
+    # bars only on a terminal: in a log (`> log`, SLURM) tqdm's redraws and cursor escapes are
+    # noise, so there each finished cell is one plain "[i/n] ..." line
+    terminal = progress and on_terminal()
+    bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not terminal or not todo)
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def done(result: dict[str, Any]) -> None:
+        if terminal:
+            bar.write(summary_line(result))
+        else:
+            print(f"[{bar.n + 1}/{len(todo)}] {summary_line(result)}", flush=True)
+        bar.update()
+
     try:
         if workers <= 1:
             for cell in todo:
-                bar.write(summary_line(run_cell(study, cell, progress=progress)))
-                bar.update()
+                done(run_cell(study, cell, progress=progress))
         else:
-            _run_pool(study, todo, workers, progress, bar)
+            _run_pool(study, todo, workers, terminal, done)
     except StudyInterrupted as err:
         done = sum(is_finished(study, c) for c in cells)
         raise StudyInterrupted(
@@ -321,7 +334,12 @@ def run_study(
     return [r for c in cells if (r := load_result(study, c)) is not None]
 
 
-def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool, bar) -> None:
+def on_terminal() -> bool:
+    """True when both output streams are terminals: the rule `rnndrop fit` uses for its bar."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool, done) -> None:
     """The cells in ``workers`` spawned processes; an interrupt terminates them all."""
     import multiprocessing as mp
 
@@ -335,8 +353,7 @@ def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool
     pool = ctx.Pool(workers, _init_worker, (threads, slots, progress))
     try:
         for result in pool.imap_unordered(_work, [(study, c) for c in todo]):
-            bar.write(summary_line(result))
-            bar.update()
+            done(result)
         pool.close()
     except BaseException:
         pool.terminate()  # SIGTERM to every worker: each exits at once, writing nothing
