@@ -308,11 +308,14 @@ def run_study(
     bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not terminal or not todo)
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
 
+    count = [0]  # a disabled bar does not count
+
     def done(result: dict[str, Any]) -> None:
+        count[0] += 1
         if terminal:
             bar.write(summary_line(result))
         else:
-            print(f"[{bar.n + 1}/{len(todo)}] {summary_line(result)}", flush=True)
+            print(f"[{count[0]}/{len(todo)}] {summary_line(result)}", flush=True)
         bar.update()
 
     try:
