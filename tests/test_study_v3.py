@@ -210,3 +210,85 @@ def test_study_writes_plain_lines_off_a_terminal(tmp_path, capfd):
     out, err = capfd.readouterr()
     assert "\x1b[" not in out + err and "\r" not in out + err
     assert "[1/2] none d=4 seed=0: acc" in out and "[2/2] variational_p0.3" in out
+
+
+# --- rnndrop tune ---------------------------------------------------------------------------
+
+
+def _tune_config(tmp_path, **tune) -> Path:
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(json.dumps({
+        "name": "tt", "task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4},
+        "distances": [4], "train_size": 16, "seeds": [0, 1, 2, 3, 4],
+        "schemes": ["none", "variational", "zoneout"], "rates": [0.25],
+        "model": {"hidden_size": 8, "embedding_size": 4}, "steps": 4, "batch_size": 4,
+        "val_every": 2, "eval_size": 8, "mc_samples": 0, "out_dir": str(tmp_path / "runs"),
+        "tune": {"trials": 2, "search_seeds": [100], "rate_range": [0.1, 0.5], **tune},
+    }))  # fmt: skip
+    return cfg
+
+
+def test_tune_searches_each_scheme_alike_then_evaluates_on_unseen_seeds(tmp_path):
+    """Two trials per scheme in the storage given by URL; the chosen rate is the best trial's
+    and within the range; the evaluation runs the chosen rates on seeds the search never
+    used, paired with no dropout. About 20 s."""
+    import optuna
+
+    from rnndrop.config import RecurrentDropout as RD
+    from rnndrop.study.tune import main as tune_main
+
+    db = tmp_path / "elsewhere" / "search.db"
+    db.parent.mkdir()
+    url = f"sqlite:///{db}"
+    cfg = _tune_config(tmp_path)
+    assert tune_main(["--config", str(cfg), "--storage", url, "--no-progress"]) == 0
+    root = tmp_path / "runs" / "tt"
+    assert db.is_file() and not (root / "optuna.db").exists()  # the URL, not the default
+    assert sorted(optuna.get_all_study_names(url)) == ["tt/selective_copy/variational",
+                                                        "tt/selective_copy/zoneout"]
+    chosen = json.loads((root / "tune.json").read_text())["chosen"]
+    done = optuna.trial.TrialState.COMPLETE
+    for scheme in ("variational", "zoneout"):
+        trials = optuna.load_study(study_name=f"tt/selective_copy/{scheme}", storage=url)
+        trials = [t for t in trials.trials if t.state == done]
+        assert len(trials) == 2  # the same budget for every scheme
+        best = sorted(trials, key=lambda t: (-t.value, t.number))[0]
+        assert chosen[scheme]["rate"] == best.params["rate"]
+        assert 0.1 <= chosen[scheme]["rate"] <= 0.5
+    # a second search run adds no trial: the budget is per scheme, not per run
+    assert tune_main(["--config", str(cfg), "--storage", url, "--phase", "search",
+                      "--no-progress"]) == 0  # fmt: skip
+    for scheme in ("variational", "zoneout"):
+        s = optuna.load_study(study_name=f"tt/selective_copy/{scheme}", storage=url)
+        assert len([t for t in s.trials if t.state == done]) == 2
+    # search cells ran on the search seed only, evaluation cells on the evaluation seeds only
+    search = {json.loads(p.read_text())["cell"]["seed"]
+              for p in (root / "search").rglob("result.json")}  # fmt: skip
+    evaluated = [json.loads(p.read_text()) for p in (root / "eval").rglob("result.json")]
+    assert search == {100}
+    assert {r["cell"]["seed"] for r in evaluated} == {0, 1, 2, 3, 4}
+    # each tuned scheme ran at its chosen rate: its preset at that rate, built here
+    by_scheme = {r["cell"]["scheme"]: r for r in evaluated}
+    assert set(by_scheme) == {"none", "variational_tuned", "zoneout_tuned"}
+    p_var, p_zo = chosen["variational"]["rate"], chosen["zoneout"]["rate"]
+    spec = by_scheme["variational_tuned"]["spec"]["dropout"]
+    assert {k: v for k, v in spec.items() if k in RD.variational(p_var).to_dict()} \
+        == {k: v for k, v in RD.variational(p_var).to_dict().items() if k in spec}
+    assert by_scheme["zoneout_tuned"]["spec"]["dropout"]["zoneout_hidden"] == p_zo
+    report = (root / "tune.md").read_text()
+    assert f"| variational | [0.1, 0.5] | {p_var:g} |" in report
+    assert (root / "eval" / "verdict.md").is_file()
+
+
+def test_tune_refuses_search_seeds_among_the_evaluation_seeds(tmp_path):
+    from rnndrop.study.tune import load_tune
+
+    with pytest.raises(ValueError, match="search never saw"):
+        load_tune(_tune_config(tmp_path, search_seeds=[3]))
+
+
+def test_tune_evaluate_needs_a_finished_search(tmp_path, capsys):
+    from rnndrop.study.tune import main as tune_main
+
+    rc = tune_main(["--config", str(_tune_config(tmp_path)), "--phase", "evaluate"])
+    assert rc == 2 and "not finished" in capsys.readouterr().err

@@ -192,7 +192,8 @@ CALL = {"better": "better", "worse": "worse", "unresolved": "·", "n/a": "–"}
 def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
     """The verdict table (scheme × task × rate), then each task's paired differences."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    rates = sorted({v["rate"] for v in verdicts if v["rate"] is not None})
+    # [None]: every scheme at a fixed rate of its own (the tuned schemes), one column per task
+    rates = sorted({v["rate"] for v in verdicts if v["rate"] is not None}) or [None]
     schemes = list(dict.fromkeys(v["scheme"] for v in verdicts))
     seeds = sorted({v["seeds"] for v in verdicts})
     lines = [
@@ -222,8 +223,8 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
     by = {(v["task"], v["scheme"], v["rate"]): v for v in verdicts}
     cols = [(t, p) for t in tasks for p in rates]
     for measure, title in (("score", "Final score"), ("auc", "Area under the learning curve")):
-        lines += [f"## {title}", "",
-                  "| scheme | " + " | ".join(f"{t} p={p:g}" for t, p in cols) + " |",
+        heads = [t if p is None else f"{t} p={p:g}" for t, p in cols]
+        lines += [f"## {title}", "", "| scheme | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(cols)]  # fmt: skip
         for s in schemes:
             cells = []
