@@ -303,19 +303,13 @@ def run_study(
           file=sys.stderr, flush=True)  # fmt: skip
     workers = max(1, min(workers, len(todo)))
     # bars only on a terminal: in a log (`> log`, SLURM) tqdm's redraws and cursor escapes are
-    # noise, so there each finished cell is one plain "[i/n] ..." line
+    # noise, so there each finished cell is its summary line alone
     terminal = progress and on_terminal()
     bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not terminal or not todo)
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    count = [0]  # a disabled bar does not count
-
     def done(result: dict[str, Any]) -> None:
-        count[0] += 1
-        if terminal:
-            bar.write(summary_line(result))
-        else:
-            print(f"[{count[0]}/{len(todo)}] {summary_line(result)}", flush=True)
+        bar.write(summary_line(result))  # a plain print when the bar is off
         bar.update()
 
     try:
