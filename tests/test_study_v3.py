@@ -294,3 +294,30 @@ def test_tune_evaluate_needs_a_finished_search(tmp_path, capsys):
 
     rc = tune_main(["--config", str(_tune_config(tmp_path)), "--phase", "evaluate"])
     assert rc == 2 and "not finished" in capsys.readouterr().err
+
+
+def test_slurm_tune_script_shares_one_storage(tmp_path):
+    """experiments/long_range/slurm_tune.sh as SLURM runs it: two array tasks search into one
+    storage URL (the second finds the budget spent and adds nothing), then EVALUATE=1."""
+    import os
+    import subprocess
+    import sys
+
+    import optuna
+
+    script = ROOT / "experiments" / "long_range" / "slurm_tune.sh"
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {**os.environ, "TUNE_CONFIG": str(_tune_config(tmp_path)), "TUNE_STORAGE": url,
+           "TUNE_OUT": str(tmp_path / "out"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    for task_id in ("0", "1"):
+        subprocess.run(["bash", str(script)], env={**env, "SLURM_ARRAY_TASK_ID": task_id},
+                       check=True, capture_output=True)  # fmt: skip
+    for name in ("variational", "zoneout"):
+        s = optuna.load_study(study_name=f"tt/selective_copy/{name}", storage=url)
+        assert len(s.trials) == 2
+    done = subprocess.run(["bash", str(script)], env={**env, "EVALUATE": "1"}, check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    assert "| zoneout | [0.1, 0.5] |" in done.stdout
+    assert (tmp_path / "out" / "tt" / "tune.md").is_file()
+    assert not (tmp_path / "out" / "tt" / "optuna.db").exists()
