@@ -321,3 +321,21 @@ def test_slurm_tune_script_shares_one_storage(tmp_path):
     assert "| zoneout | [0.1, 0.5] |" in done.stdout
     assert (tmp_path / "out" / "tt" / "tune.md").is_file()
     assert not (tmp_path / "out" / "tt" / "optuna.db").exists()
+
+
+def test_fit_data_module_unlimited_regime_never_repeats_a_sequence():
+    """SyntheticDataModule(train_size=None): every epoch draws epoch_size sequences that no
+    earlier epoch drew; a finite train_size repeats its set."""
+    from rnndrop.data import SyntheticDataModule
+
+    dm = SyntheticDataModule("delayed_recall", 3, {"n_symbols": 4, "length": 12},
+                             train_size=None, epoch_size=6, batch_size=3)  # fmt: skip
+    loader = dm.train_dataloader()
+    epochs = [[tuple(x.tolist()) for xs, _ in loader for x in xs] for _ in range(3)]
+    assert [len(e) for e in epochs] == [6, 6, 6]
+    assert len(set(epochs[0] + epochs[1] + epochs[2])) == 18  # 4^12 sequences: no coincidence
+    # the first epoch is items 0..5 of the stream, the second 6..11
+    stream = make_task("delayed_recall", 3, n_symbols=4, length=12, size=12, seed=0)
+    assert set(epochs[1]) == {tuple(stream[i][0].tolist()) for i in range(6, 12)}
+    held = {tuple(x.tolist()) for xs, _ in dm.val_dataloader() for x in xs}
+    assert not held & set(epochs[0] + epochs[1] + epochs[2])

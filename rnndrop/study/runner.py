@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -115,7 +116,11 @@ def run_cell(
     )  # fmt: skip
     status = "ok"
     try:
-        trainer.fit(task, dm)
+        with warnings.catch_warnings():
+            # a small fixed set has fewer batches per epoch than the logging interval; Lightning
+            # warns, but it counts logging steps across epochs, so nothing is lost
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+            trainer.fit(task, dm)
     except NonFiniteLossError as err:  # record it, keep the sweep going
         status = f"diverged: {err}"
     metrics: dict[str, float] = {}
