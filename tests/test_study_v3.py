@@ -339,3 +339,15 @@ def test_fit_data_module_unlimited_regime_never_repeats_a_sequence():
     assert set(epochs[1]) == {tuple(stream[i][0].tolist()) for i in range(6, 12)}
     held = {tuple(x.tolist()) for xs, _ in dm.val_dataloader() for x in xs}
     assert not held & set(epochs[0] + epochs[1] + epochs[2])
+
+
+def test_tune_without_optuna_names_the_extra():
+    import subprocess
+    import sys
+
+    code = ("import sys\nsys.modules['optuna'] = None\nfrom rnndrop.__main__ import main\n"
+            "raise SystemExit(main(['tune', '--config', 'x.yaml']))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 2 and "pip install 'rnndrop[tune]'" in res.stderr
+    assert "Traceback" not in res.stderr
