@@ -280,6 +280,7 @@ def test_tune_searches_each_scheme_alike_then_evaluates_on_unseen_seeds(tmp_path
     assert by_scheme["zoneout_tuned"]["spec"]["dropout"]["zoneout_hidden"] == p_zo
     report = (root / "tune.md").read_text()
     assert f"| variational | [0.1, 0.5] | {p_var:g} |" in report
+    assert "| none (baseline, no rate) |" in report
     assert (root / "eval" / "verdict.md").is_file()
 
 

@@ -314,9 +314,19 @@ def write_tune_report(
         d_auc = "–" if v is None else f"{CALL[v['auc_call']]} {_fmt(v['auc'], v['auc_ci'])}"
         lines.append(f"| {scheme} | [{c['range'][0]:g}, {c['range'][1]:g}] | {c['rate']:g} | "
                      f"{c['validation_score']:.3f} | {d_score} | {d_auc} |")  # fmt: skip
+    from ..analysis import mean_ci
+    from .common import format_ci
+    from .report import score, train_score
+
     untuned = [s for s in evaluation.schemes if not s.endswith("_tuned")]
-    lines += ["", f"Untuned (no rate): {', '.join(untuned) or '–'}. Per-distance tables, train / "
-              f"held-out / gap: `{evaluation.name}/verdict.md`.", ""]  # fmt: skip
+    for s in untuned:  # no dropout has nothing to tune: its own row, the baseline's scores
+        mine = [r for r in results if r["cell"]["scheme"] == s]
+        held = mean_ci([score(r) for r in mine])
+        train = mean_ci([train_score(r) for r in mine])[0]
+        lines.append(f"| {s} (baseline, no rate) | – | – | – | held-out score "
+                     f"{format_ci(*held)} (train {train:.2f}) | – |")  # fmt: skip
+    lines += ["", f"Per-distance tables, train / held-out / gap: `{evaluation.name}/verdict.md`.",
+              ""]  # fmt: skip
     root = _root(study)
     root.mkdir(parents=True, exist_ok=True)
     (root / "tune.json").write_text(json.dumps(
