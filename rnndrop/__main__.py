@@ -1,6 +1,7 @@
 """The ``rnndrop`` command.
 
 rnndrop study long-range --quick    the quick long-range study (CPU, minutes)
+rnndrop tune --config t.yaml        each scheme at its own tuned rate (Optuna), then a verdict
 rnndrop fit --config a.yaml         train (LightningCLI: fit | validate | test | predict)
 rnndrop export-tb runs/...          TensorBoard scalars -> CSV / Markdown table
 rnndrop --version                   the installed version
@@ -53,6 +54,16 @@ def _dispatch(argv: list[str] | None) -> int:
         from .study.cli import main as study_main
 
         return study_main(argv[1:])
+    if argv and argv[0] == "tune":
+        try:
+            import optuna  # noqa: F401
+        except ModuleNotFoundError:
+            print("rnndrop: error: `rnndrop tune` needs optuna; install it with: "
+                  "pip install 'rnndrop[tune]'", file=sys.stderr)  # fmt: skip
+            return 2
+        from .study.tune import main as tune_main
+
+        return tune_main(argv[1:])
     if argv and argv[0] == "export-tb":
         from .tbexport import main as export_main
 

@@ -12,8 +12,8 @@ from rnndrop.nn import GRU
 EXP = Path(__file__).resolve().parents[1] / "experiments"
 PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large",
        "gal_medium_tied", "gal_large_tied", "awd", "transformer", "zoneout_char"]  # fmt: skip
-SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist"]
-STUDIES = ["full", "v2", "context_ptb", "context_ptb_short"]
+SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist", "selective_copy"]
+STUDIES = ["full", "v2", "v3", "context_ptb", "context_ptb_short"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.fast_dev_run=1", "--trainer.logger=false"]  # fmt: skip
 
@@ -24,6 +24,7 @@ def test_every_config_is_covered():
     covered |= {"ptb/base.yaml", "synthetic/base.yaml", "wikitext2/awd.yaml"}
     covered |= {f"long_range/{c}.yaml" for c in STUDIES}
     covered |= {"inference/delayed_recall.yaml"}  # run in tests/test_inference_study.py
+    covered |= {"long_range/tune_selective_copy.yaml"}  # run in tests/test_study_v3.py
     assert found == covered
 
 
@@ -167,14 +168,14 @@ def test_yaml_dropout_forms_reach_the_model(dropout, want, tmp_path):
 TINY_STUDY = {"steps": 2, "batch_size": 4, "eval_size": 8, "mc_samples": 1, "val_every": 1}
 
 
-@pytest.mark.parametrize("which", ["quick", "full", "v2"])
+@pytest.mark.parametrize("which", ["quick", "full", "v2", "v3"])
 def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
     from rnndrop.study import load_study, run_study
     from rnndrop.study.cli import QUICK
 
     path = QUICK if which == "quick" else EXP / f"long_range/{which}.yaml"
     study = load_study(path, out_dir=str(tmp_path), **TINY_STUDY)
-    assert len(study.cells()) == {"quick": 36, "full": 345, "v2": 2430}[which]
+    assert len(study.cells()) == {"quick": 36, "full": 345, "v2": 2430, "v3": 2400}[which]
     cells = study.cells()
     picks = [
         cells.index(next(c for c in cells if c.scheme == s))

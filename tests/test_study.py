@@ -507,13 +507,14 @@ def test_context_study_on_a_text_folder(tmp_path, text_corpus, capsys):
     assert "data_dir" in capsys.readouterr().err
 
 
-def test_parallel_workers_give_the_same_results(tmp_path, capfd):
+def test_parallel_workers_give_the_same_results(tmp_path, capfd, monkeypatch):
     """Cells run in spawned worker processes match the same cells run in-process, and each
-    worker shows its run's step bar."""
+    worker shows its run's step bar (on a terminal: off one, plain lines, test_study_v3)."""
     serial = tiny(tmp_path / "a", schemes=["variational"], distances=[3, 4], mc_samples=0)
     parallel = tiny(tmp_path / "b", schemes=["variational"], distances=[3, 4], mc_samples=0)
     one = run_study(serial, progress=False)
     capfd.readouterr()
+    monkeypatch.setattr(study_runner, "on_terminal", lambda: True)
     two = run_study(parallel, workers=2, progress=True)
     err = capfd.readouterr().err
     for cell in parallel.cells():  # each worker's per-run bar: "<cell>: 100%|...| 6/6 [...step/s]"

@@ -29,6 +29,7 @@ with needs_train_extra("rnndrop.data"):  # numpy: an error naming the extra with
         AssociativeRecall,
         CopyTask,
         DelayedRecall,
+        SelectiveCopy,
         SyntheticTask,
         make_task,
     )
@@ -52,6 +53,7 @@ __all__ = [
     "MNISTError",
     "PixelMNIST",
     "PixelMNISTDataModule",
+    "SelectiveCopy",
     "SyntheticDataModule",
     "SyntheticTask",
     "UnknownTokenError",

@@ -86,6 +86,15 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
         return self.n
 
 
+class FreshEpochs(EpochShuffle):
+    """:class:`EpochShuffle` over ``n`` items, shifted to items ``epoch * n ..`` of a stream:
+    every epoch draws ``n`` sequences no earlier epoch drew (the unlimited data regime)."""
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.n
+        return (offset + i for i in self.order(self.epoch)[self.skip :])
+
+
 class ResumableLoader(DataLoader):
     """A shuffled training DataLoader whose position Lightning saves in checkpoints.
 
@@ -97,8 +106,11 @@ class ResumableLoader(DataLoader):
     trainer's epoch, which Lightning advances when ``max_steps`` stops a run mid-epoch.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> None:
-        self.order = EpochShuffle(len(dataset), seed)  # type: ignore[arg-type]
+    def __init__(
+        self, dataset: Dataset, batch_size: int, num_workers: int, seed: int,
+        order: EpochShuffle | None = None,
+    ) -> None:  # fmt: skip
+        self.order = order or EpochShuffle(len(dataset), seed)  # type: ignore[arg-type]
         super().__init__(
             dataset,
             batch_size=batch_size,
@@ -143,20 +155,31 @@ def _train_loader(module: L.LightningDataModule, dataset: Dataset) -> DataLoader
     """
     bs, workers, seed = module.batch_size, module.num_workers, module.seed  # type: ignore[attr-defined]
     trainer = module.trainer
+    epoch_size = getattr(module, "fresh_epoch_size", None)  # the unlimited regime
     if _rank_world(module)[1] > 1 or (trainer is not None and trainer.overfit_batches):
+        if epoch_size is not None:
+            raise ValueError("train_size null (fresh sequences every epoch) runs in one process "
+                             "without overfit_batches: give a finite train_size under DDP")
         return _loader(dataset, bs, workers, True, seed)
-    return ResumableLoader(dataset, bs, workers, seed)
+    order = None if epoch_size is None else FreshEpochs(epoch_size, seed)
+    return ResumableLoader(dataset, bs, workers, seed, order)
 
 
 class SyntheticDataModule(L.LightningDataModule):
     """A synthetic long-range task (see :mod:`rnndrop.data.synthetic`), generated on the fly.
 
     Args:
-        task: ``"copy"``, ``"adding"``, ``"delayed_recall"`` or ``"associative_recall"``.
+        task: a key of :data:`~rnndrop.data.synthetic.TASKS`: ``"copy"``, ``"adding"``,
+            ``"delayed_recall"``, ``"associative_recall"`` or ``"selective_copy"``.
         distance: the task's dependency-distance knob (a list of distances for cued delayed
             recall).
         task_args: other constructor arguments of the task, e.g. ``{"n_symbols": 8}``.
-        train_size, val_size, test_size: items per split (each split has its own data).
+        train_size, val_size, test_size: items per split (each split has its own data, seeded
+            apart). ``train_size`` is the data regime: a fixed set of that many sequences,
+            epochs over it; ``None``: unlimited data, every epoch ``epoch_size`` sequences no
+            earlier epoch saw (nothing repeats, nothing can be memorised). Val and test are
+            held-out sequences of the same distribution.
+        epoch_size: sequences per epoch when ``train_size`` is None.
         batch_size: per device; ``eval_batch_size`` defaults to it.
         num_workers: DataLoader workers; the data do not depend on it.
         seed: data seed (each item is a function of seed, split and index) and shuffle seed.
@@ -167,22 +190,27 @@ class SyntheticDataModule(L.LightningDataModule):
         task: str = "copy",
         distance: int | list[int] = 100,
         task_args: dict[str, Any] | None = None,
-        train_size: int = 10_000,
+        train_size: int | None = 10_000,
         val_size: int = 1_000,
         test_size: int = 1_000,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        epoch_size: int = 10_000,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         if task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}")
         kw = dict(task_args or {})
+        # unlimited: a stream as long as any run (items are made on demand), read epoch by epoch
+        self.fresh_epoch_size = None if train_size is not None else int(epoch_size)
+        sizes = (("train", train_size if train_size is not None else 2**62),
+                 ("val", val_size), ("test", test_size))  # fmt: skip
         self.datasets = {
             split: make_task(task, distance, size=size, seed=seed, split=split, **kw)
-            for split, size in (("train", train_size), ("val", val_size), ("test", test_size))
+            for split, size in sizes
         }
         self.task = self.datasets["val"]  # for attributes and helpers such as distance_of
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

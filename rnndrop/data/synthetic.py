@@ -36,6 +36,7 @@ __all__ = [
     "AssociativeRecall",
     "CopyTask",
     "DelayedRecall",
+    "SelectiveCopy",
     "SyntheticTask",
     "make_task",
 ]
@@ -362,11 +363,77 @@ class AssociativeRecall(SyntheticTask):
         return x, values[query].clone()
 
 
+class SelectiveCopy(SyntheticTask):
+    r"""Selective copying (Gu & Dao 2023): K data tokens scattered among random noise tokens,
+    reproduced in order at the end.
+
+    Unlike :class:`CopyTask`, where the data sit at fixed positions before blanks, here the
+    positions are random and the gap holds *random* tokens: the model must pick the data out
+    by content and ignore the noise, not merely hold its state through blanks. Tokens:
+    ``0..n_symbols-1`` data, ``n_symbols..n_symbols+n_noise-1`` noise, then a delimiter and a
+    blank. With ``T = distance`` and ``K = n_copy``, length ``T + 1 + K``::
+
+        x = T tokens (K data at sorted random positions, noise elsewhere), delimiter, blank * K
+        y = -100 * (T + 1),                                                 data_1..data_K
+
+    Only the last ``K`` steps have targets (classes ``0..n_symbols-1``). The first data token
+    is recalled up to ``T + K`` steps later. A model that remembers nothing predicts a uniform
+    symbol: cross-entropy ``ln(n_symbols)``, accuracy ``1 / n_symbols``.
+
+    Args:
+        distance: length ``T`` of the noisy region that holds the data (>= ``n_copy``).
+        n_symbols: data alphabet (= ``num_classes``).
+        n_copy: data tokens to reproduce, ``K``.
+        n_noise: noise alphabet (1: one filler token, the blank-like form of the task).
+    """
+
+    name = "selective_copy"
+    input_kind = "tokens"
+    target = "per_step"
+    loss = "cross_entropy"
+
+    def __init__(
+        self, distance: int = 50, n_symbols: int = 8, n_copy: int = 4, n_noise: int = 8,
+        **kw: Any,
+    ):  # fmt: skip
+        super().__init__(**kw)
+        self.distance = _positive("distance", distance)
+        self.n_symbols = _positive("n_symbols", n_symbols, 2)
+        self.n_copy = _positive("n_copy", n_copy)
+        self.n_noise = _positive("n_noise", n_noise)
+        if self.n_copy > self.distance:
+            raise ValueError(f"n_copy ({self.n_copy}) must be <= the distance ({self.distance}): "
+                             "the data sit among the distance's noisy steps")  # fmt: skip
+        self.seq_len = self.distance + 1 + self.n_copy
+        self.delimiter = self.n_symbols + self.n_noise
+        self.blank = self.delimiter + 1
+        self.vocab_size = self.n_symbols + self.n_noise + 2
+        self.num_classes = self.n_symbols
+
+    @property
+    def baseline_loss(self) -> float:
+        return math.log(self.n_symbols)
+
+    def generate(self, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        k, t = self.n_copy, self.distance
+        x = torch.randint(self.n_symbols, self.n_symbols + self.n_noise, (self.seq_len,),
+                          generator=gen)  # fmt: skip
+        where = torch.randperm(t, generator=gen)[:k].sort().values
+        data = torch.randint(0, self.n_symbols, (k,), generator=gen)
+        x[where] = data
+        x[t] = self.delimiter
+        x[t + 1 :] = self.blank
+        y = torch.full((self.seq_len,), IGNORE, dtype=torch.long)
+        y[t + 1 :] = data
+        return x, y
+
+
 TASKS: dict[str, type[SyntheticTask]] = {
     "copy": CopyTask,
     "adding": AddingTask,
     "delayed_recall": DelayedRecall,
     "associative_recall": AssociativeRecall,
+    "selective_copy": SelectiveCopy,
 }
 
 

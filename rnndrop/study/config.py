@@ -190,7 +190,9 @@ class Cell:
         return f"{where}{self.label} d={self.distance} seed={self.seed}"
 
 
-TASK_KEYS = ("task", "task_args", "distances")  # what an entry of StudyConfig.tasks sets
+# what an entry of StudyConfig.tasks sets; train_size makes the data regime a per-task axis:
+# label the same task twice (`recall`, `recall_n256`) for the unlimited and a scarce regime
+TASK_KEYS = ("task", "task_args", "distances", "train_size")
 
 
 @dataclass
@@ -205,13 +207,20 @@ class StudyConfig:
     ``{task, task_args, distances}`` (``task`` defaults to the label), each task with its own
     distance grid; every other setting is shared. ``variants`` adds schemes on another model:
     ``{h128: {model: {hidden_size: 128}, schemes: [none, variational]}}`` adds
-    ``none_h128`` and ``variational_h128``. A scheme is compared with the scheme without
+    ``none_h128`` and ``variational_h128``.
+
+    The data regime: ``train_size: null`` (the default) draws fresh sequences for every step
+    (``steps * batch_size`` distinct ones: nothing can overfit); ``train_size: N`` trains on a
+    fixed, seeded set of N sequences, epoch after epoch, and evaluates on held-out sequences of
+    the same distribution (the val and test splits, whose seeds never meet the training
+    set's). Every cell records its train score beside the held-out one. Set per task under
+    ``tasks`` to run several regimes in one study. A scheme is compared with the scheme without
     dropout on the same encoder and model (``none`` for the LSTM, ``none_h128`` for the
     variant), seed by seed: same data, same order, same initial weights.
     """
 
     name: str = "long_range"  # the study's folder under out_dir
-    task: str = "copy"  # copy | delayed_recall | adding | associative_recall
+    task: str = "copy"  # a key of rnndrop.data.synthetic.TASKS, e.g. copy, selective_copy
     task_args: dict[str, Any] = field(default_factory=dict)  # e.g. {n_copy: 1}
     distances: list[int] = field(default_factory=lambda: [10, 50, 100])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -233,6 +242,7 @@ class StudyConfig:
     out_dir: str = "runs"
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> task settings
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> model, schemes
+    train_size: int | None = None  # None: fresh data every step; N: a fixed set of N sequences
 
     def __post_init__(self) -> None:
         check_schemes(self.schemes, self.custom_schemes)
@@ -244,6 +254,12 @@ class StudyConfig:
                             ("eval_size", self.eval_size)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.train_size is not None and (
+            isinstance(self.train_size, bool) or not isinstance(self.train_size, int)
+            or self.train_size < 1
+        ):
+            raise ValueError(f"train_size must be null (fresh data every step) or an integer "
+                             f">= 1, got {self.train_size!r}")  # fmt: skip
         if not self.distances or any(d < 1 for d in self.distances):
             raise ValueError(f"distances must be positive integers, got {self.distances}")
         if not self.seeds:
@@ -366,6 +382,8 @@ class StudyConfig:
         encoder, dropout = resolve_scheme(self.scheme_spec(cell.scheme), cell.rate)
         train = {k: getattr(self, k) for k in ("steps", "batch_size", "optimizer", "lr",
                                                 "gradient_clip_val", "val_every")}  # fmt: skip
+        if self.train_size is not None:  # absent when unlimited: earlier hashes stay valid
+            train["train_size"] = self.train_size
         evaluation = {k: getattr(self, k) for k in ("eval_size", "mc_samples", "grad_distances")}
         return {
             "format": FORMAT, "task": self.task, "task_args": self.task_args,

@@ -173,6 +173,7 @@ def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: boo
     from ..analysis import context_usage, effective_context
     from ..data import LanguageModelDataModule
     from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
+    from ..lit.cli import progress_display
     from ..models import RECURRENT_CELLS, LanguageModel
 
     start = time.perf_counter()
@@ -193,7 +194,9 @@ def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: boo
         max_steps=study.steps, max_epochs=-1, logger=logger, enable_checkpointing=False,
         gradient_clip_val=study.gradient_clip_val, enable_progress_bar=progress,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[NaNGuard(save_every_n_steps=0)], default_root_dir=str(out),
+        callbacks=[NaNGuard(save_every_n_steps=0)]
+        + ([progress_display([], True)] if progress else []),  # plain lines off a terminal
+        default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
     status, probe, effective = "ok", {}, {}
@@ -234,7 +237,11 @@ def run_context_study(study: ContextStudyConfig, progress: bool = True) -> list[
     todo = [c for c in cells if load_context_result(study, c) is None]
     print(f"context study {study.name}: {len(cells)} runs, {len(todo)} to run; results under "
           f"{study.root}", file=sys.stderr, flush=True)  # fmt: skip
-    bar = tqdm(total=len(todo), desc=study.name, unit="run", disable=not progress or not todo)
+    from .runner import on_terminal
+
+    # a bar only on a terminal; in a log each run is one plain line (bar.write prints it)
+    bar = tqdm(total=len(todo), desc=study.name, unit="run",
+               disable=not (progress and on_terminal()) or not todo)  # fmt: skip
     for cell in todo:
         r = run_context_cell(study, cell, progress=progress)
         eff = ", ".join(f"{m} {v}" for m, v in r["effective_context"].items())

@@ -136,7 +136,7 @@ class InferenceStudyConfig(SchemeGrid):
         if TASKS[self.task].loss != "cross_entropy":
             raise ValueError(f"task {self.task!r} is a regression: the inference study needs "
                              "class probabilities (copy, delayed_recall, "
-                             "associative_recall)")  # fmt: skip
+                             "associative_recall, selective_copy)")  # fmt: skip
         for name in ("distance", "steps", "batch_size", "val_every", "eval_size",
                      "eval_batch_size", "n_bins"):  # fmt: skip
             value = getattr(self, name)
@@ -219,6 +219,7 @@ def _train(study: InferenceStudyConfig, cell: InferenceCell, dm, logger, progres
     import lightning as L
 
     from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
+    from ..lit.cli import progress_display
     from ..models import RECURRENT_CELLS, SequenceModel
 
     out = study.cell_dir(cell)
@@ -247,7 +248,9 @@ def _train(study: InferenceStudyConfig, cell: InferenceCell, dm, logger, progres
         max_steps=study.steps, max_epochs=1, val_check_interval=min(study.val_every, study.steps),
         logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
-        callbacks=[NaNGuard(save_every_n_steps=0)], default_root_dir=str(out),
+        callbacks=[NaNGuard(save_every_n_steps=0)]
+        + ([progress_display([], True)] if progress else []),  # plain lines off a terminal
+        default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
     status = "ok"
@@ -343,7 +346,11 @@ def run_inference_study(study: InferenceStudyConfig, progress: bool = True) -> l
     todo = [c for c in cells if load_inference_result(study, c) is None]
     print(f"inference study {study.name}: {len(cells)} runs, {len(todo)} to run; results under "
           f"{study.root}", file=sys.stderr, flush=True)  # fmt: skip
-    bar = tqdm(total=len(todo), desc=study.name, unit="run", disable=not progress or not todo)
+    from .runner import on_terminal
+
+    # a bar only on a terminal; in a log each run is one plain line (bar.write prints it)
+    bar = tqdm(total=len(todo), desc=study.name, unit="run",
+               disable=not (progress and on_terminal()) or not todo)  # fmt: skip
     threads = torch.get_num_threads()
     if study.threads is not None:
         torch.set_num_threads(study.threads)

@@ -12,11 +12,12 @@ from ..analysis import mean_ci, normalized_accuracy, solved_distance
 from .common import format_ci, group_by, tensorboard_summary
 from .config import StudyConfig
 
-__all__ = ["score", "write_report"]
+__all__ = ["regime", "score", "train_score", "write_report"]
 
 COLUMNS = ["study", "task", "scheme", "rate", "label", "encoder", "distance", "seed",
            "config_hash", "status", "acc", "loss", "loss_vs_baseline", "score", "acc_mc",
-           "loss_mc", "mc_tv", "mc_entropy", "mc_std", "seconds"]  # fmt: skip
+           "loss_mc", "mc_tv", "mc_entropy", "mc_std", "seconds", "train_size", "train_score",
+           "gap", "heldout_in_train"]  # fmt: skip
 
 
 def score(result: dict[str, Any]) -> float:
@@ -25,12 +26,29 @@ def score(result: dict[str, Any]) -> float:
     Classification: normalised accuracy ``(acc - chance) / (1 - chance)`` where memory is
     tested; regression: ``1 - loss / baseline_loss``.
     """
-    m, task = result["metrics"], result["task"]
+    return _score_of(result, "metrics")
+
+
+def train_score(result: dict[str, Any]) -> float:
+    """:func:`score` on training sequences (the fixed set, or for the unlimited regime the
+    first ones the model saw once); ``nan`` for results written before it was measured."""
+    return _score_of(result, "train_metrics")
+
+
+def _score_of(result: dict[str, Any], key: str) -> float:
+    m, task = result.get(key), result["task"]
     if result["status"] != "ok" or not m:
         return math.nan
     if task["loss"] == "cross_entropy":
         return normalized_accuracy(m["acc"], task["chance"])
     return 1.0 - m["loss"] / task["baseline_loss"]
+
+
+def regime(study: StudyConfig) -> str:
+    """The data regime in words, for report headings."""
+    if study.train_size is None:
+        return "unlimited data (fresh sequences every step)"
+    return f"{study.train_size} training sequences (fixed set, epochs over it)"
 
 
 def _row(study: StudyConfig, r: dict[str, Any]) -> dict[str, Any]:
@@ -42,6 +60,11 @@ def _row(study: StudyConfig, r: dict[str, Any]) -> dict[str, Any]:
     for k in ("acc", "loss", "acc_mc", "loss_mc", "mc_tv", "mc_entropy", "mc_std"):
         row[k] = m.get(k, math.nan)
     row["loss_vs_baseline"] = m.get("loss", math.nan) / r["task"]["baseline_loss"]
+    reg = r.get("regime") or {}
+    row["train_size"] = reg.get("train_size")
+    row["train_score"] = train_score(r)
+    row["gap"] = row["train_score"] - row["score"]  # > 0: better on what it trained on
+    row["heldout_in_train"] = reg.get("heldout_in_train")
     return row
 
 
@@ -82,6 +105,8 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
     lines = [
         f"# {study.name}: {study.task}, distances {distances}",
         "",
+        f"Data regime: {regime(study)}.",
+        "",
         f"{len(rows)} runs; {len(seeds)} seed(s) each; {study.steps} steps of "
         f"{study.batch_size} samples per run; model {study.model}. Score: normalised accuracy "
         "where memory is tested ((acc - chance) / (1 - chance); 1 - loss/baseline for "
@@ -96,6 +121,7 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
         solved = solved_distance(means, study.solved_threshold)
         cells = [format_ci(*table[label, d]) for d in distances]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {solved if solved else '–'} |")
+    lines += _generalisation_table(rows, labels, distances)
     mc = [r for r in rows if not math.isnan(r["mc_tv"])]
     if mc:
         lines += ["", "Monte Carlo dropout at test time (mean over seeds): total-variation gap "
@@ -136,6 +162,31 @@ def _markdown(study, rows, labels, distances, table, results) -> str:
     total = sum(r["seconds"] for r in rows)
     lines += ["", f"Compute: {total / 60:.1f} CPU-minutes of training and evaluation in total."]
     return "\n".join(lines) + "\n"
+
+
+def _generalisation_table(rows, labels, distances) -> list[str]:
+    """Train score / held-out score / gap per scheme and distance (means over seeds); empty
+    when no result has a train score (results from before it was measured)."""
+    if all(math.isnan(r["train_score"]) for r in rows):
+        return []
+    cell = group_by(rows, lambda r: (r["label"], r["distance"]))
+    lines = ["", "Train score / held-out score / gap (train − held-out), mean over seeds: the "
+             "same score on training sequences and on held-out ones of the same distribution.",
+             "", "| scheme | " + " | ".join(f"d={d}" for d in distances) + " |",
+             "|---|" + "---|" * len(distances)]  # fmt: skip
+    for label in labels:
+        vals = []
+        for d in distances:
+            group = cell.get((label, d), [])
+            tr, te = (mean_ci([r[k] for r in group])[0] for k in ("train_score", "score"))
+            vals.append("–" if math.isnan(tr) else f"{tr:.2f} / {te:.2f} / {tr - te:+.2f}")
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    overlap = [r["heldout_in_train"] for r in rows if r["heldout_in_train"] is not None]
+    if overlap and max(overlap) > 0:
+        lines += ["", f"Held-out sequences that also occur in the training set: up to "
+                  f"{max(overlap):.1%} (a small input space; the held-out score partly "
+                  "measures recall of the training set there)."]  # fmt: skip
+    return lines
 
 
 # (key in result.json, what is measured, note): the input gradient exists for every encoder,

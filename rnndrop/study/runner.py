@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -69,6 +70,7 @@ def run_cell(
     from ..analysis import evaluate_sequence_model, gradient_through_time
     from ..data import SyntheticDataModule
     from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
+    from ..lit.cli import progress_display
     from ..models import RECURRENT_CELLS, SequenceModel
 
     start = time.perf_counter()
@@ -77,8 +79,12 @@ def run_cell(
     fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
+    finite = study.train_size is not None
+    # unlimited: one pass over steps * batch_size distinct sequences (fresh every step);
+    # finite: epochs over the first train_size sequences of the same seeded stream
     dm = SyntheticDataModule(
-        study.task, cell.distance, study.task_args, train_size=study.steps * study.batch_size,
+        study.task, cell.distance, study.task_args,
+        train_size=study.train_size if finite else study.steps * study.batch_size,
         val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
         seed=cell.seed,
     )  # fmt: skip
@@ -95,20 +101,30 @@ def run_cell(
     curve = _LearningCurve()
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(
-        max_steps=study.steps, max_epochs=1, val_check_interval=min(study.val_every, study.steps),
+        max_steps=study.steps, max_epochs=-1 if finite else 1,
+        # finite: validate every val_every steps across epochs (an epoch may be one batch)
+        check_val_every_n_epoch=None if finite else 1,
+        val_check_interval=min(study.val_every, study.steps),
         logger=logger, enable_checkpointing=False, gradient_clip_val=study.gradient_clip_val,
         enable_progress_bar=progress, enable_model_summary=False, num_sanity_val_steps=0,
         callbacks=[NaNGuard(save_every_n_steps=0), curve]
-        + ([_step_bar(cell, study.steps, bar_position)] if bar_position is not None else []),
+        + ([_step_bar(cell, study.steps, bar_position)] if bar_position is not None else [])
+        # as `rnndrop fit`: a bar on a terminal, plain lines in a log (no redraws, no escapes)
+        + ([progress_display([], True)] if progress and bar_position is None else []),
         default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
     status = "ok"
     try:
-        trainer.fit(task, dm)
+        with warnings.catch_warnings():
+            # a small fixed set has fewer batches per epoch than the logging interval; Lightning
+            # warns, but it counts logging steps across epochs, so nothing is lost
+            warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+            trainer.fit(task, dm)
     except NonFiniteLossError as err:  # record it, keep the sweep going
         status = f"diverged: {err}"
     metrics: dict[str, float] = {}
+    train_metrics: dict[str, float] = {}
     grads: dict[str, dict[int, float]] = {}
     if status == "ok":
         test = dm.test_dataloader()
@@ -121,7 +137,12 @@ def run_cell(
         if recurrent:  # LSTM or GRU: ‖∂L/∂h‖ through the hidden state
             ks_state = None if ks is None else [k for k in ks if k >= 1]
             grads["state"] = gradient_through_time(model, x, y, ks_state, wrt="state")
-        _log_final(logger, cell, encoder, metrics, grads)
+        # after the held-out measurements, which therefore stay those of earlier results
+        train_metrics = evaluate_sequence_model(
+            model, train_subset(dm, study.eval_size, study.batch_size), task=dm.task
+        )
+        metrics_train = {"train_" + k: v for k, v in train_metrics.items()}
+        _log_final(logger, cell, encoder, {**metrics, **metrics_train}, grads)
     result = {
         "cell": {"scheme": cell.scheme, "rate": cell.rate, "distance": cell.distance,
                  "seed": cell.seed, "label": cell.label, "task": cell.task},
@@ -129,6 +150,10 @@ def run_cell(
         "task": {"name": study.task, "baseline_loss": dm.baseline_loss, "loss": dm.loss,
                  "chance": 1.0 / dm.output_size if dm.loss == "cross_entropy" else None},
         "metrics": metrics,
+        "train_metrics": train_metrics,
+        "regime": {"train_size": study.train_size,
+                   "heldout_in_train": heldout_in_train(dm) if finite and status == "ok"
+                   else None},
         "curve": curve.points,
         "grad_through_time": {w: {str(k): v for k, v in g.items()} for w, g in grads.items()},
         "seconds": time.perf_counter() - start,
@@ -136,6 +161,31 @@ def run_cell(
     }  # fmt: skip
     write_json(out / RESULT, result)
     return result
+
+
+def train_subset(dm, size: int, batch_size: int):
+    """A loader over the first ``size`` training sequences (all of them if fewer): the train
+    score. Unlimited regime: sequences the model saw once; finite: the fixed training set."""
+    from torch.utils.data import DataLoader, Subset
+
+    train = dm.datasets["train"]
+    return DataLoader(Subset(train, range(min(size, len(train)))), batch_size=batch_size)
+
+
+def heldout_in_train(dm) -> float:
+    """The fraction of test sequences equal (input and target) to a training sequence.
+
+    The splits are seeded apart, so a match is a coincidence of a small input space (3 copy
+    symbols of 8 have 512 values): the held-out score of such a task partly measures recall
+    of the training set, and this says how much.
+    """
+    def key(item) -> bytes:
+        x, y = item
+        return x.numpy().tobytes() + y.numpy().tobytes()
+
+    train = {key(item) for item in dm.datasets["train"]}
+    test = dm.datasets["test"]
+    return sum(key(item) in train for item in test) / len(test)
 
 
 def _LearningCurve():
@@ -219,7 +269,11 @@ def summary_line(result: dict[str, Any]) -> str:
         return f"{c['label']} d={c['distance']} seed={c['seed']}: {result['status'][:80]}"
     score = f"acc {m['acc']:.3f}" if "acc" in m else f"mse {m['loss']:.4f}"
     ratio = m["loss"] / result["task"]["baseline_loss"]
-    return (f"{c['label']} d={c['distance']} seed={c['seed']}: {score}, loss/baseline "
+    tm = result.get("train_metrics") or {}
+    train = ""
+    if tm:
+        train = f" (train {tm['acc']:.3f})" if "acc" in tm else f" (train {tm['loss']:.4f})"
+    return (f"{c['label']} d={c['distance']} seed={c['seed']}: {score}{train}, loss/baseline "
             f"{ratio:.3f} ({result['seconds']:.0f} s)")  # fmt: skip
 
 
@@ -253,15 +307,22 @@ def run_study(
           f"{study.study_root if study.tasks else study.root}",
           file=sys.stderr, flush=True)  # fmt: skip
     workers = max(1, min(workers, len(todo)))
-    bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not progress or not todo)
+    # bars only on a terminal: in a log (`> log`, SLURM) tqdm's redraws and cursor escapes are
+    # noise, so there each finished cell is its summary line alone
+    terminal = progress and on_terminal()
+    bar = tqdm(total=len(todo), desc=study.name, unit="cell", disable=not terminal or not todo)
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def done(result: dict[str, Any]) -> None:
+        bar.write(summary_line(result))  # a plain print when the bar is off
+        bar.update()
+
     try:
         if workers <= 1:
             for cell in todo:
-                bar.write(summary_line(run_cell(study, cell, progress=progress)))
-                bar.update()
+                done(run_cell(study, cell, progress=progress))
         else:
-            _run_pool(study, todo, workers, progress, bar)
+            _run_pool(study, todo, workers, terminal, done)
     except StudyInterrupted as err:
         done = sum(is_finished(study, c) for c in cells)
         raise StudyInterrupted(
@@ -275,7 +336,12 @@ def run_study(
     return [r for c in cells if (r := load_result(study, c)) is not None]
 
 
-def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool, bar) -> None:
+def on_terminal() -> bool:
+    """True when both output streams are terminals: the rule `rnndrop fit` uses for its bar."""
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool, done) -> None:
     """The cells in ``workers`` spawned processes; an interrupt terminates them all."""
     import multiprocessing as mp
 
@@ -289,8 +355,7 @@ def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool
     pool = ctx.Pool(workers, _init_worker, (threads, slots, progress))
     try:
         for result in pool.imap_unordered(_work, [(study, c) for c in todo]):
-            bar.write(summary_line(result))
-            bar.update()
+            done(result)
         pool.close()
     except BaseException:
         pool.terminate()  # SIGTERM to every worker: each exits at once, writing nothing

@@ -31,7 +31,7 @@ from typing import Any
 from ..analysis import mean_ci, normalized_accuracy
 from .common import group_by, same_machine, tensorboard_summary
 from .config import StudyConfig
-from .report import score, write_report
+from .report import regime, score, train_score, write_report
 
 __all__ = ["curve_measures", "paired_differences", "verdict", "write_reports", "write_verdict"]
 
@@ -64,7 +64,7 @@ def curve_measures(result: dict[str, Any], threshold: float, steps: int) -> dict
 
 def _values(study: StudyConfig, result: dict[str, Any]) -> dict[str, float]:
     sub = study.for_task(result["cell"].get("task"))
-    return {"score": score(result),
+    return {"score": score(result), "train_score": train_score(result),
             **curve_measures(result, sub.solved_threshold, sub.steps)}  # fmt: skip
 
 
@@ -86,6 +86,8 @@ def paired_differences(
             continue
         diffs: dict[str, dict[int, float]] = {"score": {}, "auc": {}}
         solve: dict[str, list[float]] = {"scheme": [], "baseline": []}
+        fit: dict[str, list[float]] = {k: [] for k in ("train", "heldout", "base_train",
+                                                       "base_heldout")}  # fmt: skip
         seeds, mixed = [], 0
         for r in sorted(group, key=lambda r: r["cell"]["seed"]):
             partner = by_key.get((task, base, None, d, r["cell"]["seed"]))
@@ -98,6 +100,9 @@ def paired_differences(
                 diffs[m][r["cell"]["seed"]] = a[m] - b[m]
             solve["scheme"].append(a["steps_to_solve"])
             solve["baseline"].append(b["steps_to_solve"])
+            for prefix, v in (("", a), ("base_", b)):
+                fit[prefix + "train"].append(v["train_score"])
+                fit[prefix + "heldout"].append(v["score"])
         if not seeds:
             continue
         row = {"task": task or study.task, "scheme": scheme, "rate": rate,
@@ -109,6 +114,11 @@ def paired_differences(
             row[f"d_{m}_per_seed"] = xs
         for who, xs in solve.items():
             row[f"solve_{who}"] = _median(xs)
+        for k, xs in fit.items():  # means over the paired seeds; nan before train scores
+            row[k] = sum(xs) / len(xs)
+        row["gap"], row["base_gap"] = (row["train"] - row["heldout"],
+                                       row["base_train"] - row["base_heldout"])
+        row["train_size"] = study.for_task(task).train_size
         rows.append(row)
     return rows
 
@@ -182,7 +192,8 @@ CALL = {"better": "better", "worse": "worse", "unresolved": "·", "n/a": "–"}
 def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
     """The verdict table (scheme × task × rate), then each task's paired differences."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    rates = sorted({v["rate"] for v in verdicts if v["rate"] is not None})
+    # [None]: every scheme at a fixed rate of its own (the tuned schemes), one column per task
+    rates = sorted({v["rate"] for v in verdicts if v["rate"] is not None}) or [None]
     schemes = list(dict.fromkeys(v["scheme"] for v in verdicts))
     seeds = sorted({v["seeds"] for v in verdicts})
     lines = [
@@ -212,8 +223,8 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
     by = {(v["task"], v["scheme"], v["rate"]): v for v in verdicts}
     cols = [(t, p) for t in tasks for p in rates]
     for measure, title in (("score", "Final score"), ("auc", "Area under the learning curve")):
-        lines += [f"## {title}", "",
-                  "| scheme | " + " | ".join(f"{t} p={p:g}" for t, p in cols) + " |",
+        heads = [t if p is None else f"{t} p={p:g}" for t, p in cols]
+        lines += [f"## {title}", "", "| scheme | " + " | ".join(heads) + " |",
                   "|---|" + "---|" * len(cols)]  # fmt: skip
         for s in schemes:
             cells = []
@@ -238,6 +249,8 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
         cell = {(r["label"], r["distance"]): r for r in trows}
         budget = trows[0]["budget"]
         lines += [f"## {task}: paired differences per distance", "",
+                  f"Data regime: {regime(study.for_task(task) if study.tasks else study)}.",
+                  "",
                   "Δ score (bold: the 95% interval excludes 0) / median steps to solve, "
                   f"scheme vs baseline (censored at the budget, {budget} steps).", "",
                   "| scheme | " + " | ".join(f"d={d}" for d in dists) + " |",
@@ -252,12 +265,43 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
                 ))  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
         lines.append("")
+        lines += _fit_table(trows, dists, labels)
     return "\n".join(lines)
+
+
+def _fit(train: float, heldout: float) -> str:
+    if math.isnan(train):
+        return "–"
+    return f"{train:.2f} / {heldout:.2f} / {train - heldout:+.2f}"
+
+
+def _fit_table(trows, dists: list[int], labels: list[str]) -> list[str]:
+    """Train / held-out / gap of each scheme and of its baseline, mean over the paired seeds:
+    a scheme that closes the baseline's gap regularises; one that lowers both only costs."""
+    if all(math.isnan(r["train"]) for r in trows):
+        return []
+    cell = {(r["label"], r["distance"]): r for r in trows}
+    lines = ["Train score / held-out score / gap (train − held-out), mean over the paired "
+             "seeds.", "", "| scheme | " + " | ".join(f"d={d}" for d in dists) + " |",
+             "|---|" + "---|" * len(dists)]  # fmt: skip
+    bases = list(dict.fromkeys(r["baseline"] for r in trows))
+    for base in bases:  # the baselines' own row, from any scheme paired with them
+        vals = []
+        for d in dists:
+            r = next((r for r in trows if r["baseline"] == base and r["distance"] == d), None)
+            vals.append("–" if r is None else _fit(r["base_train"], r["base_heldout"]))
+        lines.append(f"| {base} | " + " | ".join(vals) + " |")
+    for label in labels:
+        vals = [("–" if (r := cell.get((label, d))) is None else _fit(r["train"], r["heldout"]))
+                for d in dists]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    return [*lines, ""]
 
 
 COLUMNS = ["task", "scheme", "rate", "label", "baseline", "distance", "seeds", "d_score",
            "d_score_ci", "d_auc", "d_auc_ci", "solve_scheme", "solve_baseline",
-           "budget", "mixed_machines"]  # fmt: skip
+           "budget", "mixed_machines", "train_size", "train", "heldout", "gap", "base_train",
+           "base_heldout", "base_gap"]  # fmt: skip
 
 
 def write_verdict(study: StudyConfig, results: Sequence[dict[str, Any]]) -> dict[str, Path]:
