@@ -369,10 +369,20 @@ void rec_mask_grad(const Tensor& dr, const T* hp, const Tensor& drm, int64_t t) 
   }
 }
 
+// dg (TB, GH) as (G, TB, H), gate-major and dense. A per-gate block of dg is a strided
+// view (row stride GH) that oneDNN copies with a transposition before each GEMM that reads
+// it transposed: measured 30% of an untied T = 500 BPTT. This copy keeps rows of H contiguous
+// on both sides, is made once per backward (`cache`, shared by dW_hh and the input
+// gradients) and costs about one clone of dg.
+inline const Tensor& gate_major(const Tensor& dg2, int64_t G, int64_t H, Tensor& cache) {
+  if (!cache.defined()) cache = dg2.view({dg2.size(0), G, H}).transpose(0, 1).contiguous();
+  return cache;
+}
+
 // dW_hh = sum_t dg_t^T (masked h_{t-1}), dg (T, B, GH): one GEMM per gate group over
 // all T*B rows (batched over gates when untied).
 Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
-                      const OptT& hm_seq, bool reverse) {
+                      const OptT& hm_seq, bool reverse, Tensor& dg_gate_major) {
   const int64_t T_ = dg.size(0), B = dg.size(1), GH = dg.size(2), H = h0.size(1);
   const int64_t G = GH / H;
   auto dg2 = dg.view({T_ * B, GH});
@@ -380,7 +390,7 @@ Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
   if (has(hm_seq) && hm_seq->size(0) == 1) {
     gemm(dg2.t(), (*hm_seq)[0].view({T_ * B, H}), dw, 0.0f);
   } else if (has(hm_seq)) {  // (G, H, TB) @ (G, TB, H), batched over gates
-    gemm(dg2.view({T_ * B, G, H}).permute({1, 2, 0}), hm_seq->view({G, T_ * B, H}),
+    gemm(gate_major(dg2, G, H, dg_gate_major).transpose(1, 2), hm_seq->view({G, T_ * B, H}),
          dw.view({G, H, H}), 0.0f);
   } else {  // h_{t-1} is h_seq shifted by one step, h0 at the first step
     const int64_t first = reverse ? T_ - 1 : 0;
@@ -398,21 +408,26 @@ Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
 // with untied input masks gate k saw x * in_mask_k.
 std::array<Tensor, 3> input_grads(const Tensor& dg, const Tensor& x, const Tensor& w_ih,
                                   const OptT& in_mask, bool has_bias, bool need_x,
-                                  bool need_w) {
+                                  bool need_w, Tensor& dg_gate_major) {
   const int64_t T_ = dg.size(0), B = dg.size(1), GH = dg.size(2);
   const int64_t G = has(in_mask) ? in_mask->size(0) : 1, H = GH / G;
   auto dg2 = dg.view({T_ * B, GH});
+  const Tensor& dgm = has(in_mask) ? gate_major(dg2, G, H, dg_gate_major) : dg2;
   std::array<Tensor, 3> out;
   if (need_x) out[0] = at::zeros_like(x);
   if (need_w) out[1] = at::empty_like(w_ih);
   for (int64_t k = 0; k < G; ++k) {
     // tied: one GEMM over all gates; untied: gate k sees x * in_mask_k
-    auto dgk = has(in_mask) ? dg2.narrow(1, k * H, H) : dg2;
+    auto dgk = has(in_mask) ? dgm[k] : dg2;
     auto wk = has(in_mask) ? w_ih.narrow(0, k * H, H) : w_ih;
     if (need_x) {
       auto dxk = at::empty_like(x);
       gemm(dgk, wk, dxk.view({T_ * B, -1}), 0.0f);
-      out[0].add_(has(in_mask) ? dxk * (*in_mask)[k] : dxk);
+      if (has(in_mask)) {
+        out[0].addcmul_(dxk, (*in_mask)[k]);  // no temporary product
+      } else {
+        out[0].add_(dxk);
+      }
     }
     if (need_w) {
       auto xk = has(in_mask) ? (x * (*in_mask)[k]).contiguous() : x;
@@ -645,9 +660,10 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
 
   std::vector<Tensor> out{dgates,   dh,   dc,    Tensor(), Tensor(), Tensor(),
                           Tensor(), drec, dcand, dzone_h,  dzone_c};
-  if (need_w) out[3] = weight_hh_grad(dgates, h0, h_seq, hm_seq, reverse);
+  Tensor dg_gate_major;  // made at most once, for untied GEMMs
+  if (need_w) out[3] = weight_hh_grad(dgates, h0, h_seq, hm_seq, reverse, dg_gate_major);
   if (has(w_ih)) {
-    auto g = input_grads(dgates, x, *w_ih, in_mask, has_bias, need_x, need_w);
+    auto g = input_grads(dgates, x, *w_ih, in_mask, has_bias, need_x, need_w, dg_gate_major);
     out[4] = g[0];
     out[5] = g[1];
     out[6] = g[2];
@@ -869,11 +885,13 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
   std::vector<Tensor> out{dgx,      dh,       Tensor(), Tensor(), Tensor(),
                           Tensor(), Tensor(), drec,     dcand,    dzone_h};
   if (need_w) {
-    out[2] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
+    Tensor dgh_gate_major;  // the recurrent product's gradient differs from dgx (r * hn)
+    out[2] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse, dgh_gate_major);
     if (has_bias_h) out[3] = dgh.view({T_ * B, G * H}).sum(0);
   }
   if (has(w_ih)) {
-    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w);
+    Tensor dgx_gate_major;
+    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w, dgx_gate_major);
     out[4] = g[0];
     out[5] = g[1];
     out[6] = g[2];
