@@ -27,11 +27,11 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .contract import Backend, CellMath, Grads, LayerInputs, LayerMasks, Saved
 from .cpp import CppBackend
 from .python import PythonBackend
+from .reference import reference_layer, wants_reference
 from .triton import TritonBackend
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "Saved",
     "get_loop_backend",
     "loop_backend",
+    "reference_layer",
     "rnn_layer",
     "select_backend",
     "set_loop_backend",
@@ -120,10 +121,12 @@ class RNNLayer(torch.autograd.Function):
         return saved.h_seq, c_last
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dh_seq, dc_last):
         x, w_ih, b_x, w_hh, b_h, h0, c0, *rest = ctx.saved_tensors
         masks, saved = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            return RNNLayer._differentiable_backward(ctx, (x, w_ih, b_x, w_hh, b_h, h0, c0),
+                                                     masks, dh_seq, dc_last)  # fmt: skip
         inp = LayerInputs(ctx.cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks),
                           ctx.reverse)  # fmt: skip
         need = ctx.needs_input_grad
@@ -147,12 +150,33 @@ class RNNLayer(torch.autograd.Function):
         return (None, None, None, g.dx, g.dw_ih, g.db_x, g.dw_hh, g.db_h, g.dh0, g.dc0,
                 *dmasks)  # fmt: skip
 
+    @staticmethod
+    def _differentiable_backward(ctx, tensors, masks, dh_seq, dc_last):
+        """Double backward: re-run the layer as the plain-autograd reference loop from the
+        saved inputs (which keep their own graph) and differentiate it with
+        ``create_graph=True``, so the gradient is itself differentiable. First-order
+        backward never comes here (autograd runs it with grad mode off)."""
+        inputs = (*tensors, *masks)
+        inp = LayerInputs(ctx.cell, *tensors, LayerMasks(*masks), ctx.reverse)
+        outs = reference_layer(inp)
+        pairs = [(o, g) for o, g in zip(outs, (dh_seq, dc_last), strict=True)
+                 if o is not None and g is not None and o.requires_grad]  # fmt: skip
+        wanted = [i for i, t in enumerate(inputs)
+                  if t is not None and ctx.needs_input_grad[3 + i]]  # fmt: skip
+        grads: list[Tensor | None] = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                      [g for _, g in pairs], create_graph=True,
+                                      allow_unused=True)  # fmt: skip
+            for i, g in zip(wanted, got, strict=True):
+                grads[i] = g
+        return (None, None, None, *grads)
+
 
 def _prep(t: Tensor | None, like: Tensor) -> Tensor | None:
     return None if t is None else t.to(like.dtype).contiguous()
 
 
-@torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
 def rnn_layer(
     cell: CellMath,
     x: Tensor,
@@ -175,6 +199,20 @@ def rnn_layer(
     """
     masks = masks or LayerMasks()
     dtype = compute_dtype(x)
+    tensors = (x, w_ih, b_x, w_hh, b_h, h0, c0, *masks.tensors())
+    if backend is None and wants_reference(tensors) is not None:
+        # transforms, exporters and tracers see plain differentiable ops (same math)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            cast = [None if t is None else t.to(dtype) for t in tensors[1:]]
+            inp = LayerInputs(cell, x, *cast[:6], LayerMasks(*cast[6:]), reverse)
+            return reference_layer(inp)
+    return _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend)
+
+
+@torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
+def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend):
+    """:func:`rnn_layer` through a loop backend: one ``RNNLayer`` node."""
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype).contiguous()
         inp = LayerInputs(cell, x, *[_prep(t, x) for t in (w_ih, b_x, w_hh, b_h, h0, c0)],

@@ -346,6 +346,29 @@ class RNNBase(StochasticModule):
                 f"masks); this config needs the loop path: {cfg.describe()}"
             )
 
+    # ---- export and tracing ---------------------------------------------------------
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: refuse with the alternatives."""
+        raise RuntimeError(
+            f"torch.jit.script does not support rnndrop's {type(self).__name__} (its forward "
+            "picks a path and draws masks in Python). Use torch.export.export(model.eval(), "
+            "(x,)) or torch.onnx.export(..., dynamo=True) for deployment; torch.jit.trace of "
+            "an eval-mode model also works."
+        )
+
+    def _check_traceable(self, sample: bool) -> None:
+        """``torch.jit.trace`` (and the legacy ONNX exporter, which traces) records the masks
+        of the traced call as constants: every later call would reuse them. Refuse."""
+        if (sample and torch.jit.is_tracing()
+                and is_active(self.dropout, self.num_layers, sample)):  # fmt: skip
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.jit.trace (or torch.onnx.export(dynamo=False)) "
+                "of a model that samples dropout masks (training or mc mode) would freeze "
+                "this call's masks into the trace. Trace in eval mode (model.eval()), or use "
+                "torch.export.export, which keeps the random ops."
+            )
+
     # ---- forward --------------------------------------------------------------------
 
     def forward(self, input: Tensor | PackedSequence, hx=None, *, return_pre_dropout=False):
@@ -366,9 +389,13 @@ class RNNBase(StochasticModule):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         state = self._initial_state(x, hx, B, batched, sorted_idx)
         sample = self.sampling
+        self._check_traceable(sample)
         record: dict[str, Tensor] | None = {} if self.record_masks else None
+        # torch.func: vmap has no rule for the fused ops, so every layer runs the loop, which
+        # kernels.rnn_layer then runs as the plain-autograd reference (same math)
+        force = self.force_loop or _functorch_active(x, self.weight_hh_l0)
 
-        if B == 0 or not (self.force_loop or is_active(self.dropout, self.num_layers, sample)):
+        if B == 0 or not (force or is_active(self.dropout, self.num_layers, sample)):
             # exactly what torch's module runs (an empty batch has nothing to mask)
             out, state = self.cell.fused(
                 x, batch_sizes, state, self._flat_weights, self.bias, self.num_layers,
@@ -380,7 +407,7 @@ class RNNBase(StochasticModule):
                 xs, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))
             else:
                 xs, lengths = (x.transpose(0, 1) if self.batch_first else x), None
-            out, state, pre = self._forward_dropout(xs, state, lengths, sample, record)
+            out, state, pre = self._forward_dropout(xs, state, lengths, sample, record, force)
             if packed:
                 out = pack_padded_sequence(out, lengths).data
                 pre = pack_padded_sequence(pre, lengths).data if return_pre_dropout else None
@@ -455,7 +482,7 @@ class RNNBase(StochasticModule):
             state = tuple(s.index_select(1, sorted_idx) for s in state)
         return state
 
-    def _forward_dropout(self, x, state, lengths, sample, record):
+    def _forward_dropout(self, x, state, lengths, sample, record, force=False):
         """The masked forward on time-major padded ``x`` (T, B, F), batch in sorted order."""
         T, B, _ = x.shape
         L, D, cfg = self.num_layers, self.num_directions, self.dropout
@@ -464,7 +491,7 @@ class RNNBase(StochasticModule):
         pool = self.__dict__.get("_workspace")  # absent in modules pickled by older versions
         m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool, self.cell.gates,
                          learned=self._learned_logits(), relaxed=self.training)  # fmt: skip
-        loop = [self.force_loop or needs_loop(cfg, layer, sample, L) for layer in range(L)]
+        loop = [force or needs_loop(cfg, layer, sample, L) for layer in range(L)]
         if not any(loop) and not (L > 1 and m.input_rate(1) > 0):  # one fused call
             x, fold = m.input(0, x)
             # the folded (untied per-batch) input masks are layer 0's: W_ih_l0 only
@@ -536,6 +563,14 @@ class RNNBase(StochasticModule):
         n = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
         i = (layer * self.num_directions + d) * n
         return [getattr(self, name) for name in self._flat_weights_names[i : i + n]]
+
+
+def _functorch_active(*tensors: Tensor) -> bool:
+    """True under a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+    if torch.compiler.is_compiling():  # dynamo traces the ops themselves
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return torch._C._are_functorch_transforms_active() or any(wrapped(t) for t in tensors)
 
 
 class LSTM(RNNBase):

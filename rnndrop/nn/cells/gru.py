@@ -28,7 +28,7 @@ from .base import Cell
 __all__ = ["GRU_CELL"]
 
 
-@torch.compiler.disable  # as nn.GRU under dynamo
+# traced by dynamo as aten.gru (see the LSTM's _fused)
 def _fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
     """The fused ATen/cuDNN GRU op, with nn.GRU's arguments; returns (out, (h,))."""
     with warnings.catch_warnings():

@@ -27,7 +27,8 @@ from .base import Cell
 __all__ = ["LSTM_CELL"]
 
 
-@torch.compiler.disable  # as nn.LSTM under dynamo: inductor cannot lower this op
+# no torch.compiler.disable: dynamo records aten.lstm (torch.export strict, 0 graph breaks
+# under torch.compile); vmap has no rule for it, so torch.func runs the loop (RNNBase)
 def _fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
     """The fused ATen/cuDNN LSTM op, with nn.LSTM's arguments; returns (out, (h, c))."""
     with warnings.catch_warnings():
