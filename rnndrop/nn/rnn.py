@@ -371,7 +371,9 @@ class RNNBase(StochasticModule):
 
     # ---- forward --------------------------------------------------------------------
 
-    def forward(self, input: Tensor | PackedSequence, hx=None, *, return_pre_dropout=False):
+    def forward(self, input: Tensor | PackedSequence, hx=None, return_pre_dropout: bool = False):
+        # return_pre_dropout is not keyword-only: the legacy ONNX exporter passes every
+        # defaulted parameter positionally
         packed = isinstance(input, PackedSequence)
         if packed:
             x, batch_sizes, sorted_idx, unsorted_idx = input
