@@ -41,6 +41,8 @@ __all__ = [
     "LayerInputs",
     "LayerMasks",
     "Saved",
+    "compute_dtype",
+    "fused_dtype",
     "get_loop_backend",
     "loop_backend",
     "reference_layer",
@@ -190,17 +192,24 @@ def rnn_layer(
     *,
     reverse: bool = False,
     backend: str | None = None,
+    reference: bool | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run one layer (one direction): ``h`` for every step ``(T, B, H)`` and the last ``c``.
 
     Arguments as in :class:`~rnndrop.kernels.contract.LayerInputs`; ``backend`` names one
-    (default: :func:`get_loop_backend`). Returns ``(h_seq, c_last)``, ``c_last`` None for a
-    cell without a cell state.
+    (default: :func:`get_loop_backend`). ``reference``: True runs the plain-autograd
+    reference loop (:func:`~rnndrop.kernels.reference.reference_layer`), False a backend,
+    None (default) the reference only where a backend cannot serve
+    (:func:`~rnndrop.kernels.reference.wants_reference`: torch.func transforms, export,
+    tracing, compiled inference). Returns ``(h_seq, c_last)``, ``c_last`` None for a cell
+    without a cell state.
     """
     masks = masks or LayerMasks()
-    dtype = compute_dtype(x)
+    dtype = compute_dtype(x, cell)
     tensors = (x, w_ih, b_x, w_hh, b_h, h0, c0, *masks.tensors())
-    if backend is None and wants_reference(tensors) is not None:
+    if reference is None:
+        reference = backend is None and wants_reference(tensors) is not None
+    if reference:
         # transforms, exporters and tracers see plain differentiable ops (same math)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
@@ -222,13 +231,46 @@ def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, ba
                               inp.b_h, inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a loop layer computes in: autocast's (float16 / bfloat16) where autocast is
-    on for ``x``'s device and ``x`` is a float32 or lower-precision input, as torch's fused
-    RNNs do under autocast; else ``x``'s. Every tensor of the layer is cast to it (the casts
-    are differentiable: float32 parameters get float32 gradients)."""
+def compute_dtype(x: Tensor, cell: CellMath | None = None) -> torch.dtype:
+    """The dtype a loop layer computes in: what ``cell``'s fused op would return for ``x``
+    under the autocast state at hand (:func:`fused_dtype`), so that every scheme of a cell
+    gives the dtype ``torch.nn.LSTM``/``GRU`` gives: on CPU, autocast runs the LSTM in
+    bfloat16 and leaves the GRU in float32. Without a cell: autocast's dtype where autocast
+    is on for ``x``'s device and ``x`` is a float32 or lower-precision input, else ``x``'s.
+    Every tensor of the layer is cast to it (differentiably: float32 parameters get float32
+    gradients)."""
     device = x.device.type
-    if (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and torch.is_autocast_enabled(device)):  # fmt: skip
+    if (x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or not torch.is_autocast_enabled(device)):  # fmt: skip
+        return x.dtype
+    if cell is None or not hasattr(cell, "fused"):
         return torch.get_autocast_dtype(device)
-    return x.dtype
+    return fused_dtype(cell, x, x.dtype)
+
+
+_FUSED_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+def fused_dtype(cell, x: Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``cell``'s fused op returns for an input like ``x`` and weights of
+    ``weight_dtype`` under the current autocast state: measured once per cell, device type,
+    autocast dtype and input/weight dtypes by running the op on a one-unit layer, so it
+    follows torch's own autocast op lists (which differ per op and device)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x.dtype
+    key = (cell.name, device, torch.get_autocast_dtype(device), x.dtype, weight_dtype)
+    if key not in _FUSED_DTYPES:
+        if torch.compiler.is_compiling():  # no probe inside a graph: torch's lists as of 2.x
+            on = device != "cpu" or cell.name == "lstm"
+            return torch.get_autocast_dtype(device) if on else x.dtype
+        G = cell.gates
+        kw = {"device": x.device, "dtype": weight_dtype}
+        one = torch.zeros(1, 1, 1, device=x.device, dtype=x.dtype)
+        state = tuple(torch.zeros(1, 1, 1, **kw) for _ in range(2 if cell.has_cell else 1))
+        weights = [torch.zeros(G, 1, **kw), torch.zeros(G, 1, **kw), torch.zeros(G, **kw),
+                   torch.zeros(G, **kw)]  # fmt: skip
+        with torch.no_grad():
+            out, _ = cell.fused(one, None, state, weights, True, 1, False, False, False)
+        _FUSED_DTYPES[key] = out.dtype
+    return _FUSED_DTYPES[key]

@@ -69,8 +69,10 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
     :mod:`rnndrop.nn.cells`), tensors and layouts of :class:`LayerInputs`.
     """
     cell, m = inp.cell, inp.masks
-    xp = _project(inp)
-    T = xp.shape[0]
+    # one tensor per step: a trace (jit.trace, legacy ONNX) unrolls the loop for this T, and
+    # unbind's fixed count makes the traced graph fail on another length, never truncate
+    xs = _project(inp).unbind(0)
+    T = len(xs)
     H = inp.w_hh.shape[1]
     h, c = inp.h0, inp.c0
     outs: list[Tensor] = [h] * T  # placeholders, each overwritten below
@@ -79,7 +81,7 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
         rec = _recurrent(h, _at(m.recurrent, t), inp.w_hh)
         cm, zh = _at(m.candidate, t), _at(m.zoneout_h, t)
         if cell.has_cell:  # LSTM, gates i, f, g, o
-            a = xp[t] + rec
+            a = xs[t] + rec
             i = torch.sigmoid(a[:, :H])
             f = torch.sigmoid(a[:, H : 2 * H])
             g = torch.tanh(a[:, 2 * H : 3 * H])
@@ -92,7 +94,7 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
         else:  # GRU, gates r, z, n; b_h stays inside r ⊙ (W_hn h + b_hn)
             if inp.b_h is not None:
                 rec = rec + inp.b_h
-            a = xp[t]
+            a = xs[t]
             r = torch.sigmoid(a[:, :H] + rec[:, :H])
             z = torch.sigmoid(a[:, H : 2 * H] + rec[:, H : 2 * H])
             n = torch.tanh(a[:, 2 * H :] + r * rec[:, 2 * H :])

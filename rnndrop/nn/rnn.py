@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..config import SITES, DropoutSpec, as_dropout
 from ..functional import concrete_logit, concrete_logit_init
-from ..kernels import LayerMasks, rnn_layer
+from ..kernels import LayerMasks, fused_dtype, rnn_layer
 from ..kernels.cpp import build as _ext
 from .cells import GRU_CELL, LSTM_CELL, Cell
 from .dropout import StochasticModule
@@ -396,6 +396,11 @@ class RNNBase(StochasticModule):
         # torch.func: vmap has no rule for the fused ops, so every layer runs the loop, which
         # kernels.rnn_layer then runs as the plain-autograd reference (same math)
         force = self.force_loop or _functorch_active(x, self.weight_hh_l0)
+        # torch.compile of an eval-mode model with gradients on: inductor cannot compile the
+        # fused op's backward, so every layer runs the reference loop (0 graph breaks)
+        reference = (not sample and torch.compiler.is_compiling()
+                     and not torch.compiler.is_exporting() and torch.is_grad_enabled())  # fmt: skip
+        force = force or reference
 
         if B == 0 or not (force or is_active(self.dropout, self.num_layers, sample)):
             # exactly what torch's module runs (an empty batch has nothing to mask)
@@ -409,7 +414,8 @@ class RNNBase(StochasticModule):
                 xs, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))
             else:
                 xs, lengths = (x.transpose(0, 1) if self.batch_first else x), None
-            out, state, pre = self._forward_dropout(xs, state, lengths, sample, record, force)
+            out, state, pre = self._forward_dropout(xs, state, lengths, sample, record, force,
+                                                    reference)  # fmt: skip
             if packed:
                 out = pack_padded_sequence(out, lengths).data
                 pre = pack_padded_sequence(pre, lengths).data if return_pre_dropout else None
@@ -484,7 +490,7 @@ class RNNBase(StochasticModule):
             state = tuple(s.index_select(1, sorted_idx) for s in state)
         return state
 
-    def _forward_dropout(self, x, state, lengths, sample, record, force=False):
+    def _forward_dropout(self, x, state, lengths, sample, record, force=False, reference=False):
         """The masked forward on time-major padded ``x`` (T, B, F), batch in sorted order."""
         T, B, _ = x.shape
         L, D, cfg = self.num_layers, self.num_directions, self.dropout
@@ -506,13 +512,19 @@ class RNNBase(StochasticModule):
                 x, xmask = m.input(layer, x)
                 part = tuple(s[layer * D : (layer + 1) * D] for s in state)
                 if loop[layer]:
-                    x, part = self._loop_layer(m, layer, x, xmask, part, lengths)
+                    x, part = self._loop_layer(m, layer, x, xmask, part, lengths, reference)
                 else:
                     weights = self._fused_weights(m, layer, xmask)
                     x, part = self._fused(x, part, weights, 1, lengths)
                 finals.append(part)
             out, state = x, tuple(torch.cat(parts) for parts in zip(*finals, strict=True))
-        return m.output(out), state, out
+        out_m = m.output(out)
+        if torch.is_autocast_enabled(x.device.type):
+            # the dtype nn.LSTM/GRU return under autocast (masks are drawn in x's dtype)
+            want = fused_dtype(self.cell, x, self.weight_ih_l0.dtype)
+            out_m, out = out_m.to(want), out.to(want)
+            state = tuple(s.to(want) for s in state)
+        return out_m, state, out
 
     def _fused(self, x, state, weights, num_layers, lengths):
         args = (state, weights, self.bias, num_layers, self.training, self.bidirectional, False)
@@ -531,7 +543,7 @@ class RNNBase(StochasticModule):
             weights += [m.weight_ih(layer, d, w_ih, fold), m.weight_hh(layer, d, w_hh), *rest]
         return weights
 
-    def _loop_layer(self, m: ForwardMasks, layer, x, xmask, state, lengths):
+    def _loop_layer(self, m: ForwardMasks, layer, x, xmask, state, lengths, reference=False):
         pad = None
         if lengths is not None:  # zoneout weight 1 past each end: the state is carried
             steps = torch.arange(m.T, device=x.device)[:, None]
@@ -556,6 +568,7 @@ class RNNBase(StochasticModule):
             h_seq, c_last = rnn_layer(
                 self.cell, x, w_ih, b_x, m.weight_hh(layer, d, w_hh), b_h, state[0][d],
                 state[1][d] if has_cell else None, masks, reverse=d == 1,
+                reference=reference or None,
             )  # fmt: skip
             outs.append(h_seq)
             finals.append((h_seq[0] if d else h_seq[-1], c_last)[: 2 if has_cell else 1])
