@@ -494,9 +494,12 @@ class RNNBase(StochasticModule):
         """The masked forward on time-major padded ``x`` (T, B, F), batch in sorted order."""
         T, B, _ = x.shape
         L, D, cfg = self.num_layers, self.num_directions, self.dropout
-        if sample and x.device.type == "cpu":
+        compiling = torch.compiler.is_compiling()
+        if sample and x.device.type == "cpu" and not compiling:  # (a lock: a graph break)
             _ext.load()  # build on first use: fast masks and the compiled loop
         pool = self.__dict__.get("_workspace")  # absent in modules pickled by older versions
+        if compiling:  # pooled storage is eager-only (a lock and in-place reuse): plain ops
+            pool = None
         m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool, self.cell.gates,
                          learned=self._learned_logits(), relaxed=self.training)  # fmt: skip
         loop = [force or needs_loop(cfg, layer, sample, L) for layer in range(L)]
