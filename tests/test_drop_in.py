@@ -3,7 +3,8 @@
 - autocast(bfloat16) on CPU: every scheme returns the dtype ``torch.nn.LSTM``/``GRU``
   return (found: the LSTM with an output mask returned float32 where ``nn.LSTM`` returns
   bfloat16; the GRU with zoneout or Semeniuta bfloat16 where ``nn.GRU`` returns float32);
-- ``proj_size`` with a loop-path scheme: a clear refusal that names what works;
+- ``proj_size`` with a loop-path scheme (found: a ``ValueError``): the reference loop with
+  the projection step, against the independent reference LSTM and ``nn.LSTM``;
 - ``torch.compile``: no graph break in eval mode, outputs equal eager.
 """
 
@@ -13,6 +14,8 @@ import warnings
 
 import pytest
 import torch
+from compare import assert_matches_reference
+from reference import reference_lstm
 from torch import nn
 
 from rnndrop.config import RecurrentDropout as RD
@@ -24,6 +27,7 @@ SCHEMES = {
     "naive": RD.naive(0.3),
     "variational": RD.variational(0.3),
     "untied": RD.variational(0.3, tied=False),
+    "naive_recurrent": RD.naive_recurrent(0.3),
     "zoneout": RD.zoneout(0.2, 0.3),
     "semeniuta": RD.semeniuta(0.3),
     "weight_drop": RD.weight_drop(0.3),
@@ -79,10 +83,38 @@ def test_autocast_eval_without_loop_equals_torch_bitwise():
         assert torch.equal(ours(x)[0], theirs(x)[0])
 
 
-@pytest.mark.parametrize("scheme", ["variational", "zoneout", "semeniuta"])
-def test_proj_size_with_a_loop_scheme_refuses_naming_what_works(scheme):
-    with pytest.raises(ValueError, match="proj_size > 0 is supported with fused-path"):
-        LSTM(3, 6, proj_size=2, dropout=SCHEMES[scheme])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("scheme", ["untied", "naive_recurrent", "zoneout", "semeniuta",
+                                    "classic"])  # fmt: skip
+def test_proj_size_on_the_loop_path_matches_the_independent_reference(scheme, mode):
+    """``proj_size`` with loop-path schemes (found: a ``ValueError``): outputs, states and
+    gradients equal the plain reference LSTM with ``h_t = W_hr (o ⊙ tanh c_t)``, run with the
+    masks the module recorded."""
+    lstm = LSTM(3, 6, 2, proj_size=2, bidirectional=True, dropout=SCHEMES[scheme],
+                dtype=torch.float64)  # fmt: skip
+    getattr(lstm, mode)()
+    x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+    hx = (torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True),
+          torch.randn(4, 3, 6, dtype=torch.float64, requires_grad=True))  # fmt: skip
+    assert_matches_reference(lstm, reference_lstm, x, hx, sample=mode == "train")
+
+
+def test_proj_size_loop_without_masks_equals_nn_lstm():
+    """The loop path's projection step is torch's: forced onto the loop with no dropout,
+    the layer equals ``nn.LSTM(proj_size=...)``, packed input included."""
+    ours = LSTM(3, 6, 2, proj_size=2, bidirectional=True, dtype=torch.float64)
+    theirs = nn.LSTM(3, 6, 2, proj_size=2, bidirectional=True, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    ours.force_loop = True
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False)
+    for inp in (x, packed):
+        out, (h, c) = ours(inp)
+        want, (wh, wc) = theirs(inp)
+        if isinstance(out, nn.utils.rnn.PackedSequence):
+            out, want = out.data, want.data
+        for a, b in ((out, want), (h, wh), (c, wc)):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
 # ---- torch.compile -------------------------------------------------------------------

@@ -193,6 +193,7 @@ def rnn_layer(
     reverse: bool = False,
     backend: str | None = None,
     reference: bool | None = None,
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run one layer (one direction): ``h`` for every step ``(T, B, H)`` and the last ``c``.
 
@@ -201,20 +202,29 @@ def rnn_layer(
     reference loop (:func:`~rnndrop.kernels.reference.reference_layer`), False a backend,
     None (default) the reference only where a backend cannot serve
     (:func:`~rnndrop.kernels.reference.wants_reference`: torch.func transforms, export,
-    tracing, compiled inference). Returns ``(h_seq, c_last)``, ``c_last`` None for a cell
-    without a cell state.
+    tracing, compiled inference). ``w_hr``: the LSTM's projection ``(P, H)`` (``proj_size``),
+    run by the reference loop only (no backend has the projection step). Returns
+    ``(h_seq, c_last)``, ``c_last`` None for a cell without a cell state.
     """
     masks = masks or LayerMasks()
     dtype = compute_dtype(x, cell)
     tensors = (x, w_ih, b_x, w_hh, b_h, h0, c0, *masks.tensors())
+    if w_hr is not None and backend is not None:
+        raise RuntimeError(
+            f"the {backend!r} loop backend cannot run an LSTM with proj_size > 0 (no backend "
+            "has the projection step); leave the backend unset: the reference loop runs it"
+        )
     if reference is None:
-        reference = backend is None and wants_reference(tensors) is not None
+        reference = w_hr is not None or (
+            backend is None and wants_reference((*tensors, w_hr)) is not None
+        )
     if reference:
         # transforms, exporters and tracers see plain differentiable ops (same math)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             cast = [None if t is None else t.to(dtype) for t in tensors[1:]]
-            inp = LayerInputs(cell, x, *cast[:6], LayerMasks(*cast[6:]), reverse)
+            inp = LayerInputs(cell, x, *cast[:6], LayerMasks(*cast[6:]), reverse,
+                              None if w_hr is None else w_hr.to(dtype))  # fmt: skip
             return reference_layer(inp)
     return _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend)
 

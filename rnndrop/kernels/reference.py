@@ -53,7 +53,7 @@ def _recurrent(h: Tensor, m: Tensor | None, w_hh: Tensor) -> Tensor:
     Gr = m.shape[0]
     if Gr == 1:
         return (h * m[0]) @ w_hh.t()
-    H = w_hh.shape[1]
+    H = w_hh.shape[0] // Gr  # rows per gate block (W_hh has P columns with a projection)
     return torch.cat([(h * m[k]) @ w_hh[k * H : (k + 1) * H].t() for k in range(Gr)], -1)
 
 
@@ -73,7 +73,7 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
     # unbind's fixed count makes the traced graph fail on another length, never truncate
     xs = _project(inp).unbind(0)
     T = len(xs)
-    H = inp.w_hh.shape[1]
+    H = inp.w_hh.shape[0] // cell.gates  # W_hh has P columns with a projection
     h, c = inp.h0, inp.c0
     outs: list[Tensor] = [h] * T  # placeholders, each overwritten below
     steps = range(T - 1, -1, -1) if inp.reverse else range(T)
@@ -90,6 +90,8 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
                 g = g * cm
             ct = f * c + i * g
             h_new = o * torch.tanh(ct)
+            if inp.w_hr is not None:  # LSTM with projections: h_t = W_hr (o ⊙ tanh c_t)
+                h_new = h_new @ inp.w_hr.t()
             c = _zone(ct, c, _at(m.zoneout_c, t))
         else:  # GRU, gates r, z, n; b_h stays inside r ⊙ (W_hn h + b_hn)
             if inp.b_h is not None:

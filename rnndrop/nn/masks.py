@@ -93,6 +93,8 @@ class ForwardMasks:
         gates: the cell's gate count ``G``.
         learned: site name -> logit of its learned rate (concrete dropout), or None.
         relaxed: draw the learned sites' masks relaxed (training), not hard (MC).
+        out_size: features of ``h`` where they differ from ``hidden_size`` (an LSTM's
+            ``proj_size``): the recurrent and ``zoneout_hidden`` masks act on ``h``.
     """
 
     def __init__(
@@ -108,9 +110,11 @@ class ForwardMasks:
         gates: int = 4,
         learned: dict[str, Tensor] | None = None,
         relaxed: bool = False,
+        out_size: int | None = None,
     ) -> None:
         self.G = gates
         self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
+        self.P = out_size or hidden_size  # features of h (proj_size with projections)
         self.device, self.dtype = like.device, like.dtype
         self.scale = cfg.scaling == "inverted"
         self.Tm = T if cfg.time == "per_step" else 1
@@ -155,8 +159,9 @@ class ForwardMasks:
         """A mask broadcastable to ``(*lead, T, B, features)`` under the config's policy."""
         return self._draw(name, p, (*lead, self.Tm, self.Bm, features))
 
-    def _full(self, value: float) -> Tensor:
-        return torch.full((1, self.B, self.H), value, device=self.device, dtype=self.dtype)
+    def _full(self, value: float, features: int | None = None) -> Tensor:
+        shape = (1, self.B, features or self.H)
+        return torch.full(shape, value, device=self.device, dtype=self.dtype)
 
     # ---- sites ----------------------------------------------------------------------
 
@@ -227,8 +232,8 @@ class ForwardMasks:
         if c.recurrent == 0 or not self.sample or self.folds:
             return None
         G = 1 if c.tied else self.G
-        m = self._draw(site_name("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.H))
-        return m.expand(self.Tm, G, self.B, self.H)
+        m = self._draw(site_name("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.P))
+        return m.expand(self.Tm, G, self.B, self.P)
 
     def candidate(self, layer: int, d: int) -> Tensor | None:
         """``(T|1, B, H)`` mask on the candidate (LSTM ``tanh(g)``, GRU ``n``)."""
@@ -248,12 +253,13 @@ class ForwardMasks:
             pad: ``(T, B, 1)`` bool, true past each sequence's length (packed input).
         """
         site = f"zoneout_{kind}"
+        F = self.P if kind == "hidden" else self.H  # h has proj_size features
         z = getattr(self.cfg, site)
         logit = self.learned.get(site)
         if z == 0:
             m = None
         elif self.sample:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
-            shape = (self.T, self.B, self.H)
+            shape = (self.T, self.B, F)
             m = self._relaxed(site, shape, keep=False)
             if m is None:
                 z = self._rate(site)
@@ -262,13 +268,13 @@ class ForwardMasks:
                 m = 1 - keep_new
             m = self._keep(site_name(site, layer, d), m)
         elif logit is not None:  # the expectation at the learned rate (no gradient in eval)
-            m = torch.sigmoid(logit.detach()).to(self.dtype).expand(1, self.B, self.H)
+            m = torch.sigmoid(logit.detach()).to(self.dtype).expand(1, self.B, F)
         else:
-            m = self._full(z)
+            m = self._full(z, F)
         if pad is None:
             return m
         if m is None:
-            return pad.expand(self.T, self.B, self.H).to(self.dtype)
+            return pad.expand(self.T, self.B, F).to(self.dtype)
         return torch.where(pad, torch.ones((), dtype=self.dtype, device=self.device), m)
 
     def output(self, out: Tensor) -> Tensor:

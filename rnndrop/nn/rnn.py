@@ -339,12 +339,6 @@ class RNNBase(StochasticModule):
                 UserWarning,
                 stacklevel=4,
             )
-        if self.proj_size and any(needs_loop(cfg, layer, s) for layer in (0, 1) for s in (0, 1)):
-            raise ValueError(
-                f"{kind}: proj_size > 0 is supported with fused-path schemes only (input, "
-                "between_layers and output masks, weight_hh, per-batch per-sequence recurrent "
-                f"masks); this config needs the loop path: {cfg.describe()}"
-            )
 
     # ---- export and tracing ---------------------------------------------------------
 
@@ -501,7 +495,8 @@ class RNNBase(StochasticModule):
         if compiling:  # pooled storage is eager-only (a lock and in-place reuse): plain ops
             pool = None
         m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool, self.cell.gates,
-                         learned=self._learned_logits(), relaxed=self.training)  # fmt: skip
+                         learned=self._learned_logits(), relaxed=self.training,
+                         out_size=self.proj_size or None)  # fmt: skip
         loop = [force or needs_loop(cfg, layer, sample, L) for layer in range(L)]
         if not any(loop) and not (L > 1 and m.input_rate(1) > 0):  # one fused call
             x, fold = m.input(0, x)
@@ -555,6 +550,7 @@ class RNNBase(StochasticModule):
         outs, finals = [], []
         for d in range(self.num_directions):
             w_ih, w_hh, *b = self._params(layer, d)
+            w_hr = b.pop() if self.proj_size else None  # weight_hr comes last
             b_x, b_h = self.cell.split_bias(*b) if self.bias else (None, None)
             in_mask = None
             if xmask is not None and not m.folds:  # untied per-sample masks: one per gate
@@ -571,7 +567,7 @@ class RNNBase(StochasticModule):
             h_seq, c_last = rnn_layer(
                 self.cell, x, w_ih, b_x, m.weight_hh(layer, d, w_hh), b_h, state[0][d],
                 state[1][d] if has_cell else None, masks, reverse=d == 1,
-                reference=reference or None,
+                reference=reference or None, w_hr=w_hr,
             )  # fmt: skip
             outs.append(h_seq)
             finals.append((h_seq[0] if d else h_seq[-1], c_last)[: 2 if has_cell else 1])
@@ -618,7 +614,12 @@ class LSTM(RNNBase):
             preset name, or a float (``nn.LSTM``'s meaning: per-step dropout between
             layers).
         bidirectional: run a second, reversed direction per layer.
-        proj_size: LSTM with projections (fused-path schemes only).
+        proj_size: LSTM with projections, ``h_t = W_hr (o ⊙ tanh c_t)``. Fused-path
+            schemes run torch's fused op; loop-path schemes (per-sample recurrent masks,
+            Semeniuta, zoneout) run the plain-autograd reference loop
+            (:mod:`rnndrop.kernels.reference`: correct, slower than the compiled loop), since
+            no loop backend has the projection step. Recurrent and hidden zoneout masks act
+            on the projected ``h``.
 
     Shape:
         - input: ``(T, B, H_in)``, ``(B, T, H_in)`` with ``batch_first``, ``(T, H_in)``
