@@ -106,6 +106,20 @@ def test_eval_mode_exports_equal_eager(cell, scheme, exporter, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_proj_size_on_the_loop_path_exports(exporter, tmp_path):
+    """An LSTM with projections and zoneout (the reference loop's projection step)."""
+    torch.manual_seed(0)
+    model = Model(LSTM(3, 6, 2, proj_size=2, dropout=SCHEMES["zoneout"])).eval()
+    x, x_new = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
+    with torch.no_grad():
+        want = model(x_new)
+    got = run_exported(model, exporter, x, x_new, tmp_path)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_legacy_onnx_of_a_bare_layer(cell, tmp_path):
     """``torch.onnx.export(rnndrop.nn.LSTM(...), (x,), dynamo=False)`` used to raise a
