@@ -232,6 +232,11 @@ def rnn_layer(
 @torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
 def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend):
     """:func:`rnn_layer` through a loop backend: one ``RNNLayer`` node."""
+    if torch.jit.is_tracing():  # a trace would record an opaque Python node (legacy ONNX:
+        raise RuntimeError(  # a constant): never a silently wrong graph
+            f"a trace cannot record the {backend!r} loop backend's autograd node; leave the "
+            "backend unset (the reference loop is traced) or use torch.export.export"
+        )
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype).contiguous()
         inp = LayerInputs(cell, x, *[_prep(t, x) for t in (w_ih, b_x, w_hh, b_h, h0, c0)],
