@@ -162,6 +162,23 @@ def test_trace_refuses_to_freeze_masks(mode):
         torch.jit.trace(model, (torch.randn(4, 2, 3),))
 
 
+@pytest.mark.parametrize("module", ["locked", "embedding", "zoneout", "droppath"])
+def test_trace_of_the_dropout_modules_in_training_refuses(module):
+    """The building blocks (``rnndrop.nn.LockedDropout``, ...) draw masks too."""
+    from rnndrop.nn import DropPath, EmbeddingDropout, LockedDropout, Zoneout
+
+    x = torch.randn(4, 2, 3)
+    mod, args = {
+        "locked": (LockedDropout(0.3), (x,)),
+        "embedding": (EmbeddingDropout(10, 3, 0.3), (torch.randint(0, 10, (4, 2)),)),
+        "zoneout": (Zoneout(0.3), (x, x + 1)),
+        "droppath": (DropPath(0.3), (x,)),
+    }[module]
+    with pytest.raises(RuntimeError, match="freeze"):
+        torch.jit.trace(mod.train(), args)
+    torch.jit.trace(mod.eval(), args)  # eval: deterministic, traced
+
+
 def test_legacy_onnx_in_training_mode_refuses(tmp_path):
     model = Model(_layer("gru", "semeniuta")).train()
     with pytest.raises(RuntimeError, match="freeze"), warnings.catch_warnings():

@@ -352,16 +352,9 @@ class RNNBase(StochasticModule):
         )
 
     def _check_traceable(self, sample: bool) -> None:
-        """``torch.jit.trace`` (and the legacy ONNX exporter, which traces) records the masks
-        of the traced call as constants: every later call would reuse them. Refuse."""
-        if (sample and torch.jit.is_tracing()
-                and is_active(self.dropout, self.num_layers, sample)):  # fmt: skip
-            raise RuntimeError(
-                f"{type(self).__name__}: torch.jit.trace (or torch.onnx.export(dynamo=False)) "
-                "of a model that samples dropout masks (training or mc mode) would freeze "
-                "this call's masks into the trace. Trace in eval mode (model.eval()), or use "
-                "torch.export.export, which keeps the random ops."
-            )
+        """A trace records the masks of the traced call as constants: refuse (see
+        :meth:`~rnndrop.nn.dropout.StochasticModule._refuse_frozen_masks`)."""
+        self._refuse_frozen_masks(is_active(self.dropout, self.num_layers, sample))
 
     # ---- forward --------------------------------------------------------------------
 
