@@ -179,6 +179,15 @@ def test_trace_of_the_dropout_modules_in_training_refuses(module):
     torch.jit.trace(mod.eval(), args)  # eval: deterministic, traced
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_export_in_training_mode_refuses(strict):
+    """Masks come from Python-side seeds: export says to use eval mode (it used to stop on
+    an obscure data-dependent error)."""
+    model = Model(_layer("lstm", "naive")).train()
+    with pytest.raises(Exception, match="Export in eval mode"):
+        torch.export.export(model, (torch.randn(4, 2, 3),), strict=strict)
+
+
 def test_legacy_onnx_in_training_mode_refuses(tmp_path):
     model = Model(_layer("gru", "semeniuta")).train()
     with pytest.raises(RuntimeError, match="freeze"), warnings.catch_warnings():

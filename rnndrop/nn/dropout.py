@@ -46,8 +46,8 @@ class StochasticModule(nn.Module):
             raise RuntimeError(
                 f"{type(self).__name__}: torch.jit.trace (or torch.onnx.export(dynamo=False)) "
                 "of a model that samples dropout masks (training or mc mode) would freeze "
-                "this call's masks into the trace. Trace in eval mode (model.eval()), or use "
-                "torch.export.export, which keeps the random ops."
+                "this call's masks into the trace. Trace (or export) in eval mode "
+                "(model.eval()), where every scheme is deterministic."
             )
 
     def _keep_mask(self, site: str, mask: Tensor) -> None:

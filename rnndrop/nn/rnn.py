@@ -354,7 +354,17 @@ class RNNBase(StochasticModule):
     def _check_traceable(self, sample: bool) -> None:
         """A trace records the masks of the traced call as constants: refuse (see
         :meth:`~rnndrop.nn.dropout.StochasticModule._refuse_frozen_masks`)."""
-        self._refuse_frozen_masks(is_active(self.dropout, self.num_layers, sample))
+        active = is_active(self.dropout, self.num_layers, sample)
+        self._refuse_frozen_masks(active)
+        if sample and active and torch.compiler.is_exporting():
+            # mask seeds are drawn as Python ints: export stops on them with an obscure
+            # data-dependent error; say what works instead
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.export of a model that samples dropout masks "
+                "(training or mc mode) is not supported: masks are drawn from Python-side "
+                "seeds. Export in eval mode (model.eval()), where every scheme is "
+                "deterministic."
+            )
 
     # ---- forward --------------------------------------------------------------------
 
