@@ -2,7 +2,8 @@
 
 Found from outside: ``create_graph=True`` (gradient penalties, MAML) failed with
 ``once_differentiable`` for the loop schemes, and ``torch.func.grad``/``vmap``/``jacrev``
-failed for variational and zoneout, even ``vmap`` in eval. Checked here against finite
+failed for variational and zoneout, even ``vmap`` in eval; forward-mode AD (``jacfwd``,
+dual tensors) too. Checked here against finite
 differences (``gradgradcheck``), against the independent plain LSTM/GRU of
 tests/reference.py, and torch.func against ordinary autograd.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference import reference_gru, reference_lstm
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.nn import GRU, LSTM
@@ -126,6 +127,28 @@ def test_vmap_and_jacrev_in_eval(cell, scheme):
     j = jacrev(lambda x: m(x)[0])(xs[0])
     want = torch.autograd.functional.jacobian(lambda x: m(x)[0], xs[0])
     torch.testing.assert_close(j, want)
+    torch.testing.assert_close(jacfwd(lambda x: m(x)[0])(xs[0]), want)  # forward mode
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("scheme", ["untied", "zoneout", "semeniuta"])
+def test_forward_mode_ad_with_dual_tensors(cell, scheme):
+    """``torch.autograd.forward_ad`` (dual tensors, no torch.func) in training: the tangent
+    equals the Jacobian-vector product from reverse mode, masks fixed by a seed."""
+    import torch.autograd.forward_ad as fwAD
+
+    m = _make(cell, scheme, layers=2, dtype=F64).train()
+    x, v = torch.randn(4, 2, 3, dtype=F64), torch.randn(4, 2, 3, dtype=F64)
+    with fwAD.dual_level():
+        torch.manual_seed(0)
+        tangent = fwAD.unpack_dual(m(fwAD.make_dual(x, v))[0]).tangent
+
+    def f(x):
+        torch.manual_seed(0)
+        return m(x)[0]
+
+    _, want = torch.autograd.functional.jvp(f, x, v)
+    torch.testing.assert_close(tangent, want)
 
 
 def test_vmap_in_training_follows_vmaps_randomness_policy():

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .contract import LayerInputs
 
-__all__ = ["reference_layer", "wants_reference"]
+__all__ = ["reference_layer", "transform_active", "wants_reference"]
 
 
 def _at(m: Tensor | None, t: int) -> Tensor | None:
@@ -139,6 +139,16 @@ def wants_reference(tensors: tuple[Tensor | None, ...]) -> str | None:
         return None if needs_grad else "compile (inference)"
     if torch.jit.is_tracing():
         return "jit.trace"
-    if torch._C._are_functorch_transforms_active() or _tensors_traced(tensors):
-        return "torch.func transform"
+    if transform_active(*tensors):
+        return "torch.func transform or forward-mode AD"
     return None
+
+
+def transform_active(*tensors: Tensor | None) -> bool:
+    """True under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...),
+    inside a ``torch.autograd.forward_ad.dual_level`` (forward-mode AD), or for a
+    functorch-wrapped or fake tensor: where only plain ops can serve. Eager Python only."""
+    from torch.autograd import forward_ad
+
+    return (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+            or _tensors_traced(tensors))  # fmt: skip

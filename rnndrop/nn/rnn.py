@@ -14,6 +14,7 @@ from ..config import SITES, DropoutSpec, as_dropout
 from ..functional import concrete_logit, concrete_logit_init
 from ..kernels import LayerMasks, fused_dtype, rnn_layer
 from ..kernels.cpp import build as _ext
+from ..kernels.reference import transform_active
 from .cells import GRU_CELL, LSTM_CELL, Cell
 from .dropout import StochasticModule
 from .masks import ForwardMasks, _layer_sites, is_active, needs_loop
@@ -583,11 +584,10 @@ class RNNBase(StochasticModule):
 
 
 def _functorch_active(*tensors: Tensor) -> bool:
-    """True under a ``torch.func`` transform (grad, vmap, jacrev, ...)."""
+    """True under a ``torch.func`` transform (grad, vmap, jacrev, ...) or forward-mode AD."""
     if torch.compiler.is_compiling():  # dynamo traces the ops themselves
         return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return torch._C._are_functorch_transforms_active() or any(wrapped(t) for t in tensors)
+    return transform_active(*tensors)
 
 
 class LSTM(RNNBase):
