@@ -67,6 +67,12 @@ def site_name(site: str, layer: int, direction: int = 0) -> str:
     return f"{site}/l{layer}" + ("_reverse" if direction else "")
 
 
+def _key(site: str, layer: int, direction: int = 0) -> tuple[str, int, int]:
+    """A mask's key before it is recorded: the string (:func:`site_name`) is only built when
+    masks are recorded (under torch.compile, formatting a traced int breaks the graph)."""
+    return (site, layer, direction)
+
+
 class ForwardMasks:
     """The masks of one forward call of an LSTM.
 
@@ -141,8 +147,8 @@ class ForwardMasks:
         logit = logit.to(self.dtype)
         return concrete_mask(logit, shape, self.cfg.temperature, keep=keep, scale=self.scale)
 
-    def _draw(self, name: str, p: float, shape: tuple[int, ...]) -> Tensor:
-        site = name.split("/", 1)[0]
+    def _draw(self, name: str | tuple, p: float, shape: tuple[int, ...]) -> Tensor:
+        site = name[0] if isinstance(name, tuple) else name
         m = self._relaxed(site, shape)
         if m is None:
             if site in self.learned:
@@ -150,9 +156,9 @@ class ForwardMasks:
             m = bernoulli_mask(shape, p, scale=self.scale, device=self.device, dtype=self.dtype)
         return self._keep(name, m)
 
-    def _keep(self, name: str, m: Tensor) -> Tensor:
+    def _keep(self, name: str | tuple, m: Tensor) -> Tensor:
         if self.record is not None:
-            self.record[name] = m
+            self.record[site_name(*name) if isinstance(name, tuple) else name] = m
         return m
 
     def _policy(self, name: str, p: float, *lead: int, features: int) -> Tensor:
@@ -182,7 +188,7 @@ class ForwardMasks:
             return x, None
         if not self.sample:
             return x * (1 - p), None
-        name = site_name("input" if layer == 0 else "between_layers", layer)
+        name = _key("input" if layer == 0 else "between_layers", layer)
         features = x.shape[-1]
         if self.cfg.tied:
             return x * self._policy(name, p, features=features), None
@@ -202,13 +208,13 @@ class ForwardMasks:
         if c.weight_hh > 0:
             relaxed = self._relaxed("weight_hh", tuple(w_hh.shape)) if self.sample else None
             if relaxed is not None:  # an explicit mask: its gradient reaches the rate
-                w_hh = w_hh * self._keep(site_name("weight_hh", layer, d), relaxed)
+                w_hh = w_hh * self._keep(_key("weight_hh", layer, d), relaxed)
             elif self.sample:
                 p_w = self._rate("weight_hh")
                 seed = draw_seed(None)  # the mask is rebuilt from it, never stored
                 if self.record is not None:
                     self._keep(
-                        site_name("weight_hh", layer, d),
+                        _key("weight_hh", layer, d),
                         seeded_mask(w_hh.shape, p_w, seed, scale=self.scale,
                                     device=self.device, dtype=self.dtype),
                     )  # fmt: skip
@@ -217,7 +223,7 @@ class ForwardMasks:
         if c.recurrent > 0:
             if self.sample and self.folds:
                 G = 1 if c.tied else self.G
-                name = site_name("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
+                name = _key("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
                 fold = self._draw(name, c.recurrent, (1, G, 1, w_hh.shape[1])).view(G, 1, -1)
             elif not self.sample and c.scaling == "classic":
                 w_hh = w_hh * (1 - c.recurrent)
@@ -232,7 +238,7 @@ class ForwardMasks:
         if c.recurrent == 0 or not self.sample or self.folds:
             return None
         G = 1 if c.tied else self.G
-        m = self._draw(site_name("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.P))
+        m = self._draw(_key("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.P))
         return m.expand(self.Tm, G, self.B, self.P)
 
     def candidate(self, layer: int, d: int) -> Tensor | None:
@@ -241,7 +247,7 @@ class ForwardMasks:
         if c.candidate == 0:
             return None
         if self.sample:
-            name = site_name("candidate", layer, d)
+            name = _key("candidate", layer, d)
             return self._policy(name, c.candidate, features=self.H).expand(self.Tm, self.B, -1)
         return self._full(1 - c.candidate) if c.scaling == "classic" else None
 
@@ -266,7 +272,7 @@ class ForwardMasks:
                 keep_new = bernoulli_mask(shape, z, scale=False, device=self.device,
                                           dtype=self.dtype)  # fmt: skip
                 m = 1 - keep_new
-            m = self._keep(site_name(site, layer, d), m)
+            m = self._keep(_key(site, layer, d), m)
         elif logit is not None:  # the expectation at the learned rate (no gradient in eval)
             m = torch.sigmoid(logit.detach()).to(self.dtype).expand(1, self.B, F)
         else:
