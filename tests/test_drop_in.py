@@ -148,3 +148,26 @@ def test_compile_inductor_inference_equals_eager():
         torch._dynamo.reset()
         out = torch.compile(ours)(x)[0]
     torch.testing.assert_close(out, ours(x)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scheme", ["variational", "zoneout", "weight_drop"])
+def test_compile_training_breaks_only_at_deliberate_opaque_calls(scheme, capfd):
+    """Training: the graph breaks only where masks are drawn (a Python seed each) and around
+    each loop layer's autograd node, never on incidental Python (a lock, a string, an
+    ``.item()``), and the first call prints no dynamo warning. Compiled equals eager."""
+    ours, _ = _pair("lstm", scheme)
+    ours.train()
+    x = torch.randn(5, 2, 3)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(ours)(x)
+    reasons = [str(r.reason).splitlines()[0] for r in explained.break_reasons]
+    assert all("torch.compiler.disable" in r for r in reasons), reasons
+    torch._dynamo.reset()
+    capfd.readouterr()
+    torch.manual_seed(3)
+    out = torch.compile(ours, backend="aot_eager")(x)[0]
+    err = capfd.readouterr().err
+    assert "hashlib" not in err and "sys.audit" not in err and "item()" not in err, err
+    torch.manual_seed(3)
+    torch.testing.assert_close(out, ours(x)[0])
