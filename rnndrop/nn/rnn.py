@@ -37,6 +37,13 @@ class RNNBase(StochasticModule):
       the time loop of a loop backend (:mod:`rnndrop.kernels`: compiled C++ on CPU when
       it can be built, the PyTorch reference elsewhere), backprop through time by hand.
 
+    Where a fast loop backend cannot serve (a ``torch.func`` transform or forward-mode AD,
+    ``torch.export``/ONNX/``jit.trace``, a compiled eval-mode graph, ``proj_size`` with a
+    loop-path scheme), loop layers run the plain-autograd reference loop
+    (:mod:`rnndrop.kernels.reference`, the same masks and math), and double backward
+    (``create_graph=True``) differentiates it. ``jit.script`` and tracing or exporting a
+    model that samples masks refuse with an error that names what works.
+
     Masks are sampled in training, or in eval when ``mc`` is true (Monte Carlo dropout,
     see :func:`rnndrop.nn.mc_dropout`); otherwise inference is deterministic: inverted
     dropout is the identity, classic scaling multiplies by ``1-p``, zoneout uses its
