@@ -109,12 +109,11 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
 
 
 def _tensors_traced(tensors: tuple[Tensor | None, ...]) -> bool:
-    """True if a tensor is a functorch wrapper (grad, vmap, jacrev, ...) or a fake tensor
-    (export, ONNX dynamo export, make_fx): the fast node cannot run on it."""
+    """True if a tensor is a fake tensor (export, ONNX dynamo export, make_fx): the fast
+    node's kernels cannot run on it."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and (wrapped(t) or isinstance(t, FakeTensor)) for t in tensors)
+    return any(isinstance(t, FakeTensor) for t in tensors)
 
 
 def wants_reference(tensors: tuple[Tensor | None, ...]) -> str | None:
@@ -141,14 +140,18 @@ def wants_reference(tensors: tuple[Tensor | None, ...]) -> str | None:
         return "jit.trace"
     if transform_active(*tensors):
         return "torch.func transform or forward-mode AD"
+    if _tensors_traced(tensors):
+        return "fake tensors (export, make_fx)"
     return None
 
 
 def transform_active(*tensors: Tensor | None) -> bool:
     """True under a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev``, ``jvp``, ...),
     inside a ``torch.autograd.forward_ad.dual_level`` (forward-mode AD), or for a
-    functorch-wrapped or fake tensor: where only plain ops can serve. Eager Python only."""
+    functorch-wrapped tensor: where only plain ops can serve (the fused ops have no vmap
+    rule). Eager Python only."""
     from torch.autograd import forward_ad
 
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return (torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
-            or _tensors_traced(tensors))  # fmt: skip
+            or any(t is not None and wrapped(t) for t in tensors))  # fmt: skip
