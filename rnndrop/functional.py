@@ -68,6 +68,7 @@ def traced() -> bool:
     return bool(compiler is not None and compiler.is_compiling()) or _functorch_active()
 
 
+@torch.compiler.disable  # a Python int from the generator: drawn eagerly under torch.compile
 def draw_seed(generator: torch.Generator | None) -> int:
     """One 64-bit mask seed from ``generator`` (or torch's global CPU generator)."""
     word = torch.empty((), dtype=torch.int64)
@@ -97,6 +98,9 @@ def _mask_bits(n: int, seed: int, threshold: int, device: torch.device) -> Tenso
     return z.view(torch.int16)[:n] < threshold
 
 
+# drawn eagerly under torch.compile: the seed is a Python int from the generator, so one
+# opaque call per mask is the least a graph can break (tracing into it broke it 2-3 times)
+@torch.compiler.disable
 def bernoulli_mask(
     shape: tuple[int, ...] | torch.Size,
     p: float,

@@ -12,6 +12,8 @@ median over rounds of the time and of the ratio. Training mode (masks sampled ev
     python scripts/bench_rnn.py --device cuda --python-row   # on a GPU: ratios to cuDNN
     python scripts/bench_rnn.py --device cuda --graph-row --step-row  # triton's paths side by side
     python scripts/bench_rnn.py --subnormals keep        # IEEE subnormals on every path
+    python scripts/bench_rnn.py --compile-row --configs small   # torch.compile(model) vs eager
+    python scripts/bench_rnn.py --compile-row --inference --configs small  # eval, no_grad forward
 
 The header names the machine: CPU, its vector extensions (AVX2, AVX-512, AMX), threads and
 the subnormal setting, which decides long-sequence speed on Intel cores (rnndrop.runtime).
@@ -22,6 +24,12 @@ compiled loop flushes, inside its calls).
 On CUDA the ``triton`` loop backend runs a layer in one launch where its kernel fits (hidden
 size <= 128) and per step otherwise; ``--step-row`` adds the step path where the one launch
 would run, ``--graph-row`` the step path replayed from CUDA graphs (RNNDROP_CUDA_GRAPHS=1).
+
+``--compile-row`` adds ``torch.compile(model)`` per scheme (its path column counts the graph
+breaks, from ``torch._dynamo.explain``); compiling happens in the warm-up, outside the timed
+rounds. ``--inference`` times an eval-mode forward under ``torch.no_grad`` instead of a
+training forward + backward (eval mode compiles with no graph break; a loop layer is then
+unrolled into the graph, so compile time grows with the sequence length: use short configs).
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ SUBNORMALS = {"flush": True, "keep": False, "default": None}  # rnndrop.set_flus
 
 
 def scheme_for(cell: str, name: str) -> RecurrentDropout:
-    cfg = SCHEMES[name]
+    cfg = SCHEMES[name].replace(embedding=0.0)  # awd's: a model's, not a layer's
     return cfg.replace(zoneout_cell=0.0) if cell == "gru" else cfg
 
 
@@ -88,6 +96,9 @@ def environ(env: dict[str, str] | None):
                 os.environ[k] = v
 
 
+INFERENCE = False  # --inference: eval-mode forward under no_grad, not forward + backward
+
+
 def time_fwd_bwd(model, x, reps: int, backend: str | None = None, env=None) -> float:
     times = []
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
@@ -95,11 +106,22 @@ def time_fwd_bwd(model, x, reps: int, backend: str | None = None, env=None) -> f
         for _ in range(reps):
             sync()
             start = time.perf_counter()
-            out, state = model(x)
-            (out.sum() + (state[1] if isinstance(state, tuple) else state).sum()).backward()
+            if INFERENCE:
+                with torch.no_grad():
+                    model(x)
+            else:
+                out, state = model(x)
+                (out.sum() + (state[1] if isinstance(state, tuple) else state).sum()).backward()
             sync()
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def graph_breaks(model, x) -> int:
+    """Graph breaks of ``torch.compile(model)`` on ``x`` (``torch._dynamo.explain``)."""
+    torch._dynamo.reset()
+    with torch.no_grad() if INFERENCE else contextlib.nullcontext():
+        return torch._dynamo.explain(model)(x).graph_break_count
 
 
 STEP = {"RNNDROP_TRITON_PATH": "step"}
@@ -107,17 +129,25 @@ GRAPHS = {"RNNDROP_TRITON_PATH": "step", "RNNDROP_CUDA_GRAPHS": "1"}
 
 
 def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_row=False,
-          graph_row=False) -> list[tuple]:  # fmt: skip
+          graph_row=False, compile_row=False) -> list[tuple]:  # fmt: skip
     I, H, L, T, B = CONFIGS[config]
     ours, theirs = CELLS[cell]
     torch.manual_seed(0)
     ref = theirs(I, H, L).to(device, dtype)
+    ref.train(not INFERENCE)
     base_name = f"nn.{cell.upper()}"
     variants = {base_name: (ref, None, None)}
+    x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=not INFERENCE)
+    breaks = {}
     for name in schemes:
         m = ours(I, H, L, dropout=scheme_for(cell, name)).to(device, dtype)
         m.load_state_dict(ref.state_dict(), strict=False)  # concrete: + its rate logits
+        m.train(not INFERENCE)
         variants[name] = (m, None, None)
+        if compile_row:
+            compiled = torch.compile(m)
+            breaks[f"{name} [torch.compile]"] = graph_breaks(m, x)
+            variants[f"{name} [torch.compile]"] = (compiled, None, None)
         path = _path(m, device)
         if python_row and path not in ("fused", "fused (torch)"):
             variants[f"{name} [python loop]"] = (m, "python", None)
@@ -125,7 +155,6 @@ def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_r
             variants[f"{name} [triton step]"] = (m, "triton", STEP)
         if graph_row and path.startswith("loop (triton"):
             variants[f"{name} [triton step, CUDA graphs]"] = (m, "triton", GRAPHS)
-    x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=True)
     for m, backend, env in variants.values():  # warm up (build the kernels, capture graphs)
         time_fwd_bwd(m, x, 3, backend, env)
     ms = {n: [] for n in variants}
@@ -145,12 +174,15 @@ def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_r
         path = "loop (python)" if backend == "python" else _path(m, device)
         if env is not None:
             path = "loop (triton, step)"
+        if n in breaks:
+            path = f"compiled, {breaks[n]} graph breaks"
         rows.append((cell, config, n, statistics.median(ms[n]) * 1e3,
                      statistics.median(ratios[n]), path))  # fmt: skip
     return rows
 
 
 def _path(m, device: str) -> str:
+    m = getattr(m, "_orig_mod", m)  # torch.compile's wrapper
     if not isinstance(m, LSTM | GRU):
         return "fused (torch)"
     loop = any(needs_loop(m.dropout, layer, True, m.num_layers) for layer in range(m.num_layers))
@@ -180,6 +212,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="CUDA: add triton's step path where its one-launch kernel runs")
     ap.add_argument("--graph-row", action="store_true",
                     help="CUDA: add triton's step path replayed from CUDA graphs")
+    ap.add_argument("--compile-row", action="store_true",
+                    help="add torch.compile(model) per scheme, with its graph breaks")
+    ap.add_argument("--inference", action="store_true",
+                    help="time an eval-mode forward under no_grad (not fwd + bwd in training)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -187,21 +223,26 @@ def main(argv: list[str] | None = None) -> None:
                     help="flush: on every path (rnndrop fit's default); keep: nowhere; "
                          "default: the layers' default (the C++ loop only)")  # fmt: skip
     args = ap.parse_args(argv)
+    global INFERENCE
+    INFERENCE = args.inference
     args.configs = args.configs or DEFAULT_CONFIGS["cuda" if args.device == "cuda" else "cpu"]
     os.environ["RNNDROP_LOOP"] = args.loop
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.float64 if args.float64 else torch.float32
     runtime.set_flush_subnormals(SUBNORMALS[args.subnormals])
+    mode = "eval forward, no_grad" if args.inference else "training forward + backward"
     print(f"# {runtime.describe_machine()} (--subnormals {args.subnormals}), {dtype}, "
           f"{torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}; "
-          f"rounds={args.rounds} reps={args.reps}; median over rounds")  # fmt: skip
-    print("| cell | config | scheme | path | fwd+bwd ms | ratio to torch |")
+          f"rounds={args.rounds} reps={args.reps}; median over rounds; {mode}")  # fmt: skip
+    timed = "forward ms" if args.inference else "fwd+bwd ms"
+    print(f"| cell | config | scheme | path | {timed} | ratio to torch |")
     print("|---|---|---|---|---|---|")
     for cell in args.cells:
         for config in args.configs:
             rows = bench(cell, config, args.schemes, args.rounds, args.reps, dtype, args.device,
-                         args.python_row, args.step_row, args.graph_row)  # fmt: skip
+                         args.python_row, args.step_row, args.graph_row,
+                         args.compile_row)  # fmt: skip
             for c, cfg, name, ms, ratio, path in rows:
                 print(f"| {c} | {cfg} | {name} | {path} | {ms:.1f} | {ratio:.2f} |", flush=True)
 

@@ -35,8 +35,9 @@ def reference_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None, sample: 
     masks = masks or {}
     T, B, _ = x.shape
     L, D, H = lstm.num_layers, lstm.num_directions, lstm.hidden_size
+    P = getattr(lstm, "proj_size", 0) or H  # features of h (torch's LSTM with projections)
     if hx is None:
-        h0 = x.new_zeros(L * D, B, H)
+        h0 = x.new_zeros(L * D, B, P)
         c0 = x.new_zeros(L * D, B, H)
     else:
         h0, c0 = hx
@@ -99,6 +100,8 @@ def reference_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None, sample: 
                     g = g * cand
                 ct = f * c + i * g
                 ht = o * ct.tanh()
+                if P != H:  # h_t = W_hr (o ⊙ tanh c_t)
+                    ht = ht @ getattr(lstm, "weight_hr" + sfx).t()
                 zct = zc[t] if isinstance(zc, Tensor) else zc
                 zht = zh[t] if isinstance(zh, Tensor) else zh
                 c = zct * c + (1 - zct) * ct if zc is not None else ct

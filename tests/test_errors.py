@@ -16,7 +16,6 @@ from rnndrop.nn import LSTM, DropPath, EmbeddingDropout, LockedDropout, Zoneout
         ({"input_size": 3, "hidden_size": 4, "num_layers": 0}, "num_layers"),
         ({"input_size": 3, "hidden_size": 4, "proj_size": 4}, "proj_size"),
         ({"input_size": 3.0, "hidden_size": 4}, "input_size"),
-        ({"input_size": 3, "hidden_size": 4, "proj_size": 2, "dropout": RD.zoneout()}, "proj_size"),
         ({"input_size": 3, "hidden_size": 4, "dropout": {"inputs": 0.2}}, "inputs"),
         ({"input_size": 3, "hidden_size": 4, "dropout": "gal"}, "gal"),
         ({"input_size": 3, "hidden_size": 4, "dropout": 1.2}, r"dropout must be in \[0, 1\)"),

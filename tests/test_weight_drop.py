@@ -86,7 +86,11 @@ def test_torch_compile():
     torch.testing.assert_close(out, out2)
     torch.testing.assert_close(lstm.weight_hh_l0.grad, g)
     compiled.eval()
-    assert torch.equal(compiled(x)[0], lstm(x)[0])
+    # eval mode compiles with no graph break: the whole stack as plain ops (the reference
+    # loop) that inductor fuses, so equal to rounding, not bit for bit
+    torch.testing.assert_close(compiled(x)[0], lstm(x)[0], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():  # no gradients: the fused op itself, in the graph
+        assert torch.equal(compiled(x)[0], lstm(x)[0])
 
 
 # ---- the pooled CPU path (rnndrop.nn.workspace) -------------------------------------------

@@ -27,11 +27,11 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .contract import Backend, CellMath, Grads, LayerInputs, LayerMasks, Saved
 from .cpp import CppBackend
 from .python import PythonBackend
+from .reference import reference_layer, wants_reference
 from .triton import TritonBackend
 
 __all__ = [
@@ -41,8 +41,11 @@ __all__ = [
     "LayerInputs",
     "LayerMasks",
     "Saved",
+    "compute_dtype",
+    "fused_dtype",
     "get_loop_backend",
     "loop_backend",
+    "reference_layer",
     "rnn_layer",
     "select_backend",
     "set_loop_backend",
@@ -120,10 +123,12 @@ class RNNLayer(torch.autograd.Function):
         return saved.h_seq, c_last
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dh_seq, dc_last):
         x, w_ih, b_x, w_hh, b_h, h0, c0, *rest = ctx.saved_tensors
         masks, saved = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            return RNNLayer._differentiable_backward(ctx, (x, w_ih, b_x, w_hh, b_h, h0, c0),
+                                                     masks, dh_seq, dc_last)  # fmt: skip
         inp = LayerInputs(ctx.cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks),
                           ctx.reverse)  # fmt: skip
         need = ctx.needs_input_grad
@@ -147,12 +152,33 @@ class RNNLayer(torch.autograd.Function):
         return (None, None, None, g.dx, g.dw_ih, g.db_x, g.dw_hh, g.db_h, g.dh0, g.dc0,
                 *dmasks)  # fmt: skip
 
+    @staticmethod
+    def _differentiable_backward(ctx, tensors, masks, dh_seq, dc_last):
+        """Double backward: re-run the layer as the plain-autograd reference loop from the
+        saved inputs (which keep their own graph) and differentiate it with
+        ``create_graph=True``, so the gradient is itself differentiable. First-order
+        backward never comes here (autograd runs it with grad mode off)."""
+        inputs = (*tensors, *masks)
+        inp = LayerInputs(ctx.cell, *tensors, LayerMasks(*masks), ctx.reverse)
+        outs = reference_layer(inp)
+        pairs = [(o, g) for o, g in zip(outs, (dh_seq, dc_last), strict=True)
+                 if o is not None and g is not None and o.requires_grad]  # fmt: skip
+        wanted = [i for i, t in enumerate(inputs)
+                  if t is not None and ctx.needs_input_grad[3 + i]]  # fmt: skip
+        grads: list[Tensor | None] = [None] * len(inputs)
+        if pairs and wanted:
+            got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted],
+                                      [g for _, g in pairs], create_graph=True,
+                                      allow_unused=True)  # fmt: skip
+            for i, g in zip(wanted, got, strict=True):
+                grads[i] = g
+        return (None, None, None, *grads)
+
 
 def _prep(t: Tensor | None, like: Tensor) -> Tensor | None:
     return None if t is None else t.to(like.dtype).contiguous()
 
 
-@torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
 def rnn_layer(
     cell: CellMath,
     x: Tensor,
@@ -166,15 +192,51 @@ def rnn_layer(
     *,
     reverse: bool = False,
     backend: str | None = None,
+    reference: bool | None = None,
+    w_hr: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run one layer (one direction): ``h`` for every step ``(T, B, H)`` and the last ``c``.
 
     Arguments as in :class:`~rnndrop.kernels.contract.LayerInputs`; ``backend`` names one
-    (default: :func:`get_loop_backend`). Returns ``(h_seq, c_last)``, ``c_last`` None for a
-    cell without a cell state.
+    (default: :func:`get_loop_backend`). ``reference``: True runs the plain-autograd
+    reference loop (:func:`~rnndrop.kernels.reference.reference_layer`), False a backend,
+    None (default) the reference only where a backend cannot serve
+    (:func:`~rnndrop.kernels.reference.wants_reference`: torch.func transforms, export,
+    tracing, compiled inference). ``w_hr``: the LSTM's projection ``(P, H)`` (``proj_size``),
+    run by the reference loop only (no backend has the projection step). Returns
+    ``(h_seq, c_last)``, ``c_last`` None for a cell without a cell state.
     """
     masks = masks or LayerMasks()
-    dtype = compute_dtype(x)
+    dtype = compute_dtype(x, cell)
+    tensors = (x, w_ih, b_x, w_hh, b_h, h0, c0, *masks.tensors())
+    if w_hr is not None and backend is not None:
+        raise RuntimeError(
+            f"the {backend!r} loop backend cannot run an LSTM with proj_size > 0 (no backend "
+            "has the projection step); leave the backend unset: the reference loop runs it"
+        )
+    if reference is None:
+        reference = w_hr is not None or (
+            backend is None and wants_reference((*tensors, w_hr)) is not None
+        )
+    if reference:
+        # transforms, exporters and tracers see plain differentiable ops (same math)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            cast = [None if t is None else t.to(dtype) for t in tensors[1:]]
+            inp = LayerInputs(cell, x, *cast[:6], LayerMasks(*cast[6:]), reverse,
+                              None if w_hr is None else w_hr.to(dtype))  # fmt: skip
+            return reference_layer(inp)
+    return _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend)
+
+
+@torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
+def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend):
+    """:func:`rnn_layer` through a loop backend: one ``RNNLayer`` node."""
+    if torch.jit.is_tracing():  # a trace would record an opaque Python node (legacy ONNX:
+        raise RuntimeError(  # a constant): never a silently wrong graph
+            f"a trace cannot record the {backend!r} loop backend's autograd node; leave the "
+            "backend unset (the reference loop is traced) or use torch.export.export"
+        )
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype).contiguous()
         inp = LayerInputs(cell, x, *[_prep(t, x) for t in (w_ih, b_x, w_hh, b_h, h0, c0)],
@@ -184,13 +246,46 @@ def rnn_layer(
                               inp.b_h, inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip
 
 
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a loop layer computes in: autocast's (float16 / bfloat16) where autocast is
-    on for ``x``'s device and ``x`` is a float32 or lower-precision input, as torch's fused
-    RNNs do under autocast; else ``x``'s. Every tensor of the layer is cast to it (the casts
-    are differentiable: float32 parameters get float32 gradients)."""
+def compute_dtype(x: Tensor, cell: CellMath | None = None) -> torch.dtype:
+    """The dtype a loop layer computes in: what ``cell``'s fused op would return for ``x``
+    under the autocast state at hand (:func:`fused_dtype`), so that every scheme of a cell
+    gives the dtype ``torch.nn.LSTM``/``GRU`` gives: on CPU, autocast runs the LSTM in
+    bfloat16 and leaves the GRU in float32. Without a cell: autocast's dtype where autocast
+    is on for ``x``'s device and ``x`` is a float32 or lower-precision input, else ``x``'s.
+    Every tensor of the layer is cast to it (differentiably: float32 parameters get float32
+    gradients)."""
     device = x.device.type
-    if (x.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and torch.is_autocast_enabled(device)):  # fmt: skip
+    if (x.dtype not in (torch.float32, torch.float16, torch.bfloat16)
+            or not torch.is_autocast_enabled(device)):  # fmt: skip
+        return x.dtype
+    if cell is None or not hasattr(cell, "fused"):
         return torch.get_autocast_dtype(device)
-    return x.dtype
+    return fused_dtype(cell, x, x.dtype)
+
+
+_FUSED_DTYPES: dict[tuple, torch.dtype] = {}
+
+
+def fused_dtype(cell, x: Tensor, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``cell``'s fused op returns for an input like ``x`` and weights of
+    ``weight_dtype`` under the current autocast state: measured once per cell, device type,
+    autocast dtype and input/weight dtypes by running the op on a one-unit layer, so it
+    follows torch's own autocast op lists (which differ per op and device)."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return x.dtype
+    key = (cell.name, device, torch.get_autocast_dtype(device), x.dtype, weight_dtype)
+    if key not in _FUSED_DTYPES:
+        if torch.compiler.is_compiling():  # no probe inside a graph: torch's lists as of 2.x
+            on = device != "cpu" or cell.name == "lstm"
+            return torch.get_autocast_dtype(device) if on else x.dtype
+        G = cell.gates
+        kw = {"device": x.device, "dtype": weight_dtype}
+        one = torch.zeros(1, 1, 1, device=x.device, dtype=x.dtype)
+        state = tuple(torch.zeros(1, 1, 1, **kw) for _ in range(2 if cell.has_cell else 1))
+        weights = [torch.zeros(G, 1, **kw), torch.zeros(G, 1, **kw), torch.zeros(G, **kw),
+                   torch.zeros(G, **kw)]  # fmt: skip
+        with torch.no_grad():
+            out, _ = cell.fused(one, None, state, weights, True, 1, False, False, False)
+        _FUSED_DTYPES[key] = out.dtype
+    return _FUSED_DTYPES[key]

@@ -73,6 +73,10 @@ class LayerInputs:
         c0: ``(B, H)`` for cells with a cell state, else None.
         masks: the :class:`LayerMasks`.
         reverse: run from the last step to the first (the backward direction).
+        w_hr: ``(P, H)`` the LSTM's projection (``proj_size = P``): ``h_t = W_hr (o ⊙ tanh
+            c_t)``, so ``h`` (and ``h0``, ``W_hh``'s columns, the recurrent and hidden
+            zoneout masks) has ``P`` features. None without one. Only the reference loop
+            (:mod:`rnndrop.kernels.reference`) runs it.
     """
 
     cell: CellMath
@@ -85,6 +89,7 @@ class LayerInputs:
     c0: Tensor | None
     masks: LayerMasks
     reverse: bool = False
+    w_hr: Tensor | None = None
 
 
 @dataclass

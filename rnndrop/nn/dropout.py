@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import Tensor, nn
 
 from .. import functional as F
@@ -36,6 +37,18 @@ class StochasticModule(nn.Module):
     def sampling(self) -> bool:
         """True if masks are sampled in this forward (training or MC mode)."""
         return self.training or self.mc
+
+    def _refuse_frozen_masks(self, active: bool = True) -> None:
+        """Raise under ``torch.jit.trace`` (and the legacy ONNX exporter, which traces) when
+        this call samples masks: the trace would record them as constants and replay them
+        on every later call (``active``: the module has a rate that draws a mask)."""
+        if active and self.sampling and torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.jit.trace (or torch.onnx.export(dynamo=False)) "
+                "of a model that samples dropout masks (training or mc mode) would freeze "
+                "this call's masks into the trace. Trace (or export) in eval mode "
+                "(model.eval()), where every scheme is deterministic."
+            )
 
     def _keep_mask(self, site: str, mask: Tensor) -> None:
         if self.record_masks:
@@ -96,6 +109,7 @@ class LockedDropout(StochasticModule):
         self.scaling = _check_scaling(scaling)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._refuse_frozen_masks(self.p > 0)
         if not self.sampling:
             return x * (1 - self.p) if self.scaling == "classic" and self.p else x
         return F.locked_dropout(
@@ -149,6 +163,7 @@ class EmbeddingDropout(nn.Embedding, StochasticModule):
         self.scaling = _check_scaling(scaling)
 
     def forward(self, indices: Tensor) -> Tensor:
+        self._refuse_frozen_masks(self.p > 0)
         if not self.sampling:
             out = super().forward(indices)
             return out * (1 - self.p) if self.scaling == "classic" and self.p else out
@@ -183,6 +198,7 @@ class DropPath(StochasticModule):
         self.p = check_rate("p", p)
 
     def forward(self, x: Tensor) -> Tensor:
+        self._refuse_frozen_masks(self.p > 0)
         return F.drop_path(x, self.p, self.sampling)
 
     def extra_repr(self) -> str:
@@ -203,6 +219,7 @@ class Zoneout(StochasticModule):
         self.p = check_rate("p", p)
 
     def forward(self, prev: Tensor, new: Tensor) -> Tensor:
+        self._refuse_frozen_masks(self.p > 0)
         return F.zoneout(prev, new, self.p, self.sampling)
 
     def extra_repr(self) -> str:

@@ -67,6 +67,12 @@ def site_name(site: str, layer: int, direction: int = 0) -> str:
     return f"{site}/l{layer}" + ("_reverse" if direction else "")
 
 
+def _key(site: str, layer: int, direction: int = 0) -> tuple[str, int, int]:
+    """A mask's key before it is recorded: the string (:func:`site_name`) is only built when
+    masks are recorded (under torch.compile, formatting a traced int breaks the graph)."""
+    return (site, layer, direction)
+
+
 class ForwardMasks:
     """The masks of one forward call of an LSTM.
 
@@ -93,6 +99,8 @@ class ForwardMasks:
         gates: the cell's gate count ``G``.
         learned: site name -> logit of its learned rate (concrete dropout), or None.
         relaxed: draw the learned sites' masks relaxed (training), not hard (MC).
+        out_size: features of ``h`` where they differ from ``hidden_size`` (an LSTM's
+            ``proj_size``): the recurrent and ``zoneout_hidden`` masks act on ``h``.
     """
 
     def __init__(
@@ -108,9 +116,11 @@ class ForwardMasks:
         gates: int = 4,
         learned: dict[str, Tensor] | None = None,
         relaxed: bool = False,
+        out_size: int | None = None,
     ) -> None:
         self.G = gates
         self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
+        self.P = out_size or hidden_size  # features of h (proj_size with projections)
         self.device, self.dtype = like.device, like.dtype
         self.scale = cfg.scaling == "inverted"
         self.Tm = T if cfg.time == "per_step" else 1
@@ -137,8 +147,8 @@ class ForwardMasks:
         logit = logit.to(self.dtype)
         return concrete_mask(logit, shape, self.cfg.temperature, keep=keep, scale=self.scale)
 
-    def _draw(self, name: str, p: float, shape: tuple[int, ...]) -> Tensor:
-        site = name.split("/", 1)[0]
+    def _draw(self, name: str | tuple, p: float, shape: tuple[int, ...]) -> Tensor:
+        site = name[0] if isinstance(name, tuple) else name
         m = self._relaxed(site, shape)
         if m is None:
             if site in self.learned:
@@ -146,19 +156,20 @@ class ForwardMasks:
             m = bernoulli_mask(shape, p, scale=self.scale, device=self.device, dtype=self.dtype)
         return self._keep(name, m)
 
-    def _keep(self, name: str, m: Tensor) -> Tensor:
+    def _keep(self, name: str | tuple, m: Tensor) -> Tensor:
         if self.record is not None:
             # detached: a relaxed (concrete) mask would otherwise keep this forward's graph
             # alive in last_masks, and a module holding non-leaf tensors cannot be deep-copied
-            self.record[name] = m.detach()
+            self.record[site_name(*name) if isinstance(name, tuple) else name] = m.detach()
         return m
 
     def _policy(self, name: str, p: float, *lead: int, features: int) -> Tensor:
         """A mask broadcastable to ``(*lead, T, B, features)`` under the config's policy."""
         return self._draw(name, p, (*lead, self.Tm, self.Bm, features))
 
-    def _full(self, value: float) -> Tensor:
-        return torch.full((1, self.B, self.H), value, device=self.device, dtype=self.dtype)
+    def _full(self, value: float, features: int | None = None) -> Tensor:
+        shape = (1, self.B, features or self.H)
+        return torch.full(shape, value, device=self.device, dtype=self.dtype)
 
     # ---- sites ----------------------------------------------------------------------
 
@@ -179,7 +190,7 @@ class ForwardMasks:
             return x, None
         if not self.sample:
             return x * (1 - p), None
-        name = site_name("input" if layer == 0 else "between_layers", layer)
+        name = _key("input" if layer == 0 else "between_layers", layer)
         features = x.shape[-1]
         if self.cfg.tied:
             return x * self._policy(name, p, features=features), None
@@ -199,13 +210,13 @@ class ForwardMasks:
         if c.weight_hh > 0:
             relaxed = self._relaxed("weight_hh", tuple(w_hh.shape)) if self.sample else None
             if relaxed is not None:  # an explicit mask: its gradient reaches the rate
-                w_hh = w_hh * self._keep(site_name("weight_hh", layer, d), relaxed)
+                w_hh = w_hh * self._keep(_key("weight_hh", layer, d), relaxed)
             elif self.sample:
                 p_w = self._rate("weight_hh")
                 seed = draw_seed(None)  # the mask is rebuilt from it, never stored
                 if self.record is not None:
                     self._keep(
-                        site_name("weight_hh", layer, d),
+                        _key("weight_hh", layer, d),
                         seeded_mask(w_hh.shape, p_w, seed, scale=self.scale,
                                     device=self.device, dtype=self.dtype),
                     )  # fmt: skip
@@ -214,7 +225,7 @@ class ForwardMasks:
         if c.recurrent > 0:
             if self.sample and self.folds:
                 G = 1 if c.tied else self.G
-                name = site_name("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
+                name = _key("recurrent", layer, d)  # recorded as (1, G, 1, H) like the loop
                 fold = self._draw(name, c.recurrent, (1, G, 1, w_hh.shape[1])).view(G, 1, -1)
             elif not self.sample and c.scaling == "classic":
                 w_hh = w_hh * (1 - c.recurrent)
@@ -229,8 +240,8 @@ class ForwardMasks:
         if c.recurrent == 0 or not self.sample or self.folds:
             return None
         G = 1 if c.tied else self.G
-        m = self._draw(site_name("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.H))
-        return m.expand(self.Tm, G, self.B, self.H)
+        m = self._draw(_key("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.P))
+        return m.expand(self.Tm, G, self.B, self.P)
 
     def candidate(self, layer: int, d: int) -> Tensor | None:
         """``(T|1, B, H)`` mask on the candidate (LSTM ``tanh(g)``, GRU ``n``)."""
@@ -238,7 +249,7 @@ class ForwardMasks:
         if c.candidate == 0:
             return None
         if self.sample:
-            name = site_name("candidate", layer, d)
+            name = _key("candidate", layer, d)
             return self._policy(name, c.candidate, features=self.H).expand(self.Tm, self.B, -1)
         return self._full(1 - c.candidate) if c.scaling == "classic" else None
 
@@ -250,27 +261,28 @@ class ForwardMasks:
             pad: ``(T, B, 1)`` bool, true past each sequence's length (packed input).
         """
         site = f"zoneout_{kind}"
+        F = self.P if kind == "hidden" else self.H  # h has proj_size features
         z = getattr(self.cfg, site)
         logit = self.learned.get(site)
         if z == 0:
             m = None
         elif self.sample:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
-            shape = (self.T, self.B, self.H)
+            shape = (self.T, self.B, F)
             m = self._relaxed(site, shape, keep=False)
             if m is None:
                 z = self._rate(site)
                 keep_new = bernoulli_mask(shape, z, scale=False, device=self.device,
                                           dtype=self.dtype)  # fmt: skip
                 m = 1 - keep_new
-            m = self._keep(site_name(site, layer, d), m)
+            m = self._keep(_key(site, layer, d), m)
         elif logit is not None:  # the expectation at the learned rate (no gradient in eval)
-            m = torch.sigmoid(logit.detach()).to(self.dtype).expand(1, self.B, self.H)
+            m = torch.sigmoid(logit.detach()).to(self.dtype).expand(1, self.B, F)
         else:
-            m = self._full(z)
+            m = self._full(z, F)
         if pad is None:
             return m
         if m is None:
-            return pad.expand(self.T, self.B, self.H).to(self.dtype)
+            return pad.expand(self.T, self.B, F).to(self.dtype)
         return torch.where(pad, torch.ones((), dtype=self.dtype, device=self.device), m)
 
     def output(self, out: Tensor) -> Tensor:

@@ -12,8 +12,9 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..config import SITES, DropoutSpec, as_dropout
 from ..functional import concrete_logit, concrete_logit_init
-from ..kernels import LayerMasks, rnn_layer
+from ..kernels import LayerMasks, fused_dtype, rnn_layer
 from ..kernels.cpp import build as _ext
+from ..kernels.reference import transform_active
 from .cells import GRU_CELL, LSTM_CELL, Cell
 from .dropout import StochasticModule
 from .masks import ForwardMasks, _layer_sites, is_active, needs_loop
@@ -35,6 +36,13 @@ class RNNBase(StochasticModule):
     * loop: per-sample or per-step recurrent masks, candidate dropout and zoneout need
       the time loop of a loop backend (:mod:`rnndrop.kernels`: compiled C++ on CPU when
       it can be built, the PyTorch reference elsewhere), backprop through time by hand.
+
+    Where a fast loop backend cannot serve (a ``torch.func`` transform or forward-mode AD,
+    ``torch.export``/ONNX/``jit.trace``, a compiled eval-mode graph, ``proj_size`` with a
+    loop-path scheme), loop layers run the plain-autograd reference loop
+    (:mod:`rnndrop.kernels.reference`, the same masks and math), and double backward
+    (``create_graph=True``) differentiates it. ``jit.script`` and tracing or exporting a
+    model that samples masks refuse with an error that names what works.
 
     Masks are sampled in training, or in eval when ``mc`` is true (Monte Carlo dropout,
     see :func:`rnndrop.nn.mc_dropout`); otherwise inference is deterministic: inverted
@@ -340,16 +348,38 @@ class RNNBase(StochasticModule):
                 UserWarning,
                 stacklevel=4,
             )
-        if self.proj_size and any(needs_loop(cfg, layer, s) for layer in (0, 1) for s in (0, 1)):
-            raise ValueError(
-                f"{kind}: proj_size > 0 is supported with fused-path schemes only (input, "
-                "between_layers and output masks, weight_hh, per-batch per-sequence recurrent "
-                f"masks); this config needs the loop path: {cfg.describe()}"
+
+    # ---- export and tracing ---------------------------------------------------------
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: refuse with the alternatives."""
+        raise RuntimeError(
+            f"torch.jit.script does not support rnndrop's {type(self).__name__} (its forward "
+            "picks a path and draws masks in Python). Use torch.export.export(model.eval(), "
+            "(x,)) or torch.onnx.export(..., dynamo=True) for deployment; torch.jit.trace of "
+            "an eval-mode model also works."
+        )
+
+    def _check_traceable(self, sample: bool) -> None:
+        """A trace records the masks of the traced call as constants: refuse (see
+        :meth:`~rnndrop.nn.dropout.StochasticModule._refuse_frozen_masks`)."""
+        active = is_active(self.dropout, self.num_layers, sample)
+        self._refuse_frozen_masks(active)
+        if sample and active and torch.compiler.is_exporting():
+            # mask seeds are drawn as Python ints: export stops on them with an obscure
+            # data-dependent error; say what works instead
+            raise RuntimeError(
+                f"{type(self).__name__}: torch.export of a model that samples dropout masks "
+                "(training or mc mode) is not supported: masks are drawn from Python-side "
+                "seeds. Export in eval mode (model.eval()), where every scheme is "
+                "deterministic."
             )
 
     # ---- forward --------------------------------------------------------------------
 
-    def forward(self, input: Tensor | PackedSequence, hx=None, *, return_pre_dropout=False):
+    def forward(self, input: Tensor | PackedSequence, hx=None, return_pre_dropout: bool = False):
+        # return_pre_dropout is not keyword-only: the legacy ONNX exporter passes every
+        # defaulted parameter positionally
         packed = isinstance(input, PackedSequence)
         if packed:
             x, batch_sizes, sorted_idx, unsorted_idx = input
@@ -367,9 +397,18 @@ class RNNBase(StochasticModule):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         state = self._initial_state(x, hx, B, batched, sorted_idx)
         sample = self.sampling
+        self._check_traceable(sample)
         record: dict[str, Tensor] | None = {} if self.record_masks else None
+        # torch.func: vmap has no rule for the fused ops, so every layer runs the loop, which
+        # kernels.rnn_layer then runs as the plain-autograd reference (same math)
+        force = self.force_loop or _functorch_active(x, self.weight_hh_l0)
+        # torch.compile of an eval-mode model with gradients on: inductor cannot compile the
+        # fused op's backward, so every layer runs the reference loop (0 graph breaks)
+        reference = (not sample and torch.compiler.is_compiling()
+                     and not torch.compiler.is_exporting() and torch.is_grad_enabled())  # fmt: skip
+        force = force or reference
 
-        if B == 0 or not (self.force_loop or is_active(self.dropout, self.num_layers, sample)):
+        if B == 0 or not (force or is_active(self.dropout, self.num_layers, sample)):
             # exactly what torch's module runs (an empty batch has nothing to mask)
             out, state = self.cell.fused(
                 x, batch_sizes, state, self._flat_weights, self.bias, self.num_layers,
@@ -381,7 +420,8 @@ class RNNBase(StochasticModule):
                 xs, lengths = pad_packed_sequence(PackedSequence(x, batch_sizes))
             else:
                 xs, lengths = (x.transpose(0, 1) if self.batch_first else x), None
-            out, state, pre = self._forward_dropout(xs, state, lengths, sample, record)
+            out, state, pre = self._forward_dropout(xs, state, lengths, sample, record, force,
+                                                    reference)  # fmt: skip
             if packed:
                 out = pack_padded_sequence(out, lengths).data
                 pre = pack_padded_sequence(pre, lengths).data if return_pre_dropout else None
@@ -458,16 +498,20 @@ class RNNBase(StochasticModule):
             state = tuple(s.index_select(1, sorted_idx) for s in state)
         return state
 
-    def _forward_dropout(self, x, state, lengths, sample, record):
+    def _forward_dropout(self, x, state, lengths, sample, record, force=False, reference=False):
         """The masked forward on time-major padded ``x`` (T, B, F), batch in sorted order."""
         T, B, _ = x.shape
         L, D, cfg = self.num_layers, self.num_directions, self.dropout
-        if sample and x.device.type == "cpu":
+        compiling = torch.compiler.is_compiling()
+        if sample and x.device.type == "cpu" and not compiling:  # (a lock: a graph break)
             _ext.load()  # build on first use: fast masks and the compiled loop
         pool = self.__dict__.get("_workspace")  # absent in modules pickled by older versions
+        if compiling:  # pooled storage is eager-only (a lock and in-place reuse): plain ops
+            pool = None
         m = ForwardMasks(cfg, T, B, self.hidden_size, x, sample, record, pool, self.cell.gates,
-                         learned=self._learned_logits(), relaxed=self.training)  # fmt: skip
-        loop = [self.force_loop or needs_loop(cfg, layer, sample, L) for layer in range(L)]
+                         learned=self._learned_logits(), relaxed=self.training,
+                         out_size=self.proj_size or None)  # fmt: skip
+        loop = [force or needs_loop(cfg, layer, sample, L) for layer in range(L)]
         if not any(loop) and not (L > 1 and m.input_rate(1) > 0):  # one fused call
             x, fold = m.input(0, x)
             # the folded (untied per-batch) input masks are layer 0's: W_ih_l0 only
@@ -480,13 +524,19 @@ class RNNBase(StochasticModule):
                 x, xmask = m.input(layer, x)
                 part = tuple(s[layer * D : (layer + 1) * D] for s in state)
                 if loop[layer]:
-                    x, part = self._loop_layer(m, layer, x, xmask, part, lengths)
+                    x, part = self._loop_layer(m, layer, x, xmask, part, lengths, reference)
                 else:
                     weights = self._fused_weights(m, layer, xmask)
                     x, part = self._fused(x, part, weights, 1, lengths)
                 finals.append(part)
             out, state = x, tuple(torch.cat(parts) for parts in zip(*finals, strict=True))
-        return m.output(out), state, out
+        out_m = m.output(out)
+        if torch.is_autocast_enabled(x.device.type):
+            # the dtype nn.LSTM/GRU return under autocast (masks are drawn in x's dtype)
+            want = fused_dtype(self.cell, x, self.weight_ih_l0.dtype)
+            out_m, out = out_m.to(want), out.to(want)
+            state = tuple(s.to(want) for s in state)
+        return out_m, state, out
 
     def _fused(self, x, state, weights, num_layers, lengths):
         args = (state, weights, self.bias, num_layers, self.training, self.bidirectional, False)
@@ -505,7 +555,7 @@ class RNNBase(StochasticModule):
             weights += [m.weight_ih(layer, d, w_ih, fold), m.weight_hh(layer, d, w_hh), *rest]
         return weights
 
-    def _loop_layer(self, m: ForwardMasks, layer, x, xmask, state, lengths):
+    def _loop_layer(self, m: ForwardMasks, layer, x, xmask, state, lengths, reference=False):
         pad = None
         if lengths is not None:  # zoneout weight 1 past each end: the state is carried
             steps = torch.arange(m.T, device=x.device)[:, None]
@@ -514,6 +564,7 @@ class RNNBase(StochasticModule):
         outs, finals = [], []
         for d in range(self.num_directions):
             w_ih, w_hh, *b = self._params(layer, d)
+            w_hr = b.pop() if self.proj_size else None  # weight_hr comes last
             b_x, b_h = self.cell.split_bias(*b) if self.bias else (None, None)
             in_mask = None
             if xmask is not None and not m.folds:  # untied per-sample masks: one per gate
@@ -530,6 +581,7 @@ class RNNBase(StochasticModule):
             h_seq, c_last = rnn_layer(
                 self.cell, x, w_ih, b_x, m.weight_hh(layer, d, w_hh), b_h, state[0][d],
                 state[1][d] if has_cell else None, masks, reverse=d == 1,
+                reference=reference or None, w_hr=w_hr,
             )  # fmt: skip
             outs.append(h_seq)
             finals.append((h_seq[0] if d else h_seq[-1], c_last)[: 2 if has_cell else 1])
@@ -546,6 +598,13 @@ def _unsort(name: str, mask: Tensor, unsorted_idx: Tensor) -> Tensor:
     if name.startswith("weight_hh") or mask.shape[-2] == 1:  # not per sample
         return mask
     return mask.index_select(-2, unsorted_idx.to(mask.device))
+
+
+def _functorch_active(*tensors: Tensor) -> bool:
+    """True under a ``torch.func`` transform (grad, vmap, jacrev, ...) or forward-mode AD."""
+    if torch.compiler.is_compiling():  # dynamo traces the ops themselves
+        return False
+    return transform_active(*tensors)
 
 
 class LSTM(RNNBase):
@@ -575,7 +634,12 @@ class LSTM(RNNBase):
             preset name, or a float (``nn.LSTM``'s meaning: per-step dropout between
             layers).
         bidirectional: run a second, reversed direction per layer.
-        proj_size: LSTM with projections (fused-path schemes only).
+        proj_size: LSTM with projections, ``h_t = W_hr (o ⊙ tanh c_t)``. Fused-path
+            schemes run torch's fused op; loop-path schemes (per-sample recurrent masks,
+            Semeniuta, zoneout) run the plain-autograd reference loop
+            (:mod:`rnndrop.kernels.reference`: correct, slower than the compiled loop), since
+            no loop backend has the projection step. Recurrent and hidden zoneout masks act
+            on the projected ``h``.
 
     Shape:
         - input: ``(T, B, H_in)``, ``(B, T, H_in)`` with ``batch_first``, ``(T, H_in)``

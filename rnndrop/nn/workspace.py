@@ -26,7 +26,6 @@ import threading
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..functional import seeded_mask, seeded_mask_mul, traced
 
@@ -103,9 +102,16 @@ class MaskedWeight(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad):
         (fold,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the same product, differentiable
+            g = grad
+            if fold is not None:
+                g = (g.view(fold.shape[0], -1, g.shape[-1]) * fold).view(g.shape)
+            if ctx.seed is not None:
+                g = g * seeded_mask(g.shape, ctx.p, ctx.seed, scale=ctx.scale,
+                                    device=g.device, dtype=g.dtype)  # fmt: skip
+            return g, None, None, None, None, None, None
         # The incoming gradient is the fused op's fresh dW, consumed only here: scale it in
         # place rather than allocate another weight-sized tensor.
         if not grad.is_contiguous():

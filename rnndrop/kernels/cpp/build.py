@@ -95,6 +95,7 @@ def _import_built(name: str, build_dir: Path) -> ModuleType | None:
     return None
 
 
+@torch.compiler.disable  # never traced: file hashing, a lock and a build (dynamo warnings)
 def load() -> ModuleType | None:
     """The compiled module, building it on first call; ``None`` if unavailable."""
     if disabled():

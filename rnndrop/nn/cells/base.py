@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Cell"]
+import torch
+
+__all__ = ["Cell", "needs_opaque"]
+
+
+def needs_opaque(*tensors) -> bool:
+    """Under ``torch.compile`` (not export): whether the fused op must stay out of the graph,
+    i.e. whether autograd will differentiate it (inductor cannot compile its backward)."""
+    if torch.compiler.is_exporting() or not torch.is_grad_enabled():
+        return False
+    return any(t.requires_grad for t in tensors)
 
 
 @dataclass(frozen=True)

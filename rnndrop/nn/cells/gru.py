@@ -23,24 +23,36 @@ import warnings
 import torch
 from torch import _VF, Tensor
 
-from .base import Cell
+from .base import Cell, needs_opaque
 
 __all__ = ["GRU_CELL"]
 
 
-@torch.compiler.disable  # as nn.GRU under dynamo
+# traced by dynamo as aten.gru (see the LSTM's _fused)
 def _fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
     """The fused ATen/cuDNN GRU op, with nn.GRU's arguments; returns (out, (h,))."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace catch_warnings; no cuDNN copy
+        args = (x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first)
+        return _opaque(*args) if needs_opaque(x, *state, *weights) else _call(*args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RNN module weights are not part")
-        if batch_sizes is None:
-            out, h = _VF.gru(
-                x, state[0], weights, has_bias, num_layers, 0.0, train, bidir, batch_first
-            )
-        else:
-            out, h = _VF.gru(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
-                             bidir)  # fmt: skip
+        return _call(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir,
+                     batch_first)  # fmt: skip
+
+
+def _call(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
+    if batch_sizes is None:
+        out, h = _VF.gru(x, state[0], weights, has_bias, num_layers, 0.0, train, bidir,
+                         batch_first)  # fmt: skip
+    else:
+        out, h = _VF.gru(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
+                         bidir)  # fmt: skip
     return out, (h,)
+
+
+# torch.compile with gradients: inductor cannot run the fused op's training form
+# (aten.mkldnn_rnn_layer), so that one call stays out of the graph (a graph break)
+_opaque = torch.compiler.disable(_call)
 
 
 def step_forward(a: Tensor, rec: Tensor, h_prev, c_prev, cm, zh, zc, extra) -> tuple:

@@ -22,26 +22,39 @@ import warnings
 import torch
 from torch import _VF, Tensor
 
-from .base import Cell
+from .base import Cell, needs_opaque
 
 __all__ = ["LSTM_CELL"]
 
 
-@torch.compiler.disable  # as nn.LSTM under dynamo: inductor cannot lower this op
+# no torch.compiler.disable: dynamo records aten.lstm (torch.export strict, 0 graph breaks
+# under torch.compile); vmap has no rule for it, so torch.func runs the loop (RNNBase)
 def _fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
     """The fused ATen/cuDNN LSTM op, with nn.LSTM's arguments; returns (out, (h, c))."""
+    if torch.compiler.is_compiling():  # dynamo cannot trace catch_warnings; no cuDNN copy
+        args = (x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first)
+        return _opaque(*args) if needs_opaque(x, *state, *weights) else _call(*args)
     with warnings.catch_warnings():
         # cuDNN copies weights that are not views of one buffer (dropped weights never
         # are); the copy is what weight drop needs, so its warning says nothing here
         warnings.filterwarnings("ignore", message="RNN module weights are not part")
-        if batch_sizes is None:
-            out, h, c = _VF.lstm(
-                x, state, weights, has_bias, num_layers, 0.0, train, bidir, batch_first
-            )
-        else:
-            out, h, c = _VF.lstm(x, batch_sizes, state, weights, has_bias, num_layers, 0.0,
-                                 train, bidir)  # fmt: skip
+        return _call(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir,
+                     batch_first)  # fmt: skip
+
+
+def _call(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
+    if batch_sizes is None:
+        out, h, c = _VF.lstm(x, state, weights, has_bias, num_layers, 0.0, train, bidir,
+                             batch_first)  # fmt: skip
+    else:
+        out, h, c = _VF.lstm(x, batch_sizes, state, weights, has_bias, num_layers, 0.0, train,
+                             bidir)  # fmt: skip
     return out, (h, c)
+
+
+# torch.compile with gradients: inductor cannot run the fused op's training form
+# (aten.mkldnn_rnn_layer), so that one call stays out of the graph (a graph break)
+_opaque = torch.compiler.disable(_call)
 
 
 def step_forward(a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple[Tensor, ...]:
