@@ -11,7 +11,9 @@ from .callbacks import (
     MaskStatistics,
     NaNGuard,
     NonFiniteLossError,
+    Preemption,
 )
+from .checkpoints import AtomicCheckpointIO, CheckpointError, CheckpointSaveError
 from .lm import LanguageModelTask
 from .sequence import SequenceTask
 
@@ -35,6 +37,9 @@ def _quiet_lightning_pytree() -> None:
 _quiet_lightning_pytree()
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "CheckpointSaveError",
     "DivergenceError",
     "GradientThroughTime",
     "LanguageModelTask",
@@ -43,6 +48,7 @@ __all__ = [
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",
+    "Preemption",
     "SequenceTask",
     "Task",
     "detach_state",
