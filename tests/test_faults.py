@@ -386,3 +386,37 @@ def test_result_json_is_fsynced_before_the_rename_and_a_failed_write_keeps_the_o
         write_json(path, {"status": "lost"})
     assert json.loads(path.read_text()) == {"status": "new"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+# ---- 3b. the SLURM requeue pattern --------------------------------------------------------------
+
+
+def test_the_slurm_script_passes_sigterm_on_requeues_on_143_and_resumes(tmp_path):
+    """experiments/long_range/slurm.sh with FIT_ARGS, with stand-ins for `rnndrop` (exits 143
+    on SIGTERM, as `rnndrop fit` does) and `scontrol` on the PATH."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    (bin_dir / "rnndrop").write_text(
+        '#!/usr/bin/env bash\necho "rnndrop $*" >> "$LOG"\ntrap \'exit 143\' TERM\n'
+        'echo ready >&2\nwhile true; do sleep 0.05; done\n'
+    )
+    (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$LOG"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    root = tmp_path / "root"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LOG": str(log),
+           "FIT_ARGS": "--config a.yaml", "FIT_ROOT": str(root), "SLURM_JOB_ID": "42"}  # fmt: skip
+    for attempt in range(2):
+        if attempt:  # the first job left a checkpoint: the requeued one resumes from it
+            (root / "checkpoints").mkdir(parents=True)
+            (root / "checkpoints" / "last.ckpt").write_bytes(b"")
+        script = subprocess.Popen(["bash", str(EXP / "long_range/slurm.sh")], env=env,
+                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert script.stderr.readline().strip() == "ready"
+        script.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the batch script
+        assert script.wait(timeout=30) == 143, script.stderr.read()
+    calls = log.read_text().splitlines()
+    fit = f"rnndrop fit --config a.yaml --trainer.default_root_dir {root} --checkpoint.dirpath "
+    assert calls == [f"{fit}checkpoints", "scontrol requeue 42",
+                     f"{fit}checkpoints --ckpt_path {root}/checkpoints/last.ckpt",
+                     "scontrol requeue 42"]  # fmt: skip

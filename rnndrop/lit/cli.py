@@ -26,8 +26,14 @@ validation metric (``checkpoint.monitor``, default ``val/loss``) are kept;
 Lightning's ``ModelCheckpoint``; ``--trainer.enable_checkpointing false`` turns it off).
 
 User errors (a bad key or value, in a file or on the command line; a missing or corrupt
-corpus; a trainer setting Lightning rejects) exit with code 2 and one ``error:`` line naming
-the problem, where it was set and the fix, and leave no empty run directory behind.
+corpus; a trainer setting Lightning rejects; a ``--ckpt_path`` that is missing, torn, not a
+checkpoint, of another task or model, from a newer rnndrop, or contradicted by an explicit
+setting) exit with code 2 and one ``error:`` line naming the problem, where it was set and the
+fix, and leave no empty run directory behind.
+
+Faults (docs/training.md, "Faults: what survives what"): checkpoints are written atomically;
+SIGTERM saves ``last.ckpt`` at the next step boundary and exits with 143; a save that fails (a
+full disk) keeps the previous checkpoint and exits with 1 and one line.
 """
 
 from __future__ import annotations
