@@ -131,27 +131,42 @@ def checkpoints(tmp: Path) -> list[Path]:
 # ---- 1. atomic writes: a kill during a save --------------------------------------------------
 
 
-@pytest.mark.parametrize("target, extra", [
-    ("last.ckpt", []),
-    ("best-", ["--checkpoint.monitor=train/loss", "--checkpoint.save_top_k=2"]),
-])  # fmt: skip
-def test_a_sigkill_during_a_save_leaves_checkpoints_that_load(target, extra, tmp_path):
-    # Lightning's own writer copies a temporary file from $TMPDIR over the checkpoint when
-    # they are on different filesystems (a node's /tmp, a shared checkpoint directory):
-    # reproduce that here when /dev/shm is another filesystem
-    env = {"FAULT_PAUSE": f"{target}:2"}
-    if Path("/dev/shm").is_dir() and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
-        env["TMPDIR"] = tempfile.mkdtemp(dir="/dev/shm")
-    child = run_child(tmp_path, f"--trainer.max_steps={STEPS}", *extra, **env)
+@pytest.fixture
+def foreign_tmpdir(tmp_path):
+    """``{"TMPDIR": ...}`` on another filesystem than the checkpoints, where there is one.
+
+    Lightning's own writer copies a temporary file from $TMPDIR over the checkpoint when they
+    are on different filesystems (a node's /tmp, a shared checkpoint directory): the children
+    below run that way where /dev/shm is another filesystem."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        yield {}
+        return
+    tmp = tempfile.mkdtemp(dir=shm)
+    yield {"TMPDIR": tmp}
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def kill_during_save(child: Child) -> str:
+    """SIGKILL the child while it is held in the middle of writing a checkpoint."""
     try:
-        paused = child.wait_for("PAUSED")  # the second save of the target, 1 KiB written
-        assert str(tmp_path / "root") in paused, paused
+        paused = child.wait_for("PAUSED")  # 1 KiB of the checkpoint written, the rest held
         child.proc.send_signal(signal.SIGKILL)
         assert child.finish() == -signal.SIGKILL
     finally:
         child.proc.kill()
-        if "TMPDIR" in env:
-            shutil.rmtree(env["TMPDIR"], ignore_errors=True)
+    return paused
+
+
+@pytest.mark.parametrize("target, extra", [
+    ("last.ckpt", []),
+    ("best-", ["--checkpoint.monitor=train/loss", "--checkpoint.save_top_k=2"]),
+])  # fmt: skip
+def test_a_sigkill_during_a_save_leaves_checkpoints_that_load(target, extra, tmp_path,
+                                                              foreign_tmpdir):  # fmt: skip
+    child = run_child(tmp_path, f"--trainer.max_steps={STEPS}", *extra,
+                      FAULT_PAUSE=f"{target}:2", **foreign_tmpdir)  # the second save  # fmt: skip
+    assert str(tmp_path / "root") in kill_during_save(child)
     ckpts = checkpoints(tmp_path)
     assert any(p.name.startswith(target) for p in ckpts), ckpts  # the previous one
     for p in ckpts:
@@ -163,21 +178,16 @@ def test_a_sigkill_during_a_save_leaves_checkpoints_that_load(target, extra, tmp
 
 
 def test_resume_after_a_sigkill_mid_epoch_continues_the_loss_curve_bit_for_bit(
-    reference, tmp_path
+    reference, tmp_path, foreign_tmpdir
 ):
-    child = run_child(tmp_path, f"--trainer.max_steps={STEPS}", FAULT_HOLD="5",
-                      FAULT_LOSSES=str(tmp_path / "killed.txt"))  # fmt: skip
-    try:
-        child.wait_for("HOLD 5")
-        child.proc.send_signal(signal.SIGKILL)
-        assert child.finish() == -signal.SIGKILL
-    finally:
-        child.proc.kill()
+    # the worst moment: during step 5's save of last.ckpt (saved after every step)
+    child = run_child(tmp_path, f"--trainer.max_steps={STEPS}", FAULT_PAUSE="last.ckpt:5",
+                      FAULT_LOSSES=str(tmp_path / "killed.txt"), **foreign_tmpdir)  # fmt: skip
+    kill_during_save(child)
     killed = losses(tmp_path / "killed.txt")
     assert killed == {s: reference[s] for s in range(1, 6)}
     (last,) = [p for p in checkpoints(tmp_path) if p.name == "last.ckpt"]
-    # saved every step; the kill came during step 5's batch end, before its save
-    assert resume_and_compare(tmp_path, last, reference) == 4
+    assert resume_and_compare(tmp_path, last, reference) == 4  # step 4's save, whole
 
 
 # ---- 3. SIGTERM: save at the next step boundary, exit 143 --------------------------------------
