@@ -308,6 +308,16 @@ def test_a_checkpoint_of_another_task_or_model_is_refused(extra, names, trained,
         assert name in line, line
 
 
+def test_a_checkpoint_of_another_task_class_is_refused(trained, tmp_path, capsys):
+    ckpt = load(trained / "last.ckpt")
+    ckpt["hyper_parameters"]["_class_path"] = "rnndrop.lit.LanguageModelTask"
+    path = tmp_path / "lm.ckpt"
+    torch.save(ckpt, path)
+    line = error_line(resume(tmp_path, path), capsys)
+    assert "task class: the checkpoint's is rnndrop.lit.LanguageModelTask, this run's " \
+        "rnndrop.lit.SequenceTask" in line, line
+
+
 # ---- 5. no silent override --------------------------------------------------------------------
 
 

@@ -206,7 +206,8 @@ class Preemption(Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
     def _save(self, trainer: L.Trainer) -> None:
-        if self._saved_at == trainer.global_step or trainer.fast_dev_run:
+        if self._saved_at == trainer.global_step or trainer.fast_dev_run or \
+                trainer.state.fn != "fit":  # validate/test: no training state to keep  # fmt: skip
             return
         self._saved_at = trainer.global_step
         if trainer.global_step == 0:  # nothing trained: nothing worth a checkpoint

@@ -31,6 +31,7 @@ __all__ = [
     "conflicts",
     "read_checkpoint",
     "sound_checkpoints",
+    "use_atomic_checkpoints",
 ]
 
 

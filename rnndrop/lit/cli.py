@@ -374,9 +374,9 @@ class RnndropCLI(LightningCLI):
         problems = conflicts(ckpt, config, explicit)
         if problems:
             fail(f"{where}: {ckpt_path} conflicts with this run's settings: "
-                 + "; ".join(problems) + ". A resumed run keeps the checkpoint's model, task "
-                 "and data: drop those settings, or train a new run without --ckpt_path "
-                 "(what may change on resume: README, Resuming)")  # fmt: skip
+                 + "; ".join(problems) + ". A resumed run keeps the checkpoint's model, "
+                 "task and data: drop those settings, or train a new run without --ckpt_path "
+                 "(README: 'What a resumed run may change')")  # fmt: skip
         given = {key for _, key in explicit}
         resumable = {k: config.get(f"model.init_args.{k}") for k in RESUMABLE["model"]
                      if f"model.init_args.{k}" in given}  # fmt: skip
