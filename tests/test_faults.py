@@ -5,6 +5,7 @@ The process tests run `rnndrop fit` in a child (tests/fault_child.py) and kill o
 at a known point: during a save (SIGKILL), mid-epoch (SIGKILL, SIGTERM). The reference for
 the loss curves is an uninterrupted child run with the same settings."""
 
+import contextlib
 import errno
 import io
 import json
@@ -431,10 +432,16 @@ def test_the_slurm_script_passes_sigterm_on_requeues_on_143_and_resumes(tmp_path
             (root / "checkpoints").mkdir(parents=True)
             (root / "checkpoints" / "last.ckpt").write_bytes(b"")
         script = subprocess.Popen(["bash", str(EXP / "long_range/slurm.sh")], env=env,
-                                  stderr=subprocess.PIPE, text=True)  # fmt: skip
-        assert script.stderr.readline().strip() == "ready"
-        script.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the batch script
-        assert script.wait(timeout=30) == 143, script.stderr.read()
+                                  stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)  # fmt: skip
+        try:
+            assert script.stderr.readline().strip() == "ready"
+            script.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 sends the script
+            assert script.wait(timeout=30) == 143
+        finally:  # nothing left behind holding the pipe, whatever happened
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(script.pid, signal.SIGKILL)
+            script.wait()
     calls = log.read_text().splitlines()
     fit = f"rnndrop fit --config a.yaml --trainer.default_root_dir {root} --checkpoint.dirpath "
     assert calls == [f"{fit}checkpoints", "scontrol requeue 42",

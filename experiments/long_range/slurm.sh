@@ -38,9 +38,12 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}
 # run "$@" in the background (bash runs a trap only between commands), pass SIGTERM on to it,
 # and requeue the job when it stopped for SIGTERM
 requeue_on_sigterm() {
+    child='' term=''
+    # set before the command starts: a SIGTERM that comes first is passed on once it has
+    trap 'term=1; [ -z "$child" ] || kill -TERM "$child" 2>/dev/null || true' TERM
     "$@" &
     child=$!
-    trap 'kill -TERM "$child" 2>/dev/null || true' TERM
+    [ -z "$term" ] || kill -TERM "$child" 2>/dev/null || true
     status=0
     wait "$child" || status=$?
     if [ "$status" -gt 128 ] && kill -0 "$child" 2>/dev/null; then
