@@ -76,7 +76,11 @@ class Child:
                 return line
 
     def finish(self, timeout: float = 120) -> int:
-        rc = self.proc.wait(timeout=timeout)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
         while (line := self._queue.get(timeout=timeout)) is not None:
             self.lines.append(line)
         return rc
