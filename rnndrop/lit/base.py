@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
+from .. import __version__
 from ..nn import GRUCell, LSTMCell, RNNBase
 
 __all__ = ["OptimizerName", "SplitMetric", "Task", "WeightedMean", "detach_state", "max_norm_"]
@@ -396,8 +397,6 @@ class Task(L.LightningModule):
             for key in [k for k in hparams if not k.startswith("_") and k not in params]:
                 del hparams[key]
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        from .. import __version__
-
         checkpoint["rnndrop"] = {  # tensors and plain types only: loads with weights_only
             "version": __version__,  # a newer checkpoint format is refused by an older rnndrop
             "rng": {

@@ -535,8 +535,10 @@ def preempted(trainer: L.Trainer) -> int:
     where = f"epoch {trainer.current_epoch}, global step {trainer.global_step}"
     if path is not None:
         what = f"saved {path}; resume with --ckpt_path {path}"
-    else:
+    elif trainer.state.fn == "fit" and trainer.global_step == 0:
         what = "nothing trained yet, no checkpoint saved"
+    else:
+        what = "no checkpoint saved"
     sys.stderr.write(f"rnndrop: stopped by SIGTERM at {where}: {what}\n")
     return 128 + signal.SIGTERM
 
