@@ -91,7 +91,12 @@ def use_atomic_checkpoints(trainer: Any) -> None:
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    # memory-mapped: a check of a multi-GB checkpoint reads its index, not its tensors (a
+    # truncated file has no index: it fails here all the same)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # an old-format file cannot be mapped: read it whole (or fail)
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _is_checkpoint(ckpt: Any) -> bool:
@@ -99,13 +104,13 @@ def _is_checkpoint(ckpt: Any) -> bool:
 
 
 def sound_checkpoints(path: Path) -> list[Path]:
-    """The checkpoints beside ``path`` that load: ``last_good.ckpt``, the best (newest
-    first), ``last.ckpt``."""
+    """The checkpoints beside ``path`` that load: ``last_good.ckpt``, the best (the newest
+    three, newest first), ``last.ckpt``."""
     directory = path.parent
     if not directory.is_dir():
         return []
     best = sorted(directory.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
-    candidates = [directory / "last_good.ckpt", *best, directory / "last.ckpt"]
+    candidates = [directory / "last_good.ckpt", *best[:3], directory / "last.ckpt"]
     out = []
     for p in candidates:
         if p.is_file() and p.resolve() != path.resolve():
