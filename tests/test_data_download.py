@@ -264,3 +264,30 @@ def test_failed_download_leaves_no_empty_directory_and_says_how_to_install_by_ha
     with pytest.raises(DownloadError):
         fetch(spec, tmp_path / "kept", verbose=False)
     assert leftovers(tmp_path / "kept" / "toy") == ["notes"]
+
+
+def test_a_download_is_on_disk_before_its_rename(server, tmp_path, monkeypatch):
+    """fsync of the file, then the rename, then fsync of the directory: a power loss after the
+    rename cannot leave an empty or partial good.txt (issue 23)."""
+    server.routes["/good.txt"] = (200, GOOD, None)
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append(("replace", str(dst)))
+        real_replace(src, dst)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the fsynced files")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = fetch(spec_for(server, "/good.txt"), tmp_path, verbose=False)
+    target = str(path / "good.txt")
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"], calls
+    assert calls[0][1].startswith(str(path / ".good.txt."))  # the temporary file, before
+    assert calls[1][1] == target and calls[2][1] == str(path)  # the rename, the directory
+    assert (path / "good.txt").read_bytes() == GOOD

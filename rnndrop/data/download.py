@@ -7,8 +7,9 @@ own hash may be unknown: their *members* are verified after extraction). :func:`
 - reuses a file already in the target directory when its sha256 matches, without network;
   a mismatch is an error naming the file and both hashes (the file is left alone);
 - otherwise downloads to a temporary file in the target directory, checks the length
-  against ``Content-Length`` and the hash against the registry, then ``os.replace``\\ s it
-  into place, so a name in the directory always holds a complete, verified file; a failed
+  against ``Content-Length`` and the hash against the registry, fsyncs it, then
+  ``os.replace``\\ s it into place (and fsyncs the directory), so a name in the directory
+  always holds a complete, verified file, even after a kill or a power loss; a failed
   or truncated download removes its temporary file and tries the next mirror.
 
 ``data_dir`` (or ``$RNNDROP_DATA_DIR``) may be the dataset's own directory holding a local
@@ -39,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from ..atomic import replace
 from .registry import REGISTRY, ArchiveSpec, DatasetSpec, FileSpec
 
 __all__ = [
@@ -113,6 +115,8 @@ def _copy_stream(src: IO[bytes], directory: Path, name: str) -> tuple[Path, str,
                 out.write(chunk)
                 h.update(chunk)
                 n += len(chunk)
+            out.flush()
+            os.fsync(out.fileno())  # on disk before the rename that makes it visible
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -155,7 +159,7 @@ def _install(tmp: Path, digest: str, n: int, spec: FileSpec, target: Path) -> No
             raise ChecksumError(f"wrong size: {n} bytes, expected {spec.size} (truncated?)")
         if digest != spec.sha256:
             raise ChecksumError(f"sha256 mismatch: expected {spec.sha256}, got {digest}")
-        os.replace(tmp, target)
+        replace(tmp, target)  # atomic, and durable (the directory is fsynced)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_write
+
 __all__ = ["UnknownTokenError", "Vocab"]
 
 _FORMAT = "rnndrop.Vocab/1"
@@ -191,11 +193,10 @@ class Vocab:
         return cls(state["itos"], state.get("unk_token"))
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the vocabulary as JSON (UTF-8), atomically."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(self.state_dict(), ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, path)
+        """Write the vocabulary as JSON (UTF-8), atomically (temporary file, fsync, rename)."""
+        text = json.dumps(self.state_dict(), ensure_ascii=False)
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Vocab:

@@ -14,7 +14,9 @@ with needs_train_extra("rnndrop.lit"):  # without Lightning: an error naming the
         MaskStatistics,
         NaNGuard,
         NonFiniteLossError,
+        Preemption,
     )
+    from .checkpoints import AtomicCheckpointIO, CheckpointError, CheckpointSaveError
     from .lm import LanguageModelTask
     from .sequence import SequenceTask
 
@@ -38,6 +40,9 @@ def _quiet_lightning_pytree() -> None:
 _quiet_lightning_pytree()
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointError",
+    "CheckpointSaveError",
     "DivergenceError",
     "GradientThroughTime",
     "LanguageModelTask",
@@ -46,6 +51,7 @@ __all__ = [
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",
+    "Preemption",
     "SequenceTask",
     "Task",
     "detach_state",

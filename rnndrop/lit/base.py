@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
 
+from .. import __version__
 from ..nn import GRUCell, LSTMCell, RNNBase
 from ..runtime import training_defaults
 
@@ -360,6 +361,13 @@ class Task(L.LightningModule):
 
     # ---- exact resume ---------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        # every checkpoint of this task's trainer is written atomically (temporary file,
+        # fsync, rename): a kill during a save never leaves a torn last.ckpt
+        from .checkpoints import use_atomic_checkpoints
+
+        use_atomic_checkpoints(self.trainer)
+
     def batches_done_this_epoch(self) -> int:
         """Training batches already run in the current epoch (> 0 after a mid-epoch resume)."""
         try:
@@ -394,6 +402,7 @@ class Task(L.LightningModule):
                 del hparams[key]
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         checkpoint["rnndrop"] = {  # tensors and plain types only: loads with weights_only
+            "version": __version__,  # a newer checkpoint format is refused by an older rnndrop
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..analysis import gradient_through_time
+from ..atomic import replace
 from ..models import RecurrentStack
 from ..nn.dropout import StochasticModule
 
@@ -29,6 +30,7 @@ __all__ = [
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",
+    "Preemption",
 ]
 
 
@@ -120,7 +122,7 @@ class NaNGuard(Callback):
             return
         good = self._pending.with_name("last_good.ckpt")
         if trainer.is_global_zero and self._pending.exists():
-            self._pending.replace(good)
+            replace(self._pending, good)  # atomic and durable
         self.path, self._pending = good, None
 
     def _fail(self, trainer: L.Trainer, what: str, error: type = NonFiniteLossError) -> None:
@@ -177,6 +179,51 @@ class NaNGuard(Callback):
         threshold = self.threshold or math.inf
         if val is None or (math.isfinite(float(val)) and float(val) <= threshold):
             self._promote(trainer)
+
+
+class Preemption(Callback):
+    """SIGTERM (SLURM's ``--signal``, a preemption's grace period): save ``last.ckpt`` at the
+    next step boundary and stop.
+
+    Lightning notices SIGTERM itself and stops after the step with a ``SIGTERMException``,
+    saving nothing. This saves the full state where ``ModelCheckpoint`` saves mid-epoch (the
+    end of a training batch, so the resume is exact), as ``last.ckpt`` in the checkpoint
+    directory; a SIGTERM during validation or before the first step saves when the run stops.
+    ``rnndrop fit`` then prints one line and exits with 128 + 15 (see :attr:`path`).
+    """
+
+    def __init__(self) -> None:
+        self.path: Path | None = None  # the checkpoint saved on SIGTERM
+        self._saved_at: int | None = None
+
+    @staticmethod
+    def _target(trainer: L.Trainer) -> Path:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        ckpt = trainer.checkpoint_callback
+        if isinstance(ckpt, ModelCheckpoint) and ckpt.dirpath:
+            return Path(ckpt.dirpath) / f"{ckpt.CHECKPOINT_NAME_LAST}{ckpt.FILE_EXTENSION}"
+        return Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if self._saved_at == trainer.global_step or trainer.fast_dev_run or \
+                trainer.state.fn != "fit":  # validate/test: no training state to keep  # fmt: skip
+            return
+        self._saved_at = trainer.global_step
+        if trainer.global_step == 0:  # nothing trained: nothing worth a checkpoint
+            return
+        self.path = self._target(trainer)
+        trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.received_sigterm:
+            self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):  # not after a NaN or a failed save
+            self._save(trainer)
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -26,8 +26,14 @@ validation metric (``checkpoint.monitor``, default ``val/loss``) are kept;
 Lightning's ``ModelCheckpoint``; ``--trainer.enable_checkpointing false`` turns it off).
 
 User errors (a bad key or value, in a file or on the command line; a missing or corrupt
-corpus; a trainer setting Lightning rejects) exit with code 2 and one ``error:`` line naming
-the problem, where it was set and the fix, and leave no empty run directory behind.
+corpus; a trainer setting Lightning rejects; a ``--ckpt_path`` that is missing, torn, not a
+checkpoint, of another task or model, from a newer rnndrop, or contradicted by an explicit
+setting) exit with code 2 and one ``error:`` line naming the problem, where it was set and the
+fix, and leave no empty run directory behind.
+
+Faults (docs/training.md, "Faults: what survives what"): checkpoints are written atomically;
+SIGTERM saves ``last.ckpt`` at the next step boundary and exits with 143; a save that fails (a
+full disk) keeps the previous checkpoint and exits with 1 and one line.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from ..runtime import training_defaults, tune_allocator  # noqa: F401  (tune_allocator: its old home)
 from .base import Task
+from .callbacks import Preemption
+from .checkpoints import RESUMABLE, CheckpointError, CheckpointSaveError, conflicts, read_checkpoint
 
 __all__ = ["FinalValidation", "RnndropArgumentParser", "RnndropCLI", "main"]
 
@@ -341,6 +349,44 @@ class RnndropCLI(LightningCLI):
         reject_optimizer_groups(_sources(_ARGV))
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` before LightningCLI reads the task's settings from it.
+
+        A missing, torn or foreign checkpoint, or one from a newer rnndrop, is one ``error:``
+        line (exit 2) naming the file, the problem and the sound checkpoints beside it. An
+        explicit setting that contradicts the checkpoint is refused, naming both values
+        (LightningCLI would silently replace it by the checkpoint's); the settings in
+        :data:`~rnndrop.lit.checkpoints.RESUMABLE` keep the value given.
+        """
+        sub = self.config.get("subcommand")
+        config = self.config.get(sub) if sub else None
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or \
+                "://" in str(ckpt_path):  # fmt: skip
+            return super()._parse_ckpt_path()
+        sources = _sources(_ARGV)
+        where = next((w for w, k, _ in reversed(sources) if k == "ckpt_path"), "--ckpt_path")
+        where = where if where.startswith("--") else f"{where}: ckpt_path"
+        try:
+            ckpt = read_checkpoint(ckpt_path)
+        except CheckpointError as err:
+            fail(f"{where}: {err}")
+        explicit = [(w, k) for w, k, v in sources if not isinstance(v, dict)]
+        problems = conflicts(ckpt, config, explicit)
+        if problems:
+            fail(f"{where}: {ckpt_path} conflicts with this run's settings: "
+                 + "; ".join(problems) + ". A resumed run keeps the checkpoint's model, "
+                 "task and data: drop those settings, or train a new run without --ckpt_path "
+                 "(README: 'What a resumed run may change')")  # fmt: skip
+        given = {key for _, key in explicit}
+        resumable = {k: config.get(f"model.init_args.{k}") for k in RESUMABLE["model"]
+                     if f"model.init_args.{k}" in given}  # fmt: skip
+        super()._parse_ckpt_path()
+        # LightningCLI has put the checkpoint's task settings over the run's: put back the
+        # resumable ones the user gave
+        for key, value in resumable.items():
+            self.config[sub][f"model.init_args.{key}"] = value
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
             "--test_after_fit",
@@ -409,6 +455,8 @@ class RnndropCLI(LightningCLI):
             if isinstance(checkpoint, ModelCheckpoint) and \
                     trainer.get("enable_checkpointing", True) is not False:  # fmt: skip
                 extra.append(checkpoint)
+            if not any(isinstance(c, Preemption) for c in given):
+                extra.append(Preemption())  # SIGTERM: save at the next step, exit 143
             progress = progress_display(given, trainer.get("enable_progress_bar"))
             if progress is not None:
                 extra.append(progress)
@@ -419,6 +467,8 @@ class RnndropCLI(LightningCLI):
     # the subcommands: a user error while running (a missing corpus, a corrupt file) exits 2
     # with one line and removes the run directory it had just created
     def _run_trainer(self, name: str, **kwargs: Any) -> Any:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         fresh = self._fresh_dirs()
         try:
             return getattr(self.trainer, name)(**kwargs)
@@ -426,6 +476,11 @@ class RnndropCLI(LightningCLI):
             if self.trainer.global_step == 0:
                 _remove_empty_runs(fresh)
             fail(cli_spelling(_message(err)))
+        except CheckpointSaveError as err:  # a full disk: the previous checkpoint is intact
+            sys.stderr.write(f"{err}\n")
+            raise SystemExit(1) from None
+        except SIGTERMException:
+            raise SystemExit(preempted(self.trainer)) from None
 
     def fit(self, **kwargs: Any) -> None:
         self._run_trainer("fit", **kwargs)
@@ -471,6 +526,22 @@ def _remove_empty_runs(fresh: list[Path]) -> None:
     for d in fresh:  # deepest first
         if d.is_dir() and not any(d.rglob("*.ckpt")):
             shutil.rmtree(d, ignore_errors=True)
+
+
+def preempted(trainer: L.Trainer) -> int:
+    """After a SIGTERM: one line saying what was saved; the exit code 128 + 15."""
+    import signal
+
+    path = next((c.path for c in trainer.callbacks if isinstance(c, Preemption)), None)
+    where = f"epoch {trainer.current_epoch}, global step {trainer.global_step}"
+    if path is not None:
+        what = f"saved {path}; resume with --ckpt_path {path}"
+    elif trainer.state.fn == "fit" and trainer.global_step == 0:
+        what = "nothing trained yet, no checkpoint saved"
+    else:
+        what = "no checkpoint saved"
+    sys.stderr.write(f"rnndrop: stopped by SIGTERM at {where}: {what}\n")
+    return 128 + signal.SIGTERM
 
 
 def make_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> RnndropCLI:

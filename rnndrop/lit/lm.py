@@ -111,6 +111,7 @@ class LanguageModelTask(Task):
         return self.model(tokens, state)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         if self.bpc is None:
             corpus = getattr(getattr(self.trainer, "datamodule", None), "corpus", None)
             self.bpc = getattr(corpus, "level", None) == "char"

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..runtime import machine
 
 __all__ = ["format_ci", "fresh_run_dir", "group_by", "machine", "read_settings",
@@ -55,10 +56,11 @@ def same_machine(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` atomically: a killed run never leaves a half-written file."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
+    """Write ``data`` atomically and durably (temporary file, fsync, rename): a killed run or
+    a full disk never leaves a half-written file."""
+    text = json.dumps(data, indent=2, default=float)  # a value JSON cannot take fails here
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def fresh_run_dir(out: Path, progress: bool) -> None:
