@@ -133,7 +133,7 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
     from ..data import LanguageModelDataModule
     from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
     from ..lit.cli import progress_display
-    from ..models import RECURRENT_CELLS, LanguageModel
+    from ..models import LanguageModel
 
     start = time.perf_counter()
     out = study.cell_dir(cell)
@@ -144,9 +144,7 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
     dm = LanguageModelDataModule(study.corpus, data_dir=study.data_dir,
                                  batch_size=study.batch_size, bptt=study.bptt)  # fmt: skip
     dm.setup("fit")
-    kind = "dropout" if encoder in RECURRENT_CELLS else "transformer_dropout"
-    model = LanguageModel(dm.vocab_size, encoder=encoder, **{kind: dropout},
-                          **spec["model"])  # fmt: skip
+    model = LanguageModel(dm.vocab_size, encoder=encoder, dropout=dropout, **spec["model"])
     task = LanguageModelTask(model, optimizer=study.optimizer, lr=study.lr)
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(

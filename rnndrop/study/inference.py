@@ -173,17 +173,16 @@ def _train(study: InferenceStudyConfig, cell: Run, dm, logger, progress: bool):
 
     from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
     from ..lit.cli import progress_display
-    from ..models import RECURRENT_CELLS, SequenceModel
+    from ..models import SequenceModel
 
     out = study.cell_dir(cell)
     spec = study.train_spec(cell)
     encoder = spec["encoder"]
     _, dropout = study.resolve(cell.scheme, cell.rate)
-    kind = {"dropout": dropout} if encoder in RECURRENT_CELLS else {"transformer_dropout": dropout}
     L.seed_everything(cell.seed, verbose=False)
     model = SequenceModel(dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
                           output_size=dm.output_size, target=dm.target, encoder=encoder,
-                          **kind, **spec["model"])  # fmt: skip
+                          dropout=dropout, **spec["model"])  # fmt: skip
     try:
         saved = json.loads((out / "train.json").read_text())
     except (OSError, json.JSONDecodeError):

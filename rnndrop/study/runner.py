@@ -85,10 +85,9 @@ def run_cell(
         seed=cell.seed,
     )  # fmt: skip
     recurrent = encoder in RECURRENT_CELLS
-    kind = {"dropout": dropout} if recurrent else {"transformer_dropout": dropout}
     model = SequenceModel(
         dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
-        output_size=dm.output_size, target=dm.target, encoder=encoder, **kind,
+        output_size=dm.output_size, target=dm.target, encoder=encoder, dropout=dropout,
         **study.model_for(cell.scheme),
     )  # fmt: skip
     task = SequenceTask(model, loss=dm.loss, baseline_loss=dm.baseline_loss,
