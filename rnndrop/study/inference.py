@@ -38,9 +38,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -66,6 +67,7 @@ __all__ = [
     "load_inference_study",
     "run_inference_cell",
     "run_inference_study",
+    "train_model",
     "write_inference_report",
 ]
 
@@ -167,7 +169,48 @@ def load_inference_result(study: InferenceStudyConfig, cell: Run) -> dict[str, A
 # ---- running --------------------------------------------------------------------------------
 
 
-def _train(study: InferenceStudyConfig, cell: Run, dm, logger, progress: bool):
+class Trained(NamedTuple):
+    """What :func:`train_model` returns."""
+
+    model: Any  # the SequenceModel, trained or reloaded
+    data: Any  # its SyntheticDataModule (the test split is the study's held-out set)
+    logger: Any  # the run's TensorBoardLogger
+    info: dict[str, Any]  # train.json: train_hash, spec, status, seconds
+    reused: bool  # True if the model a previous run saved was loaded instead of trained
+
+
+def train_model(
+    study: InferenceStudyConfig,
+    cell: Run,
+    *,
+    progress: bool = False,
+    customize: Callable[[Any], None] | None = None,
+) -> Trained:
+    """Train the run's model, or load the one a previous run saved for the same training.
+
+    The study's training, for the study and for scripts that need its models
+    (``scripts/ensemble_demo.py``). ``customize(model)`` changes the freshly built model
+    before it is trained or loaded (a different head, say); a saved model is recognised by the
+    run's :meth:`~InferenceStudyConfig.train_hash` alone, so give a customised model a study
+    (an ``out_dir`` or ``name``) of its own.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..data import SyntheticDataModule
+
+    out = study.cell_dir(cell)
+    out.mkdir(parents=True, exist_ok=True)
+    dm = SyntheticDataModule(
+        study.task, study.distance, study.task_args, train_size=study.steps * study.batch_size,
+        val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
+        eval_batch_size=study.eval_batch_size, seed=cell.seed,
+    )  # fmt: skip
+    logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
+    model, info, reused = _train(study, cell, dm, logger, progress, customize)
+    return Trained(model, dm, logger, info, reused)
+
+
+def _train(study: InferenceStudyConfig, cell: Run, dm, logger, progress: bool, customize=None):
     """Train the cell's model, or load the one a previous run saved for the same training."""
     import lightning as L
 
@@ -183,6 +226,8 @@ def _train(study: InferenceStudyConfig, cell: Run, dm, logger, progress: bool):
     model = SequenceModel(dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
                           output_size=dm.output_size, target=dm.target, encoder=encoder,
                           dropout=dropout, **spec["model"])  # fmt: skip
+    if customize is not None:
+        customize(model)
     try:
         saved = json.loads((out / "train.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -222,20 +267,9 @@ def run_inference_cell(
     study: InferenceStudyConfig, cell: Run, progress: bool = False
 ) -> dict[str, Any]:
     """Train (or reuse) one model and compare its test-time inferences; write ``result.json``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from ..data import SyntheticDataModule
-
     start = time.perf_counter()
     out = study.cell_dir(cell)
-    out.mkdir(parents=True, exist_ok=True)
-    dm = SyntheticDataModule(
-        study.task, study.distance, study.task_args, train_size=study.steps * study.batch_size,
-        val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
-        eval_batch_size=study.eval_batch_size, seed=cell.seed,
-    )  # fmt: skip
-    logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
-    model, info, reused = _train(study, cell, dm, logger, progress)
+    model, dm, logger, info, reused = train_model(study, cell, progress=progress)
     evaluation: dict[str, Any] = {}
     rates: dict[str, float] = {}
     if info["status"] == "ok":
