@@ -65,7 +65,7 @@ def _dispatch(argv: list[str] | None) -> int:
 
         return tune_main(argv[1:])
     if argv and argv[0] == "export-tb":
-        from .tbexport import main as export_main
+        from .study.tbexport import main as export_main
 
         return export_main(argv[1:])
     if argv and argv[0] in ("-V", "--version"):

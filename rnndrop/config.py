@@ -1,9 +1,9 @@
 """Dropout schemes as data.
 
 A scheme is one frozen :class:`RecurrentDropout`: a rate per *site* (where in the
-LSTM the mask acts) plus a mask policy shared by the sites. Named constructors build
-the schemes from the literature; every field can also be set directly, from Python or
-from a YAML block. This module imports only the standard library.
+recurrent layer the mask acts, one entry of :data:`SITES` each) plus a mask policy shared by
+the sites. Named constructors build the schemes from the literature; every field can also be
+set directly, from Python or from a YAML block. This module imports only the standard library.
 """
 
 from __future__ import annotations
@@ -35,20 +35,6 @@ TimePolicy = Literal["per_step", "per_sequence"]
 BatchPolicy = Literal["per_sample", "per_batch"]
 Scaling = Literal["inverted", "classic"]
 
-#: The dropout sites of :class:`RecurrentDropout`, in the order the docs list them.
-RATE_FIELDS: tuple[str, ...] = (
-    "embedding",
-    "input",
-    "between_layers",
-    "recurrent",
-    "output",
-    "candidate",
-    "weight_hh",
-    "zoneout_hidden",
-    "zoneout_cell",
-)
-
-
 @dataclass(frozen=True)
 class Site:
     """What the engine needs to know of one dropout site of :class:`RecurrentDropout`.
@@ -67,6 +53,7 @@ class Site:
         scaled: inverted/classic scaling applies to it.
         layers: ``"first"`` (layer 0 only), ``"inner"`` (layers 1...), ``"last"``, or ``"all"``.
         cells: the cells it means something for.
+        doc: what it drops, for :class:`RecurrentDropout`'s docstring (its "Sites" list).
     """
 
     path: str
@@ -75,20 +62,67 @@ class Site:
     scaled: bool = True
     layers: str = "all"
     cells: tuple[str, ...] = ("lstm", "gru")
+    doc: str = ""
 
 
-#: One table of sites: it drives the execution path, activity and the "no effect" warnings.
+#: The one list of sites: it drives the execution path, activity, the "no effect" warnings,
+#: :data:`RATE_FIELDS` and the site lists of :class:`RecurrentDropout`'s docstring. A new
+#: site is an entry here plus a ``float`` field of :class:`RecurrentDropout` in the same place
+#: (checked when this module is imported).
 SITES: dict[str, Site] = {
-    "embedding": Site("model", policy=False),
-    "input": Site("fused_if_tied_or_folds", gated=True, layers="first"),
-    "between_layers": Site("fused_if_tied_or_folds", gated=True, layers="inner"),
-    "recurrent": Site("fused_if_folds", gated=True),
-    "output": Site("fused", layers="last"),
-    "candidate": Site("loop"),
-    "weight_hh": Site("fused", policy=False),
-    "zoneout_hidden": Site("loop_always", policy=False, scaled=False),
-    "zoneout_cell": Site("loop_always", policy=False, scaled=False, cells=("lstm",)),
-}
+    "embedding": Site("model", policy=False, doc=(
+        "whole word types (rows of the embedding matrix); used by "
+        ":class:`rnndrop.nn.EmbeddingDropout` and the language model, not by the recurrent "
+        "layer.")),
+    "input": Site("fused_if_tied_or_folds", gated=True, layers="first",
+                  doc="``x_t`` entering the first layer."),
+    "between_layers": Site("fused_if_tied_or_folds", gated=True, layers="inner",
+                           doc="``h_t`` of layer ``l`` where it enters layer ``l+1``."),
+    "recurrent": Site("fused_if_folds", gated=True, doc=(
+        "``h_{t-1}`` where it enters ``W_hh`` (not where it is the output, nor a GRU's carry "
+        "``z ⊙ h_{t-1}``).")),
+    "output": Site("fused", layers="last", doc="``h_t`` leaving the last layer."),
+    "candidate": Site("loop", doc=(
+        "the candidate in the state update only: the LSTM's ``tanh(g)``, the GRU's ``n`` "
+        "(Semeniuta et al. 2016).")),
+    "weight_hh": Site("fused", policy=False, doc=(
+        "elements of ``W_hh`` (DropConnect), one mask per forward call, shared over time and "
+        "batch (Merity et al. 2017).")),
+    "zoneout_hidden": Site("loop_always", policy=False, scaled=False, doc=(
+        "per unit and step, keep the previous ``h`` instead of the new one; eval uses the "
+        "expectation ``z·prev + (1-z)·new`` (Krueger et al. 2016).")),
+    "zoneout_cell": Site("loop_always", policy=False, scaled=False, cells=("lstm",),
+                         doc="the same on the LSTM's cell state ``c`` (a GRU has none)."),
+}  # fmt: skip
+
+#: The dropout sites of :class:`RecurrentDropout` (its rate fields), in :data:`SITES`' order.
+RATE_FIELDS: tuple[str, ...] = tuple(SITES)
+
+
+def _site_names(**where: Any) -> list[str]:
+    """The sites whose :class:`Site` entry matches ``where`` (``gated=True``...), in order."""
+    return [n for n, s in SITES.items() if all(getattr(s, k) == v for k, v in where.items())]
+
+
+def _listed(names: list[str], last: str = "and") -> str:
+    """``a, b and c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} {last} {names[-1]}"
+
+
+def _document_sites(doc: str) -> str:
+    """``doc`` with its ``{sites}``, ``{policy_sites}`` and ``{gated_sites}`` filled from
+    :data:`SITES` (``str.replace``: the rest of the docstring keeps its braces)."""
+    import textwrap
+
+    lines = []
+    for name, site in SITES.items():
+        lines += textwrap.wrap(f"{name}: {site.doc}", 88, initial_indent=" " * 8,
+                               subsequent_indent=" " * 12)  # fmt: skip
+    policy = [n for n in _site_names(policy=True) if SITES[n].path != "model"]
+    return (doc.replace("{sites}", "\n".join(lines).strip())
+            .replace("{policy_sites}", _listed(policy))
+            .replace("{gated_sites}", _listed(_site_names(gated=True))))  # fmt: skip
+
 
 #: The open interval learned concrete-dropout rates stay in (see :class:`RecurrentDropout`'s
 #: ``concrete``): the rate is ``σ(b·tanh(θ/b))`` of its parameter ``θ``, ``b = logit(0.999)``.
@@ -155,9 +189,9 @@ class _Rates:
 
 @dataclass(frozen=True)
 class RecurrentDropout(_Rates):
-    r"""Where and how an LSTM drops units.
+    r"""Where and how a recurrent layer (LSTM, GRU) drops units.
 
-    LSTM step (torch's gate order i, f, g, o)::
+    LSTM step (torch's gate order i, f, g, o; the GRU's is in :class:`rnndrop.nn.GRU`)::
 
         i, f, g, o = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh
         c_t = σ(f) ⊙ c_{t-1} + σ(i) ⊙ tanh(g)
@@ -168,28 +202,17 @@ class RecurrentDropout(_Rates):
     identity; with ``scaling="classic"`` (Srivastava et al. 2014) training masks are
     0/1 and eval multiplies by ``1-p``. Zoneout never rescales.
 
-    Sites:
-        embedding: whole word types (rows of the embedding matrix); used by
-            :class:`rnndrop.nn.EmbeddingDropout` and the language model, not by the LSTM.
-        input: ``x_t`` entering the first layer.
-        between_layers: ``h_t`` of layer ``l`` where it enters layer ``l+1``.
-        recurrent: ``h_{t-1}`` where it enters ``W_hh`` (not where it is the output).
-        output: ``h_t`` leaving the last layer.
-        candidate: ``tanh(g)`` in the cell update only (Semeniuta et al. 2016).
-        weight_hh: elements of ``W_hh`` (DropConnect), one mask per forward call,
-            shared over time and batch (Merity et al. 2017).
-        zoneout_hidden / zoneout_cell: per unit and step, keep the previous value
-            instead of the new one; eval uses the expectation
-            ``z·prev + (1-z)·new`` (Krueger et al. 2016).
+    Sites (from :data:`SITES`, in field order):
+        {sites}
 
-    Mask policy (for input, between_layers, recurrent, output and candidate):
+    Mask policy (for {policy_sites}):
         time: ``"per_sequence"`` (one mask shared by all steps: variational / locked)
             or ``"per_step"`` (a fresh mask every step).
         batch: ``"per_sample"`` (each sequence its own mask) or ``"per_batch"`` (one
             mask for the batch; recurrent per-batch per-sequence masks then run on the
             fused kernel, folded into the columns of ``W_hh``).
-        tied: one mask for all four gates (``True``) or one per gate (``False``,
-            Gal's untied form) on the input, between-layer and recurrent sites.
+        tied: one mask for all the gates (``True``) or one per gate (``False``, Gal's
+            untied form) on {gated_sites}.
         embedding_batch: the batch policy of the embedding site (AWD: ``"per_batch"``).
         scaling: ``"inverted"`` or ``"classic"``.
 
@@ -210,18 +233,19 @@ class RecurrentDropout(_Rates):
         temperature: ``t`` of the relaxation (0.1, as in the paper).
     """
 
-    embedding: float = 0.0  # whole word types (rows of the embedding matrix)
-    input: float = 0.0  # x_t entering the first layer
-    between_layers: float = 0.0  # h_t of layer l entering layer l + 1
-    recurrent: float = 0.0  # h_{t-1} where it enters W_hh
-    output: float = 0.0  # h_t leaving the last layer
-    candidate: float = 0.0  # tanh(g) in the cell update (Semeniuta)
-    weight_hh: float = 0.0  # DropConnect on W_hh, one mask per forward (Merity)
-    zoneout_hidden: float = 0.0  # probability of keeping h_{t-1} per unit (Krueger)
-    zoneout_cell: float = 0.0  # probability of keeping c_{t-1} per unit (Krueger)
+    # the rates: one field per entry of SITES, in its order (what each drops: SITES' doc)
+    embedding: float = 0.0
+    input: float = 0.0
+    between_layers: float = 0.0
+    recurrent: float = 0.0
+    output: float = 0.0
+    candidate: float = 0.0
+    weight_hh: float = 0.0
+    zoneout_hidden: float = 0.0
+    zoneout_cell: float = 0.0
     time: TimePolicy = "per_sequence"  # mask shared over time, or fresh each step
     batch: BatchPolicy = "per_sample"  # mask per sequence, or one for the batch
-    tied: bool = True  # one mask for the four gates, or one per gate
+    tied: bool = True  # one mask for all gates, or one per gate
     embedding_batch: BatchPolicy = "per_batch"  # word-type mask shared by the batch?
     scaling: Scaling = "inverted"  # 1/(1-p) in training, or ×(1-p) at test
     concrete: bool = False  # learn the rates (concrete dropout, Gal et al. 2017)
@@ -319,7 +343,7 @@ class RecurrentDropout(_Rates):
         defaults = {f.name: f.default for f in fields(self)}
         idle = []
         if not self.tied and not self.gate_sites:
-            idle.append("tied=False (no input, between_layers or recurrent rate is set)")
+            idle.append(f"tied=False (no {_listed(_site_names(gated=True), 'or')} rate is set)")
         for name in ("time", "batch"):
             if getattr(self, name) != defaults[name] and not self.masked_sites:
                 idle.append(f"{name}={getattr(self, name)!r} (no masked site has a rate)")
@@ -356,7 +380,7 @@ class RecurrentDropout(_Rates):
 
     @classmethod
     def none(cls) -> RecurrentDropout:
-        """No dropout anywhere: the network is a plain ``nn.LSTM``."""
+        """No dropout anywhere: the layer is a plain ``torch.nn.LSTM`` / ``GRU``."""
         return cls()
 
     @classmethod
@@ -530,6 +554,25 @@ class RecurrentDropout(_Rates):
             )
         defaults = _CELL_PRESET_DEFAULTS.get((name, for_cell), {})
         return build(**{**defaults, **kwargs})
+
+
+def _check_rate_fields(cls: type) -> None:
+    """Fill ``cls``'s docstring from :data:`SITES`; raise if its rate fields do not match it.
+
+    A site added to :data:`SITES` without its field (or a field without its entry, or the two
+    in another order) fails at import, before anything can run with a half-declared site.
+    """
+    names = [f.name for f in fields(cls)]
+    if tuple(names[: len(SITES)]) != RATE_FIELDS or any(
+        f.type not in ("float", float) or f.default != 0.0 for f in fields(cls)[: len(SITES)]
+    ):
+        raise TypeError(f"{cls.__name__}'s first fields must be the rates of SITES, in order, "
+                        f"each `float = 0.0`: {list(SITES)}; got {names}")  # fmt: skip
+    if cls.__doc__:  # None under python -OO
+        cls.__doc__ = _document_sites(cls.__doc__)
+
+
+_check_rate_fields(RecurrentDropout)
 
 
 PRESETS: tuple[str, ...] = (

@@ -4,7 +4,9 @@ A small LSTM (and, with ``--gru``, a GRU) reads delayed-recall sequences
 (``rnndrop.data.DelayedRecall``: output the token seen ``d`` steps ago) and predicts every
 target step through a head; the last layer's output dropout (rate ``p``, inverted) acts on
 its ``H <= 16`` hidden units. One model is trained per scheme and head for a few hundred
-steps on CPU.
+steps on CPU, by the inference study's training (:func:`rnndrop.study.inference.train_model`:
+a :class:`~rnndrop.models.SequenceModel` on fresh sequences every step, Lightning, Adam; the
+MLP head swapped in before training), and scored on the study's held-out split.
 
 What is exact: the ensemble over the *output-dropout mask* of the ``H`` units feeding the
 head, given the recurrent network run deterministically (eval mode: inverted masks are the
@@ -33,20 +35,18 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from rnndrop.analysis import categorical_kl, exact_ensemble, mc_aggregate
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.data import DelayedRecall
 from rnndrop.functional import bernoulli_mask
-from rnndrop.nn import GRU, LSTM, mc_dropout
+from rnndrop.nn import mc_dropout
+from rnndrop.study.inference import InferenceStudyConfig, train_model
 
 IGNORE = -100
 
@@ -62,51 +62,42 @@ def schemes(p: float, cell: str) -> dict[str, RD]:
     }
 
 
-class Recall(nn.Module):
-    def __init__(self, cell: str, vocab: int, classes: int, hidden: int, head: str, cfg: RD):
-        super().__init__()
-        self.emb = nn.Embedding(vocab, 16)
-        rnn = LSTM if cell == "lstm" else GRU
-        self.rnn = rnn(16, hidden, batch_first=True, dropout=cfg)
-        if head == "linear":
-            self.head = nn.Linear(hidden, classes)
-        else:  # a tanh hidden layer between the dropped units and the softmax
-            self.head = nn.Sequential(nn.Linear(hidden, 24), nn.Tanh(), nn.Linear(24, classes))
-
-    def forward(self, x):
-        return self.head(self.rnn(self.emb(x))[0])
-
-    def features(self, x):
-        """The last layer's output before output dropout (eval: the deterministic network)."""
-        return self.rnn(self.emb(x), return_pre_dropout=True)[2]
+def study_for(args: argparse.Namespace, cell: str, head: str) -> InferenceStudyConfig:
+    """The inference study that trains this demo's models for one cell and head: each scheme
+    a custom scheme at its fixed rates, one seed, the demo's budget. Its runs (``model.pt``,
+    TensorBoard) go under ``--runs``; a rerun with the same settings reuses the models."""
+    return InferenceStudyConfig(
+        name=f"ensemble_demo_{cell}_{head}", task="delayed_recall",
+        task_args={"n_symbols": args.symbols, "length": args.length}, distance=args.distance,
+        schemes=list(schemes(args.p, cell)),
+        custom_schemes={name: {"encoder": cell, "dropout": cfg.to_dict()}
+                        for name, cfg in schemes(args.p, cell).items()},
+        seeds=[args.seed], model={"hidden_size": args.hidden, "embedding_size": 16},
+        steps=args.steps, batch_size=args.batch, lr=args.lr, val_every=args.steps,
+        eval_size=args.test_size, eval_batch_size=args.test_size, out_dir=str(args.runs),
+    )  # fmt: skip
 
 
-def stack(task) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(task[i] for i in range(len(task))), strict=True)
+def mlp_head(model: nn.Module) -> None:
+    """A tanh hidden layer between the dropped units and the softmax (the study's model has a
+    linear head): ``customize`` of :func:`rnndrop.study.inference.train_model`."""
+    hidden, classes = model.head.in_features, model.head.out_features
+    model.head = nn.Sequential(nn.Linear(hidden, 24), nn.Tanh(), nn.Linear(24, classes))
+
+
+def test_batch(dm) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out split (the study's test set) as one batch."""
+    test = dm.datasets["test"]
+    xs, ys = zip(*(test[i] for i in range(len(test))), strict=True)
     return torch.stack(xs), torch.stack(ys)
 
 
-def train(model: nn.Module, x, y, steps: int, batch: int, lr: float, seed: int) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    loss = torch.tensor(math.nan)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=gen)
-        logits = model(x[idx])
-        loss = F.cross_entropy(logits.flatten(0, 1), y[idx].flatten(), ignore_index=IGNORE)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    return float(loss.detach())
-
-
 @torch.no_grad()
-def evaluate(model: Recall, x, y, p: float, seed: int) -> dict[str, float]:
+def evaluate(model: nn.Module, x, y, p: float, seed: int) -> dict[str, float]:
     model.eval()
     keep = y != IGNORE
-    h = model.features(x)[keep].double()  # (n, H): every target's units
+    # the last layer's output before output dropout (eval: the deterministic network)
+    h = model.encoder(model.features(x), None)[1][keep].double()  # (n, H): every target's units
     target = y[keep]
     head = copy.deepcopy(model.head).double()
     exact = exact_ensemble(head, h, p)
@@ -124,7 +115,7 @@ def evaluate(model: Recall, x, y, p: float, seed: int) -> dict[str, float]:
         preds[f"mc_geo_{s}"] = mc_aggregate(logits[:s], "geometric")
     torch.manual_seed(seed)
     with mc_dropout(model):
-        full = torch.stack([model(x)[keep] for _ in range(50)])
+        full = torch.stack([model(x).prediction[keep] for _ in range(50)])
     preds["full_mc_50"] = mc_aggregate(full.double(), "arithmetic")
 
     row: dict[str, float] = {}
@@ -197,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distance", type=int, default=3)
     ap.add_argument("--symbols", type=int, default=6)
     ap.add_argument("--length", type=int, default=16)
-    ap.add_argument("--train-size", type=int, default=2000)
+    ap.add_argument("--runs", type=Path, default=Path("runs"),
+                    help="where the inference study keeps the models (reused by a rerun)")
     ap.add_argument("--test-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gru", action="store_true", help="also the GRU (linear head)")
@@ -208,12 +200,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--hidden must be in 1..16 (the exact ensemble enumerates 2^hidden masks)")
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
-    kw = dict(distance=args.distance, n_symbols=args.symbols, length=args.length, seed=args.seed)
-    tr = DelayedRecall(size=args.train_size, split="train", **kw)
-    te = DelayedRecall(size=args.test_size, split="test", **kw)
-    xtr, ytr = stack(tr)
-    xte, yte = stack(te)
-
     runs = [("lstm", "linear"), ("lstm", "mlp"), ("gru", "linear")]
     if not args.gru:
         runs = runs[:2]
@@ -221,18 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         runs = runs[:1]
     rows, start, cpu = [], time.perf_counter(), time.process_time()
     for cell, head in runs:
-        for name, cfg in schemes(args.p, cell).items():
+        study = study_for(args, cell, head)
+        for run in study.cells():
             t0 = time.perf_counter()
-            torch.manual_seed(args.seed)
-            model = Recall(cell, tr.vocab_size, tr.num_classes, args.hidden, head, cfg)
-            loss = train(model, xtr, ytr, args.steps, args.batch, args.lr, args.seed)
-            row = evaluate(model, xte, yte, args.p, args.seed)
-            row.update(cell=cell, head=head, scheme=name, train_loss=loss)
+            trained = train_model(study, run, customize=mlp_head if head == "mlp" else None)
+            if trained.info["status"] != "ok":
+                print(f"{cell} {head} {run.scheme}: {trained.info['status']}", file=sys.stderr)
+                continue
+            x, y = test_batch(trained.data)
+            row = evaluate(trained.model, x, y, args.p, args.seed)
+            row.update(cell=cell, head=head, scheme=run.scheme)
             rows.append(row)
+            how = "reused" if trained.reused else "trained"
             print(
-                f"{cell:4s} {head:6s} {name:18s} loss {loss:.3f}  acc scaled "
-                f"{row['acc/scaled']:.3f}  KL(A‖scaled) {row['kl_a/scaled']:.2e}  "
-                f"({time.perf_counter() - t0:.1f}s)",
+                f"{cell:4s} {head:6s} {run.scheme:18s} acc scaled {row['acc/scaled']:.3f}  "
+                f"KL(A‖scaled) {row['kl_a/scaled']:.2e}  ({how}, "
+                f"{time.perf_counter() - t0:.1f}s)",
                 flush=True,
             )
     text = tables(rows)
@@ -246,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Delayed recall (distance {args.distance}, {args.symbols} symbols, length "
         f"{args.length}); {args.test_size} held-out sequences = {int(rows[0]['n'])} targets. "
         f"Hidden {args.hidden}, output dropout p = {args.p} (inverted), {args.steps} steps of "
-        f"Adam (lr {args.lr}) per model. Exact = the ensemble over the 2^{args.hidden} "
+        f"Adam (lr {args.lr}, {args.batch} fresh sequences a step) per model, trained by the "
+        "inference study (rnndrop.study.inference.train_model). Exact = the ensemble over the "
+        f"2^{args.hidden} "
         "output-dropout masks given the deterministic (eval-mode) recurrent network; "
         "full MC samples every site.\n\n"
     )

@@ -1,4 +1,5 @@
-"""Independent, deliberately plain LSTM and GRU with dropout (DESIGN.md §2, torch's GRU).
+"""Independent, deliberately plain LSTM and GRU with dropout (the sites of
+:class:`rnndrop.config.RecurrentDropout`, torch's GRU equations).
 
 It shares no code with rnndrop's RNNs: one autograd-tracked Python step per time step,
 masks taken from what the module recorded (``record_masks``) or, without sampling,

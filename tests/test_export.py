@@ -179,6 +179,28 @@ def test_trace_of_the_dropout_modules_in_training_refuses(module):
     torch.jit.trace(mod.eval(), args)  # eval: deterministic, traced
 
 
+@pytest.mark.parametrize("cls", ["LSTMCell", "GRUCell"])
+def test_step_cells_refuse_script_and_a_sampling_trace(cls):
+    """The step cells draw masks too: a trace in training would freeze them; script is
+    refused with the alternatives; an eval-mode trace equals eager on a new input."""
+    import rnndrop.nn
+
+    cell = getattr(rnndrop.nn, cls)(3, 5, dropout="variational")
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match=r"torch\.export"):
+        torch.jit.script(cell)
+    with pytest.raises(RuntimeError, match="freeze"), cell.train().sequence():
+        torch.jit.trace(cell, (x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the trace's own warnings on Python-side checks
+        traced = torch.jit.trace(cell.eval(), (x,))
+    x2 = torch.randn(2, 3)
+    got, want = traced(x2), cell(x2)
+    for a, b in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,), strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("strict", [True, False])
 def test_export_in_training_mode_refuses(strict):
     """Masks come from Python-side seeds: export says to use eval mode (it used to stop on

@@ -188,3 +188,30 @@ def test_a_concrete_scheme_reports_its_learned_rates(tmp_path):
     assert all(0 < v < 1 for v in rates.values())
     md = write_inference_report(study, [result])["markdown"].read_text()
     assert "| variational_concrete_p0.25 | encoder.parts.0/recurrent |" in md
+
+
+def test_train_model_customizes_and_reuses(tmp_path):
+    """train_model, the study's training as scripts/ensemble_demo.py uses it: ``customize``
+    changes the model before training, and a second call loads the saved model."""
+    from rnndrop.study.inference import train_model
+
+    study = InferenceStudyConfig(**{**TINY, "schemes": ["variational"]}, out_dir=str(tmp_path))
+    (run,) = study.cells()
+    seen = []
+
+    def mlp(model):
+        seen.append(model)
+        classes = model.head.out_features
+        model.head = nn.Sequential(nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, classes))
+
+    first = train_model(study, run, customize=mlp)
+    assert first.info["status"] == "ok" and not first.reused
+    assert seen == [first.model] and isinstance(first.model.head, nn.Sequential)
+    assert (study.cell_dir(run) / "model.pt").is_file()
+    second = train_model(study, run, customize=mlp)
+    assert second.reused and len(seen) == 2
+    for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+    x, _ = next(iter(second.data.test_dataloader()))
+    assert second.model.eval()(x).prediction.shape[-1] == second.data.output_size

@@ -226,6 +226,35 @@ def test_transformer_language_model_swaps_in():
         LanguageModel(20, 8, 16, 2, encoder="transformer", tie_weights=True)
 
 
+
+@pytest.mark.parametrize("cls", ["lm", "seq"])
+def test_one_dropout_argument_per_encoder(cls):
+    """A TransformerDropout given as ``dropout`` is the transformer's dropout: the same model
+    (recorded config, weights, training-mode outputs) as when given as transformer_dropout."""
+    td = TD(attention=0.2, residual=0.1, ffn=0.3)
+
+    def build(**kw):
+        torch.manual_seed(0)
+        if cls == "lm":
+            return LanguageModel(20, 16, 16, 2, encoder="transformer", **kw)
+        return SequenceModel("tokens", vocab_size=20, embedding_size=16, hidden_size=16,
+                             num_layers=2, encoder="transformer", **kw)  # fmt: skip
+
+    one, two = build(dropout=td), build(transformer_dropout=td.to_dict())
+    assert one.config == two.config
+    assert one.config["transformer_dropout"]["attention"] == 0.2
+    assert one.config["dropout"] == RD().to_dict()
+    x = torch.randint(0, 20, (3, 8))
+    torch.manual_seed(1)
+    a = one.train()(x)[0]
+    torch.manual_seed(1)
+    b = two.train()(x)[0]
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="for the transformer encoder"):
+        SequenceModel("float", input_size=2, encoder="lstm", dropout=td)
+    with pytest.raises(ValueError, match="once"):
+        build(dropout=td, transformer_dropout={"attention": 0.1})
+
 # ---- gradient through time ---------------------------------------------------------------
 
 

@@ -37,8 +37,10 @@ def test_layers_import_and_run_with_torch_alone():
     assert res.stdout.strip().endswith("ok")
 
 
-def test_command_without_the_training_extra_names_it():
-    res = run("from rnndrop.__main__ import main\nraise SystemExit(main(['fit', '--help']))\n")
+@pytest.mark.parametrize("argv", [["fit", "--help"], ["export-tb", "runs"]])
+def test_command_without_the_training_extra_names_it(argv):
+    """``export-tb`` too: it reads TensorBoard's events (rnndrop.study.tbexport)."""
+    res = run(f"from rnndrop.__main__ import main\nraise SystemExit(main({argv!r}))\n")
     assert res.returncode == 2, res.stderr
     assert 'pip install "rnndrop[train]"' in res.stderr
     assert "Traceback" not in res.stderr

@@ -390,7 +390,7 @@ def test_context_probe_rejects_bad_arguments():
 def test_tensorboard_export(tmp_path, capsys):
     from torch.utils.tensorboard import SummaryWriter
 
-    from rnndrop.tbexport import find_runs, main, to_table
+    from rnndrop.study.tbexport import find_runs, main, to_table
 
     for name, values in (("a", [3.0, 1.0, 2.0]), ("b/x", [5.0])):
         w = SummaryWriter(str(tmp_path / "runs" / name))

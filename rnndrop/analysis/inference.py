@@ -158,10 +158,3 @@ def learned_rates(model: nn.Module) -> dict[str, float]:
         elif "rate" in low:
             out[name] = float(p.detach().float().mean())
     return out
-    for name, p in model.named_parameters():
-        low = name.lower()
-        if "logit" in low:
-            out[name] = float(torch.sigmoid(p.detach().float().mean()))
-        elif "rate" in low:
-            out[name] = float(p.detach().float().mean())
-    return out

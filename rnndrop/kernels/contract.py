@@ -4,7 +4,7 @@ The engine (:class:`rnndrop.nn.rnn.RNNBase`) draws the masks of a forward call, 
 layer and direction that must run the time loop hands a backend one :class:`LayerInputs`.
 A backend returns the output sequence and a :class:`Saved` record in forward, and
 :class:`Grads` in backward. Nothing else passes between them. The layout of every tensor is
-written here once; every backend (``python``, ``cpp``, later ``triton``) reads and writes
+written here once; every backend (``python``, ``cpp``, ``triton``) reads and writes
 exactly these layouts, and the tests hold each backend to the ``python`` reference.
 
 Notation: ``T`` steps, ``B`` batch, ``I`` input features, ``H`` hidden units, ``G`` gates

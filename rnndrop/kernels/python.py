@@ -3,7 +3,7 @@
 Generic over the cell: the loop, the recurrent masks and GEMMs, and every weight gradient
 are written once here; the pointwise math of one step is the cell's ``step_forward`` /
 ``step_backward`` (:mod:`rnndrop.nn.cells`). Runs on every device and dtype. What made it
-fast (``PERF_NOTES``): the input projection of all steps in one GEMM, preallocated
+fast: the input projection of all steps in one GEMM, preallocated
 ``(T, B, ·)`` buffers written in place, no autograd node per step, and every weight
 gradient as one GEMM over all ``T·B`` rows.
 """

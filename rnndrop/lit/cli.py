@@ -38,12 +38,8 @@ full disk) keeps the previous checkpoint and exits with 1 and one line.
 
 from __future__ import annotations
 
-import difflib
-import inspect
-import re
 import shutil
 import sys
-from importlib import import_module
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,6 +52,7 @@ from ..runtime import training_defaults, tune_allocator  # noqa: F401  (tune_all
 from .base import Task
 from .callbacks import Preemption
 from .checkpoints import RESUMABLE, CheckpointError, CheckpointSaveError, conflicts, read_checkpoint
+from .errors import _sources, cli_spelling, fail, set_argv, summarize
 
 __all__ = ["FinalValidation", "RnndropArgumentParser", "RnndropCLI", "main"]
 
@@ -147,134 +144,7 @@ def trainer_defaults() -> dict:
     }
 
 
-# ---- one way to fail ---------------------------------------------------------------------------
-
-#: the command line being parsed, so that an error can say which file or option set a key
-_ARGV: list[str] = []
-
-_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
-          "Given value", "Expected a <class", "Parser key", "Problem with given class_path",
-          "Input: ")  # fmt: skip
-
-
-def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    if not isinstance(data, dict):
-        return [(prefix, data)] if prefix else []
-    out = [(prefix, data)] if prefix else []
-    for k, v in data.items():
-        out += _flatten(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
-
-
-def _sources(argv: list[str]) -> list[tuple[str, str, Any]]:
-    """``(where, dotted key, value)`` for every setting the user gave, in the order they apply."""
-    import yaml
-
-    out: list[tuple[str, str, Any]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("-"):
-            i += 1
-            continue
-        key, eq, value = arg.lstrip("-").partition("=")
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            value = nxt if nxt is not None and not nxt.startswith("--") else None
-            i += 1 if value is None else 2
-        else:
-            i += 1
-        if key in ("c", "config"):
-            try:
-                data = yaml.safe_load(Path(value).read_text())
-            except Exception:  # an unreadable config has its own parser error
-                continue
-            out += [(str(value), k, v) for k, v in _flatten(data)]
-        else:
-            out.append((f"--{key}", key, value))
-    return out
-
-
-def _locate(message: str, names: list[str]) -> tuple[str, str] | None:
-    """The last setting the message is about: its key is named in ``names`` (unknown keys) or
-    its value appears in the message."""
-    best, best_score = None, 0
-    for where, key, value in reversed(_sources(_ARGV)):
-        leaf = key.rsplit(".", 1)[-1]
-        score = 4 if leaf in names or key in names else 0
-        text = None if value is None or isinstance(value, dict) else str(value)
-        if text and len(text) > 1 and re.search(rf"(?<![\w.]){re.escape(text)}(?![\w])", message):
-            score += 2
-            if re.search(rf"\b{re.escape(leaf)}\b", message):
-                score += 1
-        if score > best_score:
-            best, best_score = (where, key), score
-    return best
-
-
-def _did_you_mean(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def summarize(message: str, usage: str = "") -> str:
-    """One line for a parser or class error: the innermost reasons, where the value was set
-    (``FILE: KEY`` or ``--KEY``), and a "did you mean" for an unknown key."""
-    hints, names = [], []
-    # an unknown init argument of a class: "Problem with given class_path 'C':\n Option 'x'..."
-    for cls_path, name in re.findall(
-        r"class_path '([\w.]+)':\s*\n\s*Option '(\w+)' is not accepted", message
-    ):
-        names.append(name)
-        try:
-            module, _, attr = cls_path.rpartition(".")
-            params = list(inspect.signature(getattr(import_module(module), attr)).parameters)
-        except Exception:
-            params = []
-        hints.append(f"unknown key {name!r} for {cls_path.rsplit('.', 1)[-1]}"
-                     + _did_you_mean(name, params))  # fmt: skip
-    # an unknown option of the parser: "does not accept option 'trainer.max_stepz'"
-    for name in re.findall(r"does not accept option '([\w.]+)'", message):
-        names.append(name)
-        options = re.findall(r"--([\w.]+)", usage)
-        hints.append(f"unknown key {name!r}" + _did_you_mean(name, options))
-    for args in re.findall(r"(?i)unrecognized arguments: (.*)", message):
-        options = re.findall(r"--([\w.]+)", usage)
-        for name in re.findall(r"--([\w.]+)", args):
-            names.append(name)
-            hints.append(f"unknown option --{name}" + _did_you_mean(name, options))
-    # the key a type error is about: 'Parser key "trainer.max_steps":'
-    names += re.findall(r'Parser key "([\w.]+)"', message)
-    if not hints:
-        expected = []
-        for line in message.splitlines():
-            text = line.strip().removeprefix("- ").strip()
-            if text.startswith("Expected a <class") and "NoneType" not in text:
-                expected.append(text)
-            elif text and not text.startswith(_NOISE) and text not in hints:
-                hints.append(text)
-        hints = hints or expected  # a plain type error: "Expected a <class 'int'>. Got ..."
-    # dataclass fields (RecurrentDropout and kin): "unknown field(s) ['x']; valid fields are [...]"
-    fields_error = r"unknown field\(s\) \[([^\]]*)\]; valid fields are \[([^\]]*)\]"
-    for unknown, valid in re.findall(fields_error, message):
-        fields = re.findall(r"'(\w+)'", valid)
-        for name in re.findall(r"'(\w+)'", unknown):
-            names.append(name)
-            hint = _did_you_mean(name, fields).removeprefix("; ")
-            if hint:
-                hints.append(f"{name!r}: {hint}")
-    what = "; ".join(hints) or message.strip().splitlines()[0]
-    where = _locate(what if not names else message, names)
-    if where is None:
-        return what
-    source, key = where
-    return f"{source}: {what}" if source.startswith("--") else f"{source}: {key}: {what}"
-
-
-def fail(message: str) -> NoReturn:
-    """Print one ``error:`` line and exit with code 2 (argparse's code for a usage error)."""
-    sys.stderr.write("error: " + " ".join(message.split()) + "\n")
-    raise SystemExit(2)
+# ---- one way to fail (the error text: rnndrop/lit/errors.py) -----------------------------------
 
 
 class RnndropArgumentParser(LightningArgumentParser):
@@ -304,13 +174,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _message(err: BaseException) -> str:
     # a KeyError's str() is the repr of its argument: use the argument
     return str(err.args[0]) if len(err.args) == 1 else str(err)
-
-
-def cli_spelling(message: str) -> str:
-    """A data-module message in the CLI's spelling of its arguments."""
-    message = re.sub(r"\bdownload=True\b", "--data.init_args.download true", message)
-    return re.sub(r"\bpoint data_dir\b", "point --data.init_args.data_dir (or $RNNDROP_DATA_DIR)",
-                  message)  # fmt: skip
 
 
 OPTIMIZER_GROUPS = ("optimizer", "lr_scheduler")
@@ -343,10 +206,9 @@ class RnndropCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        global _ARGV
         given = sys.argv[1:] if args is None else args
-        _ARGV = list(given) if isinstance(given, list) else []  # a dict/Namespace: no argv
-        reject_optimizer_groups(_sources(_ARGV))
+        self._argv = set_argv(given if isinstance(given, list) else [])  # dict/Namespace: none
+        reject_optimizer_groups(_sources(self._argv))
         super().parse_arguments(parser, args)
 
     def _parse_ckpt_path(self) -> None:
@@ -364,7 +226,7 @@ class RnndropCLI(LightningCLI):
         if not ckpt_path or str(ckpt_path) in ("last", "best", "hpc", "registry") or \
                 "://" in str(ckpt_path):  # fmt: skip
             return super()._parse_ckpt_path()
-        sources = _sources(_ARGV)
+        sources = _sources(self._argv)
         where = next((w for w, k, _ in reversed(sources) if k == "ckpt_path"), "--ckpt_path")
         where = where if where.startswith("--") else f"{where}: ckpt_path"
         try:

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from ..config import RecurrentDropout, TransformerDropout
+from ..config import DropoutSpec, RecurrentDropout, TransformerDropout, as_dropout
 from ..nn import GRU, LSTM, CausalTransformer, RNNBase
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "RecurrentStack",
     "TransformerEncoder",
     "build_encoder",
+    "encoder_dropout",
 ]
 
 EncoderKind = Literal["lstm", "gru", "transformer"]
@@ -28,6 +29,31 @@ EncoderKind = Literal["lstm", "gru", "transformer"]
 #: the recurrent cells a :class:`RecurrentStack` is built of, by encoder name
 RECURRENT_CELLS: dict[str, type[RNNBase]] = {"lstm": LSTM, "gru": GRU}
 ENCODERS: tuple[str, ...] = (*RECURRENT_CELLS, "transformer")
+
+
+def encoder_dropout(
+    encoder: str,
+    dropout: DropoutSpec | TransformerDropout,
+    transformer_dropout: TransformerDropout | dict[str, Any] | None = None,
+) -> tuple[RecurrentDropout, TransformerDropout]:
+    """A model's ``(recurrent, transformer)`` dropout configs from its arguments.
+
+    ``dropout`` is the encoder's scheme, whatever the encoder: anything
+    :func:`rnndrop.config.as_dropout` takes, or a :class:`~rnndrop.config.TransformerDropout`
+    for the transformer (then the recurrent config is "none", as when it came as
+    ``transformer_dropout``, so the model's recorded config is the same either way).
+    ``transformer_dropout`` stays for dicts (YAML, the command line).
+    """
+    if isinstance(dropout, TransformerDropout):
+        if encoder in RECURRENT_CELLS:
+            raise ValueError(f"dropout: a TransformerDropout is for the transformer encoder, "
+                             f"not {encoder!r}; give a RecurrentDropout")  # fmt: skip
+        if transformer_dropout:
+            raise ValueError("give the transformer's dropout once: as dropout or as "
+                             "transformer_dropout, not both")  # fmt: skip
+        return RecurrentDropout(), dropout
+    recurrent = as_dropout(dropout, encoder)  # GRU zoneout: on h
+    return recurrent, TransformerDropout.from_dict(transformer_dropout or {})
 
 
 class RecurrentStack(nn.Module):

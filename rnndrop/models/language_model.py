@@ -6,9 +6,9 @@ from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
-from ..config import DropoutSpec, TransformerDropout, as_dropout
+from ..config import DropoutSpec, TransformerDropout
 from ..nn import EmbeddingDropout
-from .encoders import EncoderKind, build_encoder
+from .encoders import EncoderKind, build_encoder, encoder_dropout
 
 __all__ = ["LMOutput", "LanguageModel"]
 
@@ -38,8 +38,11 @@ class LanguageModel(nn.Module):
             :class:`~rnndrop.config.RecurrentDropout`, a dict of its fields, a preset name,
             ``{"preset": name, **arguments}``, or a float with ``nn.LSTM``'s meaning); its
             ``embedding`` rate applies to every encoder. A site the GRU lacks
-            (``zoneout_cell``) raises ``ValueError``.
-        transformer_dropout: the transformer's sites.
+            (``zoneout_cell``) raises ``ValueError``. For the transformer, a
+            :class:`~rnndrop.config.TransformerDropout` here is its dropout (one argument per
+            encoder: :func:`~rnndrop.models.encoders.encoder_dropout`).
+        transformer_dropout: the transformer's sites (a dict or config; or give them as
+            ``dropout``).
         num_heads, ffn_size, positions, max_len: transformer shape.
         tie_weights: share the embedding and decoder weights.
         init_range: if set, every parameter ~ U(-r, r) (Zaremba et al. 2014 used 0.1 small,
@@ -57,7 +60,7 @@ class LanguageModel(nn.Module):
         hidden_size: int = 200,
         num_layers: int = 2,
         encoder: EncoderKind = "lstm",
-        dropout: DropoutSpec = None,
+        dropout: DropoutSpec | TransformerDropout = None,
         transformer_dropout: TransformerDropout | None = None,
         num_heads: int = 4,
         ffn_size: int | None = None,
@@ -68,8 +71,8 @@ class LanguageModel(nn.Module):
     ) -> None:
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.dropout = dropout = as_dropout(dropout, encoder)  # GRU zoneout: on h
-        transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
+        self.dropout, transformer_dropout = encoder_dropout(encoder, dropout, transformer_dropout)
+        dropout = self.dropout
         # the constructor's arguments as plain data: hparams, and rebuilding from a checkpoint
         self.config = {**args, "dropout": dropout.to_dict(),
                        "transformer_dropout": transformer_dropout.to_dict()}  # fmt: skip

@@ -6,8 +6,8 @@ from typing import Any, Literal, NamedTuple
 
 from torch import Tensor, nn
 
-from ..config import DropoutSpec, TransformerDropout, as_dropout
-from .encoders import EncoderKind, build_encoder
+from ..config import DropoutSpec, TransformerDropout
+from .encoders import EncoderKind, build_encoder, encoder_dropout
 
 __all__ = ["SeqOutput", "SequenceModel"]
 
@@ -52,7 +52,7 @@ class SequenceModel(nn.Module):
         hidden_size: int = 128,
         num_layers: int = 1,
         encoder: EncoderKind = "lstm",
-        dropout: DropoutSpec = None,
+        dropout: DropoutSpec | TransformerDropout = None,
         transformer_dropout: TransformerDropout | None = None,
         num_heads: int = 4,
         ffn_size: int | None = None,
@@ -74,8 +74,8 @@ class SequenceModel(nn.Module):
             self.embed, features = nn.Identity(), input_size
         else:
             raise ValueError(f"input_kind must be 'tokens' or 'float', got {input_kind!r}")
-        self.dropout = dropout = as_dropout(dropout, encoder)  # GRU zoneout: on h
-        transformer_dropout = TransformerDropout.from_dict(transformer_dropout or {})
+        self.dropout, transformer_dropout = encoder_dropout(encoder, dropout, transformer_dropout)
+        dropout = self.dropout
         # the constructor's arguments as plain data: hparams, and rebuilding from a checkpoint
         self.config = {**args, "dropout": dropout.to_dict(),
                        "transformer_dropout": transformer_dropout.to_dict()}  # fmt: skip

@@ -55,6 +55,16 @@ class StochasticModule(nn.Module):
             self.__dict__.setdefault("last_masks", {})[site] = mask
 
 
+def script_refusal(module: nn.Module) -> RuntimeError:
+    """The error for ``torch.jit.script`` of a layer or cell, naming what works instead."""
+    return RuntimeError(
+        f"torch.jit.script does not support rnndrop's {type(module).__name__} (its forward "
+        "picks a path and draws masks in Python). Use torch.export.export(model.eval(), "
+        "(x,)) or torch.onnx.export(..., dynamo=True) for deployment; torch.jit.trace of "
+        "an eval-mode model also works."
+    )
+
+
 @contextlib.contextmanager
 def mc_dropout(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Sample rnndrop's dropout masks at test time (Gal & Ghahramani 2016).

@@ -74,7 +74,7 @@ def _key(site: str, layer: int, direction: int = 0) -> tuple[str, int, int]:
 
 
 class ForwardMasks:
-    """The masks of one forward call of an LSTM.
+    """The masks of one forward call of a recurrent layer (any cell: LSTM, GRU).
 
     Recorded masks, by site name (see :func:`site_name`), broadcast against:
     ``input``/``between_layers`` ``(T, B, F)`` tied or ``(G, T, B, F)`` untied (one per

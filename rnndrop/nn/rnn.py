@@ -16,7 +16,7 @@ from ..kernels import LayerMasks, fused_dtype, rnn_layer
 from ..kernels.cpp import build as _ext
 from ..kernels.reference import transform_active
 from .cells import GRU_CELL, LSTM_CELL, Cell
-from .dropout import StochasticModule
+from .dropout import StochasticModule, script_refusal
 from .masks import ForwardMasks, _layer_sites, is_active, needs_loop
 from .workspace import WeightBuffers
 
@@ -353,12 +353,7 @@ class RNNBase(StochasticModule):
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` calls this first: refuse with the alternatives."""
-        raise RuntimeError(
-            f"torch.jit.script does not support rnndrop's {type(self).__name__} (its forward "
-            "picks a path and draws masks in Python). Use torch.export.export(model.eval(), "
-            "(x,)) or torch.onnx.export(..., dynamo=True) for deployment; torch.jit.trace of "
-            "an eval-mode model also works."
-        )
+        raise script_refusal(self)
 
     def _check_traceable(self, sample: bool) -> None:
         """A trace records the masks of the traced call as constants: refuse (see

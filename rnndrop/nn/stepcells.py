@@ -26,7 +26,8 @@ from torch import _VF, Tensor, nn
 from ..config import SITES, DropoutSpec, RecurrentDropout, as_dropout, is_preset
 from ..functional import bernoulli_mask
 from .cells import GRU_CELL, LSTM_CELL, Cell
-from .dropout import StochasticModule
+from .dropout import StochasticModule, script_refusal
+from .masks import is_active
 
 __all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase", "cell_dropout", "sequence"]
 
@@ -698,6 +699,7 @@ class StepCellBase(StochasticModule):
             if not batched:
                 state = tuple(s.unsqueeze(0) for s in state)
         self._check_sizes(x, state)
+        self._refuse_frozen_masks(is_active(self.dropout, 1, True))  # under jit.trace
         record: dict[str, Tensor] | None = {} if self.record_masks else None
         seq = self._sequence_masks(masks, B, x, hx is None) if self.sampling else None
         step = self._resolve(x, seq, B, record)
@@ -710,6 +712,10 @@ class StepCellBase(StochasticModule):
             out, new = out.squeeze(0), tuple(s.squeeze(0) for s in new)
         result = new if self.cell.has_cell else new[0]
         return (out, result) if return_output else result
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` calls this first: refuse with the alternatives."""
+        raise script_refusal(self)
 
     def _check_hx(self, hx) -> tuple[Tensor, ...] | None:
         kind = type(self).__name__

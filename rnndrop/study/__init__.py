@@ -4,9 +4,11 @@ from .._extras import needs_train_extra, require_train_extra
 
 require_train_extra("rnndrop.study")  # its functions import Lightning when they run
 with needs_train_extra("rnndrop.study"):  # without the train extra: an error naming it
+    from .base import Run, Study
     from .config import (
         BUILTIN_SCHEMES,
         Cell,
+        LongRangeRun,
         StudyConfig,
         load_study,
         preset_scheme,
@@ -19,6 +21,9 @@ with needs_train_extra("rnndrop.study"):  # without the train extra: an error na
 __all__ = [
     "BUILTIN_SCHEMES",
     "Cell",
+    "LongRangeRun",
+    "Run",
+    "Study",
     "StudyConfig",
     "StudyInterrupted",
     "curve_measures",

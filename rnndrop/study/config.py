@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -14,11 +12,13 @@ from typing import Any
 
 from ..config import PRESETS, RecurrentDropout, TransformerDropout, as_dropout
 from ..models.encoders import ENCODERS, RECURRENT_CELLS
+from .base import V1_DROPOUT_FIELDS, Study, run_label
 from .common import read_settings
 
 __all__ = [
     "BUILTIN_SCHEMES",
     "Cell",
+    "LongRangeRun",
     "StudyConfig",
     "check_model_settings",
     "load_study",
@@ -147,32 +147,10 @@ def check_schemes(schemes: list[str], custom_schemes: Mapping[str, Any]) -> None
                          "or define them under custom_schemes")  # fmt: skip
 
 
-class SchemeGrid:
-    """The grid of a study of schemes × rates × seeds (the context and inference studies):
-    ``scheme_spec``, ``rates_for``, ``cells`` and ``cell_dir``, from the dataclass's fields
-    ``schemes``, ``rates``, ``seeds`` and ``custom_schemes``, its ``root`` and its cell class
-    ``_cell`` (called ``_cell(scheme, rate, seed)``, with a ``label``)."""
-
-    def _check_schemes(self) -> None:
-        check_schemes(self.schemes, self.custom_schemes)
-
-    def scheme_spec(self, scheme: str) -> dict[str, Any]:
-        return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
-
-    def rates_for(self, scheme: str) -> list[float | None]:
-        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
-
-    def cells(self) -> list:
-        return [self._cell(s, p, seed) for s in self.schemes for p in self.rates_for(s)
-                for seed in self.seeds]  # fmt: skip
-
-    def cell_dir(self, cell) -> Path:
-        return self.root / cell.label / f"seed={cell.seed}"
-
-
 @dataclass(frozen=True)
-class Cell:
-    """One run of the grid. ``task`` is the task's label in a study of several tasks."""
+class LongRangeRun:
+    """One run of the long-range grid (formerly ``Cell``: a cell of the grid, not a recurrent
+    cell). ``task`` is the task's label in a study of several tasks."""
 
     scheme: str
     rate: float | None
@@ -183,11 +161,14 @@ class Cell:
     @property
     def label(self) -> str:
         """Scheme with its rate, e.g. ``variational_p0.25``."""
-        return self.scheme if self.rate is None else f"{self.scheme}_p{self.rate:g}"
+        return run_label(self.scheme, self.rate)
 
     def __str__(self) -> str:
         where = "" if self.task is None else f"{self.task} "
         return f"{where}{self.label} d={self.distance} seed={self.seed}"
+
+
+Cell = LongRangeRun  # the name before study v3's base class (kept: code imports it)
 
 
 # what an entry of StudyConfig.tasks sets; train_size makes the data regime a per-task axis:
@@ -196,7 +177,7 @@ TASK_KEYS = ("task", "task_args", "distances", "train_size")
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(Study):
     """A long-range study: schemes x rates x distances x seeds on one or more synthetic tasks.
 
     Each cell trains a fresh :class:`~rnndrop.models.SequenceModel` for the same budget
@@ -219,27 +200,19 @@ class StudyConfig:
     variant), seed by seed: same data, same order, same initial weights.
     """
 
+    # the fields of Study (name, schemes, rates, seeds, custom_schemes, model, steps,
+    # batch_size, optimizer, lr, gradient_clip_val, out_dir) at its defaults, except these
     name: str = "long_range"  # the study's folder under out_dir
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
     task: str = "copy"  # a key of rnndrop.data.synthetic.TASKS, e.g. copy, selective_copy
     task_args: dict[str, Any] = field(default_factory=dict)  # e.g. {n_copy: 1}
     distances: list[int] = field(default_factory=lambda: [10, 50, 100])
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    rates: list[float] = field(default_factory=lambda: [0.25])
-    schemes: list[str] = field(default_factory=lambda: ["none", "variational"])
-    custom_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)
-    model: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64})
-    steps: int = 2000  # optimiser steps per cell
-    batch_size: int = 32
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    gradient_clip_val: float = 1.0
     val_every: int = 500  # validation (TensorBoard curves) every n steps
     eval_size: int = 1000  # held-out samples for the final evaluation
     mc_samples: int = 8  # MC dropout passes in the final evaluation (0: off)
     grad_distances: list[int] | None = None  # k for gradient norm through time
     report_grad_distance: int | None = None  # the report's gradient curves (default: middle d)
     solved_threshold: float = 0.9  # normalised accuracy that counts as solved
-    out_dir: str = "runs"
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> task settings
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> model, schemes
     train_size: int | None = None  # None: fresh data every step; N: a fixed set of N sequences
@@ -250,10 +223,6 @@ class StudyConfig:
         self._variant_schemes = self._expand_variants(known)
         self._label: str | None = None  # this task's label when made by for_task
         self._check_tasks()
-        for name, value in (("steps", self.steps), ("batch_size", self.batch_size),
-                            ("eval_size", self.eval_size)):  # fmt: skip
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
         if self.train_size is not None and (
             isinstance(self.train_size, bool) or not isinstance(self.train_size, int)
             or self.train_size < 1
@@ -262,15 +231,7 @@ class StudyConfig:
                              f">= 1, got {self.train_size!r}")  # fmt: skip
         if not self.distances or any(d < 1 for d in self.distances):
             raise ValueError(f"distances must be positive integers, got {self.distances}")
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed")
-        for scheme in self.all_schemes():  # validate every scheme at every rate now
-            for p in self.rates_for(scheme):
-                try:
-                    resolve_scheme(self.scheme_spec(scheme), p)
-                except (ValueError, TypeError) as err:
-                    raise ValueError(f"scheme {scheme!r}: {err}") from err
-        check_model_settings(self.model, "model")
+        self._check_study(("steps", "batch_size", "eval_size"))
 
     def _expand_variants(self, known: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -303,9 +264,10 @@ class StudyConfig:
         return [*self.schemes, *self._variant_schemes]
 
     def scheme_spec(self, scheme: str) -> dict[str, Any]:
+        """The scheme's definition (a variant's: its scheme on the variant's model)."""
         if scheme in self._variant_schemes:
             return self._variant_schemes[scheme]
-        return self.custom_schemes.get(scheme) or BUILTIN_SCHEMES[scheme]
+        return super().scheme_spec(scheme)
 
     def task_labels(self) -> list[str]:
         """The tasks' labels; a one-task study's label is its task."""
@@ -340,19 +302,12 @@ class StudyConfig:
                 return other
         return None
 
-    def model_for(self, scheme: str) -> dict[str, Any]:
-        """The study's model settings with the scheme's own overrides."""
-        return {**self.model, **self.scheme_spec(scheme).get("model", {})}
-
-    def rates_for(self, scheme: str) -> list[float | None]:
-        return list(self.rates) if uses_rate(self.scheme_spec(scheme)) else [None]
-
-    def cells(self) -> list[Cell]:
+    def cells(self) -> list[LongRangeRun]:
         """Every cell, in a fixed order (task, scheme, rate, distance, seed)."""
         if self.tasks:
             return [c for label in self.tasks for c in self.for_task(label).cells()]
         return [
-            Cell(s, p, d, seed, self._label)
+            LongRangeRun(s, p, d, seed, self._label)
             for s in self.all_schemes()
             for p in self.rates_for(s)
             for d in self.distances
@@ -369,13 +324,13 @@ class StudyConfig:
         """``<out_dir>/<name>/<task label>``: one task's cells and report."""
         return self.study_root / (self._label or self.task)
 
-    def cell_dir(self, cell: Cell) -> Path:
+    def cell_dir(self, cell: LongRangeRun) -> Path:
         """``runs/<study>/<task>/<scheme>/d=<d>/seed=<s>`` (the rate is part of the scheme)."""
         if self.tasks:
             return self.for_task(cell.task).cell_dir(cell)
         return self.root / cell.label / f"d={cell.distance}" / f"seed={cell.seed}"
 
-    def cell_spec(self, cell: Cell) -> dict[str, Any]:
+    def cell_spec(self, cell: LongRangeRun) -> dict[str, Any]:
         """Everything that determines a cell's result (hashed to recognise finished cells)."""
         if self.tasks:
             return self.for_task(cell.task).cell_spec(cell)
@@ -388,25 +343,23 @@ class StudyConfig:
         return {
             "format": FORMAT, "task": self.task, "task_args": self.task_args,
             "distance": cell.distance, "seed": cell.seed, "scheme": cell.scheme,
-            "rate": cell.rate, "encoder": encoder, "dropout": _hashed(dropout.to_dict()),
+            "rate": cell.rate, "encoder": encoder, "dropout": self.dropout_spec(dropout),
             "model": self.model_for(cell.scheme),
             "train": train, "eval": evaluation,
         }  # fmt: skip
 
-    def cell_hash(self, cell: Cell) -> str:
-        blob = json.dumps(self.cell_spec(cell), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
-# dropout fields added after results were published, with their defaults: left out of a cell's
-# spec at those defaults, so the hashes (and finished cells) of earlier studies stay valid
-_LATER_FIELDS = {"concrete": False, "temperature": 0.1}
+# RecurrentDropout's fields added after results were published, with their defaults: left out
+# of a run's spec at those defaults, so the hashes (and finished runs) of earlier studies stay
+# valid. Derived: every field not in base.V1_DROPOUT_FIELDS (a new site is one automatically).
+_LATER_FIELDS = {f.name: f.default for f in dataclasses.fields(RecurrentDropout)
+                 if f.name not in V1_DROPOUT_FIELDS}  # fmt: skip
 
 
 def _hashed(dropout: dict[str, Any]) -> dict[str, Any]:
+    """A dropout config's dict as a long-range or context run's spec holds it (for code that
+    has the dict; :func:`rnndrop.study.base.dropout_spec` takes the config)."""
     return {k: v for k, v in dropout.items()
             if not (k in _LATER_FIELDS and v == _LATER_FIELDS[k])}  # fmt: skip
 
@@ -429,7 +382,7 @@ def check_model_settings(model: Mapping[str, Any], where: str) -> None:
 
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
     """A study from a YAML file (keys as :class:`StudyConfig`'s fields) plus overrides."""
-    data = read_settings(path, overrides, StudyConfig, "study")
+    data = read_settings(path, overrides, StudyConfig, StudyConfig._SETTINGS)
     if data.get("tasks") and (clash := [k for k in TASK_KEYS if k in data]):
         raise ValueError(f"{clash}: a study with `tasks` sets these per task, under tasks.<label>")
     return StudyConfig(**data)

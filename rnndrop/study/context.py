@@ -14,9 +14,6 @@ the report is ``context.csv`` (a row per run, mode and ``d``), ``context.md`` an
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 import sys
 import time
@@ -24,15 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .base import Run, Study
 from .common import (
     format_ci,
     fresh_run_dir,
     group_by,
-    read_settings,
     tensorboard_summary,
     write_json,
 )
-from .config import SchemeGrid, _hashed, check_model_settings, resolve_scheme
 
 __all__ = [
     "ContextCell",
@@ -46,57 +42,41 @@ __all__ = [
 FORMAT = 1
 
 
-@dataclass(frozen=True)
-class ContextCell:
-    scheme: str
-    rate: float | None
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return self.scheme if self.rate is None else f"{self.scheme}_p{self.rate:g}"
-
-    def __str__(self) -> str:
-        return f"{self.label} seed={self.seed}"
+ContextCell = Run  # the name before the studies shared a base class (kept: code imports it)
 
 
 @dataclass
-class ContextStudyConfig(SchemeGrid):
+class ContextStudyConfig(Study):
     """Schemes x rates x seeds of language models on one corpus, each probed for context use.
 
     ``corpus`` is ``ptb``, ``ptb_char``, ``wikitext2`` (from ``data_dir`` /
     ``$RNNDROP_DATA_DIR``) or ``folder`` (``data_dir`` holding train/valid/test text files).
     """
 
-    _cell = ContextCell  # not a field: no annotation
+    _SETTINGS = "context-study"
 
+    # the fields of Study (name, schemes, rates, seeds, custom_schemes, model, steps,
+    # batch_size, optimizer, lr, gradient_clip_val, out_dir) at its defaults, except these
     name: str = "context"
-    corpus: str = "ptb"
-    data_dir: str | None = None
     schemes: list[str] = field(default_factory=lambda: ["none", "naive", "variational"])
-    rates: list[float] = field(default_factory=lambda: [0.25])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    custom_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)
     model: dict[str, Any] = field(
         default_factory=lambda: {"embedding_size": 200, "hidden_size": 200, "num_layers": 2}
     )
-    steps: int = 2000
     batch_size: int = 20
-    bptt: int = 35
-    optimizer: str = "adam"
     lr: float = 2e-3
-    gradient_clip_val: float = 1.0
+    corpus: str = "ptb"
+    data_dir: str | None = None
+    bptt: int = 35
     window: int = 200  # context of the unperturbed reference
     distances: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20, 50, 100, 150])
     modes: list[str] = field(default_factory=lambda: ["shuffle", "replace", "cut"])
     n_targets: int = 1000
     context_threshold: float = 0.01  # relative loss increase that counts as "still used"
-    out_dir: str = "runs"
 
     def __post_init__(self) -> None:
         from ..analysis.context import MODES
 
-        self._check_schemes()
+        self._check_study(("steps", "batch_size", "bptt", "n_targets"))
         if self.corpus not in ("ptb", "ptb_char", "wikitext2", "folder"):
             raise ValueError(f"corpus must be ptb, ptb_char, wikitext2 or folder, got "
                              f"{self.corpus!r}")  # fmt: skip
@@ -108,18 +88,6 @@ class ContextStudyConfig(SchemeGrid):
         if any(not 1 <= d < self.window for d in self.distances):
             raise ValueError(f"distances must lie in [1, window - 1 = {self.window - 1}], got "
                              f"{self.distances}")  # fmt: skip
-        for name in ("steps", "batch_size", "bptt", "n_targets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed")
-        for s in self.schemes:
-            for p in self.rates_for(s):
-                try:
-                    resolve_scheme(self.scheme_spec(s), p)
-                except (ValueError, TypeError) as err:
-                    raise ValueError(f"scheme {s!r}: {err}") from err
-        check_model_settings(self.model, "model")
         transformers = [s for s in self.schemes
                         if self.scheme_spec(s).get("encoder", "lstm") == "transformer"]  # fmt: skip
         if transformers and self.window > self.bptt:
@@ -133,39 +101,30 @@ class ContextStudyConfig(SchemeGrid):
     def root(self) -> Path:
         return Path(self.out_dir) / self.name / self.corpus
 
-    def cell_spec(self, cell: ContextCell) -> dict[str, Any]:
-        encoder, dropout = resolve_scheme(self.scheme_spec(cell.scheme), cell.rate)
+    def cell_spec(self, cell: Run) -> dict[str, Any]:
+        """Every setting but where the study lives and its grid, the run's scheme, rate and
+        seed, its encoder, dropout and model (hashed to recognise finished runs)."""
+        encoder, dropout = self.resolve(cell.scheme, cell.rate)
         d = self.to_dict()
         for k in ("name", "schemes", "rates", "seeds", "custom_schemes", "out_dir", "data_dir"):
             d.pop(k)
-        model = {**self.model, **self.scheme_spec(cell.scheme).get("model", {})}
         cell_keys = {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed}
         return {**d, **cell_keys, "format": FORMAT, "encoder": encoder,
-                "dropout": _hashed(dropout.to_dict()), "model": model}  # fmt: skip
-
-    def cell_hash(self, cell: ContextCell) -> str:
-        blob = json.dumps(self.cell_spec(cell), sort_keys=True, default=str)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+                "dropout": self.dropout_spec(dropout),
+                "model": self.model_for(cell.scheme)}  # fmt: skip
 
 
 def load_context_study(path: str | Path, **overrides: Any) -> ContextStudyConfig:
-    data = read_settings(path, overrides, ContextStudyConfig, "context-study")
-    return ContextStudyConfig(**data)
+    """A study from a YAML file (keys as :class:`ContextStudyConfig`'s fields) + overrides."""
+    return ContextStudyConfig.load(path, **overrides)
 
 
-def load_context_result(study: ContextStudyConfig, cell: ContextCell) -> dict[str, Any] | None:
+def load_context_result(study: ContextStudyConfig, cell: Run) -> dict[str, Any] | None:
     """The run's saved result if it exists for exactly this configuration (same hash)."""
-    try:
-        r = json.loads((study.cell_dir(cell) / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return r if r.get("config_hash") == study.cell_hash(cell) else None
+    return study.load_result(cell)
 
 
-def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: bool = False):
+def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = False):
     """Train one language model and probe its use of context; write ``result.json``."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -174,20 +133,18 @@ def run_context_cell(study: ContextStudyConfig, cell: ContextCell, progress: boo
     from ..data import LanguageModelDataModule
     from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
     from ..lit.cli import progress_display
-    from ..models import RECURRENT_CELLS, LanguageModel
+    from ..models import LanguageModel
 
     start = time.perf_counter()
     out = study.cell_dir(cell)
     fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
     spec = study.cell_spec(cell)
-    encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
+    encoder, dropout = study.resolve(cell.scheme, cell.rate)
     dm = LanguageModelDataModule(study.corpus, data_dir=study.data_dir,
                                  batch_size=study.batch_size, bptt=study.bptt)  # fmt: skip
     dm.setup("fit")
-    kind = "dropout" if encoder in RECURRENT_CELLS else "transformer_dropout"
-    model = LanguageModel(dm.vocab_size, encoder=encoder, **{kind: dropout},
-                          **spec["model"])  # fmt: skip
+    model = LanguageModel(dm.vocab_size, encoder=encoder, dropout=dropout, **spec["model"])
     task = LanguageModelTask(model, optimizer=study.optimizer, lr=study.lr)
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(

@@ -34,15 +34,14 @@ the built-in schemes have none.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -53,8 +52,8 @@ from ..analysis.inference import (
     evaluate_inference,
     learned_rates,
 )
-from .common import fresh_run_dir, read_settings, write_json
-from .config import SchemeGrid, check_model_settings, resolve_scheme
+from .base import V1_DROPOUT_FIELDS, Run, Study, spec_hash
+from .common import fresh_run_dir, write_json
 from .inference_report import TITLES, write_inference_report
 
 __all__ = [
@@ -68,6 +67,7 @@ __all__ = [
     "load_inference_study",
     "run_inference_cell",
     "run_inference_study",
+    "train_model",
     "write_inference_report",
 ]
 
@@ -77,22 +77,11 @@ _TRAIN_KEYS = ("task", "task_args", "distance", "model", "steps", "batch_size", 
                "lr", "gradient_clip_val", "val_every")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class InferenceCell:
-    scheme: str
-    rate: float | None
-    seed: int
-
-    @property
-    def label(self) -> str:
-        return self.scheme if self.rate is None else f"{self.scheme}_p{self.rate:g}"
-
-    def __str__(self) -> str:
-        return f"{self.label} seed={self.seed}"
+InferenceCell = Run  # the name before the studies shared a base class (kept: code imports it)
 
 
 @dataclass
-class InferenceStudyConfig(SchemeGrid):
+class InferenceStudyConfig(Study):
     """Schemes x rates x seeds of sequence models on one synthetic classification task, each
     evaluated by weight scaling and by Monte Carlo with both aggregations.
 
@@ -103,60 +92,42 @@ class InferenceStudyConfig(SchemeGrid):
     measured on a loaded 2-core machine).
     """
 
-    _cell = InferenceCell  # not a field: no annotation
+    _SETTINGS = "inference-study"
+    # the study was born after concrete dropout: its specs hold every field of the time
+    _DROPOUT_FIELDS = (*V1_DROPOUT_FIELDS, "concrete", "temperature")
 
+    # the fields of Study (name, schemes, rates, seeds, custom_schemes, model, steps,
+    # batch_size, optimizer, lr, gradient_clip_val, out_dir) at its defaults, except these
     name: str = "inference"  # the study's folder under out_dir
+    schemes: list[str] = field(default_factory=lambda: ["none", "naive", "variational"])
+    model: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "embedding_size": 16})
     task: str = "delayed_recall"  # a classification task of rnndrop.data.synthetic
     task_args: dict[str, Any] = field(default_factory=lambda: {"n_symbols": 4})  # its arguments
     distance: int = 10  # the task's dependency distance
-    schemes: list[str] = field(default_factory=lambda: ["none", "naive", "variational"])
-    rates: list[float] = field(default_factory=lambda: [0.25])  # "p" of the schemes
-    seeds: list[int] = field(default_factory=lambda: [0])  # data, initialisation and MC draws
-    custom_schemes: dict[str, dict[str, Any]] = field(default_factory=dict)  # as long-range
-    model: dict[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "embedding_size": 16})
-    steps: int = 2000  # optimiser steps per model
-    batch_size: int = 32  # fresh samples per step
-    optimizer: str = "adam"
-    lr: float = 3e-3
-    gradient_clip_val: float = 1.0
     val_every: int = 500  # validation (TensorBoard curves) every n steps
     eval_size: int = 512  # held-out sequences scored
     eval_batch_size: int = 256
     sample_sizes: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 50])  # S; max: MC rows
     n_bins: int = 15  # confidence bins of ECE and the reliability diagrams
     threads: int | None = 1  # torch threads (None: torch's default); small models: one is best
-    out_dir: str = "runs"
 
     def __post_init__(self) -> None:
         from ..data.synthetic import TASKS
 
-        self._check_schemes()
+        self._check_study(("distance", "steps", "batch_size", "val_every", "eval_size",
+                           "eval_batch_size", "n_bins"))  # fmt: skip
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {sorted(TASKS)}, got {self.task!r}")
         if TASKS[self.task].loss != "cross_entropy":
             raise ValueError(f"task {self.task!r} is a regression: the inference study needs "
                              "class probabilities (copy, delayed_recall, "
                              "associative_recall, selective_copy)")  # fmt: skip
-        for name in ("distance", "steps", "batch_size", "val_every", "eval_size",
-                     "eval_batch_size", "n_bins"):  # fmt: skip
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ValueError(f"threads must be an integer >= 1 or null, got {self.threads!r}")
         sizes = self.sample_sizes
         if not sizes or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
             raise ValueError(f"sample_sizes must be integers >= 1, got {sizes}")
         self.sample_sizes = sorted(set(sizes))
-        if not self.seeds:
-            raise ValueError("seeds: give at least one seed")
-        for s in self.schemes:
-            for p in self.rates_for(s):
-                try:
-                    resolve_scheme(self.scheme_spec(s), p)
-                except (ValueError, TypeError) as err:
-                    raise ValueError(f"scheme {s!r}: {err}") from err
-        check_model_settings(self.model, "model")
 
     @property
     def mc_samples(self) -> int:
@@ -166,71 +137,97 @@ class InferenceStudyConfig(SchemeGrid):
     def root(self) -> Path:
         return Path(self.out_dir) / self.name / self.task
 
-    def train_spec(self, cell: InferenceCell) -> dict[str, Any]:
+    def train_spec(self, cell: Run) -> dict[str, Any]:
         """Everything that decides the trained model (hashed: a saved model is reused when
         only the evaluation settings change)."""
-        encoder, dropout = resolve_scheme(self.scheme_spec(cell.scheme), cell.rate)
-        model = {**self.model, **self.scheme_spec(cell.scheme).get("model", {})}
+        encoder, dropout = self.resolve(cell.scheme, cell.rate)
         train = {k: getattr(self, k) for k in _TRAIN_KEYS}
-        return {**train, "model": model, "format": FORMAT, "scheme": cell.scheme,
-                "rate": cell.rate, "seed": cell.seed, "encoder": encoder,
-                "dropout": dropout.to_dict()}  # fmt: skip
+        return {**train, "model": self.model_for(cell.scheme), "format": FORMAT,
+                "scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed, "encoder": encoder,
+                "dropout": self.dropout_spec(dropout)}  # fmt: skip
 
-    def cell_spec(self, cell: InferenceCell) -> dict[str, Any]:
+    def cell_spec(self, cell: Run) -> dict[str, Any]:
+        """The training's spec and the evaluation settings (the run's hash)."""
         evaluation = {k: getattr(self, k) for k in ("eval_size", "sample_sizes", "n_bins")}
         return {**self.train_spec(cell), "eval": evaluation}
 
-    def train_hash(self, cell: InferenceCell) -> str:
-        return _hash(self.train_spec(cell))
-
-    def cell_hash(self, cell: InferenceCell) -> str:
-        return _hash(self.cell_spec(cell))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _hash(spec: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    def train_hash(self, cell: Run) -> str:
+        """The hash of :meth:`train_spec`: a saved model with it is reused."""
+        return spec_hash(self.train_spec(cell))
 
 
 def load_inference_study(path: str | Path | None = None, **overrides: Any) -> InferenceStudyConfig:
     """A study from a YAML file (keys as :class:`InferenceStudyConfig`'s fields) + overrides."""
-    data = read_settings(path, overrides, InferenceStudyConfig, "inference-study")
-    return InferenceStudyConfig(**data)
+    return InferenceStudyConfig.load(path, **overrides)
 
 
-def load_inference_result(
-    study: InferenceStudyConfig, cell: InferenceCell
-) -> dict[str, Any] | None:
+def load_inference_result(study: InferenceStudyConfig, cell: Run) -> dict[str, Any] | None:
     """The run's saved result if it exists for exactly this configuration (same hash)."""
-    try:
-        r = json.loads((study.cell_dir(cell) / "result.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return r if r.get("config_hash") == study.cell_hash(cell) else None
+    return study.load_result(cell)
 
 
 # ---- running --------------------------------------------------------------------------------
 
 
-def _train(study: InferenceStudyConfig, cell: InferenceCell, dm, logger, progress: bool):
+class Trained(NamedTuple):
+    """What :func:`train_model` returns."""
+
+    model: Any  # the SequenceModel, trained or reloaded
+    data: Any  # its SyntheticDataModule (the test split is the study's held-out set)
+    logger: Any  # the run's TensorBoardLogger
+    info: dict[str, Any]  # train.json: train_hash, spec, status, seconds
+    reused: bool  # True if the model a previous run saved was loaded instead of trained
+
+
+def train_model(
+    study: InferenceStudyConfig,
+    cell: Run,
+    *,
+    progress: bool = False,
+    customize: Callable[[Any], None] | None = None,
+) -> Trained:
+    """Train the run's model, or load the one a previous run saved for the same training.
+
+    The study's training, for the study and for scripts that need its models
+    (``scripts/ensemble_demo.py``). ``customize(model)`` changes the freshly built model
+    before it is trained or loaded (a different head, say); a saved model is recognised by the
+    run's :meth:`~InferenceStudyConfig.train_hash` alone, so give a customised model a study
+    (an ``out_dir`` or ``name``) of its own.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from ..data import SyntheticDataModule
+
+    out = study.cell_dir(cell)
+    out.mkdir(parents=True, exist_ok=True)
+    dm = SyntheticDataModule(
+        study.task, study.distance, study.task_args, train_size=study.steps * study.batch_size,
+        val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
+        eval_batch_size=study.eval_batch_size, seed=cell.seed,
+    )  # fmt: skip
+    logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
+    model, info, reused = _train(study, cell, dm, logger, progress, customize)
+    return Trained(model, dm, logger, info, reused)
+
+
+def _train(study: InferenceStudyConfig, cell: Run, dm, logger, progress: bool, customize=None):
     """Train the cell's model, or load the one a previous run saved for the same training."""
     import lightning as L
 
     from ..lit import NaNGuard, NonFiniteLossError, SequenceTask
     from ..lit.cli import progress_display
-    from ..models import RECURRENT_CELLS, SequenceModel
+    from ..models import SequenceModel
 
     out = study.cell_dir(cell)
     spec = study.train_spec(cell)
     encoder = spec["encoder"]
-    _, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
-    kind = {"dropout": dropout} if encoder in RECURRENT_CELLS else {"transformer_dropout": dropout}
+    _, dropout = study.resolve(cell.scheme, cell.rate)
     L.seed_everything(cell.seed, verbose=False)
     model = SequenceModel(dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
                           output_size=dm.output_size, target=dm.target, encoder=encoder,
-                          **kind, **spec["model"])  # fmt: skip
+                          dropout=dropout, **spec["model"])  # fmt: skip
+    if customize is not None:
+        customize(model)
     try:
         saved = json.loads((out / "train.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -267,23 +264,12 @@ def _train(study: InferenceStudyConfig, cell: InferenceCell, dm, logger, progres
 
 
 def run_inference_cell(
-    study: InferenceStudyConfig, cell: InferenceCell, progress: bool = False
+    study: InferenceStudyConfig, cell: Run, progress: bool = False
 ) -> dict[str, Any]:
     """Train (or reuse) one model and compare its test-time inferences; write ``result.json``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from ..data import SyntheticDataModule
-
     start = time.perf_counter()
     out = study.cell_dir(cell)
-    out.mkdir(parents=True, exist_ok=True)
-    dm = SyntheticDataModule(
-        study.task, study.distance, study.task_args, train_size=study.steps * study.batch_size,
-        val_size=study.eval_size, test_size=study.eval_size, batch_size=study.batch_size,
-        eval_batch_size=study.eval_batch_size, seed=cell.seed,
-    )  # fmt: skip
-    logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
-    model, info, reused = _train(study, cell, dm, logger, progress)
+    model, dm, logger, info, reused = train_model(study, cell, progress=progress)
     evaluation: dict[str, Any] = {}
     rates: dict[str, float] = {}
     if info["status"] == "ok":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -13,30 +12,23 @@ from typing import Any
 
 import torch
 
+from .base import RESULT
 from .common import fresh_run_dir, machine, write_json
-from .config import Cell, StudyConfig, resolve_scheme
+from .config import LongRangeRun, StudyConfig
 
 __all__ = ["StudyInterrupted", "is_finished", "load_result", "run_cell", "run_study"]
 
-RESULT = "result.json"
+def load_result(study: StudyConfig, cell: LongRangeRun) -> dict[str, Any] | None:
+    """The cell's saved result (whatever its hash), or None if absent or unreadable."""
+    return study.load_result(cell, any_hash=True)
 
 
-def load_result(study: StudyConfig, cell: Cell) -> dict[str, Any] | None:
-    """The cell's saved result, or None if absent or unreadable."""
-    path = study.cell_dir(cell) / RESULT
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def is_finished(study: StudyConfig, cell: Cell) -> bool:
+def is_finished(study: StudyConfig, cell: LongRangeRun) -> bool:
     """True if the cell has a result for exactly this configuration (same hash)."""
-    result = load_result(study, cell)
-    return result is not None and result.get("config_hash") == study.cell_hash(cell)
+    return study.load_result(cell) is not None
 
 
-def _step_bar(cell: Cell, steps: int, position: int):
+def _step_bar(cell: LongRangeRun, steps: int, position: int):
     """A one-line training-step bar for a cell run in a worker (Lightning's own bar would
     fight the other workers' for the terminal)."""
     from lightning.pytorch.callbacks import Callback
@@ -57,7 +49,11 @@ def _step_bar(cell: Cell, steps: int, position: int):
 
 
 def run_cell(
-    study: StudyConfig, cell: Cell, *, progress: bool = False, bar_position: int | None = None
+    study: StudyConfig,
+    cell: LongRangeRun,
+    *,
+    progress: bool = False,
+    bar_position: int | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one cell; write ``result.json`` into its run directory.
 
@@ -78,7 +74,7 @@ def run_cell(
     out = study.cell_dir(cell)
     fresh_run_dir(out, progress)
     L.seed_everything(cell.seed, verbose=False)
-    encoder, dropout = resolve_scheme(study.scheme_spec(cell.scheme), cell.rate)
+    encoder, dropout = study.resolve(cell.scheme, cell.rate)
     finite = study.train_size is not None
     # unlimited: one pass over steps * batch_size distinct sequences (fresh every step);
     # finite: epochs over the first train_size sequences of the same seeded stream
@@ -89,10 +85,9 @@ def run_cell(
         seed=cell.seed,
     )  # fmt: skip
     recurrent = encoder in RECURRENT_CELLS
-    kind = {"dropout": dropout} if recurrent else {"transformer_dropout": dropout}
     model = SequenceModel(
         dm.input_kind, vocab_size=dm.vocab_size, input_size=dm.input_size,
-        output_size=dm.output_size, target=dm.target, encoder=encoder, **kind,
+        output_size=dm.output_size, target=dm.target, encoder=encoder, dropout=dropout,
         **study.model_for(cell.scheme),
     )  # fmt: skip
     task = SequenceTask(model, loss=dm.loss, baseline_loss=dm.baseline_loss,
@@ -211,7 +206,7 @@ def _LearningCurve():
     return LearningCurve()
 
 
-def _log_final(logger, cell: Cell, encoder: str, metrics, grads) -> None:
+def _log_final(logger, cell: LongRangeRun, encoder: str, metrics, grads) -> None:
     """Final metrics as hparams (HPARAMS tab) and gradient norm against k as a curve."""
     hp = {"scheme": cell.scheme, "rate": cell.rate if cell.rate is not None else 0.0,
           "distance": cell.distance, "seed": cell.seed, "encoder": encoder}  # fmt: skip
@@ -258,7 +253,7 @@ def _init_worker(threads: int, slots: Any, bars: bool) -> None:
             _SLOT["row"] = slots.value  # row 0 is the sweep's bar
 
 
-def _work(job: tuple[StudyConfig, Cell]) -> dict[str, Any]:
+def _work(job: tuple[StudyConfig, LongRangeRun]) -> dict[str, Any]:
     study, cell = job
     return run_cell(study, cell, bar_position=_SLOT["row"])
 
@@ -341,7 +336,9 @@ def on_terminal() -> bool:
     return sys.stdout.isatty() and sys.stderr.isatty()
 
 
-def _run_pool(study: StudyConfig, todo: list[Cell], workers: int, progress: bool, done) -> None:
+def _run_pool(
+    study: StudyConfig, todo: list[LongRangeRun], workers: int, progress: bool, done
+) -> None:
     """The cells in ``workers`` spawned processes; an interrupt terminates them all."""
     import multiprocessing as mp
 

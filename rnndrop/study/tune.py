@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import read_settings
-from .config import BUILTIN_SCHEMES, Cell, StudyConfig, _substitute, uses_rate
+from .config import BUILTIN_SCHEMES, LongRangeRun, StudyConfig, _substitute, uses_rate
 
 __all__ = ["TuneSettings", "chosen_rates", "evaluation_study", "load_tune", "main", "search",
            "search_study"]  # fmt: skip
@@ -181,7 +181,7 @@ def _objective(study: StudyConfig, settings: TuneSettings, scheme: str, progress
         scores = {}
         for d in searched.distances:
             for seed in searched.seeds:
-                cell = Cell(scheme, rate, d, seed)
+                cell = LongRangeRun(scheme, rate, d, seed)
                 r = (load_result(searched, cell) if is_finished(searched, cell)
                      else run_cell(searched, cell))  # fmt: skip
                 scores[f"d={d} seed={seed}"] = validation_score(r)

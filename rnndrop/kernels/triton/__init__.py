@@ -46,9 +46,10 @@ __all__ = ["MAX_H", "TritonBackend", "interpreting"]
 # step. Compiled offline here for sm_90 (triton 3.8, num_warps 4, num_stages 1; no GPU run
 # yet) with every site on, tied and untied, the kernels' shared memory per block was at most:
 #   BH 16: 6 KiB; 32: 18 KiB; 64: 60 KiB; 128: 216 KiB (lstm_bwd, gru_fwd) - within Hopper's
-#   227 KiB, beyond an A100's 163 KiB; BH 256 would need K-tiled dots (or issue 11's
-#   GEMM-per-step path). With the default num_stages 3 the pipeliner multi-buffers the W
-#   tiles across time steps (224 KiB at BH 64, ~700 KiB at BH 128): hence num_stages=1.
+#   227 KiB, beyond an A100's 163 KiB; BH 256 would need K-tiled dots, so larger layers
+#   take the step path (a cuBLAS GEMM per step, _TritonSteps). With the default num_stages 3
+#   the pipeliner multi-buffers the W tiles across time steps (224 KiB at BH 64, ~700 KiB at
+#   BH 128): hence num_stages=1.
 # unavailable() refuses a CUDA device whose opt-in shared memory per block is below the table
 # (16 and 32 rounded up to the 64 entry, a margin for the variants not compiled here).
 MAX_H = 128

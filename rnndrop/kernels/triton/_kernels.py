@@ -13,7 +13,7 @@ is shared over time, gates or batch. Backward is the same loop in reverse: it wr
 gradients of the gate pre-activations and ``dh0`` / ``dc0``; the weight and input gradients
 are GEMMs over all ``T·B`` rows done by the adapter outside the kernel.
 
-Designed around the interpreter's limits (``PERF_NOTES.md``):
+Designed around the interpreter's limits:
 - no ``libdevice``: ``tanh(x)`` is written ``2σ(2x) − 1`` and ``σ(x)`` as ``1 / (1 + exp(−x))``;
 - no bf16 ``tl.dot``: the kernels run float32 only (the adapter refuses other dtypes);
 - no grid-wide barrier (programs run one after another, a barrier would deadlock): no

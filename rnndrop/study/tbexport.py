@@ -1,5 +1,8 @@
 """TensorBoard runs -> a table, read with TensorBoard's own event reader.
 
+It lives with the studies, not at rnndrop's top level: it needs TensorBoard (the ``train``
+extra), and the top level needs torch alone. ``scripts/tb_export.py`` runs it too.
+
 rnndrop export-tb runs/quick                                  # every scalar, last value, CSV
 rnndrop export-tb runs/quick --tags val/acc final/acc --stat max --out table.md
 rnndrop export-tb runs/a runs/b --long --out all.csv          # one row per (run, tag, step)
