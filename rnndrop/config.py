@@ -66,7 +66,7 @@ class Site:
         gated: ``tied`` applies to it (a mask per gate when untied).
         scaled: inverted/classic scaling applies to it.
         layers: ``"first"`` (layer 0 only), ``"inner"`` (layers 1...), ``"last"``, or ``"all"``.
-        cells: the cells it means something for.
+        cells: the cells it means something for; None: every cell.
     """
 
     path: str
@@ -74,7 +74,7 @@ class Site:
     gated: bool = False
     scaled: bool = True
     layers: str = "all"
-    cells: tuple[str, ...] = ("lstm", "gru")
+    cells: tuple[str, ...] | None = None
 
 
 #: One table of sites: it drives the execution path, activity and the "no effect" warnings.
@@ -84,7 +84,7 @@ SITES: dict[str, Site] = {
     "between_layers": Site("fused_if_tied_or_folds", gated=True, layers="inner"),
     "recurrent": Site("fused_if_folds", gated=True),
     "output": Site("fused", layers="last"),
-    "candidate": Site("loop"),
+    "candidate": Site("loop", cells=("lstm", "gru")),  # a gated candidate
     "weight_hh": Site("fused", policy=False),
     "zoneout_hidden": Site("loop_always", policy=False, scaled=False),
     "zoneout_cell": Site("loop_always", policy=False, scaled=False, cells=("lstm",)),
@@ -280,13 +280,16 @@ class RecurrentDropout(_Rates):
 
     def check_cell(self, cell: str, owner: str = "") -> None:
         """Raise ``ValueError`` if a site with a rate has no meaning for ``cell`` (``"gru"``...)."""
-        lacking = [n for n in self.active_sites() if cell not in SITES[n].cells]
+        lacking = [n for n in self.active_sites()
+                   if SITES[n].cells is not None and cell not in SITES[n].cells]  # fmt: skip
         if lacking:
             names = ", ".join(f"{n}={getattr(self, n):g}" for n in lacking)
+            why = {"zoneout_cell": "it has no cell state", "candidate": "it has no gated candidate"}
+            hint = " (zoneout_hidden acts on h)" if "zoneout_cell" in lacking else ""
             raise ValueError(
                 f"{owner + ': ' if owner else ''}the dropout site(s) {names} have no meaning "
-                f"for a {cell.upper()} (it has no cell state); set them to 0 (zoneout_hidden "
-                "acts on h)"
+                f"for a {cell.upper()} ({'; '.join(why[n] for n in lacking)}); set them to "
+                f"0{hint}"
             )
 
     def warn_model_sites(self, owner: str, stacklevel: int = 2) -> None:
@@ -548,6 +551,8 @@ PRESETS: tuple[str, ...] = (
 #: (``RecurrentDropout.preset(name, for_cell=...)``): Krueger et al.'s GRU zoneout acts on ``h``.
 _CELL_PRESET_DEFAULTS: dict[tuple[str, str | None], dict[str, Any]] = {
     ("zoneout", "gru"): {"cell": 0.0},
+    ("zoneout", "rnn_tanh"): {"cell": 0.0},
+    ("zoneout", "rnn_relu"): {"cell": 0.0},
 }
 
 

@@ -5,14 +5,15 @@
 // elementwise pass per step, and (backward) backprop through time plus every weight
 // gradient as one GEMM over all T*B rows. The loop is written once (forward_impl,
 // backward_impl) and templated on a cell's traits: its gate count, state and pointwise row
-// kernels (cell_lstm.h, cell_gru.h; "cells" below says what a cell provides). It mirrors the
-// python backend (rnndrop/kernels/python.py) and the cells' step_forward / step_backward
-// (rnndrop/nn/cells/*.py) line for line; the tests compare them.
+// kernels (cell_lstm.h, cell_gru.h, cell_rnn.h; "cells" below says what a cell provides).
+// It mirrors the python backend (rnndrop/kernels/python.py) and the cells' step_forward /
+// step_backward (rnndrop/nn/cells/*.py) line for line; the tests compare them.
 //
 // GEMMs go to oneDNN when libtorch exports it (as nn.LSTM does on CPU: on AVX-512
 // machines whose MKL takes its AVX2 path, oneDNN is 2-3x faster), else to ATen.
 //
-// Layouts (all contiguous). G gates: 4 for the LSTM (i f g o), 3 for the GRU (r z n).
+// Layouts (all contiguous). G gates: 4 for the LSTM (i f g o), 3 for the GRU (r z n), 1 for
+// the Elman RNN.
 // Arguments and results follow rnndrop/kernels/contract.py (LayerInputs, Saved, Grads).
 //   x         (T, B, I)       layer input, or (T, B, GH) input projection (bias included)
 //                             if w_ih is None
@@ -508,6 +509,7 @@ struct BwdRow {
 
 #include "cell_gru.h"
 #include "cell_lstm.h"
+#include "cell_rnn.h"
 
 // ---- the layer, once for every cell ----------------------------------------------------
 
@@ -826,6 +828,8 @@ void register_cell(pybind11::module_& m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cell<LstmCell>(m);  // the cell registry: one line per cell
   register_cell<GruCell>(m);
+  register_cell<RnnCell<false>>(m);  // nn.RNN, tanh
+  register_cell<RnnCell<true>>(m);   // nn.RNN, relu
   m.def("uses_onednn", &uses_onednn, "True if GEMMs run in oneDNN");
   m.def("bernoulli_mask", &bernoulli_mask, "SplitMix64 dropout mask (see functional.py)");
   m.def("mask_mul", &mask_mul, "out = src * SplitMix64 dropout mask, mask never stored");
