@@ -1,6 +1,6 @@
-"""rnndrop.nn.RNN: a drop-in torch.nn.RNN (bitwise at no dropout), and every scheme that
-means something for it on the loop backends, against the independent Elman RNN of
-tests/reference.py.
+"""rnndrop.nn.RNN and RNNCell: drop-in torch.nn.RNN / RNNCell (bitwise at no dropout), and
+every scheme that means something for them on the loop backends, against the independent
+Elman RNN of tests/reference.py (the cell: step by step, against the layer so checked).
 
 The module records the masks it drew; the reference applies them at their sites by the
 book (``h' = φ(W_ih x + b_ih + W_hh h + b_hh)``, zoneout on ``h``). Agreement of outputs and
@@ -19,7 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.kernels import BACKENDS, LayerInputs, LayerMasks, loop_backend, select_backend
-from rnndrop.nn import RNN, mc_dropout
+from rnndrop.nn import RNN, RNNCell, mc_dropout
 from rnndrop.nn.cells import CELLS, RNN_RELU_CELL, RNN_TANH_CELL
 from rnndrop.nn.masks import needs_loop
 
@@ -248,3 +248,78 @@ def test_auto_never_picks_triton_for_the_rnn():
     assert why is not None and "rnn_tanh" in why
     with loop_backend("auto"):
         assert select_backend(inp).name != "triton"
+
+
+# ---- RNNCell ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nonlinearity", NONLIN)
+@pytest.mark.parametrize("batched,with_hx", list(itertools.product([True, False], [True, False])))
+def test_cell_without_dropout_is_bitwise_nn_rnncell(nonlinearity, batched, with_hx):
+    torch.manual_seed(4)
+    ref = nn.RNNCell(5, 7, nonlinearity=nonlinearity)
+    torch.manual_seed(4)
+    ours = RNNCell(5, 7, nonlinearity=nonlinearity)
+    for a, b in zip(ref.parameters(), ours.parameters(), strict=True):
+        assert torch.equal(a, b)  # same init
+    ours.load_state_dict(ref.state_dict())
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn((3, 5) if batched else (5,), requires_grad=True)
+    hx = torch.randn((3, 7) if batched else (7,), requires_grad=True) if with_hx else None
+    results = []
+    for cell in (ref, ours):
+        h = cell(x, hx)
+        leaves = [x, *([hx] if with_hx else []), *cell.parameters()]
+        results.append([h, *torch.autograd.grad(h.sin().sum(), leaves)])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    assert "nonlinearity='relu'" in repr(RNNCell(5, 7, nonlinearity="relu"))
+    with pytest.raises(ValueError, match="candidate"):
+        RNNCell(5, 7, dropout=RD(candidate=0.2))
+
+
+CELL_SCHEMES = ["naive_recurrent", "variational", "variational_untied", "zoneout", "weight_drop",
+                "everything"]  # fmt: skip
+
+
+@pytest.mark.parametrize("nonlinearity", NONLIN)
+@pytest.mark.parametrize("scheme", CELL_SCHEMES)
+def test_cell_loop_with_the_layers_masks_is_the_layer(nonlinearity, scheme):
+    """The cell, stepped with the masks a one-layer RNN drew (``masks_from``), computes that
+    layer: outputs, final state and gradients (the layer is checked against the reference)."""
+    cfg = SCHEMES[scheme].replace(between_layers=0.0)  # one layer: nothing between layers
+    layer = RNN(4, 6, 1, nonlinearity, dropout=cfg).to(F64)
+    cell = RNNCell(4, 6, nonlinearity=nonlinearity, dropout=cfg).to(F64)
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in layer.state_dict().items()})
+    x = torch.randn(5, 3, 4, dtype=F64, requires_grad=True)
+    h0 = torch.randn(3, 6, dtype=F64, requires_grad=True)
+    layer.record_masks = True
+    out, hn = layer(x, h0[None])
+    assert layer.last_masks
+    leaves = [x, h0]
+    want = [out, hn[0], *torch.autograd.grad(out.sin().sum() + hn.cos().sum(),
+                                             leaves + list(layer.parameters()))]  # fmt: skip
+    h, outs = h0, []
+    for t in range(5):
+        o, h = cell(x[t], h, masks=cell.masks_from(layer.last_masks, t), return_output=True)
+        outs.append(o)
+    cell_out = torch.stack(outs)
+    got = [cell_out, h, *torch.autograd.grad(cell_out.sin().sum() + h.cos().sum(),
+                                             leaves + list(cell.parameters()))]  # fmt: skip
+    for k, (a, b) in enumerate(zip(want, got, strict=True)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=f"item {k}")
+
+
+def test_eval_cell_loop_is_the_eval_layer():
+    cfg = RD(recurrent=0.2, weight_hh=0.3, input=0.1, zoneout_hidden=0.2, scaling="classic")
+    layer = RNN(4, 6, 1, dropout=cfg).to(F64).eval()
+    cell = RNNCell(4, 6, dropout=cfg).to(F64).eval()
+    cell.load_state_dict({k.removesuffix("_l0"): v for k, v in layer.state_dict().items()})
+    x = torch.randn(5, 3, 4, dtype=F64)
+    out, hn = layer(x)
+    h, outs = None, []
+    for t in range(5):
+        h = cell(x[t], h)
+        outs.append(h)
+    torch.testing.assert_close(torch.stack(outs), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h, hn[0], rtol=1e-12, atol=1e-12)

@@ -1,19 +1,23 @@
-r"""``rnndrop.nn.RNN``: a drop-in ``torch.nn.RNN`` (Elman 1990) with recurrent dropout.
+r"""``rnndrop.nn.RNN`` and ``RNNCell``: drop-in ``torch.nn.RNN`` / ``RNNCell`` (Elman 1990)
+with recurrent dropout.
 
-The layer machinery is :class:`~rnndrop.nn.rnn.RNNBase`'s; the cell (layout, fused op, step
-math) is :mod:`rnndrop.nn.cells.rnn`. Kept apart from ``rnn.py`` so that a cell's module
-is its own file.
+The layer machinery is :class:`~rnndrop.nn.rnn.RNNBase`'s, the step cell's
+:class:`~rnndrop.nn.stepcells.StepCellBase`'s; the cell (layout, fused op, step math) is
+:mod:`rnndrop.nn.cells.rnn`. Kept apart from ``rnn.py`` and ``stepcells.py`` so that a
+cell's modules are its own file.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import _VF, Tensor
 
 from ..config import DropoutSpec
 from .cells import RNN_RELU_CELL, RNN_TANH_CELL
 from .rnn import RNNBase
+from .stepcells import StepCellBase, _input_gates, _recurrent_gates, _Step, _zoneout
 
-__all__ = ["RNN"]
+__all__ = ["RNN", "RNNCell"]
 
 _CELLS = {"tanh": RNN_TANH_CELL, "relu": RNN_RELU_CELL}
 
@@ -81,3 +85,77 @@ class RNN(RNNBase):
     def extra_repr(self) -> str:
         s = super().extra_repr()
         return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
+
+
+class RNNCell(StepCellBase):
+    r"""A drop-in ``torch.nn.RNNCell`` carrying every recurrent dropout scheme that means
+    something for it.
+
+    One step of :class:`RNN` (Elman 1990) with the masks of
+    :class:`~rnndrop.config.RecurrentDropout`::
+
+        h̃'     = φ(W_ih (x ⊙ m^x) + b_ih + (W_hh ⊙ M)(h ⊙ m^h) + b_hh),   φ = tanh | relu
+        h'      = d^h ⊙ h + (1 - d^h) ⊙ h̃'
+        output  = h' ⊙ m^o                      (returned with ``return_output=True``)
+
+    ``m^x``, ``m^h``: input and recurrent masks (Gal & Ghahramani 2016); ``M``: weight drop
+    (Merity et al. 2017); ``d^h``: zoneout, 1 = keep the previous value (Krueger et al.
+    2016); ``m^o``: output. An absent site is 1 (``d``: 0). ``candidate`` and
+    ``zoneout_cell`` raise a ``ValueError`` (no gated candidate, no cell state). Parameter
+    names, shapes, initialisation and state_dicts are ``torch.nn.RNNCell``'s; with no site
+    acting in a call, ``torch._VF.rnn_tanh_cell`` / ``rnn_relu_cell`` runs with
+    ``nn.RNNCell``'s arguments (bitwise equal). Mask keeping across calls, eval and MC
+    modes, recording: :class:`~rnndrop.nn.stepcells.StepCellBase`.
+
+    Args:
+        input_size: features of ``x``.
+        hidden_size: features of ``h``.
+        bias: use ``b_ih`` and ``b_hh``.
+        nonlinearity: ``"tanh"`` or ``"relu"``.
+        device, dtype: of the parameters.
+        dropout: a :class:`~rnndrop.config.RecurrentDropout`, a dict of its fields or a
+            preset name (``between_layers`` is ignored, with a warning).
+
+    Shape:
+        - input: ``(B, I)`` or ``(I,)`` unbatched.
+        - hx: optional ``h`` ``(B, H)`` (``(H,)`` unbatched); zeros if absent (a new
+          sequence).
+        - masks: optional :class:`~rnndrop.nn.CellMasks` of the sequence.
+        - returns ``h'`` as hx; with ``return_output=True``, ``(output, h')``.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        nonlinearity: str = "tanh",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        dropout: DropoutSpec = None,
+    ) -> None:
+        if nonlinearity not in _CELLS:  # torch's message
+            raise ValueError(
+                f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'."
+            )
+        super().__init__(_CELLS[nonlinearity], input_size, hidden_size, bias, device, dtype,
+                         dropout)  # fmt: skip
+        self.nonlinearity = nonlinearity
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s if self.nonlinearity == "tanh" else s + f", nonlinearity={self.nonlinearity!r}"
+
+    def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        op = _VF.rnn_relu_cell if self.nonlinearity == "relu" else _VF.rnn_tanh_cell
+        return (op(x, state[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh),)
+
+    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        (h,) = state
+        a = _input_gates(step.x, self.weight_ih, self.bias_ih, step.input)
+        a = a + _recurrent_gates(self._recurrent_input(h, step), self.weight_hh, step.weight_hh)
+        if self.bias_hh is not None:
+            a = a + self.bias_hh
+        h_new = a.relu() if self.nonlinearity == "relu" else a.tanh()
+        return (_zoneout(h_new, h, step.zoneout_hidden),)
