@@ -323,3 +323,76 @@ def test_eval_cell_loop_is_the_eval_layer():
         outs.append(h)
     torch.testing.assert_close(torch.stack(outs), out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(h, hn[0], rtol=1e-12, atol=1e-12)
+
+
+# ---- torch's own sample inputs (ModuleInfo) ------------------------------------------------
+
+
+def _torch_module_samples(cls):
+    """torch's ``module_db`` sample inputs for ``cls`` (float64, training), or a skip.
+
+    ``torch.testing._internal`` imports ``expecttest`` for its test-case classes, which
+    these samples do not use: a stand-in is put in place for the import only, if absent.
+    """
+    import importlib.util
+    import sys
+    import types
+    import unittest
+
+    stub = None
+    if importlib.util.find_spec("expecttest") is None:
+        stub = types.ModuleType("expecttest")
+        stub.TestCase = unittest.TestCase
+        sys.modules["expecttest"] = stub
+    try:
+        from torch.testing._internal.common_modules import module_db
+    except Exception as e:  # an internal module: its imports change between versions
+        pytest.skip(f"torch's module_db is unavailable here: {e!r}")
+    finally:
+        if stub is not None and sys.modules.get("expecttest") is stub:
+            del sys.modules["expecttest"]
+    infos = [m for m in module_db if m.module_cls is cls]
+    if not infos:
+        pytest.skip(f"torch's module_db has no {cls.__name__}")
+    return [s for m in infos
+            for s in m.module_inputs_func(m, device="cpu", dtype=F64, requires_grad=True,
+                                          training=True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("ours_cls,torch_cls", [(RNN, nn.RNN), (RNNCell, nn.RNNCell)])
+def test_torch_module_info_samples(ours_cls, torch_cls):
+    """Every sample input torch tests nn.RNN / nn.RNNCell with: same outputs and gradients
+    (bitwise on the fused op); for the layer also through both loop backends (forced)."""
+    samples = _torch_module_samples(torch_cls)
+    assert samples
+    for s in samples:
+        args, kwargs = s.constructor_input.args, dict(s.constructor_input.kwargs)
+        ref = torch_cls(*args, **kwargs).to(F64)
+        if ours_cls is RNN and kwargs.get("dropout"):
+            kwargs["dropout"] = float(kwargs["dropout"])
+        ours = ours_cls(*args, **kwargs).to(F64)
+        ours.load_state_dict(ref.state_dict())
+        if kwargs.get("dropout"):  # torch's dropout draws its own masks: compare in eval
+            ref.eval()
+            ours.eval()
+        fargs = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a
+                 for a in s.forward_input.args]  # fmt: skip
+        want = _outputs(ref, fargs, s.forward_input.kwargs)
+        for a, b in zip(want, _outputs(ours, fargs, s.forward_input.kwargs), strict=True):
+            assert torch.equal(a, b), (args, kwargs)
+        if ours_cls is RNN:
+            ours.force_loop = True
+            for backend in ("python", "cpp"):
+                with loop_backend(backend):
+                    got = _outputs(ours, fargs, s.forward_input.kwargs)
+                for a, b in zip(want, got, strict=True):
+                    torch.testing.assert_close(b, a, atol=1e-12, rtol=1e-12)
+
+
+def _outputs(module, args, kwargs) -> list:
+    """The module's outputs and the gradients of a loss of them w.r.t. inputs and weights."""
+    out = module(*args, **kwargs)
+    out = out if isinstance(out, tuple) else (out,)
+    loss = sum(o.sin().sum() for o in out)
+    leaves = [a for a in args if isinstance(a, torch.Tensor)] + list(module.parameters())
+    return [*out, *torch.autograd.grad(loss, leaves)]
