@@ -551,6 +551,7 @@ PRESETS: tuple[str, ...] = (
 #: (``RecurrentDropout.preset(name, for_cell=...)``): Krueger et al.'s GRU zoneout acts on ``h``.
 _CELL_PRESET_DEFAULTS: dict[tuple[str, str | None], dict[str, Any]] = {
     ("zoneout", "gru"): {"cell": 0.0},
+    ("zoneout", "rnn"): {"cell": 0.0},  # the models' encoder name for the tanh RNN
     ("zoneout", "rnn_tanh"): {"cell": 0.0},
     ("zoneout", "rnn_relu"): {"cell": 0.0},
 }

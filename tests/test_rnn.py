@@ -396,3 +396,33 @@ def _outputs(module, args, kwargs) -> list:
     loss = sum(o.sin().sum() for o in out)
     leaves = [a for a in args if isinstance(a, torch.Tensor)] + list(module.parameters())
     return [*out, *torch.autograd.grad(loss, leaves)]
+
+
+# ---- in a model: the embedding site ------------------------------------------------------------
+
+
+def test_language_model_with_rnn_encoder_drops_word_types_and_zones_out():
+    """``encoder="rnn"``: the embedding site (word types, Gal & Ghahramani 2016) acts in the
+    model, zoneout on h in the layer; the ``"zoneout"`` preset reads as h-only for the RNN."""
+    from rnndrop.models import LanguageModel
+
+    torch.manual_seed(0)
+    cfg = RD(embedding=0.5, zoneout_hidden=0.1, weight_hh=0.2)
+    lm = LanguageModel(vocab_size=30, embedding_size=8, hidden_size=8, num_layers=2,
+                       encoder="rnn", dropout=cfg)  # fmt: skip
+    assert isinstance(lm.encoder.parts[0], RNN) and lm.encoder.parts[0].nonlinearity == "tanh"
+    tokens = torch.randint(0, 30, (4, 6))
+    lm.train()
+    emb = lm.features(tokens)
+    # a dropped word type is zero at every position it occurs (one mask per call)
+    dropped = emb.abs().sum(-1) == 0
+    assert dropped.any() and not dropped.all()
+    for b in range(4):
+        for i in range(6):
+            same = tokens[b] == tokens[b, i]
+            assert (dropped[b][same] == dropped[b, i]).all()
+    out = lm(tokens)
+    out.logits.sum().backward()
+    assert lm.encoder.parts[0].weight_hh_l0.grad is not None
+    assert LanguageModel(vocab_size=30, embedding_size=8, hidden_size=8, encoder="rnn",
+                         dropout="zoneout").dropout.zoneout_cell == 0.0  # fmt: skip
