@@ -426,3 +426,23 @@ def test_language_model_with_rnn_encoder_drops_word_types_and_zones_out():
     assert lm.encoder.parts[0].weight_hh_l0.grad is not None
     assert LanguageModel(vocab_size=30, embedding_size=8, hidden_size=8, encoder="rnn",
                          dropout="zoneout").dropout.zoneout_cell == 0.0  # fmt: skip
+
+
+def test_modules_pickle_whole():
+    """torch.save of a whole module (and spawned workers) pickle the cell record."""
+    import io
+
+    x = torch.randn(4, 2, 5)
+    for module in (RNN(5, 7, 2, "relu", dropout="zoneout"), RNNCell(5, 7, nonlinearity="relu")):
+        module.eval()
+        buf = io.BytesIO()
+        torch.save(module, buf)
+        buf.seek(0)
+        again = torch.load(buf, weights_only=False)
+        assert again.cell.name == module.cell.name == "rnn_relu"
+        inp = x if isinstance(module, RNN) else x[0]
+        assert torch.equal(_first(again(inp)), _first(module(inp)))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out

@@ -17,7 +17,7 @@ same math in C++.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import _VF, Tensor
@@ -27,53 +27,54 @@ from .base import Cell
 __all__ = ["RNN_RELU_CELL", "RNN_TANH_CELL"]
 
 
-def _fused_op(op: Callable) -> Callable:
-    """The fused ATen/cuDNN op ``_VF.rnn_tanh`` / ``rnn_relu`` with nn.RNN's arguments."""
-
-    @torch.compiler.disable  # as nn.RNN under dynamo
-    def fused(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, batch_first):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="RNN module weights are not part")
-            if batch_sizes is None:
-                out, h = op(x, state[0], weights, has_bias, num_layers, 0.0, train, bidir,
-                            batch_first)  # fmt: skip
-            else:
-                out, h = op(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
-                            bidir)  # fmt: skip
-        return out, (h,)
-
-    return fused
+# Module-level functions bound with functools.partial (not closures), so that modules
+# holding the cell pickle (torch.save of a whole module, spawned workers).
 
 
-def _steps(relu: bool) -> tuple[Callable, Callable]:
-    """``step_forward`` / ``step_backward`` for ``φ`` = relu or tanh."""
+@torch.compiler.disable  # as nn.RNN under dynamo
+def _fused(op_name, x, batch_sizes, state, weights, has_bias, num_layers, train, bidir,
+           batch_first):  # fmt: skip
+    """The fused ATen/cuDNN op ``_VF.rnn_tanh`` / ``rnn_relu`` with nn.RNN's arguments;
+    returns (out, (h,))."""
+    op = getattr(_VF, op_name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        if batch_sizes is None:
+            out, h = op(x, state[0], weights, has_bias, num_layers, 0.0, train, bidir,
+                        batch_first)  # fmt: skip
+        else:
+            out, h = op(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
+                        bidir)  # fmt: skip
+    return out, (h,)
 
-    def step_forward(a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
-        """In place: ``a`` (B, H) pre-activations (recurrent product added) -> ``h̃ = φ(a)``.
 
-        Returns ``(h_t, None, None)``; ``rec``, ``c_prev``, ``cm``, ``zc`` and ``extra`` are
-        unused (no split recurrent product, no cell state, no candidate).
-        """
-        h = a.relu_() if relu else a.tanh_()
-        if zh is not None:
-            h = torch.lerp(h, h_prev, zh)
-        return h, None, None
+def step_forward(relu: bool, a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
+    """In place: ``a`` (B, H) pre-activations (recurrent product added) -> ``h̃ = φ(a)``.
 
-    def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm=None):
-        """Backward of ``step_forward``: dL/da into ``dgx`` (the same buffer as ``dgh``).
+    Returns ``(h_t, None, None)``; ``rec``, ``c_prev``, ``cm``, ``zc`` and ``extra`` are
+    unused (no split recurrent product, no cell state, no candidate). ``relu`` picks ``φ``
+    (bound per cell).
+    """
+    h = a.relu_() if relu else a.tanh_()
+    if zh is not None:
+        h = torch.lerp(h, h_prev, zh)
+    return h, None, None
 
-        ``d`` is dL/dh_t (all paths). Returns zoneout's carry into ``h_{t-1}`` (or None) and
-        None (no cell state). ``dm``: None, or ``(None, dzh, None)`` with the (B, H) buffer
-        for ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)`` (concrete dropout), or None.
-        """
-        dht = d if zh is None else d * (1 - zh)
-        # φ'(a) from the saved h̃ = φ(a): relu' = [h̃ > 0], tanh' = 1 - h̃²
-        torch.mul(dht, (acts > 0).to(acts.dtype) if relu else 1 - acts * acts, out=dgx)
-        if dm is not None and dm[1] is not None:
-            torch.mul(d, h_prev - acts, out=dm[1])
-        return (None if zh is None else d * zh), None
 
-    return step_forward, step_backward
+def step_backward(relu: bool, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh,
+                  dm=None):  # fmt: skip
+    """Backward of :func:`step_forward`: dL/da into ``dgx`` (the same buffer as ``dgh``).
+
+    ``d`` is dL/dh_t (all paths). Returns zoneout's carry into ``h_{t-1}`` (or None) and
+    None (no cell state). ``dm``: None, or ``(None, dzh, None)`` with the (B, H) buffer for
+    ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)`` (concrete dropout), or None.
+    """
+    dht = d if zh is None else d * (1 - zh)
+    # φ'(a) from the saved h̃ = φ(a): relu' = [h̃ > 0], tanh' = 1 - h̃²
+    torch.mul(dht, (acts > 0).to(acts.dtype) if relu else 1 - acts * acts, out=dgx)
+    if dm is not None and dm[1] is not None:
+        torch.mul(d, h_prev - acts, out=dm[1])
+    return (None if zh is None else d * zh), None
 
 
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
@@ -81,8 +82,7 @@ def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
 
 
 def _cell(nonlinearity: str) -> Cell:
-    forward, backward = _steps(nonlinearity == "relu")
-    mode = f"RNN_{nonlinearity.upper()}"
+    relu, mode = nonlinearity == "relu", f"RNN_{nonlinearity.upper()}"
     return Cell(
         name=mode.lower(),
         mode=mode,
@@ -90,10 +90,10 @@ def _cell(nonlinearity: str) -> Cell:
         gate_names=("h",),
         has_cell=False,
         split_recurrent=False,
-        fused=_fused_op(getattr(_VF, mode.lower())),
+        fused=partial(_fused, mode.lower()),
         split_bias=_split_bias,
-        step_forward=forward,
-        step_backward=backward,
+        step_forward=partial(step_forward, relu),
+        step_backward=partial(step_backward, relu),
     )
 
 
