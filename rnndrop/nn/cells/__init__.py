@@ -1,8 +1,10 @@
 """The cell family: each cell is one file with its layout, fused op and per-step math.
 
-Adding a cell means adding its file here and its kernels in :mod:`rnndrop.kernels`; the
-layer, direction, packing, state and mask machinery of :class:`rnndrop.nn.rnn.RNNBase`
-is shared.
+Adding a cell means adding its file here (one line in :data:`CELLS`), its modules, and its
+row kernels and traits in each compiled backend (``kernels/cpp/cell_<name>.h``); the layer,
+direction, packing, state and mask machinery of :class:`rnndrop.nn.rnn.RNNBase`, the
+``python`` loop and the backend adapters are shared. docs/engine.md ("What a change
+touches") has the trace of adding the Elman RNN.
 """
 
 from .base import Cell
