@@ -52,7 +52,7 @@ class Site:
         gated: ``tied`` applies to it (a mask per gate when untied).
         scaled: inverted/classic scaling applies to it.
         layers: ``"first"`` (layer 0 only), ``"inner"`` (layers 1...), ``"last"``, or ``"all"``.
-        cells: the cells it means something for.
+        cells: the cells it means something for; None: every cell.
         doc: what it drops, for :class:`RecurrentDropout`'s docstring (its "Sites" list).
     """
 
@@ -61,7 +61,7 @@ class Site:
     gated: bool = False
     scaled: bool = True
     layers: str = "all"
-    cells: tuple[str, ...] = ("lstm", "gru")
+    cells: tuple[str, ...] | None = None
     doc: str = ""
 
 
@@ -82,7 +82,7 @@ SITES: dict[str, Site] = {
         "``h_{t-1}`` where it enters ``W_hh`` (not where it is the output, nor a GRU's carry "
         "``z ⊙ h_{t-1}``).")),
     "output": Site("fused", layers="last", doc="``h_t`` leaving the last layer."),
-    "candidate": Site("loop", doc=(
+    "candidate": Site("loop", cells=("lstm", "gru"), doc=(  # a gated candidate
         "the candidate in the state update only: the LSTM's ``tanh(g)``, the GRU's ``n`` "
         "(Semeniuta et al. 2016).")),
     "weight_hh": Site("fused", policy=False, doc=(
@@ -304,13 +304,16 @@ class RecurrentDropout(_Rates):
 
     def check_cell(self, cell: str, owner: str = "") -> None:
         """Raise ``ValueError`` if a site with a rate has no meaning for ``cell`` (``"gru"``...)."""
-        lacking = [n for n in self.active_sites() if cell not in SITES[n].cells]
+        lacking = [n for n in self.active_sites()
+                   if SITES[n].cells is not None and cell not in SITES[n].cells]  # fmt: skip
         if lacking:
             names = ", ".join(f"{n}={getattr(self, n):g}" for n in lacking)
+            why = {"zoneout_cell": "it has no cell state", "candidate": "it has no gated candidate"}
+            hint = " (zoneout_hidden acts on h)" if "zoneout_cell" in lacking else ""
             raise ValueError(
                 f"{owner + ': ' if owner else ''}the dropout site(s) {names} have no meaning "
-                f"for a {cell.upper()} (it has no cell state); set them to 0 (zoneout_hidden "
-                "acts on h)"
+                f"for a {cell.upper()} ({'; '.join(why[n] for n in lacking)}); set them to "
+                f"0{hint}"
             )
 
     def warn_model_sites(self, owner: str, stacklevel: int = 2) -> None:
@@ -591,6 +594,9 @@ PRESETS: tuple[str, ...] = (
 #: (``RecurrentDropout.preset(name, for_cell=...)``): Krueger et al.'s GRU zoneout acts on ``h``.
 _CELL_PRESET_DEFAULTS: dict[tuple[str, str | None], dict[str, Any]] = {
     ("zoneout", "gru"): {"cell": 0.0},
+    ("zoneout", "rnn"): {"cell": 0.0},  # the models' encoder name for the tanh RNN
+    ("zoneout", "rnn_tanh"): {"cell": 0.0},
+    ("zoneout", "rnn_relu"): {"cell": 0.0},
 }
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Forward + backward speed of rnndrop.nn.LSTM / GRU per scheme, as a ratio to torch's fused op.
+"""Forward + backward speed of rnndrop.nn.LSTM / GRU / RNN per scheme, as a ratio to torch's
+fused op.
 
 Every round times each variant once (a few repetitions, median) and divides by the
 nn.LSTM (nn.GRU) time of the same round, so machine drift cancels; the table reports the
@@ -7,6 +8,7 @@ median over rounds of the time and of the ratio. Training mode (masks sampled ev
 
     python scripts/bench_rnn.py                          # LSTM and GRU, all configs and schemes
     python scripts/bench_rnn.py --cells gru --configs medium --rounds 15
+    python scripts/bench_rnn.py --cells rnn              # the tanh Elman RNN (not by default)
     python scripts/bench_rnn.py --loop python            # the pure-PyTorch loop instead of C++
     python scripts/bench_rnn.py --python-row             # add a pure-PyTorch loop row per scheme
     python scripts/bench_rnn.py --device cuda --python-row   # on a GPU: ratios to cuDNN
@@ -45,7 +47,7 @@ import torch
 from rnndrop import runtime
 from rnndrop.config import RecurrentDropout
 from rnndrop.kernels import LayerInputs, LayerMasks, loop_backend, select_backend
-from rnndrop.nn import GRU, LSTM
+from rnndrop.nn import GRU, LSTM, RNN, RNNBase
 from rnndrop.nn.masks import needs_loop
 
 CONFIGS = {  # input, hidden, layers, T, B
@@ -73,13 +75,19 @@ SCHEMES = {
 }
 
 
-CELLS = {"lstm": (LSTM, torch.nn.LSTM), "gru": (GRU, torch.nn.GRU)}
+CELLS = {"lstm": (LSTM, torch.nn.LSTM), "gru": (GRU, torch.nn.GRU), "rnn": (RNN, torch.nn.RNN)}
 SUBNORMALS = {"flush": True, "keep": False, "default": None}  # rnndrop.set_flush_subnormals
 
 
-def scheme_for(cell: str, name: str) -> RecurrentDropout:
+def scheme_for(cell: str, name: str) -> RecurrentDropout | None:
+    """The scheme as the cell reads it (zoneout on h alone without a cell state); None where
+    it sets a site the cell lacks (the RNN has no gated candidate: semeniuta)."""
     cfg = SCHEMES[name].replace(embedding=0.0)  # awd's: a model's, not a layer's
-    return cfg.replace(zoneout_cell=0.0) if cell == "gru" else cfg
+    if cell != "lstm":
+        cfg = cfg.replace(zoneout_cell=0.0)
+    if cell == "rnn" and cfg.candidate > 0:
+        return None
+    return cfg
 
 
 @contextlib.contextmanager
@@ -140,7 +148,10 @@ def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_r
     x = torch.randn(T, B, I, dtype=dtype, device=device, requires_grad=not INFERENCE)
     breaks = {}
     for name in schemes:
-        m = ours(I, H, L, dropout=scheme_for(cell, name)).to(device, dtype)
+        cfg = scheme_for(cell, name)
+        if cfg is None:
+            continue
+        m = ours(I, H, L, dropout=cfg).to(device, dtype)
         m.load_state_dict(ref.state_dict(), strict=False)  # concrete: + its rate logits
         m.train(not INFERENCE)
         variants[name] = (m, None, None)
@@ -183,7 +194,7 @@ def bench(cell, config, schemes, rounds, reps, dtype, device, python_row, step_r
 
 def _path(m, device: str) -> str:
     m = getattr(m, "_orig_mod", m)  # torch.compile's wrapper
-    if not isinstance(m, LSTM | GRU):
+    if not isinstance(m, RNNBase):
         return "fused (torch)"
     loop = any(needs_loop(m.dropout, layer, True, m.num_layers) for layer in range(m.num_layers))
     if not loop:
@@ -200,7 +211,7 @@ def _path(m, device: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--cells", nargs="+", default=list(CELLS), choices=list(CELLS))
+    ap.add_argument("--cells", nargs="+", default=["lstm", "gru"], choices=list(CELLS))
     ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
                     help="default: small medium long on CPU, all on CUDA")  # fmt: skip
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))

@@ -1,5 +1,5 @@
-"""Independent, deliberately plain LSTM and GRU with dropout (the sites of
-:class:`rnndrop.config.RecurrentDropout`, torch's GRU equations).
+"""Independent, deliberately plain LSTM, GRU and Elman RNN with dropout (the sites of
+:class:`rnndrop.config.RecurrentDropout`, torch's GRU and RNN equations).
 
 It shares no code with rnndrop's RNNs: one autograd-tracked Python step per time step,
 masks taken from what the module recorded (``record_masks``) or, without sampling,
@@ -212,6 +212,81 @@ def reference_gru(gru, x: Tensor, hx=None, masks: dict | None = None, sample: bo
                 if zh is not None:
                     d_t = _at(zh, t) if isinstance(zh, Tensor) else zh
                     ht = d_t * h + (1 - d_t) * ht
+                h = ht
+                out_t[t] = h
+            outs.append(torch.stack(out_t))
+            h_n.append(h)
+        layer_in = torch.cat(outs, -1)
+    pre = layer_in
+    if sample and "output" in masks:
+        out = pre * masks["output"]
+    else:
+        out = pre * (_expectation(cfg, "output") if not sample else 1.0)
+    return out, torch.stack(h_n), pre
+
+
+def reference_rnn(rnn, x: Tensor, hx=None, masks: dict | None = None, sample: bool = True):
+    """Run an Elman RNN's parameters and scheme by the book (torch's ``nn.RNN`` equations).
+
+    One step, with every mask at its site::
+
+        h̃ = φ(W_ih (x ⊙ m^x) + b_ih + (W_hh ⊙ M^w) (h ⊙ m^h) + b_hh),   φ = tanh | relu
+        h' = z ⊙ h + (1 - z) ⊙ h̃                                         (zoneout on h)
+
+    Tied input masks act on ``x`` once; untied ones (one gate block) per step.
+
+    Args:
+        rnn: an ``rnndrop.nn.RNN`` (only its parameters, nonlinearity and config are read).
+        x: ``(T, B, I)`` time-major input.
+        hx: optional ``h0`` ``(L·D, B, H)``.
+        masks: the module's ``last_masks`` from the forward being checked (``sample``).
+        sample: masks were sampled (training / MC) or not (deterministic eval).
+
+    Returns:
+        ``output (T, B, D·H)``, ``h_n``, ``pre_dropout_output``.
+    """
+    cfg = rnn.dropout
+    masks = masks or {}
+    phi = torch.relu if rnn.nonlinearity == "relu" else torch.tanh
+    T, B, _ = x.shape
+    L, D, H = rnn.num_layers, rnn.num_directions, rnn.hidden_size
+    h0 = x.new_zeros(L * D, B, H) if hx is None else hx
+    layer_in = x
+    h_n = []
+    for layer in range(L):
+        site = "input" if layer == 0 else "between_layers"
+        m_in = masks.get(f"{site}/l{layer}") if sample else None
+        tied_in = m_in is not None and cfg.tied
+        if tied_in:
+            layer_in = layer_in * m_in
+        elif not sample:
+            layer_in = layer_in * _expectation(cfg, site)
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            w_ih = getattr(rnn, "weight_ih" + sfx)
+            w_hh = getattr(rnn, "weight_hh" + sfx)
+            b = getattr(rnn, "bias_ih" + sfx) + getattr(rnn, "bias_hh" + sfx) if rnn.bias else 0
+            key = f"/l{layer}" + ("_reverse" if d else "")
+            if sample:
+                w_hh = w_hh * masks["weight_hh" + key] if ("weight_hh" + key) in masks else w_hh
+                rec = masks.get("recurrent" + key)  # (T|1, 1, B|1, H)
+                zh = masks.get("zoneout_hidden" + key)  # (T, B, H), 1 = keep previous
+            else:
+                w_hh = w_hh * _expectation(cfg, "weight_hh") * _expectation(cfg, "recurrent")
+                rec = None
+                zh = cfg.zoneout_hidden or None
+            h = h0[layer * D + d]
+            out_t = [None] * T
+            for t in range(T - 1, -1, -1) if d else range(T):
+                xt = layer_in[t]
+                if m_in is not None and not tied_in:  # untied: the one gate block's mask
+                    xt = xt * _at(m_in[0], t)
+                hm = h if rec is None else h * _at(rec, t)[0]
+                ht = phi(xt @ w_ih.t() + hm @ w_hh.t() + b)
+                if zh is not None:
+                    z = _at(zh, t) if isinstance(zh, Tensor) else zh
+                    ht = z * h + (1 - z) * ht
                 h = ht
                 out_t[t] = h
             outs.append(torch.stack(out_t))

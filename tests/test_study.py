@@ -176,7 +176,7 @@ def test_transformer_scheme_runs_in_a_study(tmp_path):
         ({"distances": [0]}, "distances"),
         ({"steps": 0}, "steps"),
         ({"seeds": []}, "seed"),
-        ({"custom_schemes": {"x": {"encoder": "rnn"}}, "schemes": ["x"]}, "encoder"),
+        ({"custom_schemes": {"x": {"encoder": "mlp"}}, "schemes": ["x"]}, "encoder"),
         (
             {
                 "custom_schemes": {"x": {"encoder": "gru", "dropout": {"zoneout_cell": "p"}}},

@@ -8,7 +8,8 @@ written here once; every backend (``python``, ``cpp``, ``triton``) reads and wri
 exactly these layouts, and the tests hold each backend to the ``python`` reference.
 
 Notation: ``T`` steps, ``B`` batch, ``I`` input features, ``H`` hidden units, ``G`` gates
-of the cell (4 for the LSTM, 3 for the GRU), ``Tm`` 1 (mask shared over time) or ``T``.
+of the cell (4 for the LSTM, 3 for the GRU, 1 for the Elman RNN), ``Tm`` 1 (mask shared over
+time) or ``T``.
 All tensors are contiguous and share the input's device and dtype.
 """
 
@@ -25,7 +26,7 @@ __all__ = ["Backend", "CellMath", "Grads", "LayerInputs", "LayerMasks", "Saved"]
 class CellMath(Protocol):
     """What a backend needs to know of a cell (see :mod:`rnndrop.nn.cells`)."""
 
-    name: str  # "lstm" | "gru": backends dispatch on it
+    name: str  # "lstm" | "gru" | "rnn_tanh" | "rnn_relu": backends dispatch on it
     gates: int  # G
     has_cell: bool  # carries c besides h
     split_recurrent: bool  # W_hh h enters the gates apart from W_ih x (GRU's r ⊙ (W_hn h + b_hn))

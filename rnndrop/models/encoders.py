@@ -1,8 +1,10 @@
-"""The encoders models are built on: an rnndrop LSTM or GRU stack, or the causal transformer.
+"""The encoders models are built on: an rnndrop LSTM, GRU or RNN stack, or the causal
+transformer.
 
 Every encoder takes batch-first input and a state, and returns ``(output, pre_dropout, state)``;
 the transformer carries no state (``None``). Which one a model uses is its ``encoder``:
-``"lstm"``, ``"gru"`` (a :class:`RecurrentStack` of that cell) or ``"transformer"``.
+``"lstm"``, ``"gru"``, ``"rnn"`` (tanh Elman RNN; a :class:`RecurrentStack` of that cell) or
+``"transformer"``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from ..config import DropoutSpec, RecurrentDropout, TransformerDropout, as_dropout
-from ..nn import GRU, LSTM, CausalTransformer, RNNBase
+from ..nn import GRU, LSTM, RNN, CausalTransformer, RNNBase
 
 __all__ = [
     "ENCODERS",
@@ -24,10 +26,10 @@ __all__ = [
     "encoder_dropout",
 ]
 
-EncoderKind = Literal["lstm", "gru", "transformer"]
+EncoderKind = Literal["lstm", "gru", "rnn", "transformer"]
 
 #: the recurrent cells a :class:`RecurrentStack` is built of, by encoder name
-RECURRENT_CELLS: dict[str, type[RNNBase]] = {"lstm": LSTM, "gru": GRU}
+RECURRENT_CELLS: dict[str, type[RNNBase]] = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
 ENCODERS: tuple[str, ...] = (*RECURRENT_CELLS, "transformer")
 
 
@@ -69,7 +71,7 @@ class RecurrentStack(nn.Module):
     list of them (one per part) for two.
 
     Args:
-        cell: ``"lstm"`` or ``"gru"``.
+        cell: ``"lstm"``, ``"gru"`` or ``"rnn"`` (tanh).
         dropout: the scheme (already a :class:`~rnndrop.config.RecurrentDropout`). A site
             that means nothing for the cell (``zoneout_cell`` for the GRU) raises the
             ``ValueError`` of :class:`rnndrop.nn.GRU`.

@@ -33,7 +33,7 @@ class LanguageModel(nn.Module):
         embedding_size: width of the embeddings.
         hidden_size: LSTM/GRU width, or the transformer's ``d_model``.
         num_layers: recurrent layers or transformer blocks.
-        encoder: ``"lstm"``, ``"gru"`` or ``"transformer"``.
+        encoder: ``"lstm"``, ``"gru"``, ``"rnn"`` (tanh Elman RNN) or ``"transformer"``.
         dropout: the recurrent scheme, anything :func:`rnndrop.config.as_dropout` takes (a
             :class:`~rnndrop.config.RecurrentDropout`, a dict of its fields, a preset name,
             ``{"preset": name, **arguments}``, or a float with ``nn.LSTM``'s meaning); its

@@ -33,9 +33,10 @@ class SequenceModel(nn.Module):
         target: ``"per_step"`` (a prediction per step) or ``"last"`` (one per sequence).
         embedding_size: token embedding width.
         hidden_size, num_layers, encoder, dropout, transformer_dropout, num_heads, ffn_size,
-            positions, max_len: the encoder (``"lstm"``, ``"gru"`` or ``"transformer"``) and
-            its dropout, as in :class:`~rnndrop.models.LanguageModel`. There is no embedding
-            dropout here: ``dropout.embedding`` has no effect on a sequence model.
+            positions, max_len: the encoder (``"lstm"``, ``"gru"``, ``"rnn"`` or
+            ``"transformer"``) and its dropout, as in :class:`~rnndrop.models.LanguageModel`.
+            There is no embedding dropout here: ``dropout.embedding`` has no effect on a
+            sequence model.
 
     Shape:
         ``(B, T)`` tokens or ``(B, T, F)`` floats -> ``(B, T, O)`` or ``(B, O)``.

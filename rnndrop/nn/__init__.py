@@ -14,6 +14,7 @@ from .dropout import (
     Zoneout,
     mc_dropout,
 )
+from .elman import RNN, RNNCell
 from .rnn import GRU, LSTM, RNNBase, concrete_rates, concrete_regularizer
 from .stepcells import CellMasks, GRUCell, LSTMCell, cell_dropout, sequence
 from .transformer import CausalTransformer, TransformerBlock
@@ -21,6 +22,7 @@ from .transformer import CausalTransformer, TransformerBlock
 __all__ = [
     "GRU",
     "LSTM",
+    "RNN",
     "CausalTransformer",
     "CellMasks",
     "DropPath",
@@ -29,6 +31,7 @@ __all__ = [
     "LSTMCell",
     "LockedDropout",
     "RNNBase",
+    "RNNCell",
     "StochasticModule",
     "TransformerBlock",
     "Zoneout",

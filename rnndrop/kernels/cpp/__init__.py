@@ -5,7 +5,10 @@ pass per step (GEMMs in oneDNN or ATen), and in backward the whole backprop thro
 with every weight gradient as one GEMM over all ``T·B`` rows. Built on first use
 (:mod:`rnndrop.kernels.cpp.build`). The kernel's functions take the fields of
 :class:`~rnndrop.kernels.contract.LayerInputs` positionally; this adapter is the only
-caller, so the positional order lives here and in ``loop.cpp`` and nowhere else.
+caller, so the positional order lives here and in ``loop.cpp`` and nowhere else. Every cell
+has the same two functions, ``{cell}_forward`` and ``{cell}_backward`` (a cell without a
+cell state takes None for ``c0``/``zoneout_c`` and returns None for ``dc0``), so this
+adapter does not name cells.
 """
 
 from __future__ import annotations
@@ -38,42 +41,28 @@ class CppBackend:
         return None
 
     def forward(self, inp: LayerInputs) -> Saved:
+        # one signature for every cell: loop.cpp's layer_forward<Cell> (c0, b_h, zoneout_c
+        # None where the cell has none); it returns Saved's fields in order
         ext, m = build.load(), inp.masks
-        if inp.cell.name == "lstm":
-            h_seq, c_seq, acts, ct_seq, hm_seq = ext.lstm_forward(
-                inp.x, inp.w_ih, inp.b_x, m.input, inp.w_hh, inp.h0, inp.c0, m.recurrent,
-                m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse,
-            )  # fmt: skip
-            return Saved(acts, h_seq, c_seq, ct_seq, hm_seq)
-        h_seq, acts, hm_seq, hn_seq = ext.gru_forward(
-            inp.x, inp.w_ih, inp.b_x, m.input, inp.w_hh, inp.b_h, inp.h0, m.recurrent,
-            m.candidate, m.zoneout_h, inp.reverse,
-        )  # fmt: skip
-        return Saved(acts, h_seq, None, None, hm_seq, hn_seq)
+        fwd = getattr(ext, f"{inp.cell.name}_forward")
+        return Saved(*fwd(
+            inp.x, inp.w_ih, inp.b_x, m.input, inp.w_hh, inp.b_h, inp.h0, inp.c0, m.recurrent,
+            m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse,
+        ))  # fmt: skip
 
     def backward(
         self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()
     ) -> Grads:
         ext, m = build.load(), inp.masks
         mg = any(need_masks)
-        if inp.cell.name == "lstm":
-            if dc_last is None:
-                dc_last = torch.zeros_like(inp.c0)
-            dgates, dh0, dc0, dw_hh, dx, dw_ih, db, *inner = ext.lstm_backward(
-                dh_seq, dc_last, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
-                inp.h0, inp.c0, s.acts, s.h_seq, s.c_seq, s.ct_seq, s.hm_seq, m.recurrent,
-                m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x, need_w, mg,
-            )  # fmt: skip
-            g = Grads(dgates if inp.w_ih is None else dx, dw_ih, db, dw_hh, None, dh0, dc0)
-            dgx = dgates
-        else:
-            dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, *inner = ext.gru_backward(
-                dh_seq, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
-                inp.b_h is not None, inp.h0, s.acts, s.h_seq, s.hm_seq, s.hn_seq, m.recurrent,
-                m.candidate, m.zoneout_h, inp.reverse, need_x, need_w, mg,
-            )  # fmt: skip
-            g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, None)
-            inner.append(None)  # no cell state
+        bwd = getattr(ext, f"{inp.cell.name}_backward")
+        dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, *inner = bwd(
+            dh_seq, dc_last, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
+            inp.b_h is not None, inp.h0, inp.c0, s.acts, s.h_seq, s.c_seq, s.ct_seq, s.hm_seq,
+            s.hn_seq, m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x,
+            need_w, mg,
+        )  # fmt: skip
+        g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0)
         if mg:
             g.dmasks = loop_mask_grads(inp, dgx, need_masks, tuple(inner))
         return g

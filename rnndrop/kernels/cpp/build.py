@@ -158,7 +158,7 @@ def _build() -> ModuleType | None:
         if module is not None:
             return module
         print(
-            f"rnndrop: compiling the loop kernel (LSTM, GRU) for this torch installation "
+            f"rnndrop: compiling the loop kernel (LSTM, GRU, RNN) for this torch installation "
             f"(once, ~30-60 s; cached in {build_dir}; set RNNDROP_EXTENSION=0 to skip)",
             file=sys.stderr,
             flush=True,

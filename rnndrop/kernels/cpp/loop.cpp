@@ -1,20 +1,24 @@
-// rnndrop: one LSTM or GRU layer (one direction) for the schemes the fused kernels
-// cannot run: per-sample recurrent masks, candidate dropout, zoneout.
+// rnndrop: one recurrent layer (one direction) for the schemes the fused kernels cannot
+// run: per-sample recurrent masks, candidate dropout, zoneout.
 //
 // One call does the input projection for all steps, the time loop with one fused
 // elementwise pass per step, and (backward) backprop through time plus every weight
-// gradient as one GEMM over all T*B rows. The loop mirrors the python backend
-// (rnndrop/kernels/python.py) and the per-step math the cells' step_forward /
-// step_backward (rnndrop/nn/cells/lstm.py, gru.py) line for line; the tests compare them.
+// gradient as one GEMM over all T*B rows. The loop is written once (forward_impl,
+// backward_impl) and templated on a cell's traits: its gate count, state and pointwise row
+// kernels (cell_lstm.h, cell_gru.h, cell_rnn.h; "cells" below says what a cell provides).
+// It mirrors the python backend (rnndrop/kernels/python.py) and the cells' step_forward /
+// step_backward (rnndrop/nn/cells/*.py) line for line; the tests compare them.
 //
 // GEMMs go to oneDNN when libtorch exports it (as nn.LSTM does on CPU: on AVX-512
 // machines whose MKL takes its AVX2 path, oneDNN is 2-3x faster), else to ATen.
 //
-// Layouts (all contiguous). G gates: 4 for the LSTM (i f g o), 3 for the GRU (r z n).
+// Layouts (all contiguous). G gates: 4 for the LSTM (i f g o), 3 for the GRU (r z n), 1 for
+// the Elman RNN.
+// Arguments and results follow rnndrop/kernels/contract.py (LayerInputs, Saved, Grads).
 //   x         (T, B, I)       layer input, or (T, B, GH) input projection (bias included)
 //                             if w_ih is None
 //   w_ih      (GH, I), w_hh (GH, H)
-//   bias, b_x (GH)            added to the input projection (LSTM b_ih + b_hh, GRU b_ih)
+//   b_x       (GH)            added to the input projection (LSTM b_ih + b_hh, GRU b_ih)
 //   b_h       (GH)            GRU: b_hh, added to the recurrent product h W_hh^T, so that
 //                             n = tanh(xp_n + r * (W_hn h + b_hn))
 //   in_mask   (G, Tm, B|1, I) per-gate input masks (untied), or None
@@ -47,6 +51,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace at::native {
@@ -447,175 +452,178 @@ auto by_dtype(const Tensor& t, const char* what, F&& f) {
   return f(float{});
 }
 
-// ---- LSTM: one step ---------------------------------------------------------------
-// Kernels over one batch row of H units. They take every pointer __restrict and
-// have no branches in the loop body, so gcc vectorises them; an absent mask is
-// passed as a row of ones (candidate, recurrent) or zeros (zoneout).
+// ---- cells -------------------------------------------------------------------------
+// The layer loop below is written once; a cell is a traits struct (cell_<name>.h) that
+// gives the loop its layout and its pointwise math over one batch row of one step:
+//   kName      the Python-visible prefix: <kName>_forward / <kName>_backward
+//   G          gate blocks stacked in W_ih and W_hh (G*H rows)
+//   kHasC      the state carries c beside h (c0, c_seq, ct_seq, dc)
+//   kSplitRec  the recurrent product h W_hh^T + b_h enters the gates apart from the input
+//              projection (GRU: r * (W_hn h + b_hn)), so the loop keeps it in its own buffer
+//              and backward has a separate dL/d(recurrent product); else it is added into
+//              the projection (both biases then in b_x) and the two gradients are one
+//   kAux       the cell saves one (T, B, H) row per step for its backward (Saved.hn_seq)
+//   forward<T, MASKED>(H, FwdRow<T>)  MASKED: a candidate mask or zoneout is present
+//   backward<T, MG>(H, BwdRow<T>)     MG: write the mask gradients (concrete dropout)
+// An absent mask arrives as a row of ones (candidate) or zeros (zoneout), an absent bias as
+// zeros, so the row kernels stay branch-free. A new cell is its header, one #include and one
+// register_cell line at the end of this file.
 
+// One batch row of one step, forward. Rows of G*H: a, p, bx, bh; rows of H: the rest.
 template <typename T>
-void lstm_row_forward(int64_t H, T* __restrict ai, T* __restrict af, T* __restrict ag,
-                      T* __restrict ao, const T* __restrict bias, const T* __restrict cp,
-                      T* __restrict c, T* __restrict h) {
-  for (int64_t j = 0; j < H; ++j) {  // no masks: the common fused-math case
-    T i = fsigmoid(ai[j] + bias[j]);
-    T f = fsigmoid(af[j] + bias[H + j]);
-    T g = ftanh(ag[j] + bias[2 * H + j]);
-    T o = fsigmoid(ao[j] + bias[3 * H + j]);
-    ai[j] = i;
-    af[j] = f;
-    ag[j] = g;
-    ao[j] = o;
-    T cn = f * cp[j] + i * g;
-    c[j] = cn;
-    h[j] = o * ftanh(cn);
-  }
-}
+struct FwdRow {
+  T* a;         // in: input projection (+ recurrent product unless kSplitRec); out: activations
+  const T* p;   // kSplitRec: the recurrent product (h_{t-1} * m) W_hh^T, before b_h
+  const T* bx;  // bias of the input projection
+  const T* bh;  // bias of the recurrent product (kSplitRec)
+  const T* hp;  // h_{t-1}
+  const T* cp;  // c_{t-1} (kHasC)
+  const T* cm;  // candidate mask
+  const T* zh;  // zoneout weight on h
+  const T* zc;  // zoneout weight on c (kHasC)
+  T* h;         // h_t
+  T* c;         // c_t (kHasC)
+  T* ct;        // c~_t, c before zoneout (kHasC; scratch without zoneout on c)
+  T* aux;       // kAux: the cell's saved row
+};
 
+// One batch row of one step, backward.
 template <typename T>
-void lstm_row_forward_masked(int64_t H, T* __restrict ai, T* __restrict af, T* __restrict ag,
-                             T* __restrict ao, const T* __restrict bias, const T* __restrict cp,
-                             const T* __restrict hp, const T* __restrict cm,
-                             const T* __restrict zh, const T* __restrict zc, T* __restrict c,
-                             T* __restrict h, T* __restrict ct) {
-  for (int64_t j = 0; j < H; ++j) {
-    T i = fsigmoid(ai[j] + bias[j]);
-    T f = fsigmoid(af[j] + bias[H + j]);
-    T g = ftanh(ag[j] + bias[2 * H + j]);
-    T o = fsigmoid(ao[j] + bias[3 * H + j]);
-    ai[j] = i;
-    af[j] = f;
-    ag[j] = g;
-    ao[j] = o;
-    T cn = f * cp[j] + i * (g * cm[j]);
-    T hn = o * ftanh(cn);
-    ct[j] = cn;
-    c[j] = zc[j] * cp[j] + (T(1) - zc[j]) * cn;
-    h[j] = zh[j] * hp[j] + (T(1) - zh[j]) * hn;
-  }
-}
+struct BwdRow {
+  const T* a;    // activations (G*H)
+  const T* aux;  // kAux: the row forward saved
+  const T* hp;   // h_{t-1}
+  const T* cp;   // c_{t-1} (kHasC)
+  const T* ct;   // c~_t (kHasC: c_t itself without zoneout on c)
+  const T* cm;
+  const T* zh;
+  const T* zc;
+  T* dh;   // in: total dL/dh_t; out: the direct gradient into h_{t-1} (beside W_hh's)
+  T* dc;   // kHasC. in: dL/dc_t; out: dL/dc_{t-1}
+  T* gx;   // out: dL/d(input projection) (G*H)
+  T* gh;   // out: dL/d(recurrent product) (G*H); the same row as gx unless kSplitRec
+  T* dcm;  // MG: dL/d(candidate mask), dL/dz_h, dL/dz_c of this step (scratch if absent)
+  T* dzh;
+  T* dzc;
+};
 
-// In: dh = total dL/dh_t, dc = dL/dc_t. Out: dgates; dc = dL/dc_{t-1} (cell path);
-// dh = zoneout carry into h_{t-1}.
-// MG (mask gradients): also write dL/d(candidate mask), dL/dz_h, dL/dz_c of this step into
-// dcm, dzh, dzc (scratch rows where a mask is absent); hp is h_{t-1} (read only with MG).
-template <typename T, bool MG>
-void lstm_row_backward(int64_t H, const T* __restrict ai, const T* __restrict af,
-                       const T* __restrict ag, const T* __restrict ao, const T* __restrict cp,
-                       const T* __restrict ctp, const T* __restrict cm, const T* __restrict zh,
-                       const T* __restrict zc, T* __restrict dh, T* __restrict dc,
-                       T* __restrict gi, T* __restrict gf, T* __restrict gg, T* __restrict go,
-                       const T* __restrict hp, T* __restrict dcm, T* __restrict dzh,
-                       T* __restrict dzc) {
-  for (int64_t j = 0; j < H; ++j) {
-    T d = dh[j];
-    T dc_in = dc[j];
-    T dht = d * (T(1) - zh[j]);
-    T tc = ftanh(ctp[j]);
-    T i = ai[j], f = af[j], g = ag[j], o = ao[j];
-    T dcn = dc_in * (T(1) - zc[j]) + dht * o * (T(1) - tc * tc);
-    gi[j] = dcn * (g * cm[j]) * i * (T(1) - i);
-    gf[j] = dcn * cp[j] * f * (T(1) - f);
-    gg[j] = dcn * i * cm[j] * (T(1) - g * g);
-    go[j] = dht * tc * o * (T(1) - o);
-    if constexpr (MG) {
-      dcm[j] = dcn * i * g;
-      dzh[j] = d * (hp[j] - o * tc);
-      dzc[j] = dc_in * (cp[j] - ctp[j]);
-    }
-    dc[j] = dcn * f + dc_in * zc[j];
-    dh[j] = d * zh[j];
-  }
-}
+#include "cell_gru.h"
+#include "cell_lstm.h"
+#include "cell_rnn.h"
 
-// ---- LSTM: the layer -----------------------------------------------------------------
+// ---- the layer, once for every cell ----------------------------------------------------
 
-// Returns {h_seq, c_seq, acts, ct_seq, hm_seq}.
-template <typename T>
-std::vector<Tensor> lstm_forward_impl(const Tensor& x, const OptT& w_ih, const OptT& bias,
-                                      const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
-                                      const Tensor& c0, const OptT& rec_mask,
-                                      const OptT& cand_mask, const OptT& zone_h,
-                                      const OptT& zone_c, bool reverse) {
-  constexpr int64_t G = 4;
+// Returns Saved's fields in its order: {acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq}, each
+// undefined (None) where the cell or the masks have none.
+template <class Cell, typename T>
+std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& b_x,
+                                 const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
+                                 const Tensor& h0, const OptT& c0, const OptT& rec_mask,
+                                 const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
+                                 bool reverse) {
+  constexpr int64_t G = Cell::G;
   const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
-  const bool has_zc = has(zone_c);
+  const bool has_zc = Cell::kHasC && has(zone_c);
   const bool plain = !has(cand_mask) && !has(zone_h) && !has_zc;
   Rows<T> rows(G * H);
   std::vector<T> scratch(H);
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
-  auto h_seq = at::empty({T_, B, H}, x.options());
-  auto c_seq = at::empty({T_, B, H}, x.options());
-  auto ct_seq = has_zc ? at::empty({T_, B, H}, x.options()) : Tensor();
-  Tensor hm_seq = rm.base ? at::empty({rm.groups, T_, B, H}, x.options()) : Tensor();
+  const auto opts = x.options();
+  auto h_seq = at::empty({T_, B, H}, opts);
+  Tensor c_seq = Cell::kHasC ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor ct_seq = has_zc ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor hm_seq = rm.base ? at::empty({rm.groups, T_, B, H}, opts) : Tensor();
+  Tensor aux_seq = Cell::kAux ? at::empty({T_, B, H}, opts) : Tensor();
+  // kSplitRec: one step's recurrent product; else it goes straight into the gates
+  Tensor rec = Cell::kSplitRec ? at::empty({B, G * H}, opts) : Tensor();
   const Tensor whh = whh_forward(w_hh, rm.groups, G);
-  const T* b_ptr = has(w_ih) && has(bias) ? bias->data_ptr<T>() : rows.zeros.data();
+  const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
+  const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
   const auto zc = mask_at<T>(zone_c, rows.zeros.data());
   T* A = acts.data_ptr<T>();
   T* Hs = h_seq.data_ptr<T>();
-  T* Cs = c_seq.data_ptr<T>();
+  T* Cs = Cell::kHasC ? c_seq.data_ptr<T>() : nullptr;
   T* CTs = has_zc ? ct_seq.data_ptr<T>() : nullptr;
+  T* AX = Cell::kAux ? aux_seq.data_ptr<T>() : nullptr;
+  const T* P = Cell::kSplitRec ? rec.data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
-    const T* cp = s == 0 ? c0.data_ptr<T>() : Cs + tp * BH;
-    // the recurrent product goes straight into the gates
-    recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, acts[t], 1.0f);
+    const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
+    if constexpr (Cell::kSplitRec) {
+      recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, rec, 0.0f);
+    } else {
+      recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, acts[t], 1.0f);
+    }
     for (int64_t b = 0; b < B; ++b) {
-      T* ab = A + (t * B + b) * G * H;
       const int64_t r = t * BH + b * H;
+      FwdRow<T> row{A + (t * B + b) * G * H,
+                    P ? P + b * G * H : nullptr,
+                    bx,
+                    bh,
+                    hp + b * H,
+                    cp ? cp + b * H : nullptr,
+                    cm.row(t, b, H),
+                    zh.row(t, b, H),
+                    zc.row(t, b, H),
+                    Hs + r,
+                    Cs ? Cs + r : nullptr,
+                    CTs ? CTs + r : scratch.data(),
+                    AX ? AX + r : nullptr};
       if (plain) {
-        lstm_row_forward<T>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, b_ptr, cp + b * H, Cs + r,
-                            Hs + r);
+        Cell::template forward<T, false>(H, row);
       } else {
-        lstm_row_forward_masked<T>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, b_ptr, cp + b * H,
-                                   hp + b * H, cm.row(t, b, H), zh.row(t, b, H),
-                                   zc.row(t, b, H), Cs + r, Hs + r,
-                                   CTs ? CTs + r : scratch.data());
+        Cell::template forward<T, true>(H, row);
       }
     }
   }
-  return {h_seq, c_seq, acts, ct_seq, hm_seq};
+  return {acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq};
 }
 
-// Returns {dgates, dh0, dc0, dw_hh, dx, dw_ih, dbias, drec, dcand, dzone_h, dzone_c}; dx,
-// dw_ih, dbias only with w_ih; the mask gradients only with need_masks and the mask.
-template <typename T>
-std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last,
-                                       const Tensor& x, const OptT& w_ih, bool has_bias,
-                                       const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
-                                       const Tensor& c0, const Tensor& acts, const Tensor& h_seq,
-                                       const Tensor& c_seq, const OptT& ct_seq,
-                                       const OptT& hm_seq, const OptT& rec_mask,
-                                       const OptT& cand_mask, const OptT& zone_h,
-                                       const OptT& zone_c, bool reverse, bool need_x,
-                                       bool need_w, bool need_masks) {
-  constexpr int64_t G = 4;
+// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, dcand, dzone_h, dzone_c}:
+// dgx = dL/d(input projection) (T, B, GH); dx, dw_ih, db_x only with w_ih (dw_ih, db_x with
+// need_w, db_x with has_bias_x); dw_hh with need_w, db_h with has_bias_h too; dc0 for cells
+// with a cell state; the mask gradients only with need_masks and their mask.
+template <class Cell, typename T>
+std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const Tensor& x,
+                                  const OptT& w_ih, bool has_bias_x, const OptT& in_mask,
+                                  const Tensor& w_hh, bool has_bias_h, const Tensor& h0,
+                                  const OptT& c0, const Tensor& acts, const Tensor& h_seq,
+                                  const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
+                                  const OptT& aux_seq, const OptT& rec_mask,
+                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
+                                  bool reverse, bool need_x, bool need_w, bool need_masks) {
+  constexpr int64_t G = Cell::G;
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
-  const bool has_zc = has(zone_c);
+  const bool has_zc = Cell::kHasC && has(zone_c);
   Rows<T> rows(H);
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
-  auto dgates = at::empty_like(acts);
-  auto dh = at::zeros({B, H}, acts.options());  // carry, then total dL/dh_t
-  auto dc = dc_last.clone();
-  Tensor dh_rec = at::empty({rm.groups, B, H}, acts.options());
+  const auto opts = acts.options();
+  auto dgx = at::empty_like(acts);
+  Tensor dgh = Cell::kSplitRec ? at::empty_like(acts) : dgx;  // dL/d(recurrent product)
+  auto dh = at::zeros({B, H}, opts);  // carry, then total dL/dh_t
+  Tensor dc = !Cell::kHasC ? Tensor() : has(dc_last) ? dc_last->clone() : at::zeros({B, H}, opts);
+  Tensor dh_rec = at::empty({rm.groups, B, H}, opts);
   auto w_gate = w_hh.view({G, H, H});  // W_hh_k, for the untied batched GEMM
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
   const auto zc = mask_at<T>(zone_c, rows.zeros.data());
   const T* A = acts.data_ptr<T>();
-  const T* Cs = c_seq.data_ptr<T>();
+  const T* Hs = h_seq.data_ptr<T>();
+  const T* Cs = Cell::kHasC ? c_seq->data_ptr<T>() : nullptr;
   const T* CTs = has_zc ? ct_seq->data_ptr<T>() : Cs;
+  const T* AX = Cell::kAux ? aux_seq->data_ptr<T>() : nullptr;
   const T* DO = has(dh_seq) ? dh_seq->data_ptr<T>() : nullptr;
-  T* DG = dgates.data_ptr<T>();
+  T* DGX = dgx.data_ptr<T>();
+  T* DGH = dgh.data_ptr<T>();
   T* DH = dh.data_ptr<T>();
-  T* DC = dc.data_ptr<T>();
+  T* DC = Cell::kHasC ? dc.data_ptr<T>() : nullptr;
   const T* DR = dh_rec.data_ptr<T>();
   // mask gradients (concrete dropout): (T, B, H) per mask present, else a scratch row
-  auto opts = acts.options();
   Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
@@ -624,254 +632,38 @@ std::vector<Tensor> lstm_backward_impl(const OptT& dh_seq, const Tensor& dc_last
   auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
     return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
   };
-  const T* Hs = h_seq.data_ptr<T>();
-  int64_t t_next = -1;  // the step processed just before (t+1 in time order)
-  for (int64_t s = T_ - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T_ - 1 - s : s;
-    const int64_t tp = reverse ? t + 1 : t - 1;
-    const T* cp = s == 0 ? c0.data_ptr<T>() : Cs + tp * BH;
-    const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = t * BH + b * H;
-      T* d = DH + b * H;
-      gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
-      const T* ab = A + (t * B + b) * G * H;
-      T* gb = DG + (t * B + b) * G * H;
-      if (need_masks) {
-        lstm_row_backward<T, true>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cp + b * H, CTs + r,
-                                   cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d,
-                                   DC + b * H, gb, gb + H, gb + 2 * H, gb + 3 * H, hp + b * H,
-                                   out_row(dcand, 0, r), out_row(dzone_h, 1, r),
-                                   out_row(dzone_c, 2, r));
-      } else {
-        lstm_row_backward<T, false>(H, ab, ab + H, ab + 2 * H, ab + 3 * H, cp + b * H, CTs + r,
-                                    cm.row(t, b, H), zh.row(t, b, H), zc.row(t, b, H), d,
-                                    DC + b * H, gb, gb + H, gb + 2 * H, gb + 3 * H, nullptr,
-                                    nullptr, nullptr, nullptr);
-      }
-    }
-    recurrent_grad(dgates[t], w_hh, w_gate, dh_rec);
-    if (drec.defined()) rec_mask_grad<T>(dh_rec, hp, drec, t);
-    t_next = t;
-  }
-  for (int64_t b = 0; b < B; ++b) {  // the first step's recurrent input was h0
-    gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
-  }
-
-  std::vector<Tensor> out{dgates,   dh,   dc,    Tensor(), Tensor(), Tensor(),
-                          Tensor(), drec, dcand, dzone_h,  dzone_c};
-  Tensor dg_gate_major;  // made at most once, for untied GEMMs
-  if (need_w) out[3] = weight_hh_grad(dgates, h0, h_seq, hm_seq, reverse, dg_gate_major);
-  if (has(w_ih)) {
-    auto g = input_grads(dgates, x, *w_ih, in_mask, has_bias, need_x, need_w, dg_gate_major);
-    out[4] = g[0];
-    out[5] = g[1];
-    out[6] = g[2];
-  }
-  return out;
-}
-
-std::vector<Tensor> lstm_forward(const Tensor& x, const OptT& w_ih, const OptT& bias,
-                                 const OptT& in_mask, const Tensor& w_hh, const Tensor& h0,
-                                 const Tensor& c0, const OptT& rec_mask, const OptT& cand_mask,
-                                 const OptT& zone_h, const OptT& zone_c, bool reverse) {
-  TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
-                  c0.is_contiguous(),
-              "rnndrop lstm_forward: inputs must be contiguous");
-  FlushScope flush;
-  return by_dtype(x, "lstm_forward", [&](auto v) {
-    return lstm_forward_impl<decltype(v)>(x, w_ih, bias, in_mask, w_hh, h0, c0, rec_mask,
-                                          cand_mask, zone_h, zone_c, reverse);
-  });
-}
-
-std::vector<Tensor> lstm_backward(const OptT& dh_seq, const Tensor& dc_last, const Tensor& x,
-                                  const OptT& w_ih, bool has_bias, const OptT& in_mask,
-                                  const Tensor& w_hh, const Tensor& h0, const Tensor& c0,
-                                  const Tensor& acts, const Tensor& h_seq, const Tensor& c_seq,
-                                  const OptT& ct_seq, const OptT& hm_seq, const OptT& rec_mask,
-                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                  bool reverse, bool need_x, bool need_w, bool need_masks) {
-  FlushScope flush;
-  return by_dtype(acts, "lstm_backward", [&](auto v) {
-    return lstm_backward_impl<decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias, in_mask, w_hh,
-                                           h0, c0, acts, h_seq, c_seq, ct_seq, hm_seq, rec_mask,
-                                           cand_mask, zone_h, zone_c, reverse, need_x, need_w,
-                                           need_masks);
-  });
-}
-
-// ---- GRU: one step ------------------------------------------------------------------
-// As the LSTM's: one batch row, every pointer __restrict, no branches in the loop body.
-// a* hold the input projection (its bias bx added here), p* the recurrent product
-// (h_{t-1} * m) W_hh^T (its bias bh added here). MASKED adds the candidate mask and
-// zoneout on h; without them the plain variant skips their loads.
-
-template <typename T, bool MASKED>
-void gru_row_forward(int64_t H, T* __restrict ar, T* __restrict az, T* __restrict an,
-                     const T* __restrict pr, const T* __restrict pz, const T* __restrict pn,
-                     const T* __restrict bx, const T* __restrict bh, const T* __restrict hp,
-                     const T* __restrict cm, const T* __restrict zh, T* __restrict hn_out,
-                     T* __restrict h) {
-  for (int64_t j = 0; j < H; ++j) {
-    T r = fsigmoid((ar[j] + bx[j]) + (pr[j] + bh[j]));
-    T z = fsigmoid((az[j] + bx[H + j]) + (pz[j] + bh[H + j]));
-    T hn = pn[j] + bh[2 * H + j];
-    T n = ftanh((an[j] + bx[2 * H + j]) + r * hn);
-    ar[j] = r;
-    az[j] = z;
-    an[j] = n;
-    hn_out[j] = hn;
-    if constexpr (MASKED) {
-      T nm = n * cm[j];
-      T ht = nm + z * (hp[j] - nm);  // (1 - z) n + z h_{t-1}
-      h[j] = zh[j] * hp[j] + (T(1) - zh[j]) * ht;
-    } else {
-      h[j] = n + z * (hp[j] - n);
-    }
-  }
-}
-
-// In: dh = total dL/dh_t. Out: gx* = dL/d(input projection), gh* = dL/d(recurrent product)
-// (they differ in the n block: hp_n enters through r); dh = the direct gradient into
-// h_{t-1} (the z carry and zoneout's).
-// MG: also write dL/d(candidate mask) and dL/dz_h of this step into dcm, dzh.
-template <typename T, bool MG>
-void gru_row_backward(int64_t H, const T* __restrict ar, const T* __restrict az,
-                      const T* __restrict an, const T* __restrict hn, const T* __restrict hp,
-                      const T* __restrict cm, const T* __restrict zh, T* __restrict dh,
-                      T* __restrict gxr, T* __restrict gxz, T* __restrict gxn,
-                      T* __restrict ghr, T* __restrict ghz, T* __restrict ghn,
-                      T* __restrict dcm, T* __restrict dzh) {
-  for (int64_t j = 0; j < H; ++j) {
-    T d = dh[j];
-    T dht = d * (T(1) - zh[j]);
-    T r = ar[j], z = az[j], n = an[j];
-    T nm = n * cm[j];
-    T gn = dht * (T(1) - z) * cm[j] * (T(1) - n * n);
-    T gr = gn * hn[j] * (r * (T(1) - r));
-    T gz = dht * (hp[j] - nm) * (z * (T(1) - z));
-    gxr[j] = gr;
-    gxz[j] = gz;
-    gxn[j] = gn;
-    ghr[j] = gr;
-    ghz[j] = gz;
-    ghn[j] = gn * r;
-    if constexpr (MG) {
-      dcm[j] = dht * (T(1) - z) * n;
-      dzh[j] = d * (hp[j] - (nm + z * (hp[j] - nm)));
-    }
-    dh[j] = dht * z + d * zh[j];
-  }
-}
-
-// ---- GRU: the layer --------------------------------------------------------------------
-
-// Returns {h_seq, acts, hm_seq, hn_seq}.
-template <typename T>
-std::vector<Tensor> gru_forward_impl(const Tensor& x, const OptT& w_ih, const OptT& b_x,
-                                     const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
-                                     const Tensor& h0, const OptT& rec_mask,
-                                     const OptT& cand_mask, const OptT& zone_h, bool reverse) {
-  constexpr int64_t G = 3;
-  const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
-  const bool plain = !has(cand_mask) && !has(zone_h);
-  Rows<T> rows(G * H);
-  const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
-  Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
-  auto h_seq = at::empty({T_, B, H}, x.options());
-  auto hn_seq = at::empty({T_, B, H}, x.options());
-  Tensor hm_seq = rm.base ? at::empty({rm.groups, T_, B, H}, x.options()) : Tensor();
-  auto rec = at::empty({B, G * H}, x.options());  // one step's recurrent product
-  const Tensor whh = whh_forward(w_hh, rm.groups, G);
-  const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
-  const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
-  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
-  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
-  T* A = acts.data_ptr<T>();
-  T* Hs = h_seq.data_ptr<T>();
-  T* HN = hn_seq.data_ptr<T>();
-  const T* P = rec.data_ptr<T>();
-  for (int64_t s = 0; s < T_; ++s) {
-    const int64_t t = reverse ? T_ - 1 - s : s;
-    const int64_t tp = reverse ? t + 1 : t - 1;
-    const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
-    recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, rec, 0.0f);
-    for (int64_t b = 0; b < B; ++b) {
-      T* ab = A + (t * B + b) * G * H;
-      const T* pb = P + b * G * H;
-      const int64_t r = t * BH + b * H;
-      if (plain) {
-        gru_row_forward<T, false>(H, ab, ab + H, ab + 2 * H, pb, pb + H, pb + 2 * H, bx, bh,
-                                  hp + b * H, nullptr, nullptr, HN + r, Hs + r);
-      } else {
-        gru_row_forward<T, true>(H, ab, ab + H, ab + 2 * H, pb, pb + H, pb + 2 * H, bx, bh,
-                                 hp + b * H, cm.row(t, b, H), zh.row(t, b, H), HN + r, Hs + r);
-      }
-    }
-  }
-  return {h_seq, acts, hm_seq, hn_seq};
-}
-
-// Returns {dgx, dh0, dw_hh, db_h, dx, dw_ih, db_x, drec, dcand, dzone_h}: dgx = dL/d(input
-// projection) (T, B, 3H); dw_hh and db_h only with need_w (db_h with has_bias_h); dx, dw_ih,
-// db_x only with w_ih; the mask gradients only with need_masks and their mask.
-template <typename T>
-std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const OptT& w_ih,
-                                      bool has_bias_x, const OptT& in_mask, const Tensor& w_hh,
-                                      bool has_bias_h, const Tensor& h0, const Tensor& acts,
-                                      const Tensor& h_seq, const OptT& hm_seq,
-                                      const Tensor& hn_seq, const OptT& rec_mask,
-                                      const OptT& cand_mask, const OptT& zone_h, bool reverse,
-                                      bool need_x, bool need_w, bool need_masks) {
-  constexpr int64_t G = 3;
-  const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
-  Rows<T> rows(H);
-  const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
-  auto dgx = at::empty_like(acts);
-  auto dgh = at::empty_like(acts);
-  auto dh = at::zeros({B, H}, acts.options());  // carry, then total dL/dh_t
-  Tensor dh_rec = at::empty({rm.groups, B, H}, acts.options());
-  auto w_gate = w_hh.view({G, H, H});
-  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
-  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
-  const T* A = acts.data_ptr<T>();
-  const T* Hs = h_seq.data_ptr<T>();
-  const T* HN = hn_seq.data_ptr<T>();
-  const T* DO = has(dh_seq) ? dh_seq->data_ptr<T>() : nullptr;
-  T* DGX = dgx.data_ptr<T>();
-  T* DGH = dgh.data_ptr<T>();
-  T* DH = dh.data_ptr<T>();
-  const T* DR = dh_rec.data_ptr<T>();
-  auto opts = acts.options();
-  Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
-  Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
-  Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
-  std::vector<T> junk(need_masks ? 2 * H : 0);
-  auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
-    return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
-  };
   int64_t t_next = -1;  // the step processed just before (t+1 in time order)
   for (int64_t s = T_ - 1; s >= 0; --s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
+    const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = t * BH + b * H;
       T* d = DH + b * H;
       gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
-      const T* ab = A + (t * B + b) * G * H;
-      T* gx = DGX + (t * B + b) * G * H;
-      T* gh = DGH + (t * B + b) * G * H;
+      BwdRow<T> row{A + (t * B + b) * G * H,
+                    AX ? AX + r : nullptr,
+                    hp + b * H,
+                    cp ? cp + b * H : nullptr,
+                    CTs ? CTs + r : nullptr,
+                    cm.row(t, b, H),
+                    zh.row(t, b, H),
+                    zc.row(t, b, H),
+                    d,
+                    DC ? DC + b * H : nullptr,
+                    DGX + (t * B + b) * G * H,
+                    DGH + (t * B + b) * G * H,
+                    nullptr,
+                    nullptr,
+                    nullptr};
       if (need_masks) {
-        gru_row_backward<T, true>(H, ab, ab + H, ab + 2 * H, HN + r, hp + b * H,
-                                  cm.row(t, b, H), zh.row(t, b, H), d, gx, gx + H, gx + 2 * H,
-                                  gh, gh + H, gh + 2 * H, out_row(dcand, 0, r),
-                                  out_row(dzone_h, 1, r));
+        row.dcm = out_row(dcand, 0, r);
+        row.dzh = out_row(dzone_h, 1, r);
+        row.dzc = out_row(dzone_c, 2, r);
+        Cell::template backward<T, true>(H, row);
       } else {
-        gru_row_backward<T, false>(H, ab, ab + H, ab + 2 * H, HN + r, hp + b * H,
-                                   cm.row(t, b, H), zh.row(t, b, H), d, gx, gx + H, gx + 2 * H,
-                                   gh, gh + H, gh + 2 * H, nullptr, nullptr);
+        Cell::template backward<T, false>(H, row);
       }
     }
     recurrent_grad(dgh[t], w_hh, w_gate, dh_rec);
@@ -882,49 +674,64 @@ std::vector<Tensor> gru_backward_impl(const OptT& dh_seq, const Tensor& x, const
     gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
   }
 
-  std::vector<Tensor> out{dgx,      dh,       Tensor(), Tensor(), Tensor(),
-                          Tensor(), Tensor(), drec,     dcand,    dzone_h};
+  std::vector<Tensor> out{dgx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+                          dh,  dc,       drec,     dcand,    dzone_h,  dzone_c};
+  // gate-major copies for untied GEMMs, made at most once per gradient tensor
+  Tensor gm_h, gm_x;
+  Tensor& gm_in = Cell::kSplitRec ? gm_x : gm_h;  // one tensor (and cache) unless kSplitRec
   if (need_w) {
-    Tensor dgh_gate_major;  // the recurrent product's gradient differs from dgx (r * hn)
-    out[2] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse, dgh_gate_major);
-    if (has_bias_h) out[3] = dgh.view({T_ * B, G * H}).sum(0);
+    out[4] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse, gm_h);
+    if (has_bias_h) out[5] = dgh.view({T_ * B, G * H}).sum(0);
   }
   if (has(w_ih)) {
-    Tensor dgx_gate_major;
-    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w, dgx_gate_major);
-    out[4] = g[0];
-    out[5] = g[1];
-    out[6] = g[2];
+    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w, gm_in);
+    out[1] = g[0];
+    out[2] = g[1];
+    out[3] = g[2];
   }
   return out;
 }
 
-std::vector<Tensor> gru_forward(const Tensor& x, const OptT& w_ih, const OptT& b_x,
-                                const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
-                                const Tensor& h0, const OptT& rec_mask, const OptT& cand_mask,
-                                const OptT& zone_h, bool reverse) {
-  TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(),
-              "rnndrop gru_forward: inputs must be contiguous");
+// The entry points, one pair per cell (register_cell): the fields of LayerInputs and Saved
+// positionally, in the contract's order (rnndrop/kernels/cpp/__init__.py is the one caller).
+template <class Cell>
+std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT& b_x,
+                                  const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
+                                  const Tensor& h0, const OptT& c0, const OptT& rec_mask,
+                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
+                                  bool reverse) {
+  TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
+                  (!has(c0) || c0->is_contiguous()),
+              "rnndrop ", Cell::kName, "_forward: inputs must be contiguous");
+  TORCH_CHECK(has(c0) == Cell::kHasC, "rnndrop ", Cell::kName, "_forward: c0 must be ",
+              Cell::kHasC ? "given" : "None");
   FlushScope flush;
-  return by_dtype(x, "gru_forward", [&](auto v) {
-    return gru_forward_impl<decltype(v)>(x, w_ih, b_x, in_mask, w_hh, b_h, h0, rec_mask,
-                                         cand_mask, zone_h, reverse);
+  return by_dtype(x, Cell::kName, [&](auto v) {
+    return forward_impl<Cell, decltype(v)>(x, w_ih, b_x, in_mask, w_hh, b_h, h0, c0, rec_mask,
+                                           cand_mask, zone_h, zone_c, reverse);
   });
 }
 
-std::vector<Tensor> gru_backward(const OptT& dh_seq, const Tensor& x, const OptT& w_ih,
-                                 bool has_bias_x, const OptT& in_mask, const Tensor& w_hh,
-                                 bool has_bias_h, const Tensor& h0, const Tensor& acts,
-                                 const Tensor& h_seq, const OptT& hm_seq, const Tensor& hn_seq,
-                                 const OptT& rec_mask, const OptT& cand_mask,
-                                 const OptT& zone_h, bool reverse, bool need_x, bool need_w,
-                                 bool need_masks) {
+template <class Cell>
+std::vector<Tensor> layer_backward(const OptT& dh_seq, const OptT& dc_last, const Tensor& x,
+                                   const OptT& w_ih, bool has_bias_x, const OptT& in_mask,
+                                   const Tensor& w_hh, bool has_bias_h, const Tensor& h0,
+                                   const OptT& c0, const Tensor& acts, const Tensor& h_seq,
+                                   const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
+                                   const OptT& hn_seq, const OptT& rec_mask,
+                                   const OptT& cand_mask, const OptT& zone_h,
+                                   const OptT& zone_c, bool reverse, bool need_x, bool need_w,
+                                   bool need_masks) {
+  TORCH_CHECK(!Cell::kHasC || (has(c0) && has(c_seq)), "rnndrop ", Cell::kName,
+              "_backward: c0 and c_seq must be given");
+  TORCH_CHECK(!Cell::kAux || has(hn_seq), "rnndrop ", Cell::kName,
+              "_backward: hn_seq must be given");
   FlushScope flush;
-  return by_dtype(acts, "gru_backward", [&](auto v) {
-    return gru_backward_impl<decltype(v)>(dh_seq, x, w_ih, has_bias_x, in_mask, w_hh,
-                                          has_bias_h, h0, acts, h_seq, hm_seq, hn_seq, rec_mask,
-                                          cand_mask, zone_h, reverse, need_x, need_w,
-                                          need_masks);
+  return by_dtype(acts, Cell::kName, [&](auto v) {
+    return backward_impl<Cell, decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias_x, in_mask, w_hh,
+                                            has_bias_h, h0, c0, acts, h_seq, c_seq, ct_seq,
+                                            hm_seq, hn_seq, rec_mask, cand_mask, zone_h, zone_c,
+                                            reverse, need_x, need_w, need_masks);
   });
 }
 
@@ -1007,11 +814,22 @@ void mask_mul(const Tensor& src, int64_t seed, int64_t threshold, double value, 
 bool uses_onednn() { return onednn_usable(); }
 
 }  // namespace
+
+// <kName>_forward / <kName>_backward: the layer loop for one cell.
+template <class Cell>
+void register_cell(pybind11::module_& m) {
+  const std::string name = Cell::kName;
+  m.def((name + "_forward").c_str(), &layer_forward<Cell>,
+        (name + " layer with the time loop, forward").c_str());
+  m.def((name + "_backward").c_str(), &layer_backward<Cell>,
+        (name + " layer with the time loop, backward").c_str());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("lstm_forward", &lstm_forward, "LSTM layer with the time loop, forward");
-  m.def("lstm_backward", &lstm_backward, "LSTM layer with the time loop, backward");
-  m.def("gru_forward", &gru_forward, "GRU layer with the time loop, forward");
-  m.def("gru_backward", &gru_backward, "GRU layer with the time loop, backward");
+  register_cell<LstmCell>(m);  // the cell registry: one line per cell
+  register_cell<GruCell>(m);
+  register_cell<RnnCell<false>>(m);  // nn.RNN, tanh
+  register_cell<RnnCell<true>>(m);   // nn.RNN, relu
   m.def("uses_onednn", &uses_onednn, "True if GEMMs run in oneDNN");
   m.def("bernoulli_mask", &bernoulli_mask, "SplitMix64 dropout mask (see functional.py)");
   m.def("mask_mul", &mask_mul, "out = src * SplitMix64 dropout mask, mask never stored");

@@ -123,6 +123,8 @@ class TritonBackend:
 
     def unavailable(self, inp: LayerInputs) -> str | None:
         x = inp.x
+        if inp.cell.name not in ("lstm", "gru"):  # first: the one reason no setting changes
+            return f"it has no {inp.cell.name} kernel (python or cpp run this cell)"
         if x.device.type == "cpu":
             if not interpreting():
                 return ("the triton backend runs on CUDA tensors; set TRITON_INTERPRET=1 to run "
@@ -135,8 +137,6 @@ class TritonBackend:
         if x.dtype not in (*HALF, torch.float32):
             return (f"its kernels run float32, float16 and bfloat16 only and the input is "
                     f"{x.dtype}")  # fmt: skip
-        if inp.cell.name not in ("lstm", "gru"):
-            return f"it has no {inp.cell.name} kernel"
         if inp.cell.name == "gru" and inp.masks.zoneout_c is not None:
             return "a GRU has no cell state to zone out"
         if x.shape[0] == 0:

@@ -23,7 +23,8 @@ class Cell:
     """One cell of the family (see :mod:`rnndrop.nn.cells.lstm`, :mod:`rnndrop.nn.cells.gru`).
 
     Attributes:
-        name: ``"lstm"`` or ``"gru"``; loop backends dispatch on it.
+        name: ``"lstm"``, ``"gru"``, ``"rnn_tanh"`` or ``"rnn_relu"``; loop backends
+            dispatch on it.
         mode: torch's name of the mode (``"LSTM"``), for cuDNN's weight flattening.
         gates: ``G``, the gate blocks stacked in ``W_ih`` and ``W_hh`` (``G·H`` rows).
         gate_names: torch's gate order.

@@ -1,0 +1,101 @@
+r"""The Elman RNN cell (``torch.nn.RNN``): torch's layout, fused op, and the loop's step math.
+
+Elman 1990, in torch's form with one gate block and ``φ = tanh`` or ``relu``. One step with
+every mask the loop path carries::
+
+    a_t  = xp_t + (h_{t-1} ⊙ m^h_t) W_hhᵀ          xp_t = x_t W_ihᵀ + b_ih + b_hh
+    h̃_t = φ(a_t)
+    h_t  = z^h_t ⊙ h_{t-1} + (1 - z^h_t) ⊙ h̃_t     zoneout on h (Krueger et al. 2016); z = 0 off
+
+``m^h`` is the recurrent mask (Gal & Ghahramani 2016; with one gate block, tied and untied
+are the same). The cell has no cell state and no gated candidate, so ``zoneout_cell`` and
+``candidate`` mean nothing for it. :func:`step_forward` / :func:`step_backward` are the
+reference every loop backend is tested against; ``rnndrop/kernels/cpp/cell_rnn.h`` has the
+same math in C++.
+"""
+
+from __future__ import annotations
+
+import warnings
+from functools import partial
+
+import torch
+from torch import _VF, Tensor
+
+from .base import Cell
+
+__all__ = ["RNN_RELU_CELL", "RNN_TANH_CELL"]
+
+
+# Module-level functions bound with functools.partial (not closures), so that modules
+# holding the cell pickle (torch.save of a whole module, spawned workers).
+
+
+@torch.compiler.disable  # as nn.RNN under dynamo
+def _fused(op_name, x, batch_sizes, state, weights, has_bias, num_layers, train, bidir,
+           batch_first):  # fmt: skip
+    """The fused ATen/cuDNN op ``_VF.rnn_tanh`` / ``rnn_relu`` with nn.RNN's arguments;
+    returns (out, (h,))."""
+    op = getattr(_VF, op_name)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part")
+        if batch_sizes is None:
+            out, h = op(x, state[0], weights, has_bias, num_layers, 0.0, train, bidir,
+                        batch_first)  # fmt: skip
+        else:
+            out, h = op(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
+                        bidir)  # fmt: skip
+    return out, (h,)
+
+
+def step_forward(relu: bool, a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
+    """In place: ``a`` (B, H) pre-activations (recurrent product added) -> ``h̃ = φ(a)``.
+
+    Returns ``(h_t, None, None)``; ``rec``, ``c_prev``, ``cm``, ``zc`` and ``extra`` are
+    unused (no split recurrent product, no cell state, no candidate). ``relu`` picks ``φ``
+    (bound per cell).
+    """
+    h = a.relu_() if relu else a.tanh_()
+    if zh is not None:
+        h = torch.lerp(h, h_prev, zh)
+    return h, None, None
+
+
+def step_backward(relu: bool, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh,
+                  dm=None):  # fmt: skip
+    """Backward of :func:`step_forward`: dL/da into ``dgx`` (the same buffer as ``dgh``).
+
+    ``d`` is dL/dh_t (all paths). Returns zoneout's carry into ``h_{t-1}`` (or None) and
+    None (no cell state). ``dm``: None, or ``(None, dzh, None)`` with the (B, H) buffer for
+    ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)`` (concrete dropout), or None.
+    """
+    dht = d if zh is None else d * (1 - zh)
+    # φ'(a) from the saved h̃ = φ(a): relu' = [h̃ > 0], tanh' = 1 - h̃²
+    torch.mul(dht, (acts > 0).to(acts.dtype) if relu else 1 - acts * acts, out=dgx)
+    if dm is not None and dm[1] is not None:
+        torch.mul(d, h_prev - acts, out=dm[1])
+    return (None if zh is None else d * zh), None
+
+
+def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
+    return b_ih + b_hh, None
+
+
+def _cell(nonlinearity: str) -> Cell:
+    relu, mode = nonlinearity == "relu", f"RNN_{nonlinearity.upper()}"
+    return Cell(
+        name=mode.lower(),
+        mode=mode,
+        gates=1,
+        gate_names=("h",),
+        has_cell=False,
+        split_recurrent=False,
+        fused=partial(_fused, mode.lower()),
+        split_bias=_split_bias,
+        step_forward=partial(step_forward, relu),
+        step_backward=partial(step_backward, relu),
+    )
+
+
+RNN_TANH_CELL = _cell("tanh")
+RNN_RELU_CELL = _cell("relu")
