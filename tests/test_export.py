@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import GRU, LSTM
+from rnndrop.nn import GRU, LSTM, RNN
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -53,9 +53,11 @@ class Model(nn.Module):
 
 def _layer(cell: str, scheme: str) -> nn.Module:
     cfg = SCHEMES[scheme]
-    if cell == "gru" and cfg is not None and cfg.zoneout_cell:
-        cfg = RD(zoneout_hidden=cfg.zoneout_hidden)  # a GRU has no cell state
-    cls = LSTM if cell == "lstm" else GRU
+    if cell != "lstm" and cfg is not None and cfg.zoneout_cell:
+        cfg = RD(zoneout_hidden=cfg.zoneout_hidden)  # no cell state
+    if cell == "rnn" and cfg is not None and cfg.candidate:
+        pytest.skip("the Elman RNN has no gated candidate (Semeniuta's site)")
+    cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[cell]
     torch.manual_seed(0)
     return cls(3, 5, 2, dropout=cfg, bidirectional=True)
 
@@ -94,7 +96,7 @@ def run_exported(model: nn.Module, exporter: str, x: torch.Tensor, x_new: torch.
 @pytest.mark.slow
 @pytest.mark.parametrize("exporter", EXPORTERS)
 @pytest.mark.parametrize("scheme", list(SCHEMES))
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_eval_mode_exports_equal_eager(cell, scheme, exporter, tmp_path):
     model = Model(_layer(cell, scheme)).eval()
     x, x_new = torch.randn(4, 2, 3), torch.randn(4, 2, 3)
@@ -120,7 +122,7 @@ def test_proj_size_on_the_loop_path_exports(exporter, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_legacy_onnx_of_a_bare_layer(cell, tmp_path):
     """``torch.onnx.export(rnndrop.nn.LSTM(...), (x,), dynamo=False)`` used to raise a
     ``TypeError`` (a keyword-only parameter passed positionally)."""

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import reference_gru, reference_lstm
+from reference import reference_gru, reference_lstm, reference_rnn
 from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import GRU, LSTM
+from rnndrop.nn import GRU, LSTM, RNN
 
 F64 = torch.float64
 
@@ -34,11 +34,16 @@ SCHEMES = {
 }
 
 
+CELLS = ["lstm", "gru", "rnn"]
+
+
 def _make(cell: str, scheme: str, layers: int = 1, **kw):
     cfg = SCHEMES[scheme]
-    if cell == "gru" and cfg is not None and cfg.zoneout_cell:
-        cfg = RD(zoneout_hidden=cfg.zoneout_hidden)  # a GRU has no cell state
-    cls = LSTM if cell == "lstm" else GRU
+    if cell != "lstm" and cfg is not None and cfg.zoneout_cell:
+        cfg = RD(zoneout_hidden=cfg.zoneout_hidden)  # no cell state
+    if cell == "rnn" and cfg is not None and cfg.candidate:
+        pytest.skip("the Elman RNN has no gated candidate (Semeniuta's site)")
+    cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[cell]
     return cls(3, 4, layers, dropout=cfg, **kw)
 
 
@@ -54,7 +59,7 @@ def _seeded(module, names):
     return f
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scheme", ["untied", "naive_recurrent", "zoneout", "semeniuta"])
 def test_gradgradcheck_float64(cell, scheme, loop_impl):
     """Second derivatives of the loop layers (the fast node's double backward) against
@@ -75,7 +80,7 @@ def _penalty_grads(out_fn, leaves):
     return torch.autograd.grad(penalty, leaves, allow_unused=True)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_double_backward_matches_independent_reference(cell, scheme, mode, loop_impl):
@@ -87,7 +92,7 @@ def test_double_backward_matches_independent_reference(cell, scheme, mode, loop_
     x = torch.randn(4, 2, 3, dtype=F64, requires_grad=True)
     leaves = [x, *m.parameters()]
     ours = _penalty_grads(lambda: m(x)[0], leaves)
-    ref = reference_lstm if cell == "lstm" else reference_gru
+    ref = {"lstm": reference_lstm, "gru": reference_gru, "rnn": reference_rnn}[cell]
     masks = dict(m.last_masks)
     theirs = _penalty_grads(lambda: ref(m, x, None, masks, sample=mode == "train")[0], leaves)
     for a, b in zip(ours, theirs, strict=True):
@@ -97,7 +102,7 @@ def test_double_backward_matches_independent_reference(cell, scheme, mode, loop_
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_torch_func_grad_equals_autograd(cell, scheme):
     """``torch.func.grad`` (the plain-autograd loop) equals ``backward`` (the fast loop
@@ -116,7 +121,7 @@ def test_torch_func_grad_equals_autograd(cell, scheme):
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_vmap_and_jacrev_in_eval(cell, scheme):
     """``vmap`` over a stack of batches equals a Python loop over them; ``jacrev`` equals
@@ -130,7 +135,7 @@ def test_vmap_and_jacrev_in_eval(cell, scheme):
     torch.testing.assert_close(jacfwd(lambda x: m(x)[0])(xs[0]), want)  # forward mode
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("scheme", ["untied", "zoneout", "semeniuta"])
 def test_forward_mode_ad_with_dual_tensors(cell, scheme):
     """``torch.autograd.forward_ad`` (dual tensors, no torch.func) in training: the tangent

@@ -80,7 +80,7 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
     for t in steps:
         rec = _recurrent(h, _at(m.recurrent, t), inp.w_hh)
         cm, zh = _at(m.candidate, t), _at(m.zoneout_h, t)
-        if cell.has_cell:  # LSTM, gates i, f, g, o
+        if cell.name == "lstm":  # gates i, f, g, o
             a = xs[t] + rec
             i = torch.sigmoid(a[:, :H])
             f = torch.sigmoid(a[:, H : 2 * H])
@@ -93,7 +93,10 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
             if inp.w_hr is not None:  # LSTM with projections: h_t = W_hr (o ⊙ tanh c_t)
                 h_new = h_new @ inp.w_hr.t()
             c = _zone(ct, c, _at(m.zoneout_c, t))
-        else:  # GRU, gates r, z, n; b_h stays inside r ⊙ (W_hn h + b_hn)
+        elif cell.name in ("rnn_tanh", "rnn_relu"):  # Elman: h̃ = φ(xp + (h ⊙ m) W_hhᵀ)
+            a = xs[t] + rec
+            h_new = torch.relu(a) if cell.name == "rnn_relu" else torch.tanh(a)
+        elif cell.name == "gru":  # gates r, z, n; b_h stays inside r ⊙ (W_hn h + b_hn)
             if inp.b_h is not None:
                 rec = rec + inp.b_h
             a = xs[t]
@@ -103,6 +106,12 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
             if cm is not None:
                 n = n * cm
             h_new = n + z * (h - n)
+        else:  # a new cell needs its differentiable step here: never another cell's math
+            raise NotImplementedError(
+                f"the plain-autograd reference loop has no step for the {cell.name!r} cell "
+                "(rnndrop/kernels/reference.py): torch.func, export, tracing and double "
+                "backward need it"
+            )
         h = _zone(h_new, h, zh)
         outs[t] = h
     return torch.stack(outs), c

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from torch import _VF, Tensor
 
-from .base import Cell
+from .base import Cell, needs_opaque
 
 __all__ = ["RNN_RELU_CELL", "RNN_TANH_CELL"]
 
@@ -31,21 +31,33 @@ __all__ = ["RNN_RELU_CELL", "RNN_TANH_CELL"]
 # holding the cell pickle (torch.save of a whole module, spawned workers).
 
 
-@torch.compiler.disable  # as nn.RNN under dynamo
+# no torch.compiler.disable: dynamo records aten.rnn_tanh / rnn_relu, as the LSTM's _fused
 def _fused(op_name, x, batch_sizes, state, weights, has_bias, num_layers, train, bidir,
            batch_first):  # fmt: skip
     """The fused ATen/cuDNN op ``_VF.rnn_tanh`` / ``rnn_relu`` with nn.RNN's arguments;
     returns (out, (h,))."""
-    op = getattr(_VF, op_name)
+    args = (op_name, x, batch_sizes, state[0], weights, has_bias, num_layers, train, bidir,
+            batch_first)  # fmt: skip
+    if torch.compiler.is_compiling():  # dynamo cannot trace catch_warnings
+        return _opaque(*args) if needs_opaque(x, *state, *weights) else _call(*args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RNN module weights are not part")
-        if batch_sizes is None:
-            out, h = op(x, state[0], weights, has_bias, num_layers, 0.0, train, bidir,
-                        batch_first)  # fmt: skip
-        else:
-            out, h = op(x, batch_sizes, state[0], weights, has_bias, num_layers, 0.0, train,
-                        bidir)  # fmt: skip
+        return _call(*args)
+
+
+def _call(op_name, x, batch_sizes, h0, weights, has_bias, num_layers, train, bidir,
+          batch_first):  # fmt: skip
+    op = getattr(_VF, op_name)
+    if batch_sizes is None:
+        out, h = op(x, h0, weights, has_bias, num_layers, 0.0, train, bidir, batch_first)
+    else:
+        out, h = op(x, batch_sizes, h0, weights, has_bias, num_layers, 0.0, train, bidir)
     return out, (h,)
+
+
+# torch.compile with gradients: inductor cannot run the fused op's training form, so that
+# one call stays out of the graph (as the LSTM's)
+_opaque = torch.compiler.disable(_call)
 
 
 def step_forward(relu: bool, a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
