@@ -35,6 +35,7 @@ TimePolicy = Literal["per_step", "per_sequence"]
 BatchPolicy = Literal["per_sample", "per_batch"]
 Scaling = Literal["inverted", "classic"]
 
+
 @dataclass(frozen=True)
 class Site:
     """What the engine needs to know of one dropout site of :class:`RecurrentDropout`.

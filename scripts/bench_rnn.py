@@ -219,14 +219,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--loop", choices=["auto", "python", "cpp", "triton"], default="auto")
     ap.add_argument("--python-row", action="store_true", help="add a pure-PyTorch loop row")
-    ap.add_argument("--step-row", action="store_true",
-                    help="CUDA: add triton's step path where its one-launch kernel runs")
-    ap.add_argument("--graph-row", action="store_true",
-                    help="CUDA: add triton's step path replayed from CUDA graphs")
-    ap.add_argument("--compile-row", action="store_true",
-                    help="add torch.compile(model) per scheme, with its graph breaks")
-    ap.add_argument("--inference", action="store_true",
-                    help="time an eval-mode forward under no_grad (not fwd + bwd in training)")
+    ap.add_argument(
+        "--step-row",
+        action="store_true",
+        help="CUDA: add triton's step path where its one-launch kernel runs",
+    )
+    ap.add_argument(
+        "--graph-row",
+        action="store_true",
+        help="CUDA: add triton's step path replayed from CUDA graphs",
+    )
+    ap.add_argument(
+        "--compile-row",
+        action="store_true",
+        help="add torch.compile(model) per scheme, with its graph breaks",
+    )
+    ap.add_argument(
+        "--inference",
+        action="store_true",
+        help="time an eval-mode forward under no_grad (not fwd + bwd in training)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--float64", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -188,8 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distance", type=int, default=3)
     ap.add_argument("--symbols", type=int, default=6)
     ap.add_argument("--length", type=int, default=16)
-    ap.add_argument("--runs", type=Path, default=Path("runs"),
-                    help="where the inference study keeps the models (reused by a rerun)")
+    ap.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs"),
+        help="where the inference study keeps the models (reused by a rerun)",
+    )
     ap.add_argument("--test-size", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--gru", action="store_true", help="also the GRU (linear head)")

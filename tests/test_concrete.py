@@ -40,16 +40,32 @@ CLS = {"lstm": LSTM, "gru": GRU}
 CONFIGS = {
     "variational_tied": RD.variational(0.3, temperature=0.5, concrete=True),
     "variational_untied": RD.variational(0.3, tied=False, temperature=0.5, concrete=True),
-    "per_step_untied": RD(input=0.3, recurrent=0.2, output=0.2, tied=False, time="per_step",
-                          concrete=True, temperature=0.5),
-    "folded": RD(input=0.3, recurrent=0.3, batch="per_batch", tied=False, concrete=True,
-                 temperature=0.5),
+    "per_step_untied": RD(
+        input=0.3,
+        recurrent=0.2,
+        output=0.2,
+        tied=False,
+        time="per_step",
+        concrete=True,
+        temperature=0.5,
+    ),
+    "folded": RD(
+        input=0.3, recurrent=0.3, batch="per_batch", tied=False, concrete=True, temperature=0.5
+    ),
     "semeniuta": RD.semeniuta(0.3, concrete=True, temperature=0.5),
     "zoneout": RD.zoneout(0.2, 0.3, concrete=True, temperature=0.5),
     "weight_drop": RD(weight_hh=0.3, recurrent=0.2, concrete=True, temperature=0.5),
-    "everything": RD(input=0.2, between_layers=0.2, recurrent=0.2, candidate=0.2,
-                     zoneout_hidden=0.1, zoneout_cell=0.2, output=0.2, concrete=True,
-                     temperature=0.5),
+    "everything": RD(
+        input=0.2,
+        between_layers=0.2,
+        recurrent=0.2,
+        candidate=0.2,
+        zoneout_hidden=0.1,
+        zoneout_cell=0.2,
+        output=0.2,
+        concrete=True,
+        temperature=0.5,
+    ),
 }
 
 

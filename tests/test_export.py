@@ -32,9 +32,7 @@ SCHEMES = {
     "semeniuta": RD.semeniuta(0.3),
     "weight_drop": RD.weight_drop(0.3),
     "awd": RD.awd(dropoute=0.0),
-    "classic": RD(
-        recurrent=0.3, candidate=0.2, output=0.2, scaling="classic", time="per_sequence"
-    ),
+    "classic": RD(recurrent=0.3, candidate=0.2, output=0.2, scaling="classic", time="per_sequence"),
 }
 EXPORTERS = ["export_strict", "export_nonstrict", "onnx_dynamo", "onnx_legacy", "jit_trace"]
 

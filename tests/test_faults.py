@@ -198,9 +198,7 @@ def test_resume_after_a_sigkill_mid_epoch_continues_the_loss_curve_bit_for_bit(
 # ---- 3. SIGTERM: save at the next step boundary, exit 143 --------------------------------------
 
 
-def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_bit_for_bit(
-    reference, tmp_path
-):
+def test_sigterm_saves_at_the_step_boundary_exits_143_and_resumes_bit_for_bit(reference, tmp_path):
     child = run_child(tmp_path, f"--trainer.max_steps={STEPS}",
                       "--checkpoint.every_n_train_steps=4", FAULT_HOLD="6")  # fmt: skip
     try:
@@ -319,8 +317,10 @@ def test_a_checkpoint_of_another_task_class_is_refused(trained, tmp_path, capsys
     path = tmp_path / "lm.ckpt"
     torch.save(ckpt, path)
     line = error_line(resume(tmp_path, path), capsys)
-    assert "task class: the checkpoint's is rnndrop.lit.LanguageModelTask, this run's " \
-        "rnndrop.lit.SequenceTask" in line, line
+    assert (
+        "task class: the checkpoint's is rnndrop.lit.LanguageModelTask, this run's "
+        "rnndrop.lit.SequenceTask" in line
+    ), line
 
 
 # ---- 5. no silent override --------------------------------------------------------------------
@@ -330,13 +330,19 @@ def test_an_explicit_setting_that_contradicts_the_checkpoint_is_refused_naming_b
     trained, tmp_path, capsys
 ):
     # the run was trained with 8 units (TINY): 32 would be silently replaced by 8
-    line = error_line(resume(tmp_path, trained / "last.ckpt",
-                             "--model.init_args.model.init_args.hidden_size=32"), capsys)
+    line = error_line(
+        resume(tmp_path, trained / "last.ckpt", "--model.init_args.model.init_args.hidden_size=32"),
+        capsys,
+    )
     assert "hidden_size 32 (--model.init_args.model.init_args.hidden_size)" in line, line
     assert "against the checkpoint's 8" in line
     # a preset name is compared by what it means, not by its spelling
-    line = error_line(resume(tmp_path, trained / "last.ckpt",
-                             "--model.init_args.model.init_args.dropout=variational"), capsys)
+    line = error_line(
+        resume(
+            tmp_path, trained / "last.ckpt", "--model.init_args.model.init_args.dropout=variational"
+        ),
+        capsys,
+    )
     assert "dropout" in line and "'recurrent': 0.25" in line and "'recurrent': 0.1" in line
 
 
@@ -373,8 +379,9 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_stops_with_one_line(
     monkeypatch.setattr(torch, "save", full_disk)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as info:
-        main([*TINY, "--trainer.max_steps=6", f"--trainer.default_root_dir={tmp_path}",
-              *EVERY_STEP])
+        main(
+            [*TINY, "--trainer.max_steps=6", f"--trainer.default_root_dir={tmp_path}", *EVERY_STEP]
+        )
     err = capsys.readouterr().err
     assert info.value.code == 1 and "Traceback" not in err, err
     (line,) = [line for line in err.splitlines() if "cannot save checkpoint" in line]
@@ -423,7 +430,7 @@ def test_the_slurm_script_passes_sigterm_on_requeues_on_143_and_resumes(tmp_path
     bin_dir.mkdir()
     (bin_dir / "rnndrop").write_text(
         '#!/usr/bin/env bash\necho "rnndrop $*" >> "$LOG"\ntrap \'exit 143\' TERM\n'
-        'echo ready >&2\nwhile true; do sleep 0.05; done\n'
+        "echo ready >&2\nwhile true; do sleep 0.05; done\n"
     )
     (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$LOG"\n')
     for tool in bin_dir.iterdir():

@@ -113,9 +113,7 @@ def test_gru_module_gradcheck_with_masks_fixed_by_seed(cfg, loop_impl):
     def f(x, h0, *params):
         with torch.random.fork_rng():
             torch.manual_seed(0)  # the same masks at every evaluation
-            out, h = torch.func.functional_call(
-                gru, dict(zip(names, params, strict=True)), (x, h0)
-            )
+            out, h = torch.func.functional_call(gru, dict(zip(names, params, strict=True)), (x, h0))
         return out, h
 
     assert torch.autograd.gradcheck(f, (x, h0, *gru.parameters()))

@@ -26,8 +26,11 @@ def test_empty_batch_returns_empty_output_like_torch(cls, ref, backend):
         out, state = m(x)
     want_out, want_state = ref(4, 8, 2)(x)
     assert out.shape == want_out.shape == (5, 0, 8)
-    for a, b in zip(state if isinstance(state, tuple) else (state,),
-                    want_state if isinstance(want_state, tuple) else (want_state,), strict=True):
+    for a, b in zip(
+        state if isinstance(state, tuple) else (state,),
+        want_state if isinstance(want_state, tuple) else (want_state,),
+        strict=True,
+    ):
         assert a.shape == b.shape
 
 
@@ -97,8 +100,17 @@ def test_auto_picks_the_compiled_loop_on_cpu_when_it_is_built():
     for cell in (LSTM_CELL, GRU_CELL):
         x = torch.zeros(2, 1, cell.gates * 3)
         h = torch.zeros(1, 3)
-        inp = kernels.LayerInputs(cell, x, None, None, torch.zeros(cell.gates * 3, 3), None, h,
-                                  h if cell.has_cell else None, kernels.LayerMasks())
+        inp = kernels.LayerInputs(
+            cell,
+            x,
+            None,
+            None,
+            torch.zeros(cell.gates * 3, 3),
+            None,
+            h,
+            h if cell.has_cell else None,
+            kernels.LayerMasks(),
+        )
         with kernels.loop_backend("auto"):
             assert kernels.select_backend(inp).name == "cpp"
 

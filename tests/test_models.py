@@ -226,7 +226,6 @@ def test_transformer_language_model_swaps_in():
         LanguageModel(20, 8, 16, 2, encoder="transformer", tie_weights=True)
 
 
-
 @pytest.mark.parametrize("cls", ["lm", "seq"])
 def test_one_dropout_argument_per_encoder(cls):
     """A TransformerDropout given as ``dropout`` is the transformer's dropout: the same model
@@ -254,6 +253,7 @@ def test_one_dropout_argument_per_encoder(cls):
         SequenceModel("float", input_size=2, encoder="lstm", dropout=td)
     with pytest.raises(ValueError, match="once"):
         build(dropout=td, transformer_dropout={"attention": 0.1})
+
 
 # ---- gradient through time ---------------------------------------------------------------
 

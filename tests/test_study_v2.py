@@ -81,8 +81,11 @@ def test_task_settings_errors(tmp_path):
 
 
 def test_variants_add_schemes_on_another_model_paired_with_their_own_baseline(tmp_path):
-    study = tiny(tmp_path, schemes=["none", "variational", "zoneout"],
-                 variants={"h16": {"model": {"hidden_size": 16}, "schemes": ["none", "zoneout"]}})
+    study = tiny(
+        tmp_path,
+        schemes=["none", "variational", "zoneout"],
+        variants={"h16": {"model": {"hidden_size": 16}, "schemes": ["none", "zoneout"]}},
+    )
     assert study.all_schemes() == ["none", "variational", "zoneout", "none_h16", "zoneout_h16"]
     assert study.model_for("zoneout_h16")["hidden_size"] == 16
     assert study.baseline("zoneout_h16") == "none_h16"
@@ -198,7 +201,8 @@ def test_paired_differences_and_verdict_by_hand(tmp_path):
     for r in results:
         if r["cell"]["scheme"] == "variational":
             r["curve"][0]["acc"] = r["metrics"]["acc"] = (
-                2 * base_acc[r["cell"]["seed"]] - r["curve"][0]["acc"])
+                2 * base_acc[r["cell"]["seed"]] - r["curve"][0]["acc"]
+            )
     calls = {v["scheme"]: v["score_call"] for v in verdict(paired_differences(study, results))}
     assert calls["variational"] == "worse"
     # a missing baseline seed is left out of the pairing, not paired with another seed
@@ -293,8 +297,16 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_sigterm_stops_every_worker_and_keeps_finished_cells(tmp_path):
-    config = tiny(tmp_path, tasks={}, task="copy", task_args={"n_copy": 2, "n_symbols": 4},
-                  distances=[3, 4, 5], seeds=[0, 1], steps=4000, val_every=4000).to_dict()
+    config = tiny(
+        tmp_path,
+        tasks={},
+        task="copy",
+        task_args={"n_copy": 2, "n_symbols": 4},
+        distances=[3, 4, 5],
+        seeds=[0, 1],
+        steps=4000,
+        val_every=4000,
+    ).to_dict()
     config.pop("tasks"), config.pop("variants")
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(config))

@@ -36,8 +36,11 @@ def test_unlimited_regime_keeps_the_published_v2_hashes():
     study = load_study(ROOT / "experiments" / "long_range" / "v2.yaml")
     assert study.train_size is None
     hashes = {str(c): study.cell_hash(c) for c in study.cells()}
-    rows = [r for task in ("delayed_recall", "copy", "adding")
-            for r in csv.DictReader((ROOT / "docs/results/v2" / task / "results.csv").open())]
+    rows = [
+        r
+        for task in ("delayed_recall", "copy", "adding")
+        for r in csv.DictReader((ROOT / "docs/results/v2" / task / "results.csv").open())
+    ]
     assert len(rows) > 100
     for r in rows:
         key = f"{r['task']} {r['label']} d={r['distance']} seed={r['seed']}"
@@ -247,8 +250,10 @@ def test_tune_searches_each_scheme_alike_then_evaluates_on_unseen_seeds(tmp_path
     assert tune_main(["--config", str(cfg), "--storage", url, "--no-progress"]) == 0
     root = tmp_path / "runs" / "tt"
     assert db.is_file() and not (root / "optuna.db").exists()  # the URL, not the default
-    assert sorted(optuna.get_all_study_names(url)) == ["tt/selective_copy/variational",
-                                                        "tt/selective_copy/zoneout"]
+    assert sorted(optuna.get_all_study_names(url)) == [
+        "tt/selective_copy/variational",
+        "tt/selective_copy/zoneout",
+    ]
     chosen = json.loads((root / "tune.json").read_text())["chosen"]
     done = optuna.trial.TrialState.COMPLETE
     for scheme in ("variational", "zoneout"):
@@ -275,8 +280,9 @@ def test_tune_searches_each_scheme_alike_then_evaluates_on_unseen_seeds(tmp_path
     assert set(by_scheme) == {"none", "variational_tuned", "zoneout_tuned"}
     p_var, p_zo = chosen["variational"]["rate"], chosen["zoneout"]["rate"]
     spec = by_scheme["variational_tuned"]["spec"]["dropout"]
-    assert {k: v for k, v in spec.items() if k in RD.variational(p_var).to_dict()} \
-        == {k: v for k, v in RD.variational(p_var).to_dict().items() if k in spec}
+    assert {k: v for k, v in spec.items() if k in RD.variational(p_var).to_dict()} == {
+        k: v for k, v in RD.variational(p_var).to_dict().items() if k in spec
+    }
     assert by_scheme["zoneout_tuned"]["spec"]["dropout"]["zoneout_hidden"] == p_zo
     report = (root / "tune.md").read_text()
     assert f"| variational | [0.1, 0.5] | {p_var:g} |" in report
@@ -347,8 +353,10 @@ def test_tune_without_optuna_names_the_extra():
     import subprocess
     import sys
 
-    code = ("import sys\nsys.modules['optuna'] = None\nfrom rnndrop.__main__ import main\n"
-            "raise SystemExit(main(['tune', '--config', 'x.yaml']))\n")
+    code = (
+        "import sys\nsys.modules['optuna'] = None\nfrom rnndrop.__main__ import main\n"
+        "raise SystemExit(main(['tune', '--config', 'x.yaml']))\n"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)  # fmt: skip
     assert res.returncode == 2 and "pip install 'rnndrop[tune]'" in res.stderr

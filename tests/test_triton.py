@@ -339,8 +339,19 @@ def test_step_path_graph_cache_replays_static_buffers(cell, monkeypatch):
     assert len(replays) == 2 * 3  # calls 2, 3 and 4 replay both
 
 
-@pytest.mark.parametrize("kernel", ["lstm_fwd", "lstm_bwd", "gru_fwd", "gru_bwd", "lstm_step_fwd",
-                                    "lstm_step_bwd", "gru_step_fwd", "gru_step_bwd"])
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        "lstm_fwd",
+        "lstm_bwd",
+        "gru_fwd",
+        "gru_bwd",
+        "lstm_step_fwd",
+        "lstm_step_bwd",
+        "gru_step_fwd",
+        "gru_step_bwd",
+    ],
+)
 def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     """The compiled path, which the interpreter never takes: Triton's front end, its GPU
     passes and the bundled ptxas build each kernel for sm_90 (every site on, untied masks)
@@ -359,8 +370,21 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
     fn = JITFunction(getattr(_kernels, kernel))
-    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG", "MG_CM", "MG_ZH",
-             "MG_ZC", "HAS_NEXT", "HAS_REC", "HAS_MN"}
+    flags = {
+        "HAS_RM",
+        "HAS_CM",
+        "HAS_ZH",
+        "HAS_ZC",
+        "HAS_DH",
+        "HAS_BH",
+        "MG",
+        "MG_CM",
+        "MG_ZH",
+        "MG_ZC",
+        "HAS_NEXT",
+        "HAS_REC",
+        "HAS_MN",
+    }
     assert {n for n in inspect.signature(fn.fn).parameters if n.startswith(("HAS_", "MG"))} <= flags
     consts, sig = {}, {}
     for name in inspect.signature(fn.fn).parameters:

@@ -313,7 +313,9 @@ def fetch(
                 d.rmdir()
         raise DownloadError(
             f"{dataset.name}: could not fetch {len(missing)} file(s) into {directory}; nothing "
-            "unverified was left behind. Tried:\n" + "\n".join(lines) + "\n"
+            "unverified was left behind. Tried:\n"
+            + "\n".join(lines)
+            + "\n"
             + _by_hand(dataset, missing, directory)
         )
     return directory
@@ -339,7 +341,8 @@ def _by_hand(dataset: DatasetSpec, missing: list[FileSpec], directory: Path) -> 
         ]  # fmt: skip
         sources.append(f"  {f.name} (sha256 {f.sha256[:12]}…): " + (" or ".join(where) or "?"))
     return (
-        "To install them by hand: fetch these on a machine with internet,\n" + "\n".join(sources)
+        "To install them by hand: fetch these on a machine with internet,\n"
+        + "\n".join(sources)
         + f"\nput them in {directory}, and check them with `python -m rnndrop.data.download "
         f"{dataset.name} --data-dir {directory} --verify-only`."
     )

@@ -158,8 +158,10 @@ def _train_loader(module: L.LightningDataModule, dataset: Dataset) -> DataLoader
     epoch_size = getattr(module, "fresh_epoch_size", None)  # the unlimited regime
     if _rank_world(module)[1] > 1 or (trainer is not None and trainer.overfit_batches):
         if epoch_size is not None:
-            raise ValueError("train_size null (fresh sequences every epoch) runs in one process "
-                             "without overfit_batches: give a finite train_size under DDP")
+            raise ValueError(
+                "train_size null (fresh sequences every epoch) runs in one process "
+                "without overfit_batches: give a finite train_size under DDP"
+            )
         return _loader(dataset, bs, workers, True, seed)
     order = None if epoch_size is None else FreshEpochs(epoch_size, seed)
     return ResumableLoader(dataset, bs, workers, seed, order)

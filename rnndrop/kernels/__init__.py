@@ -51,9 +51,7 @@ __all__ = [
     "set_loop_backend",
 ]
 
-BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (CppBackend(), TritonBackend(), PythonBackend())
-}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (CppBackend(), TritonBackend(), PythonBackend())}
 CHOICES = ("auto", *BACKENDS)
 _override: list[str] = []  # set_loop_backend / loop_backend, innermost last
 

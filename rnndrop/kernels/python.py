@@ -91,7 +91,9 @@ def input_mask_grad(inp: LayerInputs, dgx: Tensor) -> Tensor:
 
 
 def loop_mask_grads(
-    inp: LayerInputs, dgx: Tensor, need_masks: tuple[bool, ...],
+    inp: LayerInputs,
+    dgx: Tensor,
+    need_masks: tuple[bool, ...],
     per_step: tuple[Tensor | None, ...],
 ) -> LayerMasks:
     """``Grads.dmasks`` from what a loop wrote per step, summed to the masks' shapes.

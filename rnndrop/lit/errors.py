@@ -31,6 +31,7 @@ def set_argv(argv: list[str]) -> list[str]:
     _ARGV = list(argv)
     return _ARGV
 
+
 _NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:",
           "Given value", "Expected a <class", "Parser key", "Problem with given class_path",
           "Input: ")  # fmt: skip

@@ -136,9 +136,7 @@ class RNNCell(StepCellBase):
         dropout: DropoutSpec = None,
     ) -> None:
         if nonlinearity not in _CELLS:  # torch's message
-            raise ValueError(
-                f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'."
-            )
+            raise ValueError(f"Unknown nonlinearity: {nonlinearity}. Select from 'tanh' or 'relu'.")
         super().__init__(_CELLS[nonlinearity], input_size, hidden_size, bias, device, dtype,
                          dropout)  # fmt: skip
         self.nonlinearity = nonlinearity

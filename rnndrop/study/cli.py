@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("kind", choices=["long-range", "context", "inference"], help="the study to run")
     p.add_argument("--config", help="study YAML (fields of StudyConfig / ContextStudyConfig)")
-    p.add_argument("--quick", action="store_true",
-                   help="the built-in quick study (~3 min on 2 idle cores)")
+    p.add_argument(
+        "--quick", action="store_true", help="the built-in quick study (~3 min on 2 idle cores)"
+    )
     p.add_argument(
         "--workers", type=int, default=None,
         help="cells run in parallel processes, each with cpu_count/workers threads (default: "

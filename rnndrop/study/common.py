@@ -14,8 +14,16 @@ from typing import Any
 from ..atomic import atomic_write
 from ..runtime import machine
 
-__all__ = ["format_ci", "fresh_run_dir", "group_by", "machine", "read_settings",
-           "same_machine", "tensorboard_summary", "write_json"]
+__all__ = [
+    "format_ci",
+    "fresh_run_dir",
+    "group_by",
+    "machine",
+    "read_settings",
+    "same_machine",
+    "tensorboard_summary",
+    "write_json",
+]
 
 
 def read_settings(

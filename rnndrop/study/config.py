@@ -224,7 +224,8 @@ class StudyConfig(Study):
         self._label: str | None = None  # this task's label when made by for_task
         self._check_tasks()
         if self.train_size is not None and (
-            isinstance(self.train_size, bool) or not isinstance(self.train_size, int)
+            isinstance(self.train_size, bool)
+            or not isinstance(self.train_size, int)
             or self.train_size < 1
         ):
             raise ValueError(f"train_size must be null (fresh data every step) or an integer "
@@ -347,7 +348,6 @@ class StudyConfig(Study):
             "model": self.model_for(cell.scheme),
             "train": train, "eval": evaluation,
         }  # fmt: skip
-
 
 
 # RecurrentDropout's fields added after results were published, with their defaults: left out

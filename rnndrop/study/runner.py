@@ -18,6 +18,7 @@ from .config import LongRangeRun, StudyConfig
 
 __all__ = ["StudyInterrupted", "is_finished", "load_result", "run_cell", "run_study"]
 
+
 def load_result(study: StudyConfig, cell: LongRangeRun) -> dict[str, Any] | None:
     """The cell's saved result (whatever its hash), or None if absent or unreadable."""
     return study.load_result(cell, any_hash=True)
@@ -90,9 +91,14 @@ def run_cell(
         output_size=dm.output_size, target=dm.target, encoder=encoder, dropout=dropout,
         **study.model_for(cell.scheme),
     )  # fmt: skip
-    task = SequenceTask(model, loss=dm.loss, baseline_loss=dm.baseline_loss,
-                        optimizer=study.optimizer, lr=study.lr,
-                        reliability_diagrams=False)  # a figure per validation: seconds per cell
+    task = SequenceTask(
+        model,
+        loss=dm.loss,
+        baseline_loss=dm.baseline_loss,
+        optimizer=study.optimizer,
+        lr=study.lr,
+        reliability_diagrams=False,
+    )  # a figure per validation: seconds per cell
     curve = _LearningCurve()
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
     trainer = L.Trainer(
@@ -174,6 +180,7 @@ def heldout_in_train(dm) -> float:
     symbols of 8 have 512 values): the held-out score of such a task partly measures recall
     of the training set, and this says how much.
     """
+
     def key(item) -> bytes:
         x, y = item
         return x.numpy().tobytes() + y.numpy().tobytes()
@@ -322,7 +329,8 @@ def run_study(
         done = sum(is_finished(study, c) for c in cells)
         raise StudyInterrupted(
             f"stopped by {err}: {done} of {len(cells)} cells finished and kept; run the same "
-            "command again to continue", err.signum
+            "command again to continue",
+            err.signum,
         ) from None
     finally:
         for s, h in handlers.items():

@@ -100,8 +100,10 @@ def load_tune(
     given = {k: v for k, v in overrides.items() if v is not None}
     study = StudyConfig(**read_settings(None, {**data, **given}, StudyConfig, "study"))
     if len(study.task_labels()) != 1:
-        raise ValueError(f"a tune config has one task (its rates are tuned per task), got "
-                         f"{study.task_labels()}: write one config per task and regime")
+        raise ValueError(
+            f"a tune config has one task (its rates are tuned per task), got "
+            f"{study.task_labels()}: write one config per task and regime"
+        )
     if study.tasks:  # one entry under tasks: that task, with its regime
         label = study.task_labels()[0]
         study = dataclasses.replace(study.for_task(label), name=study.name)
@@ -225,7 +227,8 @@ def search(
         left = settings.trials - len(_complete(s))
         if left > 0:
             stop = optuna.study.MaxTrialsCallback(
-                settings.trials, states=(optuna.trial.TrialState.COMPLETE,))
+                settings.trials, states=(optuna.trial.TrialState.COMPLETE,)
+            )
             s.optimize(_objective(study, settings, scheme, progress), n_trials=left,
                        callbacks=[stop])  # fmt: skip
         counts[scheme] = len(_complete(s))
@@ -341,9 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnndrop tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--config", required=True, help="a long-range study YAML with a tune: section")
-    p.add_argument("--phase", choices=["all", "search", "evaluate"], default="all",
-                   help="search the rates, evaluate the chosen ones, or both (default)")
-    p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/<name>/optuna.db)")
+    p.add_argument(
+        "--phase",
+        choices=["all", "search", "evaluate"],
+        default="all",
+        help="search the rates, evaluate the chosen ones, or both (default)",
+    )
+    p.add_argument(
+        "--storage", help="Optuna storage URL (default: sqlite:///<out>/<name>/optuna.db)"
+    )
     p.add_argument("--scheme", nargs="+", help="search only these schemes")
     p.add_argument("--worker", type=int, default=0,
                    help="this process's index when several share a storage (SLURM_ARRAY_TASK_ID):"

@@ -74,6 +74,7 @@ def paired_differences(
     """One row per (task, scheme at rate, distance) with a baseline: the seeds' paired
     differences (scheme − baseline) of score and AUC, their means and 95% t-intervals, and
     median steps to solve of both."""
+
     def key(r: dict[str, Any]) -> tuple:
         c = r["cell"]
         return c.get("task"), c["scheme"], c["rate"], c["distance"], c["seed"]
@@ -116,8 +117,10 @@ def paired_differences(
             row[f"solve_{who}"] = _median(xs)
         for k, xs in fit.items():  # means over the paired seeds; nan before train scores
             row[k] = sum(xs) / len(xs)
-        row["gap"], row["base_gap"] = (row["train"] - row["heldout"],
-                                       row["base_train"] - row["base_heldout"])
+        row["gap"], row["base_gap"] = (
+            row["train"] - row["heldout"],
+            row["base_train"] - row["base_heldout"],
+        )
         row["train_size"] = study.for_task(task).train_size
         rows.append(row)
     return rows

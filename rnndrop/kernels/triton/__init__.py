@@ -363,7 +363,6 @@ class _TritonSteps(PythonBackend):
         )  # fmt: skip
         return carry, None
 
-
     # the loop of forward and of backward, each replayed from a CUDA graph when enabled
     def _loop(self, inp: LayerInputs, acts: Tensor) -> Saved:
         if not cuda_graphs(acts):

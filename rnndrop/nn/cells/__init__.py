@@ -12,8 +12,6 @@ from .gru import GRU_CELL
 from .lstm import LSTM_CELL
 from .rnn import RNN_RELU_CELL, RNN_TANH_CELL
 
-CELLS: dict[str, Cell] = {
-    c.name: c for c in (LSTM_CELL, GRU_CELL, RNN_TANH_CELL, RNN_RELU_CELL)
-}
+CELLS: dict[str, Cell] = {c.name: c for c in (LSTM_CELL, GRU_CELL, RNN_TANH_CELL, RNN_RELU_CELL)}
 
 __all__ = ["CELLS", "GRU_CELL", "LSTM_CELL", "RNN_RELU_CELL", "RNN_TANH_CELL", "Cell"]
