@@ -49,6 +49,23 @@ def test_unlimited_regime_keeps_the_published_v2_hashes():
     assert hashes["copy none d=20 seed=0"] == "a6f00a6b0953"
 
 
+def test_published_v3_slice_matches_its_config():
+    """The measured v3 slice (docs/results/v3, one folder per regime x task) ran the cells of
+    experiments/long_range/v3.yaml: each row's hash, written when it ran, is the config's, and
+    the finite regime's rows record their training-set size."""
+    study = load_study(ROOT / "experiments" / "long_range" / "v3.yaml")
+    hashes = {str(c): study.cell_hash(c) for c in study.cells()}
+    folders = sorted(p for p in (ROOT / "docs/results/v3").iterdir() if p.is_dir())
+    assert {f.name for f in folders} >= {"delayed_recall", "delayed_recall_n64"}
+    for folder in folders:
+        rows = list(csv.DictReader((folder / "results.csv").open()))
+        assert len(rows) == 30, folder.name  # 6 scheme-rates x 5 seeds
+        for r in rows:
+            key = f"{folder.name} {r['label']} d={r['distance']} seed={r['seed']}"
+            assert hashes[key] == r["config_hash"], key
+            assert r["train_size"] == ("64" if folder.name.endswith("_n64") else ""), key
+
+
 def test_train_size_is_part_of_a_finite_cells_hash(tmp_path):
     unlimited = tiny(tmp_path)
     explicit = tiny(tmp_path, train_size=None)
