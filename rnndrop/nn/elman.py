@@ -104,8 +104,8 @@ class RNNCell(StepCellBase):
     ``zoneout_cell`` raise a ``ValueError`` (no gated candidate, no cell state). Parameter
     names, shapes, initialisation and state_dicts are ``torch.nn.RNNCell``'s; with no site
     acting in a call, ``torch._VF.rnn_tanh_cell`` / ``rnn_relu_cell`` runs with
-    ``nn.RNNCell``'s arguments (bitwise equal). Mask keeping across calls, eval and MC
-    modes, recording: :class:`~rnndrop.nn.stepcells.StepCellBase`.
+    ``nn.RNNCell``'s arguments (bitwise equal). Per-sequence masks (a ``sequence`` scope or
+    ``masks=``), eval and MC modes, recording: :class:`~rnndrop.nn.stepcells.StepCellBase`.
 
     Args:
         input_size: features of ``x``.

@@ -798,8 +798,8 @@ class LSTMCell(StepCellBase):
 
     Parameter names, shapes, initialisation and state_dicts are ``torch.nn.LSTMCell``'s
     (they load both ways); with no site acting in a call, ``torch._VF.lstm_cell`` runs with
-    ``nn.LSTMCell``'s arguments (bitwise equal outputs and gradients). Mask keeping across
-    calls (per-sequence masks, ``masks=``, :meth:`reset`), eval and MC modes, recording:
+    ``nn.LSTMCell``'s arguments (bitwise equal outputs and gradients). Per-sequence masks
+    (a :meth:`sequence` scope or ``masks=``), eval and MC modes, recording:
     :class:`StepCellBase`. ``zoneout_*`` and per-step masks are drawn at every call::
 
         masks = cell.sample_masks(B)                  # or: with cell.sequence(): ...
@@ -881,7 +881,8 @@ class GRUCell(StepCellBase):
     has no cell state: ``zoneout_cell > 0`` raises a ``ValueError``. Parameter names, shapes,
     initialisation and state_dicts are ``torch.nn.GRUCell``'s; with no site acting in a
     call, ``torch._VF.gru_cell`` runs with ``nn.GRUCell``'s arguments (bitwise equal).
-    Mask keeping across calls, eval and MC modes, recording: :class:`StepCellBase`.
+    Per-sequence masks (a :meth:`sequence` scope or ``masks=``), eval and MC modes, recording:
+    :class:`StepCellBase`.
 
     Args:
         input_size: features of ``x``.
