@@ -48,7 +48,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from ..runtime import training_defaults, tune_allocator  # noqa: F401  (tune_allocator: its old home)
+from ..runtime import tune_allocator  # also its old home, rnndrop.lit.cli.tune_allocator
 from .base import Task
 from .callbacks import Preemption
 from .checkpoints import RESUMABLE, CheckpointError, CheckpointSaveError, conflicts, read_checkpoint
@@ -411,7 +411,10 @@ def make_cli(args: list[str] | None = None, run: bool = True, **kwargs) -> Rnndr
     import rnndrop.data
     import rnndrop.lit  # noqa: F401
 
-    training_defaults()  # the allocator and flushing subnormals (rnndrop.runtime)
+    # early, before the data is loaded; the task applies the rest of
+    # rnndrop.runtime.training_defaults (subnormal flushing) when a fit starts, so --help or a
+    # config error never builds the compiled kernel that flushing uses
+    tune_allocator()
 
     return RnndropCLI(
         Task,
