@@ -2,7 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from rnndrop.config import RecurrentDropout
+from rnndrop.nn import GRU, LSTM, RNN
+
+LAYERS = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+
+
+def layer_for(cell: str, cfg: RecurrentDropout | None, *args, **kw):
+    """rnndrop's ``cell`` layer (``"lstm"``, ``"gru"``, ``"rnn"``) with ``cfg`` as the cell
+    reads it: zoneout on ``h`` alone without a cell state; a scheme that sets a site the cell
+    lacks (the Elman RNN's candidate) skips the test."""
+    if cell != "lstm" and cfg is not None and cfg.zoneout_cell:
+        cfg = RecurrentDropout(zoneout_hidden=cfg.zoneout_hidden)  # no cell state
+    if cell == "rnn" and cfg is not None and cfg.candidate:
+        pytest.skip("the Elman RNN has no gated candidate (Semeniuta's site)")
+    return LAYERS[cell](*args, dropout=cfg, **kw)
 
 
 def _states(state) -> tuple:

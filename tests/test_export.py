@@ -15,10 +15,11 @@ import warnings
 
 import pytest
 import torch
+from compare import layer_for
 from torch import nn
 
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import GRU, LSTM, RNN
+from rnndrop.nn import LSTM
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -50,14 +51,8 @@ class Model(nn.Module):
 
 
 def _layer(cell: str, scheme: str) -> nn.Module:
-    cfg = SCHEMES[scheme]
-    if cell != "lstm" and cfg is not None and cfg.zoneout_cell:
-        cfg = RD(zoneout_hidden=cfg.zoneout_hidden)  # no cell state
-    if cell == "rnn" and cfg is not None and cfg.candidate:
-        pytest.skip("the Elman RNN has no gated candidate (Semeniuta's site)")
-    cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[cell]
     torch.manual_seed(0)
-    return cls(3, 5, 2, dropout=cfg, bidirectional=True)
+    return layer_for(cell, SCHEMES[scheme], 3, 5, 2, bidirectional=True)
 
 
 def _onnx_run(path_or_bytes, x: torch.Tensor) -> list[torch.Tensor]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli_errors import run as error_line  # exit 2, one `error:` line, no traceback
 
 from rnndrop.lit.cli import main
 
@@ -230,18 +231,6 @@ def trained(tmp_path_factory) -> Path:
     names = {p.name for p in ckpts.glob("*.ckpt")}
     assert {"last.ckpt", "last_good.ckpt"} <= names and any(n.startswith("best") for n in names)
     return ckpts
-
-
-def error_line(argv: list[str], capsys) -> str:
-    """Run the CLI in-process: exit code 2, one `error:` line, no traceback."""
-    with pytest.raises(SystemExit) as info:
-        main(argv)
-    err = capsys.readouterr().err
-    assert info.value.code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def resume(tmp_path: Path, ckpt: Path, *extra: str) -> list[str]:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from compare import layer_for
 from reference import reference_gru, reference_lstm, reference_rnn
 from torch.func import functional_call, grad, jacfwd, jacrev, vmap
 
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import GRU, LSTM, RNN
 
 F64 = torch.float64
 
@@ -38,13 +38,7 @@ CELLS = ["lstm", "gru", "rnn"]
 
 
 def _make(cell: str, scheme: str, layers: int = 1, **kw):
-    cfg = SCHEMES[scheme]
-    if cell != "lstm" and cfg is not None and cfg.zoneout_cell:
-        cfg = RD(zoneout_hidden=cfg.zoneout_hidden)  # no cell state
-    if cell == "rnn" and cfg is not None and cfg.candidate:
-        pytest.skip("the Elman RNN has no gated candidate (Semeniuta's site)")
-    cls = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[cell]
-    return cls(3, 4, layers, dropout=cfg, **kw)
+    return layer_for(cell, SCHEMES[scheme], 3, 4, layers, **kw)
 
 
 def _seeded(module, names):
