@@ -93,6 +93,7 @@ struct GruCell {
   static void backward(int64_t H, const BwdRow<T>& r) {
     const T* a = r.a;
     gru_row_backward<T, MG>(H, a, a + H, a + 2 * H, r.aux, r.hp, r.cm, r.zh, r.dh, r.gx,
-                            r.gx + H, r.gx + 2 * H, r.gh, r.gh + H, r.gh + 2 * H, r.dcm, r.dzh);
+                            r.gx + r.gxs, r.gx + 2 * r.gxs, r.gh, r.gh + r.ghs,
+                            r.gh + 2 * r.ghs, r.dcm, r.dzh);
   }
 };

@@ -114,7 +114,7 @@ struct LstmCell {
   static void backward(int64_t H, const BwdRow<T>& r) {
     const T* a = r.a;
     lstm_row_backward<T, MG>(H, a, a + H, a + 2 * H, a + 3 * H, r.cp, r.ct, r.cm, r.zh, r.zc,
-                             r.dh, r.dc, r.gx, r.gx + H, r.gx + 2 * H, r.gx + 3 * H, r.hp,
-                             r.dcm, r.dzh, r.dzc);
+                             r.dh, r.dc, r.gx, r.gx + r.gxs, r.gx + 2 * r.gxs,
+                             r.gx + 3 * r.gxs, r.hp, r.dcm, r.dzh, r.dzc);
   }
 };

@@ -294,11 +294,6 @@ Tensor project(const Tensor& x, const Tensor& w_ih, const OptT& in_mask, int64_t
   return acts;
 }
 
-// A (B, GH) gate buffer seen as (G, B, H), gate-major, without a copy.
-inline Tensor by_gate(const Tensor& g, int64_t H, int64_t G) {
-  return g.view({g.size(0), G, H}).permute({1, 0, 2});
-}
-
 // W_hh as the forward GEMM takes it: W_hh^T (H, GH) with Gr = 1, else W_hh_k^T stacked
 // (G, H, H) per gate: the layouts oneDNN runs fastest.
 inline Tensor whh_forward(const Tensor& w_hh, int64_t Gr, int64_t G) {
@@ -308,11 +303,13 @@ inline Tensor whh_forward(const Tensor& w_hh, int64_t Gr, int64_t G) {
 
 // out (B, GH) = beta * out + (h_{t-1} * m_t) W_hh^T. With a recurrent mask the masked
 // h_{t-1} is written to hm_seq[:, t] first (backward's dW_hh reuses it). h_{t-1} is h0
-// (tp < 0) or h_seq[tp].
+// (tp < 0) or h_seq[tp]. Untied, the batched GEMM reads and writes the dense scratch
+// `per_gate` (2, G, B, H) and its product is added here into out's gate blocks: a GEMM
+// into the strided per-gate view of out costs a copy each way per step.
 template <typename T>
 void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const RecMask<T>& rm,
                        const Tensor& hm_seq, int64_t t, const Tensor& whh, const Tensor& out,
-                       float beta) {
+                       float beta, const Tensor& per_gate) {
   const int64_t H = h0.size(1), G = out.size(1) / H;
   if (!rm.base) {
     gemm(tp < 0 ? h0 : h_seq[tp], whh, out, beta);
@@ -322,15 +319,34 @@ void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const 
   const T* hp = tp < 0 ? h0.data_ptr<T>() : h_seq.data_ptr<T>() + tp * BH;
   const T* m = rm.step(t);
   T* HM = hm_seq.data_ptr<T>();
+  // untied: also into a dense (G, B, H) scratch, as ATen hands oneDNN a batched operand
+  // whose batch stride is not its block size only after a copy (measured: one per step)
+  T* HS = rm.groups > 1 ? per_gate.data_ptr<T>() + rm.groups * BH : nullptr;
   for (int64_t k = 0; k < rm.groups; ++k) {
-    T* o = HM + (k * T_ + t) * BH;
-    for (int64_t q = 0; q < BH; ++q) o[q] = hp[q] * m[k * BH + q];
+    T* __restrict o = HM + (k * T_ + t) * BH;
+    const T* __restrict mk = m + k * BH;
+    for (int64_t q = 0; q < BH; ++q) o[q] = hp[q] * mk[q];
+    if (HS) std::memcpy(HS + k * BH, o, BH * sizeof(T));
   }
-  Tensor hm = hm_seq.select(1, t);  // (Gr, B, H)
   if (rm.groups == 1) {
-    gemm(hm[0], whh, out, beta);
-  } else {
-    gemm(hm, whh, by_gate(out, H, G), beta);  // one batched GEMM for all gates
+    gemm(hm_seq.select(1, t)[0], whh, out, beta);
+    return;
+  }
+  // per_gate is (2, G, B, H): [1] the masked h_{t-1}, [0] its product, one batched GEMM
+  gemm(per_gate[1], whh, per_gate[0], 0.0f);
+  const int64_t B = out.size(0);
+  const T* src = per_gate.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t k = 0; k < G; ++k) {
+      T* __restrict o = dst + b * G * H + k * H;
+      const T* __restrict p = src + k * BH + b * H;
+      if (beta == 0.0f) {
+        for (int64_t j = 0; j < H; ++j) o[j] = p[j];
+      } else {
+        for (int64_t j = 0; j < H; ++j) o[j] += p[j];
+      }
+    }
   }
 }
 
@@ -351,14 +367,14 @@ inline void gather_dh(int64_t H, int64_t BH, int64_t b, T* d, const T* dout, con
   }
 }
 
-// dr (Gr, B, H) = dL/d(masked h_{t-1}) = dg_t W_hh per gate group; dg_t (B, GH),
-// w_gate = W_hh viewed (G, H, H).
-inline void recurrent_grad(const Tensor& dg, const Tensor& w_hh, const Tensor& w_gate,
+// dr (Gr, B, H) = dL/d(masked h_{t-1}) = dg_t W_hh per gate group; dg_t is (B, GH) when
+// tied, (G, B, H) when untied (Dgates::step_dense); w_gate = W_hh viewed (G, H, H).
+inline void recurrent_grad(const Tensor& dg_t, const Tensor& w_hh, const Tensor& w_gate,
                            const Tensor& dr) {
   if (dr.size(0) == 1) {
-    gemm(dg, w_hh, dr[0], 0.0f);
+    gemm(dg_t, w_hh, dr[0], 0.0f);
   } else {
-    gemm(by_gate(dg, w_gate.size(1), w_gate.size(0)), w_gate, dr, 0.0f);
+    gemm(dg_t, w_gate, dr, 0.0f);
   }
 }
 
@@ -374,34 +390,89 @@ void rec_mask_grad(const Tensor& dr, const T* hp, const Tensor& drm, int64_t t) 
   }
 }
 
-// dg (TB, GH) as (G, TB, H), gate-major and dense. A per-gate block of dg is a strided
-// view (row stride GH) that oneDNN copies with a transposition before each GEMM that reads
-// it transposed: measured 30% of an untied T = 500 BPTT. This copy keeps rows of H contiguous
-// on both sides, is made once per backward (`cache`, shared by dW_hh and the input
-// gradients) and costs about one clone of dg.
-inline const Tensor& gate_major(const Tensor& dg2, int64_t G, int64_t H, Tensor& cache) {
-  if (!cache.defined()) cache = dg2.view({dg2.size(0), G, H}).transpose(0, 1).contiguous();
-  return cache;
-}
+// dL/d(gates) of a whole sequence in one of two layouts. Step-major (T, B, GH) is what the
+// tied GEMMs read. Gate-major (G, T, B, H) is what the untied (per-gate) GEMMs read: a gate's
+// block of a step-major buffer is a strided view (row stride GH) that oneDNN copies, with a
+// transposition, before each GEMM that reads it (measured: 30% of an untied T = 500 BPTT,
+// plus two ATen copies per step). With untied recurrent masks the row kernels write
+// gate-major directly (BwdRow's gate stride), so neither the per-step recurrent GEMM nor the
+// weight gradients copy anything.
+struct Dgates {
+  Tensor buf;  // (T, B, GH) or (G, T, B, H)
+  bool gm = false;
+  int64_t G = 1, H = 0;
 
-// dW_hh = sum_t dg_t^T (masked h_{t-1}), dg (T, B, GH): one GEMM per gate group over
-// all T*B rows (batched over gates when untied).
-Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
-                      const OptT& hm_seq, bool reverse, Tensor& dg_gate_major) {
-  const int64_t T_ = dg.size(0), B = dg.size(1), GH = dg.size(2), H = h0.size(1);
-  const int64_t G = GH / H;
-  auto dg2 = dg.view({T_ * B, GH});
-  auto dw = at::empty({GH, H}, dg.options());
+  Dgates() = default;
+  Dgates(const Tensor& like_acts, int64_t G_, int64_t H_, bool gate_major)
+      : gm(gate_major), G(G_), H(H_) {
+    const int64_t T_ = like_acts.size(0), B = like_acts.size(1);
+    buf = gm ? at::empty({G, T_, B, H}, like_acts.options()) : at::empty_like(like_acts);
+  }
+  int64_t T() const { return gm ? buf.size(1) : buf.size(0); }
+  int64_t B() const { return gm ? buf.size(2) : buf.size(1); }
+  // row b of step t, and the distance between its gate blocks
+  template <typename T_>
+  T_* row(int64_t t, int64_t b) const {
+    return buf.data_ptr<T_>() + (gm ? (t * B() + b) * H : (t * B() + b) * G * H);
+  }
+  int64_t gate_stride() const { return gm ? T() * B() * H : H; }
+  // (TB, GH) step-major (a copy if gate-major)
+  Tensor flat() const {
+    const int64_t TB = T() * B();
+    if (!gm) return buf.view({TB, G * H});
+    return buf.view({G, TB, H}).permute({1, 0, 2}).reshape({TB, G * H});
+  }
+  // (G, TB, H) gate-major and dense (a copy, made once, if step-major)
+  const Tensor& by_gate() {
+    if (!gm && !cache.defined()) {
+      cache = buf.view({T() * B(), G, H}).transpose(0, 1).contiguous();
+    }
+    return gm ? gm_view() : cache;
+  }
+  // gate-major step t copied into a dense (G, B, H) `out`: a (G, B, H) view of buf has
+  // batch stride T*B*H, and ATen hands oneDNN such an operand only after its own copy
+  template <typename T_>
+  const Tensor& step_dense(int64_t t, const Tensor& out) const {
+    const int64_t BH = B() * H, TBH = T() * BH;
+    const T_* src = buf.data_ptr<T_>() + t * BH;
+    T_* dst = out.data_ptr<T_>();
+    for (int64_t k = 0; k < G; ++k) std::memcpy(dst + k * BH, src + k * TBH, BH * sizeof(T_));
+    return out;
+  }
+  Tensor step_flat(int64_t t) const { return buf[t]; }  // step-major only: (B, GH)
+  Tensor bias_grad() const {
+    return gm ? buf.view({G, T() * B(), H}).sum(1).view({G * H}) : flat().sum(0);
+  }
+  // (T, B, GH) for the caller (the projection's gradient, the input masks' gradient)
+  Tensor step_major() const {
+    return gm ? flat().view({T(), B(), G * H}) : buf;
+  }
+
+ private:
+  Tensor cache, view_;
+  const Tensor& gm_view() {
+    if (!view_.defined()) view_ = buf.view({G, T() * B(), H});
+    return view_;
+  }
+};
+
+// dW_hh = sum_t dg_t^T (masked h_{t-1}): one GEMM per gate group over all T*B rows
+// (batched over gates when untied).
+Tensor weight_hh_grad(Dgates& dg, const Tensor& h0, const Tensor& h_seq, const OptT& hm_seq,
+                      bool reverse) {
+  const int64_t T_ = dg.T(), B = dg.B(), G = dg.G, H = dg.H, GH = G * H;
+  auto dw = at::empty({GH, H}, h0.options());
   if (has(hm_seq) && hm_seq->size(0) == 1) {
-    gemm(dg2.t(), (*hm_seq)[0].view({T_ * B, H}), dw, 0.0f);
+    gemm(dg.flat().t(), (*hm_seq)[0].view({T_ * B, H}), dw, 0.0f);
   } else if (has(hm_seq)) {  // (G, H, TB) @ (G, TB, H), batched over gates
-    gemm(gate_major(dg2, G, H, dg_gate_major).transpose(1, 2), hm_seq->view({G, T_ * B, H}),
-         dw.view({G, H, H}), 0.0f);
+    gemm(dg.by_gate().transpose(1, 2), hm_seq->view({G, T_ * B, H}), dw.view({G, H, H}),
+         0.0f);
   } else {  // h_{t-1} is h_seq shifted by one step, h0 at the first step
+    TORCH_CHECK(!dg.gm, "rnndrop: gate-major dgates come with a recurrent mask");
     const int64_t first = reverse ? T_ - 1 : 0;
-    auto rest = reverse ? dg.narrow(0, 0, T_ - 1) : dg.narrow(0, 1, T_ - 1);
+    auto rest = reverse ? dg.buf.narrow(0, 0, T_ - 1) : dg.buf.narrow(0, 1, T_ - 1);
     auto prev = reverse ? h_seq.narrow(0, 1, T_ - 1) : h_seq.narrow(0, 0, T_ - 1);
-    gemm(dg[first].t(), h0, dw, 0.0f);
+    gemm(dg.buf[first].t(), h0, dw, 0.0f);
     if (T_ > 1) {
       gemm(rest.reshape({(T_ - 1) * B, GH}).t(), prev.reshape({(T_ - 1) * B, H}), dw, 1.0f);
     }
@@ -409,38 +480,39 @@ Tensor weight_hh_grad(const Tensor& dg, const Tensor& h0, const Tensor& h_seq,
   return dw;
 }
 
-// {dx, dW_ih, db} from dg = dL/d(x W_ih^T + b) (T, B, GH), each only where asked for;
-// with untied input masks gate k saw x * in_mask_k.
-std::array<Tensor, 3> input_grads(const Tensor& dg, const Tensor& x, const Tensor& w_ih,
+// {dx, dW_ih, db} from dg = dL/d(x W_ih^T + b), each only where asked for; with untied input
+// masks gate k saw x * in_mask_k.
+std::array<Tensor, 3> input_grads(Dgates& dg, const Tensor& x, const Tensor& w_ih,
                                   const OptT& in_mask, bool has_bias, bool need_x,
-                                  bool need_w, Tensor& dg_gate_major) {
-  const int64_t T_ = dg.size(0), B = dg.size(1), GH = dg.size(2);
-  const int64_t G = has(in_mask) ? in_mask->size(0) : 1, H = GH / G;
-  auto dg2 = dg.view({T_ * B, GH});
-  const Tensor& dgm = has(in_mask) ? gate_major(dg2, G, H, dg_gate_major) : dg2;
+                                  bool need_w) {
+  const int64_t T_ = dg.T(), B = dg.B(), G = dg.G, H = dg.H;
+  // per gate when the masks are untied or dgates are gate-major anyway; else one GEMM
+  const bool per_gate = has(in_mask) || dg.gm;
   std::array<Tensor, 3> out;
-  if (need_x) out[0] = at::zeros_like(x);
+  if (need_x) out[0] = per_gate ? at::zeros_like(x) : at::empty_like(x);
   if (need_w) out[1] = at::empty_like(w_ih);
-  for (int64_t k = 0; k < G; ++k) {
-    // tied: one GEMM over all gates; untied: gate k sees x * in_mask_k
-    auto dgk = has(in_mask) ? dgm[k] : dg2;
-    auto wk = has(in_mask) ? w_ih.narrow(0, k * H, H) : w_ih;
-    if (need_x) {
-      auto dxk = at::empty_like(x);
-      gemm(dgk, wk, dxk.view({T_ * B, -1}), 0.0f);
-      if (has(in_mask)) {
+  if (!per_gate) {
+    auto dg2 = dg.flat();
+    if (need_x) gemm(dg2, w_ih, out[0].view({T_ * B, -1}), 0.0f);
+    if (need_w) gemm(dg2.t(), x.view({T_ * B, -1}), out[1], 0.0f);
+  } else {
+    const Tensor& dgm = dg.by_gate();
+    for (int64_t k = 0; k < G; ++k) {
+      auto wk = w_ih.narrow(0, k * H, H);
+      if (need_x && has(in_mask)) {
+        auto dxk = at::empty_like(x);
+        gemm(dgm[k], wk, dxk.view({T_ * B, -1}), 0.0f);
         out[0].addcmul_(dxk, (*in_mask)[k]);  // no temporary product
-      } else {
-        out[0].add_(dxk);
+      } else if (need_x) {
+        gemm(dgm[k], wk, out[0].view({T_ * B, -1}), 1.0f);
+      }
+      if (need_w) {
+        auto xk = has(in_mask) ? (x * (*in_mask)[k]).contiguous() : x;
+        gemm(dgm[k].t(), xk.view({T_ * B, -1}), out[1].narrow(0, k * H, H), 0.0f);
       }
     }
-    if (need_w) {
-      auto xk = has(in_mask) ? (x * (*in_mask)[k]).contiguous() : x;
-      auto dwk = has(in_mask) ? out[1].narrow(0, k * H, H) : out[1];
-      gemm(dgk.t(), xk.view({T_ * B, -1}), dwk, 0.0f);
-    }
   }
-  if (need_w && has_bias) out[2] = dg2.sum(0);
+  if (need_w && has_bias) out[2] = dg.bias_grad();
   return out;
 }
 
@@ -500,11 +572,13 @@ struct BwdRow {
   const T* zc;
   T* dh;   // in: total dL/dh_t; out: the direct gradient into h_{t-1} (beside W_hh's)
   T* dc;   // kHasC. in: dL/dc_t; out: dL/dc_{t-1}
-  T* gx;   // out: dL/d(input projection) (G*H)
-  T* gh;   // out: dL/d(recurrent product) (G*H); the same row as gx unless kSplitRec
+  T* gx;   // out: dL/d(input projection), G blocks of H, block k at gx + k * gxs
+  T* gh;   // out: dL/d(recurrent product), block k at gh + k * ghs; gx itself unless kSplitRec
   T* dcm;  // MG: dL/d(candidate mask), dL/dz_h, dL/dz_c of this step (scratch if absent)
   T* dzh;
   T* dzc;
+  int64_t gxs;  // gate strides: H (step-major) or T*B*H (gate-major, see Dgates)
+  int64_t ghs;
 };
 
 #include "cell_gru.h"
@@ -537,6 +611,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   Tensor aux_seq = Cell::kAux ? at::empty({T_, B, H}, opts) : Tensor();
   // kSplitRec: one step's recurrent product; else it goes straight into the gates
   Tensor rec = Cell::kSplitRec ? at::empty({B, G * H}, opts) : Tensor();
+  Tensor per_gate = rm.groups > 1 ? at::empty({2, G, B, H}, opts) : Tensor();
   const Tensor whh = whh_forward(w_hh, rm.groups, G);
   const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
   const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
@@ -555,9 +630,11 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
     const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
     if constexpr (Cell::kSplitRec) {
-      recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, rec, 0.0f);
+      recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, rec, 0.0f,
+                           per_gate);
     } else {
-      recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, acts[t], 1.0f);
+      recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, acts[t], 1.0f,
+                           per_gate);
     }
     for (int64_t b = 0; b < B; ++b) {
       const int64_t r = t * BH + b * H;
@@ -603,11 +680,16 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   Rows<T> rows(H);
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   const auto opts = acts.options();
-  auto dgx = at::empty_like(acts);
-  Tensor dgh = Cell::kSplitRec ? at::empty_like(acts) : dgx;  // dL/d(recurrent product)
+  // dL/d(input projection) and dL/d(recurrent product): one buffer unless kSplitRec;
+  // gate-major where untied GEMMs read them
+  const bool untied_rec = rm.groups > 1;
+  Dgates dgx(acts, G, H, Cell::kSplitRec ? (has(in_mask) && has(w_ih)) : untied_rec);
+  Dgates dgh_split = Cell::kSplitRec ? Dgates(acts, G, H, untied_rec) : Dgates();
+  Dgates& dgh = Cell::kSplitRec ? dgh_split : dgx;
   auto dh = at::zeros({B, H}, opts);  // carry, then total dL/dh_t
   Tensor dc = !Cell::kHasC ? Tensor() : has(dc_last) ? dc_last->clone() : at::zeros({B, H}, opts);
   Tensor dh_rec = at::empty({rm.groups, B, H}, opts);
+  Tensor dg_step = untied_rec ? at::empty({G, B, H}, opts) : Tensor();  // see step_dense
   auto w_gate = w_hh.view({G, H, H});  // W_hh_k, for the untied batched GEMM
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
@@ -618,8 +700,6 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   const T* CTs = has_zc ? ct_seq->data_ptr<T>() : Cs;
   const T* AX = Cell::kAux ? aux_seq->data_ptr<T>() : nullptr;
   const T* DO = has(dh_seq) ? dh_seq->data_ptr<T>() : nullptr;
-  T* DGX = dgx.data_ptr<T>();
-  T* DGH = dgh.data_ptr<T>();
   T* DH = dh.data_ptr<T>();
   T* DC = Cell::kHasC ? dc.data_ptr<T>() : nullptr;
   const T* DR = dh_rec.data_ptr<T>();
@@ -652,11 +732,13 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
                     zc.row(t, b, H),
                     d,
                     DC ? DC + b * H : nullptr,
-                    DGX + (t * B + b) * G * H,
-                    DGH + (t * B + b) * G * H,
+                    dgx.row<T>(t, b),
+                    dgh.row<T>(t, b),
                     nullptr,
                     nullptr,
-                    nullptr};
+                    nullptr,
+                    dgx.gate_stride(),
+                    dgh.gate_stride()};
       if (need_masks) {
         row.dcm = out_row(dcand, 0, r);
         row.dzh = out_row(dzone_h, 1, r);
@@ -666,7 +748,8 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
         Cell::template backward<T, false>(H, row);
       }
     }
-    recurrent_grad(dgh[t], w_hh, w_gate, dh_rec);
+    recurrent_grad(untied_rec ? dgh.step_dense<T>(t, dg_step) : dgh.step_flat(t), w_hh,
+                   w_gate, dh_rec);
     if (drec.defined()) rec_mask_grad<T>(dh_rec, hp, drec, t);
     t_next = t;
   }
@@ -674,17 +757,17 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
     gather_dh<T>(H, BH, b, DH + b * H, nullptr, DR, rm, t_next);
   }
 
-  std::vector<Tensor> out{dgx, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-                          dh,  dc,       drec,     dcand,    dzone_h,  dzone_c};
-  // gate-major copies for untied GEMMs, made at most once per gradient tensor
-  Tensor gm_h, gm_x;
-  Tensor& gm_in = Cell::kSplitRec ? gm_x : gm_h;  // one tensor (and cache) unless kSplitRec
+  // the projection's gradient leaves the kernel where the caller reads it: as dx without
+  // W_ih, and for the untied input masks' gradient (concrete dropout)
+  Tensor dgx_out = !has(w_ih) || need_masks ? dgx.step_major() : Tensor();
+  std::vector<Tensor> out{dgx_out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+                          dh,      dc,       drec,     dcand,    dzone_h,  dzone_c};
   if (need_w) {
-    out[4] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse, gm_h);
-    if (has_bias_h) out[5] = dgh.view({T_ * B, G * H}).sum(0);
+    out[4] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
+    if (has_bias_h) out[5] = dgh.bias_grad();
   }
   if (has(w_ih)) {
-    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w, gm_in);
+    auto g = input_grads(dgx, x, *w_ih, in_mask, has_bias_x, need_x, need_w);
     out[1] = g[0];
     out[2] = g[1];
     out[3] = g[2];
