@@ -15,26 +15,68 @@ All tensors are contiguous and share the input's device and dtype.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import NamedTuple, Protocol
 
 from torch import Tensor
 
-__all__ = ["Backend", "CellMath", "Grads", "LayerInputs", "LayerMasks", "Saved"]
+__all__ = ["Backend", "CellMath", "Grads", "LayerInputs", "LayerMasks", "Saved", "State"]
 
 
 class CellMath(Protocol):
-    """What a backend needs to know of a cell (see :mod:`rnndrop.nn.cells`)."""
+    """What a backend needs to know of a cell (see :mod:`rnndrop.nn.cells`).
+
+    The step math, one step of one layer and direction (the ``python`` loop calls it; the
+    compiled backends mirror it)::
+
+        step_forward(a, rec, prev, m, out=None) -> State
+        step_backward(d, prev, s, m, dgx, dgh, dm=None) -> State
+
+    ``a`` ``(B, G·H)``: the gates' pre-activations (input projection plus, unless
+    ``split_recurrent``, the recurrent product); ``rec``: the recurrent product ``(B, G·H)``
+    of a ``split_recurrent`` cell (bias ``b_h`` included), else None; ``prev``: the
+    :class:`State` ``(h_{t-1}, c_{t-1})``; ``m``: the step's :class:`LayerMasks`
+    (:meth:`LayerMasks.at`; the cell applies the ``"step"`` fields). ``out``: the step's
+    :class:`Saved` rows (:meth:`Saved.at`) in the loop: ``a`` is ``out.acts`` and becomes
+    the activations in place, and the cell writes what it saves (``ct_seq``, ``hn_seq``);
+    None: out-of-place ops only, differentiable by autograd (step cells). Returns the new
+    :class:`State` (the loop copies it into ``out.h_seq`` / ``out.c_seq``).
+
+    Backward: ``d`` = ``State(dL/dh_t, dL/dc_t)``; ``s`` the step's :class:`Saved` rows;
+    writes dL/d(gates) into ``dgx`` (input side) and ``dgh`` (recurrent side; the same
+    buffer unless ``split_recurrent``); ``dm``: None, or a :class:`LayerMasks` of ``(B,
+    H)`` buffers for the gradients of the ``"step"`` masks (concrete dropout; a field None
+    where not wanted). Returns ``State(direct dL/dh_{t-1}, dL/dc_{t-1})``: the part of the
+    gradient into ``h_{t-1}`` that does not go through ``W_hh`` (zoneout's or the GRU's
+    carry; None if nothing) and, with a cell state, the gradient into ``c_{t-1}``.
+    """
 
     name: str  # "lstm" | "gru" | "rnn_tanh" | "rnn_relu": backends dispatch on it
     gates: int  # G
     has_cell: bool  # carries c besides h
     split_recurrent: bool  # W_hh h enters the gates apart from W_ih x (GRU's r ⊙ (W_hn h + b_hn))
+    step_forward: Callable[..., State]
+    step_backward: Callable[..., State]
+
+
+class State(NamedTuple):
+    """The recurrent state of one step: ``h`` ``(B, H)``, and ``c`` for cells with a cell
+    state (else None). Also the gradients with respect to it (``dL/dh``, ``dL/dc``)."""
+
+    h: Tensor
+    c: Tensor | None = None
 
 
 @dataclass
 class LayerMasks:
     """The masks of one layer and direction; ``None`` where a site is off.
+
+    Each field says where its mask acts (``LayerMasks.where(name)``): ``"projection"`` (on
+    ``x`` in the input projection, before the loop), ``"recurrent"`` (on ``h_{t-1}`` where
+    the loop multiplies it by ``W_hh``) or ``"step"`` (inside the cell's step math, which
+    reads it from the step's masks, :meth:`at`). Backends iterate over the fields rather
+    than count them.
 
     Attributes:
         input: ``(G, Tm, B|1, I)`` per-gate (untied) masks on ``x``; tied input masks are
@@ -46,14 +88,39 @@ class LayerMasks:
             (0/1 sampled, ``z`` in eval, 1 past the end of a padded sequence).
     """
 
-    input: Tensor | None = None
-    recurrent: Tensor | None = None
-    candidate: Tensor | None = None
-    zoneout_h: Tensor | None = None
-    zoneout_c: Tensor | None = None
+    # metadata: where the mask acts, and its time dim where not 0
+    input: Tensor | None = field(default=None, metadata={"acts": "projection", "time_dim": 1})
+    recurrent: Tensor | None = field(default=None, metadata={"acts": "recurrent"})
+    candidate: Tensor | None = field(default=None, metadata={"acts": "step"})
+    zoneout_h: Tensor | None = field(default=None, metadata={"acts": "step"})
+    zoneout_c: Tensor | None = field(default=None, metadata={"acts": "step"})
 
     def tensors(self) -> tuple[Tensor | None, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self))
+        return tuple(getattr(self, name) for name in _MASK_NAMES)
+
+    @staticmethod
+    def names() -> tuple[str, ...]:
+        """The field names, in order (one flag each in a backend's ``need_masks``)."""
+        return _MASK_NAMES
+
+    @staticmethod
+    def where(name: str) -> str:
+        """Where the field's mask acts: ``"projection"``, ``"recurrent"`` or ``"step"``."""
+        return _MASK_ACTS[name]
+
+    def at(self, t: int) -> LayerMasks:
+        """Step ``t``'s masks: each mask without its time dim (input ``(G, B|1, I)``,
+        recurrent ``(Gr, B, H)``, the others ``(B, H)``); a mask shared over time (time dim
+        of 1) is the same at every step. What a cell's step math reads."""
+        return LayerMasks(*(
+            None if m is None else m.select(d, 0 if m.shape[d] == 1 else t)
+            for m, d in zip(self.tensors(), _MASK_TIME_DIMS, strict=True)
+        ))  # fmt: skip
+
+
+_MASK_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerMasks))
+_MASK_ACTS: dict[str, str] = {f.name: f.metadata["acts"] for f in fields(LayerMasks)}
+_MASK_TIME_DIMS: tuple[int, ...] = tuple(f.metadata.get("time_dim", 0) for f in fields(LayerMasks))
 
 
 @dataclass
@@ -118,6 +185,14 @@ class Saved:
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
+
+    def at(self, t: int) -> Saved:
+        """Step ``t``'s rows (views): ``acts`` ``(B, G·H)``, the others ``(B, H)`` (``hm_seq``
+        ``(Gr, B, H)``). What a cell's step math writes in forward and reads in backward."""
+        return Saved(self.acts[t], self.h_seq[t], *(None if s is None else s[t]
+                                                   for s in (self.c_seq, self.ct_seq)),
+                     None if self.hm_seq is None else self.hm_seq[:, t],
+                     None if self.hn_seq is None else self.hn_seq[t])  # fmt: skip
 
 
 @dataclass

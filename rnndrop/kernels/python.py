@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import Grads, LayerInputs, LayerMasks, Saved
+from .contract import Grads, LayerInputs, LayerMasks, Saved, State
 
 __all__ = [
     "PythonBackend",
@@ -70,8 +70,9 @@ def sum_to(t: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     return t.sum(dims, keepdim=True) if dims else t
 
 
-def _need(need_masks: tuple[bool, ...]) -> tuple[bool, ...]:
-    return tuple(need_masks) + (False,) * (5 - len(need_masks))
+def _need(need_masks: tuple[bool, ...]) -> dict[str, bool]:
+    """``need_masks`` (one flag per :class:`LayerMasks` field, missing ones False) by name."""
+    return {name: bool(n) for name, n in zip(LayerMasks.names(), need_masks, strict=False)}
 
 
 def input_mask_grad(inp: LayerInputs, dgx: Tensor) -> Tensor:
@@ -91,40 +92,42 @@ def input_mask_grad(inp: LayerInputs, dgx: Tensor) -> Tensor:
 
 
 def loop_mask_grads(
-    inp: LayerInputs,
-    dgx: Tensor,
-    need_masks: tuple[bool, ...],
-    per_step: tuple[Tensor | None, ...],
+    inp: LayerInputs, dgx: Tensor, need_masks: tuple[bool, ...], per_step: LayerMasks
 ) -> LayerMasks:
     """``Grads.dmasks`` from what a loop wrote per step, summed to the masks' shapes.
 
-    ``per_step`` = (recurrent ``(T, Gr, B, H)``: dL/d(masked h_{t-1}) ⊙ h_{t-1}; candidate,
-    zoneout_h, zoneout_c ``(T, B, H)``), None where not asked for; the untied input masks'
-    gradient comes from ``dgx`` (:func:`input_mask_grad`).
+    ``per_step``: :func:`mask_grad_buffers` as the loop filled them (recurrent: dL/d(masked
+    h_{t-1}) ⊙ h_{t-1}; the step masks: what the cell's ``step_backward`` wrote), None
+    where not asked for; the untied input masks' gradient comes from ``dgx``
+    (:func:`input_mask_grad`).
     """
     m, need = inp.masks, _need(need_masks)
-    d_in = input_mask_grad(inp, dgx) if need[0] and m.input is not None else None
-    masks = (m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c)
-    inner = [None if d is None else sum_to(d, mask.shape)
-             for d, mask in zip(per_step, masks, strict=True)]  # fmt: skip
-    return LayerMasks(d_in, *inner)
+    out = LayerMasks()
+    for name in LayerMasks.names():
+        mask, d = getattr(m, name), getattr(per_step, name)
+        if mask is None or not need.get(name):
+            continue
+        if LayerMasks.where(name) == "projection":
+            setattr(out, name, input_mask_grad(inp, dgx))
+        elif d is not None:
+            setattr(out, name, sum_to(d, mask.shape))
+    return out
 
 
-def mask_grad_buffers(inp: LayerInputs, T: int, need_masks: tuple[bool, ...], like: Tensor):
-    """Per-step buffers for the gradients of the masks applied in the loop (recurrent
-    ``(T, Gr, B, H)``, candidate, zoneout_h, zoneout_c ``(T, B, H)``), None where a mask is
-    absent or its gradient not asked for."""
+def mask_grad_buffers(inp: LayerInputs, T: int, need_masks: tuple[bool, ...],
+                      like: Tensor) -> LayerMasks:  # fmt: skip
+    """Per-step buffers for the gradients of the masks applied in the loop: for each mask
+    that acts in the loop (recurrent ``(T, Gr, B, H)``, the step masks ``(T, B, H)``: its
+    shape with ``T`` steps and ``B`` rows), None where a mask is absent or its gradient not
+    asked for."""
     m, need = inp.masks, _need(need_masks)
     B, H = inp.h0.shape
-    masks = (m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c)
-    out = []
-    for k, (n, mask) in enumerate(zip(need[1:], masks, strict=True)):
-        if not n or mask is None:
-            out.append(None)
-        else:
-            out.append(like.new_empty(T, mask.shape[1], B, H) if k == 0 else
-                       like.new_empty(T, B, H))  # fmt: skip
-    return tuple(out)
+    out = LayerMasks()
+    for name in LayerMasks.names():
+        mask = getattr(m, name)
+        if mask is not None and need.get(name) and LayerMasks.where(name) != "projection":
+            setattr(out, name, like.new_empty(T, *mask.shape[1:-2], B, H))
+    return out
 
 
 def gather_dh(carry: Tensor, dh: Tensor | None, dh_rec: Tensor | None,
@@ -166,16 +169,18 @@ class PythonBackend:
         hm_seq = new(m.recurrent.shape[1], T, B, H) if m.recurrent is not None else None
         hn_seq = new(T, B, H) if cell.split_recurrent else None
         rec = new(B, cell.gates * H) if cell.split_recurrent else None
-        h, c = inp.h0, inp.c0
+        saved = Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
+        prev = State(inp.h0, inp.c0)
         order = _order(T, inp.reverse)
         ready = False  # whether the previous step already wrote this step's masked h_{t-1}
         for i, t in enumerate(order):
+            step = m.at(t)
             if hm_seq is None:
-                hm = h.unsqueeze(0)
+                hm = prev.h.unsqueeze(0)
             elif ready:
                 hm = hm_seq[:, t]
             else:
-                hm = torch.mul(h.unsqueeze(0), _at(m.recurrent, t), out=hm_seq[:, t])
+                hm = torch.mul(prev.h.unsqueeze(0), step.recurrent, out=hm_seq[:, t])
             nxt = None  # where the next step's masked h_t goes, and its mask
             if hm_seq is not None and i + 1 < T:
                 nxt = (hm_seq[:, order[i + 1]], _at(m.recurrent, order[i + 1]))
@@ -183,34 +188,28 @@ class PythonBackend:
                 _recurrent_gemm(acts[t], hm, inp.w_hh, accumulate=True)
             else:
                 _recurrent_gemm(rec, hm, inp.w_hh, accumulate=False, bias=inp.b_h)
-            ready = self._step_forward(
-                cell, acts[t], rec, h, c, _at(m.candidate, t), _at(m.zoneout_h, t),
-                _at(m.zoneout_c, t), None if hn_seq is None else hn_seq[t], h_seq[t],
-                None if c_seq is None else c_seq[t], None if ct_seq is None else ct_seq[t], nxt,
-            )  # fmt: skip
-            h = h_seq[t]
-            if c_seq is not None:
-                c = c_seq[t]
-        return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
+            out = saved.at(t)
+            ready = self._step_forward(cell, rec, prev, step, out, nxt)
+            prev = State(out.h_seq, out.c_seq)
+        return saved
 
     @staticmethod
-    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out, nxt) -> bool:
-        """The pointwise math of one step (the cell's ``step_forward``) into the output rows.
+    def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt) -> bool:
+        """The pointwise math of one step (the cell's ``step_forward``) into the step's
+        :class:`Saved` rows ``out`` (``out.acts`` holds the pre-activations).
 
         The seam where the ``triton`` backend's step path puts one fused kernel. ``nxt``:
         None, or ``(hm_out, mask)`` ``(Gr, B, H)``: the next step's masked ``h_t``, which a
         backend may write (returning True) so that the loop need not.
         """
-        h_new, c_new, ct = cell.step_forward(a, rec, h, c, cm, zh, zc, extra)
-        h_out.copy_(h_new)
-        if c_out is not None:
-            c_out.copy_(c_new)
-        if ct_out is not None:
-            ct_out.copy_(ct)
+        new = cell.step_forward(out.acts, rec, prev, m, out)
+        out.h_seq.copy_(new.h)
+        if out.c_seq is not None:
+            out.c_seq.copy_(new.c)
         return False
 
     def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()) -> Grads:
-        need = _need(need_masks)
+        need = tuple(need_masks)
         dgx, dgh, dh0, dc0, per_step = self._bptt(inp, s, dh_seq, dc_last, need)
         return self._grads(inp, s, dgx, dgh, dh0, dc0, per_step, need_x, need_w, need)
 
@@ -236,8 +235,10 @@ class PythonBackend:
         cell, m = inp.cell, inp.masks
         T, B = s.acts.shape[:2]
         H = inp.w_hh.shape[1]
-        drec_seq, *dm_seq = mask_grad_buffers(inp, T, need, s.acts)  # concrete dropout
-        step_dm = any(d is not None for d in dm_seq)
+        dm_seq = mask_grad_buffers(inp, T, need, s.acts)  # concrete dropout
+        drec_seq = dm_seq.recurrent  # the loop's; the cell writes the step masks'
+        step_dm = any(getattr(dm_seq, name) is not None for name in LayerMasks.names()
+                      if LayerMasks.where(name) == "step")  # fmt: skip
         dgx = torch.empty_like(s.acts)
         dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
         carry = s.acts.new_zeros(B, H)
@@ -250,40 +251,34 @@ class PythonBackend:
             # dL/dh_t = carry + dh_seq[t] + Σ_k dh_rec_k ⊙ m_next_k, summed by the step
             d = (carry, None if dh_seq is None else dh_seq[t], dh_rec, m_next)
             tp = t + 1 if inp.reverse else t - 1
-            h_prev = inp.h0 if t == first else s.h_seq[tp]
-            c_prev = ct = None
-            if cell.has_cell:
-                c_prev = inp.c0 if t == first else s.c_seq[tp]
-                ct = s.c_seq[t] if s.ct_seq is None else s.ct_seq[t]
-            carry, dc = self._step_backward(
-                cell, s.acts[t], None if s.hn_seq is None else s.hn_seq[t], h_prev, c_prev, ct,
-                _at(m.candidate, t), _at(m.zoneout_h, t), _at(m.zoneout_c, t), d, dc,
-                dgx[t], dgh[t], tuple(None if b is None else b[t] for b in dm_seq)
-                if step_dm else None,
-            )  # fmt: skip
+            prev = State(inp.h0, inp.c0) if t == first else State(
+                s.h_seq[tp], None if s.c_seq is None else s.c_seq[tp])  # fmt: skip
+            step = m.at(t)
+            carry, dc = self._step_backward(cell, d, dc, prev, s.at(t), step, dgx[t], dgh[t],
+                                            dm_seq.at(t) if step_dm else None)  # fmt: skip
             if carry is None:
-                carry = torch.zeros_like(h_prev)
+                carry = torch.zeros_like(prev.h)
             dh_rec = self._recurrent_grad(dgh[t], inp.w_hh, 1 if m.recurrent is None else
                                           m.recurrent.shape[1])  # fmt: skip
             if drec_seq is not None:  # dL/dm^h_t = dL/d(masked h_{t-1}) ⊙ h_{t-1}
-                torch.mul(dh_rec, h_prev, out=drec_seq[t])
-            m_next = _at(m.recurrent, t)
+                torch.mul(dh_rec, prev.h, out=drec_seq[t])
+            m_next = step.recurrent
         dh0 = gather_dh(carry, None, dh_rec, m_next)
-        return dgx, dgh, dh0, dc, (drec_seq, *dm_seq)
+        return dgx, dgh, dh0, dc, dm_seq
 
     @staticmethod
-    def _step_backward(cell, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm):
+    def _step_backward(cell, d, dc, prev: State, s: Saved, m: LayerMasks, dgx, dgh,
+                       dm: LayerMasks | None) -> State:  # fmt: skip
         """Backward of :meth:`_step_forward`: the cell's ``step_backward`` (``dm`` None
         unless a mask's gradient is wanted). Returns ``(carry, dc_prev)``.
 
         ``d`` = ``(carry, dh, dh_rec, m_next)``, the parts of dL/dh_t: the direct gradient
         from step t+1 (zoneout's and the GRU's carry), the output's gradient (or None), and
         ``(Gr, B, H)`` dL/d(masked h_t) per gate group from step t+1's recurrent GEMM with
-        that step's recurrent mask (None before the first step, or without a mask).
+        that step's recurrent mask (None before the first step, or without a mask); ``dc``
+        dL/dc_t. ``s``, ``m``: the step's :class:`Saved` rows and masks.
         """
-        kw = {} if dm is None else {"dm": dm}
-        return cell.step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, gather_dh(*d),
-                                  dc, dgx, dgh, **kw)  # fmt: skip
+        return cell.step_backward(State(gather_dh(*d), dc), prev, s, m, dgx, dgh, dm)
 
     @staticmethod
     def _recurrent_grad(dg: Tensor, w_hh: Tensor, Gr: int) -> Tensor:

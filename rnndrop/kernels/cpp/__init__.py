@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import Grads, LayerInputs, Saved
+from ..contract import Grads, LayerInputs, LayerMasks, Saved
 from ..python import loop_mask_grads
 from . import build
 
@@ -63,6 +63,8 @@ class CppBackend:
             need_w, mg,
         )  # fmt: skip
         g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0)
-        if mg:
-            g.dmasks = loop_mask_grads(inp, dgx, need_masks, tuple(inner))
+        if mg:  # loop.cpp returns the per-step gradients of the masks it applies in the loop
+            drec, dcand, dzone_h, dzone_c = inner
+            per_step = LayerMasks(None, drec, dcand, dzone_h, dzone_c)
+            g.dmasks = loop_mask_grads(inp, dgx, need_masks, per_step)
         return g

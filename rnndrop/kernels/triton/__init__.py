@@ -37,7 +37,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..contract import Grads, LayerInputs, LayerMasks, Saved
+from ..contract import Grads, LayerInputs, LayerMasks, Saved, State
 from ..python import PythonBackend, mask_grad_buffers, project
 
 __all__ = ["MAX_H", "TritonBackend", "interpreting"]
@@ -243,7 +243,10 @@ class TritonBackend:
                       REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H),
                       MG=mg, num_stages=NUM_STAGES)  # fmt: skip
         dh = dummy if dh_seq is None else dh_seq.contiguous()
-        drm, dcm, dzh, dzc = (dummy if b is None else b for b in inner)
+        drm, dcm, dzh, dzc = (
+            dummy if b is None else b
+            for b in (inner.recurrent, inner.candidate, inner.zoneout_h, inner.zoneout_c)
+        )
         interp = interpreting()
         dc0 = None
         if cell.name == "lstm":
@@ -299,7 +302,9 @@ class _TritonSteps(PythonBackend):
     (``{cell}_step_fwd`` / ``{cell}_step_bwd``) that writes straight into the output rows."""
 
     @staticmethod
-    def _step_forward(cell, a, rec, h, c, cm, zh, zc, extra, h_out, c_out, ct_out, nxt) -> bool:
+    def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt) -> bool:
+        a, h, c, cm, zh, zc = out.acts, prev.h, prev.c, m.candidate, m.zoneout_h, m.zoneout_c
+        h_out, c_out, ct_out, extra = out.h_seq, out.c_seq, out.ct_seq, out.hn_seq
         B, H = h.shape
         N = B * H
         grid = (triton_cdiv(N, STEP_BLOCK),)
@@ -327,7 +332,11 @@ class _TritonSteps(PythonBackend):
         return nxt is not None
 
     @staticmethod
-    def _step_backward(cell, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm):
+    def _step_backward(cell, d, dc, prev: State, s: Saved, m: LayerMasks, dgx, dgh,
+                       dm: LayerMasks | None) -> State:  # fmt: skip
+        acts, extra, h_prev, c_prev = s.acts, s.hn_seq, prev.h, prev.c
+        ct = s.c_seq if s.ct_seq is None else s.ct_seq
+        cm, zh, zc = m.candidate, m.zoneout_h, m.zoneout_c
         B, H = h_prev.shape
         N = B * H
         grid = (triton_cdiv(N, STEP_BLOCK),)
@@ -338,7 +347,8 @@ class _TritonSteps(PythonBackend):
                       HAS_MN=m_next is not None, GR=Gr)  # fmt: skip
         cma = _mask_args(cm, (B, H), acts)
         zha = _mask_args(zh, (B, H), acts)
-        dcm, dzh, dzc = (None, None, None) if dm is None else dm
+        dcm, dzh, dzc = (None, None, None) if dm is None else (dm.candidate, dm.zoneout_h,
+                                                                dm.zoneout_c)  # fmt: skip
         parts = (carry_in.contiguous(), acts if dh is None else dh.contiguous(),
                  acts if dh_rec is None else dh_rec.contiguous(), mna[0])  # fmt: skip
         carry = torch.empty_like(h_prev)
@@ -354,14 +364,14 @@ class _TritonSteps(PythonBackend):
                 MG_CM=dcm is not None, MG_ZH=dzh is not None, MG_ZC=dzc is not None,
                 BLOCK=STEP_BLOCK,
             )  # fmt: skip
-            return carry, dc_prev
+            return State(carry, dc_prev)
         _kernel("gru_step_bwd", interp)[grid](
             acts, extra, h_prev, cma[0], zha[0], *parts, dgx, dgh, carry,
             *(acts if t is None else t for t in (dcm, dzh)), N, H, *cma[1:], *zha[1:],
             *mna[1:], HAS_CM=cm is not None, HAS_ZH=zh is not None, **gather,
             MG_CM=dcm is not None, MG_ZH=dzh is not None, BLOCK=STEP_BLOCK,
         )  # fmt: skip
-        return carry, None
+        return State(carry)
 
     # the loop of forward and of backward, each replayed from a CUDA graph when enabled
     def _loop(self, inp: LayerInputs, acts: Tensor) -> Saved:
@@ -406,8 +416,8 @@ def cuda_graphs(t: Tensor) -> bool:
 def _clone(out):
     if isinstance(out, Tensor):
         return out.clone()
-    if isinstance(out, Saved):
-        return Saved(*[_clone(t) for t in out.tensors()])
+    if isinstance(out, Saved | LayerMasks):
+        return type(out)(*[_clone(t) for t in out.tensors()])
     if isinstance(out, tuple):
         return tuple(_clone(t) for t in out)
     return out  # None

@@ -23,6 +23,7 @@ import warnings
 import torch
 from torch import _VF, Tensor
 
+from ...kernels.contract import LayerMasks, Saved, State
 from .base import Cell, needs_opaque
 
 __all__ = ["GRU_CELL"]
@@ -55,55 +56,64 @@ def _call(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, ba
 _opaque = torch.compiler.disable(_call)
 
 
-def step_forward(a: Tensor, rec: Tensor, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
-    """In place: ``a`` (B, 3H) input projections -> activations r, z, n.
+def step_forward(a: Tensor, rec: Tensor, prev: State, m: LayerMasks,
+                 out: Saved | None = None) -> State:  # fmt: skip
+    """One step: ``a`` ``(B, 3H)`` input projections, ``rec`` ``(B, 3H)`` = ``hp_t`` (bias
+    included) -> ``(h_t, None)``.
 
-    ``rec`` (B, 3H) is ``hp_t`` (bias included); ``hp_n`` is saved into ``extra`` for
-    backward. Returns ``(h_t, None, None)``.
+    ``m``: the step's masks (``candidate``, ``zoneout_h``). In the loop (``out``: the
+    step's :class:`Saved` rows) ``a`` becomes the activations r, z, n in place and
+    ``hp_n`` is saved into ``out.hn_seq`` for backward; with ``out=None`` every op is out
+    of place (autograd: step cells).
     """
-    H = h_prev.shape[-1]
-    a[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
-    r, z, n = a.chunk(3, 1)
-    extra.copy_(rec[:, 2 * H :])
-    n.addcmul_(r, extra).tanh_()
-    nm = n if cm is None else n * cm
-    h = torch.addcmul(nm, z, h_prev - nm)  # (1 - z) ⊙ n + z ⊙ h
-    if zh is not None:
-        h = torch.lerp(h, h_prev, zh)
-    return h, None, None
+    H = prev.h.shape[-1]
+    if out is None:
+        rz = (a[:, : 2 * H] + rec[:, : 2 * H]).sigmoid()
+        r, z = rz.chunk(2, 1)
+        n = (a[:, 2 * H :] + r * rec[:, 2 * H :]).tanh()
+    else:
+        a[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
+        r, z, n = a.chunk(3, 1)
+        out.hn_seq.copy_(rec[:, 2 * H :])
+        n.addcmul_(r, out.hn_seq).tanh_()
+    nm = n if m.candidate is None else n * m.candidate
+    h = torch.addcmul(nm, z, prev.h - nm)  # (1 - z) ⊙ n + z ⊙ h
+    if m.zoneout_h is not None:
+        h = torch.lerp(h, prev.h, m.zoneout_h)
+    return State(h)
 
 
-def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm=None):
+def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, dgh: Tensor,
+                  dm: LayerMasks | None = None) -> State:  # fmt: skip
     """Backward of :func:`step_forward`.
 
-    ``dm``: None, or ``(dcm, dzh, None)`` (B, H) buffers (each None if not wanted) for the
-    gradients of the candidate and zoneout masks (concrete dropout):
-    ``dL/dm^n = dL/dh̃ ⊙ (1 − z) ⊙ n``, ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)``.
-
-    ``d`` is dL/dh_t (all paths). Writes dL/d(xp_t) into ``dgx`` and dL/d(hp_t) into ``dgh``
-    (they differ in the n block: ``hp_n`` enters through ``r``). Returns the direct gradient
-    into ``h_{t-1}`` (the ``z`` carry and zoneout's) and None (no cell state).
+    ``d.h`` is dL/dh_t (all paths). Writes dL/d(xp_t) into ``dgx`` and dL/d(hp_t) into
+    ``dgh`` (they differ in the n block: ``hp_n`` enters through ``r``). Returns the direct
+    gradient into ``h_{t-1}`` (the ``z`` carry and zoneout's) and None (no cell state).
+    ``dm``: None, or ``(B, H)`` buffers (a field None if not wanted) for the gradients of
+    the candidate and zoneout masks (concrete dropout): ``dL/dm^n = dL/dh̃ ⊙ (1 − z) ⊙ n``,
+    ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)``.
     """
-    r, z, n = acts.chunk(3, 1)
-    dht = d if zh is None else d * (1 - zh)
+    r, z, n = s.acts.chunk(3, 1)
+    h_prev, zh, cm, hn = prev.h, m.zoneout_h, m.candidate, s.hn_seq
+    dht = d.h if zh is None else d.h * (1 - zh)
     nm = n if cm is None else n * cm
     dn = dht * (1 - z) if cm is None else dht * (1 - z) * cm
     gr, gz, gn = dgx.chunk(3, 1)
     torch.mul(dn, 1 - n * n, out=gn)
-    torch.mul(gn * extra, r * (1 - r), out=gr)
+    torch.mul(gn * hn, r * (1 - r), out=gr)
     torch.mul(dht * (h_prev - nm), z * (1 - z), out=gz)
-    hr, hz, hn = dgh.chunk(3, 1)
+    hr, hz, hn_ = dgh.chunk(3, 1)
     hr.copy_(gr)
     hz.copy_(gz)
-    torch.mul(gn, r, out=hn)
+    torch.mul(gn, r, out=hn_)
     if dm is not None:
-        dcm, dzh, _ = dm
-        if dcm is not None:
-            torch.mul(dht * (1 - z), n, out=dcm)
-        if dzh is not None:
-            torch.mul(d, h_prev - torch.addcmul(nm, z, h_prev - nm), out=dzh)
-    carry = dht * z if zh is None else dht * z + d * zh
-    return carry, None
+        if dm.candidate is not None:
+            torch.mul(dht * (1 - z), n, out=dm.candidate)
+        if dm.zoneout_h is not None:
+            torch.mul(d.h, h_prev - torch.addcmul(nm, z, h_prev - nm), out=dm.zoneout_h)
+    carry = dht * z if zh is None else dht * z + d.h * zh
+    return State(carry)
 
 
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import _VF, Tensor
 
+from ...kernels.contract import LayerMasks, Saved, State
 from .base import Cell, needs_opaque
 
 __all__ = ["LSTM_CELL"]
@@ -57,61 +58,71 @@ def _call(x, batch_sizes, state, weights, has_bias, num_layers, train, bidir, ba
 _opaque = torch.compiler.disable(_call)
 
 
-def step_forward(a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple[Tensor, ...]:
-    """In place: ``a`` (B, 4H) pre-activations (recurrent product added) -> activations.
+def step_forward(a: Tensor, rec: None, prev: State, m: LayerMasks,
+                 out: Saved | None = None) -> State:  # fmt: skip
+    """One step: ``a`` ``(B, 4H)`` pre-activations (recurrent product added) -> ``(h_t, c_t)``.
 
-    Returns ``(h_t, c_t, c̃_t)``. ``rec`` and ``extra`` are unused (the loop adds the
-    recurrent product into ``a``; nothing beyond the activations is saved).
+    ``m``: the step's masks (``candidate``, ``zoneout_h``, ``zoneout_c``); ``rec`` unused
+    (the loop adds the recurrent product into ``a``). In the loop (``out``: the step's
+    :class:`Saved` rows) ``a`` becomes the activations in place and ``c̃_t`` is saved where
+    zoneout needs it; with ``out=None`` every op is out of place (autograd: step cells).
     """
-    H = c_prev.shape[-1]
-    a[:, 2 * H : 3 * H].tanh_()
-    a[:, : 2 * H].sigmoid_()
-    a[:, 3 * H :].sigmoid_()
-    i, f, g, o = a.chunk(4, 1)
-    gm = g if cm is None else g * cm
-    ct = torch.addcmul(f * c_prev, i, gm)
+    H = prev.c.shape[-1]
+    if out is None:
+        i, f, g, o = a.chunk(4, 1)
+        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    else:  # one sigmoid over i, f and one over o, written into the saved activations
+        a[:, 2 * H : 3 * H].tanh_()
+        a[:, : 2 * H].sigmoid_()
+        a[:, 3 * H :].sigmoid_()
+        i, f, g, o = a.chunk(4, 1)
+    gm = g if m.candidate is None else g * m.candidate
+    ct = torch.addcmul(f * prev.c, i, gm)
     h = o * ct.tanh()
-    c = ct if zc is None else torch.lerp(ct, c_prev, zc)
-    if zh is not None:
-        h = torch.lerp(h, h_prev, zh)
-    return h, c, ct
+    c = ct if m.zoneout_c is None else torch.lerp(ct, prev.c, m.zoneout_c)
+    if m.zoneout_h is not None:
+        h = torch.lerp(h, prev.h, m.zoneout_h)
+    if out is not None and out.ct_seq is not None:
+        out.ct_seq.copy_(ct)
+    return State(h, c)
 
 
-def step_backward(acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh, dm=None):
+def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, dgh: Tensor,
+                  dm: LayerMasks | None = None) -> State:  # fmt: skip
     """Backward of :func:`step_forward`.
 
-    ``d`` is dL/dh_t (all paths), ``dc`` dL/dc_t. Writes dL/d(pre-activations) into ``dgx``
+    ``d`` = ``(dL/dh_t, dL/dc_t)`` (all paths). Writes dL/d(pre-activations) into ``dgx``
     (the same buffer as ``dgh``: both sides of the LSTM's gates see the same gradient).
-    Returns the direct gradient into ``h_{t-1}`` (zoneout's carry, or None) and dL/dc_{t-1}.
-    ``dm``: None, or ``(dcm, dzh, dzc)`` (B, H) buffers (each None if not wanted) for the
-    gradients of the candidate and zoneout masks of this step (concrete dropout)::
+    Returns ``(zoneout's carry into h_{t-1} or None, dL/dc_{t-1})``. ``dm``: None, or
+    ``(B, H)`` buffers (a field None if not wanted) for the gradients of this step's masks
+    (concrete dropout)::
 
         dL/dm^g = dL/dc̃ ⊙ i ⊙ g,  dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
         dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
     """
-    i, f, g, o = acts.chunk(4, 1)
-    dht = d if zh is None else d * (1 - zh)
-    dcn = dc if zc is None else dc * (1 - zc)
+    i, f, g, o = s.acts.chunk(4, 1)
+    zh, zc, cm = m.zoneout_h, m.zoneout_c, m.candidate
+    ct = s.c_seq if s.ct_seq is None else s.ct_seq  # c̃_t: c_t unless zoneout mixed it
+    dht = d.h if zh is None else d.h * (1 - zh)
+    dcn = d.c if zc is None else d.c * (1 - zc)
     tc = ct.tanh()
     dcn = dcn + dht * o * (1 - tc * tc)
     gm = g if cm is None else g * cm
     dg = dcn * i if cm is None else dcn * i * cm
     gi, gf, gg, go = dgx.chunk(4, 1)
     torch.mul(dcn * gm, i * (1 - i), out=gi)
-    torch.mul(dcn * c_prev, f * (1 - f), out=gf)
+    torch.mul(dcn * prev.c, f * (1 - f), out=gf)
     torch.mul(dg, 1 - g * g, out=gg)
     torch.mul(dht * tc, o * (1 - o), out=go)
     if dm is not None:
-        dcm, dzh, dzc = dm
-        if dcm is not None:
-            torch.mul(dcn * i, g, out=dcm)
-        if dzh is not None:
-            torch.mul(d, h_prev - o * tc, out=dzh)
-        if dzc is not None:
-            torch.mul(dc, c_prev - ct, out=dzc)
-    dc_prev = dcn * f if zc is None else dcn * f + dc * zc
-    carry = None if zh is None else d * zh
-    return carry, dc_prev
+        if dm.candidate is not None:
+            torch.mul(dcn * i, g, out=dm.candidate)
+        if dm.zoneout_h is not None:
+            torch.mul(d.h, prev.h - o * tc, out=dm.zoneout_h)
+        if dm.zoneout_c is not None:
+            torch.mul(d.c, prev.c - ct, out=dm.zoneout_c)
+    dc_prev = dcn * f if zc is None else dcn * f + d.c * zc
+    return State(None if zh is None else d.h * zh, dc_prev)
 
 
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 from torch import _VF, Tensor
 
+from ...kernels.contract import LayerMasks, Saved, State
 from .base import Cell, needs_opaque
 
 __all__ = ["RNN_RELU_CELL", "RNN_TANH_CELL"]
@@ -60,33 +61,40 @@ def _call(op_name, x, batch_sizes, h0, weights, has_bias, num_layers, train, bid
 _opaque = torch.compiler.disable(_call)
 
 
-def step_forward(relu: bool, a: Tensor, rec, h_prev, c_prev, cm, zh, zc, extra) -> tuple:
-    """In place: ``a`` (B, H) pre-activations (recurrent product added) -> ``h̃ = φ(a)``.
+def step_forward(relu: bool, a: Tensor, rec: None, prev: State, m: LayerMasks,
+                 out: Saved | None = None) -> State:  # fmt: skip
+    """One step: ``a`` ``(B, H)`` pre-activations (recurrent product added) -> ``h̃ = φ(a)``,
+    then zoneout on ``h``; returns ``(h_t, None)``.
 
-    Returns ``(h_t, None, None)``; ``rec``, ``c_prev``, ``cm``, ``zc`` and ``extra`` are
-    unused (no split recurrent product, no cell state, no candidate). ``relu`` picks ``φ``
-    (bound per cell).
+    ``m``: the step's masks (``zoneout_h``; no candidate, no cell state). In the loop
+    (``out``: the step's :class:`Saved` rows) ``a`` becomes ``h̃`` in place; with
+    ``out=None`` out of place (autograd: step cells). ``relu`` picks ``φ`` (bound per cell).
     """
-    h = a.relu_() if relu else a.tanh_()
-    if zh is not None:
-        h = torch.lerp(h, h_prev, zh)
-    return h, None, None
+    if out is None:
+        phi = torch.relu if relu else torch.tanh
+    else:  # in place, into the saved activations
+        phi = torch.relu_ if relu else torch.tanh_
+    h = phi(a)
+    if m.zoneout_h is not None:
+        h = torch.lerp(h, prev.h, m.zoneout_h)
+    return State(h)
 
 
-def step_backward(relu: bool, acts, extra, h_prev, c_prev, ct, cm, zh, zc, d, dc, dgx, dgh,
-                  dm=None):  # fmt: skip
+def step_backward(relu: bool, d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor,
+                  dgh: Tensor, dm: LayerMasks | None = None) -> State:  # fmt: skip
     """Backward of :func:`step_forward`: dL/da into ``dgx`` (the same buffer as ``dgh``).
 
-    ``d`` is dL/dh_t (all paths). Returns zoneout's carry into ``h_{t-1}`` (or None) and
-    None (no cell state). ``dm``: None, or ``(None, dzh, None)`` with the (B, H) buffer for
-    ``dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t)`` (concrete dropout), or None.
+    ``d.h`` is dL/dh_t (all paths). Returns zoneout's carry into ``h_{t-1}`` (or None) and
+    None (no cell state). ``dm``: None, or a ``zoneout_h`` buffer for ``dL/dz^h = dL/dh_t ⊙
+    (h_{t-1} − h̃_t)`` (concrete dropout).
     """
-    dht = d if zh is None else d * (1 - zh)
+    acts, zh = s.acts, m.zoneout_h
+    dht = d.h if zh is None else d.h * (1 - zh)
     # φ'(a) from the saved h̃ = φ(a): relu' = [h̃ > 0], tanh' = 1 - h̃²
     torch.mul(dht, (acts > 0).to(acts.dtype) if relu else 1 - acts * acts, out=dgx)
-    if dm is not None and dm[1] is not None:
-        torch.mul(d, h_prev - acts, out=dm[1])
-    return (None if zh is None else d * zh), None
+    if dm is not None and dm.zoneout_h is not None:
+        torch.mul(d.h, prev.h - acts, out=dm.zoneout_h)
+    return State(None if zh is None else d.h * zh)
 
 
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
