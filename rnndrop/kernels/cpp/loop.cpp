@@ -287,9 +287,11 @@ Tensor project(const Tensor& x, const Tensor& w_ih, const OptT& in_mask, int64_t
     gemm(x.view({T_ * B, -1}), w_ih.t().contiguous(), a2, 0.0f);
     return acts;
   }
+  auto xm = at::empty_like(x);  // one buffer for every gate's masked input
   for (int64_t k = 0; k < G; ++k) {
-    auto xm = (x * (*in_mask)[k]).view({T_ * B, -1});
-    gemm(xm, w_ih.narrow(0, k * H, H).t().contiguous(), a2.narrow(1, k * H, H), 0.0f);
+    at::mul_out(xm, x, (*in_mask)[k]);
+    gemm(xm.view({T_ * B, -1}), w_ih.narrow(0, k * H, H).t().contiguous(),
+         a2.narrow(1, k * H, H), 0.0f);
   }
   return acts;
 }
@@ -497,18 +499,20 @@ std::array<Tensor, 3> input_grads(Dgates& dg, const Tensor& x, const Tensor& w_i
     if (need_w) gemm(dg2.t(), x.view({T_ * B, -1}), out[1], 0.0f);
   } else {
     const Tensor& dgm = dg.by_gate();
+    Tensor xm = need_w && has(in_mask) ? at::empty_like(x) : Tensor();  // reused per gate
+    Tensor dxk = need_x && has(in_mask) ? at::empty_like(x) : Tensor();
     for (int64_t k = 0; k < G; ++k) {
       auto wk = w_ih.narrow(0, k * H, H);
       if (need_x && has(in_mask)) {
-        auto dxk = at::empty_like(x);
         gemm(dgm[k], wk, dxk.view({T_ * B, -1}), 0.0f);
         out[0].addcmul_(dxk, (*in_mask)[k]);  // no temporary product
       } else if (need_x) {
         gemm(dgm[k], wk, out[0].view({T_ * B, -1}), 1.0f);
       }
       if (need_w) {
-        auto xk = has(in_mask) ? (x * (*in_mask)[k]).contiguous() : x;
-        gemm(dgm[k].t(), xk.view({T_ * B, -1}), out[1].narrow(0, k * H, H), 0.0f);
+        if (has(in_mask)) at::mul_out(xm, x, (*in_mask)[k]);
+        gemm(dgm[k].t(), (has(in_mask) ? xm : x).view({T_ * B, -1}),
+             out[1].narrow(0, k * H, H), 0.0f);
       }
     }
   }
