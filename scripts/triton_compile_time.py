@@ -15,13 +15,16 @@ repetitions). Stages, from Triton's compile listener (``knobs.compilation.listen
     ptx     PTX (LLVM's NVPTX back end)
     cubin   cubin (the ptxas bundled with triton)
 
-The table gives the median over ``--reps`` per kernel and stage, in milliseconds, and the
-sum over kernels (a first compilation, not counted, warms up). Before/after a change of
-the kernels' layout: run it with ``PYTHONPATH`` at each checkout; it compiles whichever
-layout it finds: the per-cell kernels (``lstm_fwd``, ..., before issue 21) or the template
+The table gives, per kernel, the least over ``--reps`` (the run least disturbed by other
+load, as ``timeit`` advises) of each stage's wall time and of the CPU time of the whole
+compilation (this process and ptxas, in steps of 10 ms; less sensitive to other load than
+wall time), in milliseconds, and the sums over all kernels and over the LSTM's and GRU's.
+A first compilation, not counted, warms up. Before/after a change of the kernels' layout:
+run it with ``PYTHONPATH`` at each checkout; it compiles whichever layout it finds: the
+per-cell kernels (``lstm_fwd``, ..., before issue 21) or the template
 (``rnndrop.kernels.triton.KERNELS`` per cell of ``CELLS``, after).
 
-    python scripts/triton_compile_time.py                 # every kernel, 3 repetitions
+    python scripts/triton_compile_time.py                 # every kernel, 5 repetitions
     python scripts/triton_compile_time.py --reps 5 --only lstm
     python scripts/triton_compile_time.py --json times.json
 """
@@ -32,7 +35,6 @@ import argparse
 import inspect
 import json
 import os
-import statistics
 import sys
 import tempfile
 
@@ -99,6 +101,13 @@ def signature(fn, consts: dict) -> dict:
     return sig
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (ptxas): unlike the stages'
+    wall time, not inflated by other processes on a busy machine."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 def compile_once(fn, consts: dict) -> dict:
     """Stage -> milliseconds of one compilation into an empty cache."""
     import triton
@@ -117,6 +126,7 @@ def compile_once(fn, consts: dict) -> dict:
             times_out[stage] = us / 1e3
 
     fn.hash = None  # recompute dependencies (the cache key) as a first compile does
+    t0 = _cpu()
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
         old = knobs.compilation.listener, knobs.compilation.always_compile
@@ -129,6 +139,7 @@ def compile_once(fn, consts: dict) -> dict:
             )
         finally:
             knobs.compilation.listener, knobs.compilation.always_compile = old
+    times["cpu"] = (_cpu() - t0) * 1e3
     times["shared_bytes"] = out.metadata.shared
     times["ptx_lines"] = out.asm["ptx"].count("\n")
     return times
@@ -136,9 +147,9 @@ def compile_once(fn, consts: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--reps", type=int, default=3, help="compilations per kernel (median)")
+    p.add_argument("--reps", type=int, default=5, help="compilations per kernel (the least)")
     p.add_argument("--only", default="", help="kernels whose name contains this")
-    p.add_argument("--json", default="", help="also write the medians here")
+    p.add_argument("--json", default="", help="also write the table here")
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
     import triton
@@ -148,20 +159,21 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for name, fn, consts in specs:
         runs = [compile_once(fn, consts) for _ in range(a.reps)]
-        rows[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        rows[name] = {k: min(r[k] for r in runs) for k in runs[0]}
     head = f"{'kernel':<20}" + "".join(f"{s:>8}" for s in STAGES)
-    print(f"triton {triton.__version__}, sm_90, median of {a.reps}, ms; shared memory "
+    print(f"triton {triton.__version__}, sm_90, least of {a.reps}, ms; shared memory "
           f"(bytes) and PTX lines of the compiled kernel")  # fmt: skip
-    print(head + f"{'total':>9}{'shared':>8}{'ptx':>7}")
-    total = {s: 0.0 for s in (*STAGES, "total")}
+    print(head + f"{'total':>9}{'cpu':>7}{'shared':>8}{'ptx':>7}")
     for name, r in rows.items():
-        t = sum(r.get(s, 0.0) for s in STAGES)
-        for s in STAGES:
-            total[s] += r.get(s, 0.0)
-        total["total"] += t
+        r["total"] = sum(r.get(s, 0.0) for s in STAGES)
         print(f"{name:<20}" + "".join(f"{r.get(s, 0.0):8.0f}" for s in STAGES)
-              + f"{t:9.0f}{r['shared_bytes']:8.0f}{r['ptx_lines']:7.0f}")  # fmt: skip
-    print(f"{'sum':<20}" + "".join(f"{total[s]:8.0f}" for s in STAGES) + f"{total['total']:9.0f}")
+              + f"{r['total']:9.0f}{r['cpu']:7.0f}{r['shared_bytes']:8.0f}"
+              f"{r['ptx_lines']:7.0f}")  # fmt: skip
+    for label, keep in (("sum", ""), ("sum lstm, gru", "lstm gru")):
+        part = [r for n, r in rows.items() if not keep or n.split("_")[0] in keep.split()]
+        tot = {s: sum(r.get(s, 0.0) for r in part) for s in (*STAGES, "total", "cpu")}
+        print(f"{label:<20}" + "".join(f"{tot[s]:8.0f}" for s in STAGES)
+              + f"{tot['total']:9.0f}{tot['cpu']:7.0f}")  # fmt: skip
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -58,6 +58,8 @@ __all__ = ["MAX_H", "TritonBackend", "interpreting"]
 #   BH 128): hence num_stages=1.
 # unavailable() refuses a CUDA device whose opt-in shared memory per block is below the table
 # (16 and 32 rounded up to the 64 entry, a margin for the variants not compiled here).
+# The kernels written once per loop (issue 21) need less (BH 128: at most 96 KiB, lstm_bwd;
+# docs/engine.md); the table keeps the old bound until a GPU run has checked the new one.
 MAX_H = 128
 _SHARED_BYTES = {16: 61440, 32: 61440, 64: 61440, 128: 221184}  # by BH, measured for sm_90
 NUM_STAGES = 1
