@@ -245,6 +245,23 @@ def test_a_cell_without_kernels_is_named():
         _kernel("peephole_lstm_loop_fwd", True)
 
 
+def test_a_cell_file_may_not_shadow_the_loops_helpers(monkeypatch):
+    """A cell's functions share one namespace with the loops: a cell file defining one of
+    their names (here ``tanh``) is refused, naming it, instead of silently replacing it."""
+    import sys
+    import types
+
+    from rnndrop.kernels import triton as tb
+
+    name = f"{tb.__name__}.cell_shadowing"
+    module = types.ModuleType(name)
+    exec("def tanh(x):\n    return x\n\n\ndef forward(*a):\n    pass\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(tb.CELLS, "shadowing", ("cell_shadowing", "forward", "forward"))
+    with pytest.raises(ValueError, match=r"cell_shadowing defines \['tanh'\].*rename them"):
+        tb._kernel("shadowing_step_fwd", True)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_auto_runs_hidden_sizes_beyond_the_one_launch_kernel_per_step(cell, monkeypatch):
     """H > MAX_H: the step kernels run (and not the one-launch ones), matching python."""

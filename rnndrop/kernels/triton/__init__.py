@@ -77,7 +77,7 @@ CELLS = {
     "rnn_relu": ("cell_rnn", "relu_forward", "relu_backward"),
 }
 KERNELS = ("loop_fwd", "loop_bwd", "step_fwd", "step_bwd")  # the loops of _kernels.py
-_KERNELS: dict[tuple[str, bool], object] = {}
+_INSTANCES: dict[tuple[str, bool], object] = {}  # (<cell>_<loop>, interpret) -> kernel
 _SPACES: dict[tuple[str, bool], dict] = {}
 
 
@@ -109,14 +109,14 @@ def _kernel(name: str, interpret: bool):
     """The kernel ``name`` = ``<cell>_<loop>`` (``lstm_loop_fwd``, ``gru_step_bwd``, ...),
     wrapped for the interpreter or the compiler."""
     key = (name, interpret)
-    if key not in _KERNELS:
+    if key not in _INSTANCES:
         loop = next((k for k in KERNELS if name.endswith("_" + k)), None)
         cell = name[: -len(loop) - 1] if loop else None
         if cell not in CELLS:
             raise KeyError(f"no triton kernel {name!r}: <cell>_<loop> with a cell of "
                            f"{sorted(CELLS)} and a loop of {list(KERNELS)}")  # fmt: skip
-        _KERNELS[key] = _namespace(cell, interpret)[loop]
-    return _KERNELS[key]
+        _INSTANCES[key] = _namespace(cell, interpret)[loop]
+    return _INSTANCES[key]
 
 
 def _namespace(cell: str, interpret: bool) -> dict:
@@ -143,8 +143,14 @@ def _namespace(cell: str, interpret: bool) -> dict:
             from triton.runtime.interpreter import InterpretedFunction as wrap
         else:
             from triton.runtime.jit import JITFunction as wrap
-        ns = {**vars(_kernels), **vars(cell_module)}
         own = (_kernels.__name__, cell_module.__name__)
+        shared = {*vars(_kernels), "cell_forward", "cell_backward"}
+        clash = sorted(n for n, f in vars(cell_module).items() if n in shared
+                       and inspect.isfunction(f) and f.__module__ == own[1])  # fmt: skip
+        if clash:  # one namespace: a cell's function would replace the loops' own
+            raise ValueError(f"{cell_module.__name__} defines {clash}, names _kernels.py or the "
+                             "template uses; rename them")  # fmt: skip
+        ns = {**vars(_kernels), **vars(cell_module)}
         for name, fn in list(ns.items()):
             if inspect.isfunction(fn) and fn.__module__ in own:
                 copy = FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__)
