@@ -9,7 +9,7 @@ from torch import nn
 
 from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import GRU, LSTM
+from rnndrop.nn import GRU, LSTM, RNN
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -66,7 +66,7 @@ def test_eval_and_mc_on_cuda():
 
 # ---- the triton backend on a GPU (its parity in the interpreter: tests/test_triton.py) ----
 
-CELL_PAIRS = [(LSTM, nn.LSTM), (GRU, nn.GRU)]
+CELL_PAIRS = [(LSTM, nn.LSTM), (GRU, nn.GRU), (RNN, nn.RNN)]
 LOOP_SCHEME = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.1, tied=False, time="per_step")
 
 

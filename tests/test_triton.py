@@ -4,9 +4,9 @@ Runs on CPU with ``TRITON_INTERPRET=1``: the same kernels a GPU compiles, execut
 one program after another (exact parity, blind to speed). The variable is set per test with
 ``monkeypatch``: ``@triton.jit`` reads it when it decorates a kernel, so the backend keeps its
 kernels undecorated and wraps them per call from the variable's current value; nothing here
-leaks into other test files. Outputs, final states and every gradient, for the LSTM and the
-GRU, every mask site alone and together, both directions, with and without the input
-projection and the biases; tiny shapes (the interpreter is slow).
+leaks into other test files. Outputs, final states and every gradient, for the LSTM, the
+GRU and the Elman RNN (tanh, relu), every mask site alone and together, both directions,
+with and without the input projection and the biases; tiny shapes (the interpreter is slow).
 """
 
 import pytest
@@ -17,12 +17,13 @@ pytest.importorskip("triton", reason="triton is not installed (the 'triton' extr
 from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.kernels import LayerInputs, LayerMasks, rnn_layer
-from rnndrop.kernels.triton import MAX_H, TritonBackend
-from rnndrop.nn import GRU, LSTM
+from rnndrop.kernels.triton import KERNELS, MAX_H, TritonBackend
+from rnndrop.nn import GRU, LSTM, RNN
+from rnndrop.nn.cells import CELLS as ALL_CELLS
 from rnndrop.nn.cells import GRU_CELL, LSTM_CELL
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-CELLS = {"lstm": LSTM_CELL, "gru": GRU_CELL}
+CELLS = {name: ALL_CELLS[name] for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
 
 
 @pytest.fixture(autouse=True)
@@ -230,6 +231,37 @@ def test_what_it_refuses_it_names(monkeypatch):
         b.unavailable(_inputs(LSTM_CELL))
 
 
+def test_a_cell_without_kernels_is_named():
+    """A cell with no entry in the backend's registry: refused first, by name."""
+    from dataclasses import replace
+
+    inp = _inputs(replace(LSTM_CELL, name="peephole_lstm"))
+    assert TritonBackend().unavailable(inp) == (
+        "it has no peephole_lstm kernel (python or cpp run this cell)"
+    )
+    from rnndrop.kernels.triton import _kernel
+
+    with pytest.raises(KeyError, match=r"no triton kernel 'peephole_lstm_loop_fwd'"):
+        _kernel("peephole_lstm_loop_fwd", True)
+
+
+def test_a_cell_file_may_not_shadow_the_loops_helpers(monkeypatch):
+    """A cell's functions share one namespace with the loops: a cell file defining one of
+    their names (here ``tanh``) is refused, naming it, instead of silently replacing it."""
+    import sys
+    import types
+
+    from rnndrop.kernels import triton as tb
+
+    name = f"{tb.__name__}.cell_shadowing"
+    module = types.ModuleType(name)
+    exec("def tanh(x):\n    return x\n\n\ndef forward(*a):\n    pass\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(tb.CELLS, "shadowing", ("cell_shadowing", "forward", "forward"))
+    with pytest.raises(ValueError, match=r"cell_shadowing defines \['tanh'\].*rename them"):
+        tb._kernel("shadowing_step_fwd", True)
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_auto_runs_hidden_sizes_beyond_the_one_launch_kernel_per_step(cell, monkeypatch):
     """H > MAX_H: the step kernels run (and not the one-launch ones), matching python."""
@@ -294,6 +326,34 @@ def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, path, monke
         torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("concrete", [False, True], ids=["sampled", "concrete"])
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_rnn_modules_match_the_python_loop(nonlinearity, concrete, path, monkeypatch):
+    """nn.RNN's schemes on the triton loop: two layers, both directions, untied per-step
+    input masks, per-step recurrent masks and zoneout on h; with concrete dropout also the
+    rates' gradients (the mask gradients written by the kernels), as the python loop's."""
+    cfg = RD(recurrent=0.3, zoneout_hidden=0.2, input=0.2, tied=False, time="per_step",
+             concrete=concrete)  # fmt: skip
+    m = RNN(3, 5, 2, nonlinearity, bidirectional=True, dropout=cfg).train()
+    triton_backend, calls = kernels.BACKENDS["triton"], []
+    forward = triton_backend.forward
+    monkeypatch.setattr(triton_backend, "forward", lambda inp: calls.append(1) or forward(inp))
+    x0 = torch.randn(4, 2, 3)
+    results = []
+    for backend in ("triton", "python"):
+        monkeypatch.setenv("RNNDROP_LOOP", backend)
+        x = x0.clone().requires_grad_()
+        torch.manual_seed(7)  # the engine draws the masks: same seed, same masks
+        out, h = m(x)
+        loss = out.square().sum() + h.sin().sum()
+        params = dict(m.named_parameters())
+        assert concrete == any(n.startswith("dropout_logit") for n in params)
+        results.append([out, h, *torch.autograd.grad(loss, [x, *params.values()])])
+    assert len(calls) == 4  # every layer and direction ran on the triton loop
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, **TOL)
+
+
 def _copy_into(dst, src):
     if isinstance(dst, torch.Tensor):
         dst.copy_(src)
@@ -339,60 +399,39 @@ def test_step_path_graph_cache_replays_static_buffers(cell, monkeypatch):
     assert len(replays) == 2 * 3  # calls 2, 3 and 4 replay both
 
 
-@pytest.mark.parametrize(
-    "kernel",
-    [
-        "lstm_fwd",
-        "lstm_bwd",
-        "gru_fwd",
-        "gru_bwd",
-        "lstm_step_fwd",
-        "lstm_step_bwd",
-        "gru_step_fwd",
-        "gru_step_bwd",
-    ],
-)
+@pytest.mark.parametrize("kernel", [f"{c}_{k}" for c in CELLS for k in KERNELS])
 def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     """The compiled path, which the interpreter never takes: Triton's front end, its GPU
-    passes and the bundled ptxas build each kernel for sm_90 (every site on, untied masks)
-    within the shared memory of a block, the backward kernels with the mask gradients of
-    concrete dropout on (MG). No GPU is needed to compile."""
+    passes and the bundled ptxas build each cell's instance of each kernel for sm_90 (every
+    site on, untied masks) within the shared memory of a block, the backward kernels with
+    the mask gradients of concrete dropout on (MG). No GPU is needed to compile."""
     import inspect
 
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
-    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, STEP_BLOCK, _kernels
+    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, STEP_BLOCK, _kernel
+    from rnndrop.kernels.triton import cell_constants as constants_of
 
     pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend here")
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
-    fn = JITFunction(getattr(_kernels, kernel))
-    flags = {
-        "HAS_RM",
-        "HAS_CM",
-        "HAS_ZH",
-        "HAS_ZC",
-        "HAS_DH",
-        "HAS_BH",
-        "MG",
-        "MG_CM",
-        "MG_ZH",
-        "MG_ZC",
-        "HAS_NEXT",
-        "HAS_REC",
-        "HAS_MN",
-    }
-    assert {n for n in inspect.signature(fn.fn).parameters if n.startswith(("HAS_", "MG"))} <= flags
-    consts, sig = {}, {}
-    for name in inspect.signature(fn.fn).parameters:
+    cell = CELLS[next(c for c in CELLS if kernel.startswith(c + "_"))]
+    fn = _kernel(kernel, False)
+    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG", "MG_CM",
+             "MG_ZH", "MG_ZC", "HAS_NEXT", "HAS_REC", "HAS_MN"}  # fmt: skip
+    params = inspect.signature(fn.fn).parameters
+    assert {n for n in params if n.startswith(("HAS_", "MG"))} <= flags | {"HAS_C"}
+    consts, sig = constants_of(cell), {}
+    for name in params:
         if name in flags:
-            consts[name] = True
+            # as the adapter passes them: zoneout on c with c, b_h with a split product
+            consts[name] = {"HAS_ZC": cell.has_cell, "MG_ZC": cell.has_cell,
+                            "HAS_BH": cell.split_recurrent}.get(name, True)  # fmt: skip
         elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK"):
-            consts[name] = {"GR": 4 if kernel.startswith("lstm") else 3, "REVERSE": True,
-                            "BB": 16, "BH": 16, "BLOCK": STEP_BLOCK}[name]  # fmt: skip
+            consts[name] = {"GR": cell.gates, "REVERSE": True, "BB": 16, "BH": 16,
+                            "BLOCK": STEP_BLOCK}[name]  # fmt: skip
         sig[name] = (
             "constexpr"
             if name in consts

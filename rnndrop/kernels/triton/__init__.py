@@ -1,23 +1,29 @@
-"""The ``triton`` loop backend: GPU kernels for every loop-path site of the LSTM and the GRU.
+"""The ``triton`` loop backend: GPU kernels for every loop-path site of every cell in CELLS.
 
-For the LSTM and the GRU, every loop-path site of the contract: tied and untied recurrent
-masks (per sample, shared over time or per step), candidate masks, zoneout on ``h`` (and on
-``c`` for the LSTM), untied input masks (applied by :func:`~rnndrop.kernels.python.project`
-before the loop), both directions, with or without biases and the input projection.
+For the LSTM, the GRU and the Elman RNN (tanh, relu), every loop-path site of the contract:
+tied and untied recurrent masks (per sample, shared over time or per step), candidate masks,
+zoneout on ``h`` (and on ``c`` for the LSTM), untied input masks (applied by
+:func:`~rnndrop.kernels.python.project` before the loop), both directions, with or without
+biases and the input projection.
 
 Two paths (``$RNNDROP_TRITON_PATH``, :func:`triton_path`):
 
-- ``loop``: the whole time loop of a layer in one launch (:mod:`._kernels` ``{cell}_fwd`` /
-  ``{cell}_bwd``). Each program owns a block of the batch and keeps its state on chip for
+- ``loop``: the whole time loop of a layer in one launch (:mod:`._kernels` ``loop_fwd`` /
+  ``loop_bwd``). Each program owns a block of the batch and keeps its state on chip for
   every step. Float32, hidden size up to :data:`MAX_H`, and the shared memory a block may use.
 - ``step``: for everything else (larger hidden sizes, float16/bfloat16 under autocast, GPUs
   with less shared memory): the reference loop of :class:`~rnndrop.kernels.python.PythonBackend`
   with a cuBLAS GEMM per step and the step's pointwise math in one fused kernel
-  (``{cell}_step_fwd`` / ``{cell}_step_bwd``). With ``RNNDROP_CUDA_GRAPHS=1`` the loop of
+  (``step_fwd`` / ``step_bwd``). With ``RNNDROP_CUDA_GRAPHS=1`` the loop of
   forward and of backward is captured into CUDA graphs, cached per call signature, and
   replayed (one launch for the whole loop's kernels; opt-in until it is measured on a GPU).
 
 ``auto`` (the default) takes ``loop`` where it fits, else ``step``.
+
+Each kernel is written once (:mod:`._kernels`); a cell is its pointwise forward and backward
+in its own file (``cell_<name>.py``) and one entry in :data:`CELLS`. :func:`_kernel`
+instantiates a kernel per cell (``lstm_loop_fwd``, ``gru_step_bwd``, ...), as FlashRNN
+chooses a cell's pointwise code at build time.
 
 Where it runs: on CUDA tensors (compiled), or on CPU tensors in Triton's interpreter when
 ``TRITON_INTERPRET=1`` is set (slow: for the parity tests). This module imports triton only when
@@ -52,6 +58,8 @@ __all__ = ["MAX_H", "TritonBackend", "interpreting"]
 #   BH 128): hence num_stages=1.
 # unavailable() refuses a CUDA device whose opt-in shared memory per block is below the table
 # (16 and 32 rounded up to the 64 entry, a margin for the variants not compiled here).
+# The kernels written once per loop (issue 21) need less (BH 128: at most 96 KiB, lstm_bwd;
+# docs/engine.md); the table keeps the old bound until a GPU run has checked the new one.
 MAX_H = 128
 _SHARED_BYTES = {16: 61440, 32: 61440, 64: 61440, 128: 221184}  # by BH, measured for sm_90
 NUM_STAGES = 1
@@ -59,7 +67,18 @@ BLOCK_B = 16  # batch rows per program; tl.dot wants every dimension ≥ 16 on a
 _INT32 = 2**31 - 1  # the kernels index with int32 offsets
 
 _NO_TRITON = None  # why triton cannot be imported ("" once it imported), filled lazily
-_KERNELS: dict[tuple[str, bool], object] = {}
+
+# cell -> (its file in this package, its pointwise forward, its backward): what every kernel
+# of _kernels.py calls as cell_forward / cell_backward. One line per cell.
+CELLS = {
+    "lstm": ("cell_lstm", "forward", "backward"),
+    "gru": ("cell_gru", "forward", "backward"),
+    "rnn_tanh": ("cell_rnn", "tanh_forward", "tanh_backward"),
+    "rnn_relu": ("cell_rnn", "relu_forward", "relu_backward"),
+}
+KERNELS = ("loop_fwd", "loop_bwd", "step_fwd", "step_bwd")  # the loops of _kernels.py
+_INSTANCES: dict[tuple[str, bool], object] = {}  # (<cell>_<loop>, interpret) -> kernel
+_SPACES: dict[tuple[str, bool], dict] = {}
 
 
 def _triton_missing() -> str | None:
@@ -81,31 +100,76 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _kernel(name: str, interpret: bool):
-    """The kernel ``name`` wrapped for the interpreter or the compiler.
+def cell_constants(cell) -> dict:
+    """The constexprs every kernel takes from the cell: gates, cell state, split product."""
+    return dict(G=cell.gates, HAS_C=cell.has_cell, SPLIT=cell.split_recurrent)
 
-    ``@triton.jit`` chooses between the two when it runs, from ``TRITON_INTERPRET`` at that
-    moment (not at ``import triton`` and not at launch). The kernels are therefore kept
-    undecorated and wrapped here, once per mode, from the variable's value at the call.
-    """
+
+def _kernel(name: str, interpret: bool):
+    """The kernel ``name`` = ``<cell>_<loop>`` (``lstm_loop_fwd``, ``gru_step_bwd``, ...),
+    wrapped for the interpreter or the compiler."""
     key = (name, interpret)
-    if key not in _KERNELS:
+    if key not in _INSTANCES:
+        loop = next((k for k in KERNELS if name.endswith("_" + k)), None)
+        cell = name[: -len(loop) - 1] if loop else None
+        if cell not in CELLS:
+            raise KeyError(f"no triton kernel {name!r}: <cell>_<loop> with a cell of "
+                           f"{sorted(CELLS)} and a loop of {list(KERNELS)}")  # fmt: skip
+        _INSTANCES[key] = _namespace(cell, interpret)[loop]
+    return _INSTANCES[key]
+
+
+def _namespace(cell: str, interpret: bool) -> dict:
+    """The globals of one cell's kernels in one mode (the template instantiated).
+
+    ``@triton.jit`` chooses between compiler and interpreter when it runs, from
+    ``TRITON_INTERPRET`` at that moment (not at ``import triton`` and not at launch), and a
+    kernel may only call functions jitted in its own mode. The functions of ``_kernels.py``
+    and of the cell's file are therefore kept undecorated; here each is copied into one
+    namespace with ``cell_forward`` / ``cell_backward`` bound to the cell's pointwise math,
+    and wrapped in that namespace (a kernel's calls resolve there), once per cell and mode.
+    """
+    key = (cell, interpret)
+    if key not in _SPACES:
+        import importlib
+        import inspect
+        from types import FunctionType
+
         from . import _kernels
 
-        fn = getattr(_kernels, name)
+        module, fwd, bwd = CELLS[cell]
+        cell_module = importlib.import_module(f"{__name__}.{module}")
         if interpret:
-            from triton.runtime.interpreter import InterpretedFunction
-
-            _KERNELS[key] = InterpretedFunction(fn)
+            from triton.runtime.interpreter import InterpretedFunction as wrap
         else:
-            from triton.runtime.jit import JITFunction
-
-            _KERNELS[key] = JITFunction(fn)
-    return _KERNELS[key]
+            from triton.runtime.jit import JITFunction as wrap
+        own = (_kernels.__name__, cell_module.__name__)
+        shared = {*vars(_kernels), "cell_forward", "cell_backward"}
+        clash = sorted(n for n, f in vars(cell_module).items() if n in shared
+                       and inspect.isfunction(f) and f.__module__ == own[1])  # fmt: skip
+        if clash:  # one namespace: a cell's function would replace the loops' own
+            raise ValueError(f"{cell_module.__name__} defines {clash}, names _kernels.py or the "
+                             "template uses; rename them")  # fmt: skip
+        ns = {**vars(_kernels), **vars(cell_module)}
+        for name, fn in list(ns.items()):
+            if inspect.isfunction(fn) and fn.__module__ in own:
+                copy = FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__)
+                copy.__annotations__ = dict(fn.__annotations__)  # tl.constexpr parameters
+                copy.__module__, copy.__qualname__ = fn.__module__, f"{cell}_{fn.__qualname__}"
+                copy.__doc__ = fn.__doc__
+                ns[name] = wrap(copy)
+        ns["cell_forward"], ns["cell_backward"] = ns[fwd], ns[bwd]
+        _SPACES[key] = ns
+    return _SPACES[key]
 
 
 def _block_h(H: int) -> int:
     return max(16, 1 << (H - 1).bit_length())
+
+
+def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
+    """``t``, or a tensor to pass where a kernel never reads the pointer."""
+    return dummy if t is None else t
 
 
 def _mask_args(m: Tensor | None, shape: tuple[int, ...], dummy: Tensor) -> tuple:
@@ -117,13 +181,13 @@ def _mask_args(m: Tensor | None, shape: tuple[int, ...], dummy: Tensor) -> tuple
 
 
 class TritonBackend:
-    """Adapter from the contract to the kernels ``{cell}_fwd`` / ``{cell}_bwd``."""
+    """Adapter from the contract to the kernels ``<cell>_loop_fwd`` / ``<cell>_loop_bwd``."""
 
     name = "triton"
 
     def unavailable(self, inp: LayerInputs) -> str | None:
         x = inp.x
-        if inp.cell.name not in ("lstm", "gru"):  # first: the one reason no setting changes
+        if inp.cell.name not in CELLS:  # first: the one reason no setting changes
             return f"it has no {inp.cell.name} kernel (python or cpp run this cell)"
         if x.device.type == "cpu":
             if not interpreting():
@@ -137,8 +201,8 @@ class TritonBackend:
         if x.dtype not in (*HALF, torch.float32):
             return (f"its kernels run float32, float16 and bfloat16 only and the input is "
                     f"{x.dtype}")  # fmt: skip
-        if inp.cell.name == "gru" and inp.masks.zoneout_c is not None:
-            return "a GRU has no cell state to zone out"
+        if not inp.cell.has_cell and inp.masks.zoneout_c is not None:
+            return f"a {inp.cell.name.upper()} has no cell state to zone out"
         if x.shape[0] == 0:
             return "the sequence is empty"
         B, H = inp.h0.shape
@@ -188,35 +252,26 @@ class TritonBackend:
         acts = acts.contiguous()
         new = x.new_empty
         h_seq = new(T, B, H)
+        c_seq = new(T, B, H) if cell.has_cell else None
+        ct_seq = new(T, B, H) if m.zoneout_c is not None else None
         Gr = m.recurrent.shape[1] if m.recurrent is not None else 1
         hm_seq = new(Gr, T, B, H) if m.recurrent is not None else None
+        aux_seq = new(T, B, H) if cell.split_recurrent else None
         rm = _mask_args(m.recurrent, (T, Gr, B, H), acts)
         cm = _mask_args(m.candidate, (T, B, H), acts)
         zh = _mask_args(m.zoneout_h, (T, B, H), acts)
+        zc = _mask_args(m.zoneout_c, (T, B, H), acts)
         grid = (triton_cdiv(B, BLOCK_B),)
-        common = dict(HAS_RM=m.recurrent is not None, GR=Gr, HAS_CM=m.candidate is not None,
-                      HAS_ZH=m.zoneout_h is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B,
-                      BH=_block_h(H), num_stages=NUM_STAGES)  # fmt: skip
-        interp = interpreting()
-        if cell.name == "lstm":
-            c_seq = new(T, B, H)
-            ct_seq = new(T, B, H) if m.zoneout_c is not None else None
-            zc = _mask_args(m.zoneout_c, (T, B, H), acts)
-            _kernel("lstm_fwd", interp)[grid](
-                acts, inp.w_hh, inp.h0, inp.c0, rm[0], cm[0], zh[0], zc[0], h_seq, c_seq,
-                acts if ct_seq is None else ct_seq, acts if hm_seq is None else hm_seq,
-                T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
-                HAS_ZC=m.zoneout_c is not None, **common,
-            )  # fmt: skip
-            return Saved(acts, h_seq, c_seq, ct_seq, hm_seq)
-        hn_seq = new(T, B, H)
-        _kernel("gru_fwd", interp)[grid](
-            acts, inp.w_hh, acts if inp.b_h is None else inp.b_h, inp.h0, rm[0], cm[0], zh[0],
-            h_seq, hn_seq, acts if hm_seq is None else hm_seq,
-            T, B, H, *rm[1:], *cm[1:], *zh[1:],
-            HAS_BH=inp.b_h is not None, **common,
+        _kernel(f"{cell.name}_loop_fwd", interpreting())[grid](
+            acts, inp.w_hh, _or(inp.b_h, acts), inp.h0, _or(inp.c0, acts), rm[0], cm[0], zh[0],
+            zc[0], h_seq, _or(c_seq, acts), _or(ct_seq, acts), _or(hm_seq, acts),
+            _or(aux_seq, acts), T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
+            HAS_BH=inp.b_h is not None, HAS_RM=m.recurrent is not None, GR=Gr,
+            HAS_CM=m.candidate is not None, HAS_ZH=m.zoneout_h is not None,
+            HAS_ZC=m.zoneout_c is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B,
+            BH=_block_h(H), num_stages=NUM_STAGES, **cell_constants(cell),
         )  # fmt: skip
-        return Saved(acts, h_seq, None, None, hm_seq, hn_seq)
+        return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq)
 
     def backward(
         self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()
@@ -226,7 +281,6 @@ class TritonBackend:
         cell, m = inp.cell, inp.masks
         T, B = s.acts.shape[:2]
         H = inp.w_hh.shape[1]
-        mg = any(need_masks)
         # per-step gradients of the masks applied in the loop (concrete dropout)
         inner = mask_grad_buffers(inp, T, need_masks, s.acts)
         Gr = m.recurrent.shape[1] if m.recurrent is not None else 1
@@ -234,37 +288,28 @@ class TritonBackend:
         rm = _mask_args(m.recurrent, (T, Gr, B, H), dummy)
         cm = _mask_args(m.candidate, (T, B, H), dummy)
         zh = _mask_args(m.zoneout_h, (T, B, H), dummy)
+        zc = _mask_args(m.zoneout_c, (T, B, H), dummy)
         dh0 = torch.empty_like(inp.h0)
+        dc0 = torch.empty_like(inp.c0) if cell.has_cell else None
+        dcl = None
+        if cell.has_cell:
+            dcl = torch.zeros_like(inp.c0) if dc_last is None else dc_last.contiguous()
         dgx = torch.empty_like(s.acts)
         dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
         grid = (triton_cdiv(B, BLOCK_B),)
-        common = dict(HAS_RM=m.recurrent is not None, GR=Gr, HAS_CM=m.candidate is not None,
-                      HAS_ZH=m.zoneout_h is not None, HAS_DH=dh_seq is not None,
-                      REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H),
-                      MG=mg, num_stages=NUM_STAGES)  # fmt: skip
-        dh = dummy if dh_seq is None else dh_seq.contiguous()
-        drm, dcm, dzh, dzc = (
-            dummy if b is None else b
-            for b in (inner.recurrent, inner.candidate, inner.zoneout_h, inner.zoneout_c)
-        )
-        interp = interpreting()
-        dc0 = None
-        if cell.name == "lstm":
-            dc0 = torch.empty_like(inp.c0)
-            dcl = torch.zeros_like(inp.c0) if dc_last is None else dc_last.contiguous()
-            zc = _mask_args(m.zoneout_c, (T, B, H), dummy)
-            _kernel("lstm_bwd", interp)[grid](
-                s.acts, inp.w_hh, inp.c0, s.c_seq, dummy if s.ct_seq is None else s.ct_seq,
-                rm[0], cm[0], zh[0], zc[0], dh, dcl, dgx, dh0, dc0,
-                inp.h0, s.h_seq, drm, dcm, dzh, dzc,
-                T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
-                HAS_ZC=m.zoneout_c is not None, **common,
-            )  # fmt: skip
-        else:
-            _kernel("gru_bwd", interp)[grid](
-                s.acts, inp.w_hh, inp.h0, s.h_seq, s.hn_seq, rm[0], cm[0], zh[0], dh,
-                dgx, dgh, dh0, drm, dcm, dzh, T, B, H, *rm[1:], *cm[1:], *zh[1:], **common,
-            )  # fmt: skip
+        dh = None if dh_seq is None else dh_seq.contiguous()
+        loop_masks = (inner.recurrent, inner.candidate, inner.zoneout_h, inner.zoneout_c)
+        per_step = [_or(b, dummy) for b in loop_masks]  # DRM, DCM, DZH, DZC
+        _kernel(f"{cell.name}_loop_bwd", interpreting())[grid](
+            s.acts, inp.w_hh, inp.h0, _or(inp.c0, dummy), s.h_seq, _or(s.c_seq, dummy),
+            _or(s.ct_seq, dummy), _or(s.hn_seq, dummy), rm[0], cm[0], zh[0], zc[0],
+            _or(dh, dummy), _or(dcl, dummy), dgx, dgh, dh0, _or(dc0, dummy),
+            *per_step, T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
+            HAS_RM=m.recurrent is not None, GR=Gr, HAS_CM=m.candidate is not None,
+            HAS_ZH=m.zoneout_h is not None, HAS_ZC=m.zoneout_c is not None,
+            HAS_DH=dh_seq is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H),
+            MG=any(need_masks), num_stages=NUM_STAGES, **cell_constants(cell),
+        )  # fmt: skip
         # weight and input gradients: GEMMs over all T·B rows, exactly the reference's
         return PythonBackend._grads(inp, s, dgx, dgh, dh0, dc0, inner, need_x, need_w,
                                     need_masks)  # fmt: skip
@@ -299,7 +344,7 @@ class _TritonSteps(PythonBackend):
     """The step path: the reference loop of :class:`PythonBackend` (its GEMMs, the masked
     ``h_{t-1}`` and every weight gradient, unchanged), with each step's pointwise math, the
     cells' ``step_forward`` / ``step_backward``, done by one Triton kernel
-    (``{cell}_step_fwd`` / ``{cell}_step_bwd``) that writes straight into the output rows."""
+    (``<cell>_step_fwd`` / ``<cell>_step_bwd``) that writes straight into the output rows."""
 
     @staticmethod
     def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt) -> bool:
@@ -316,18 +361,12 @@ class _TritonSteps(PythonBackend):
         step = dict(HAS_NEXT=nxt is not None, GR=Gr, BLOCK=STEP_BLOCK)
         nexts = (hm_next, rma[0])
         next_strides = (0 if nxt is None else hm_next.stride(0), *rma[1:])
-        interp = interpreting()
-        if cell.name == "lstm":
-            zca = _mask_args(zc, (B, H), a)
-            _kernel("lstm_step_fwd", interp)[grid](
-                a, h, c, cma[0], zha[0], zca[0], h_out, c_out, a if ct_out is None else ct_out,
-                *nexts, N, H, *cma[1:], *zha[1:], *zca[1:], *next_strides,
-                HAS_CM=cm is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None, **step,
-            )  # fmt: skip
-            return nxt is not None
-        _kernel("gru_step_fwd", interp)[grid](
-            a, rec, h, cma[0], zha[0], h_out, extra, *nexts, N, H, *cma[1:], *zha[1:],
-            *next_strides, HAS_CM=cm is not None, HAS_ZH=zh is not None, **step,
+        zca = _mask_args(zc, (B, H), a)
+        _kernel(f"{cell.name}_step_fwd", interpreting())[grid](
+            a, _or(rec, a), h, _or(c, a), cma[0], zha[0], zca[0], h_out, _or(c_out, a),
+            _or(ct_out, a), _or(extra, a), *nexts, N, H, *cma[1:], *zha[1:], *zca[1:],
+            *next_strides, HAS_CM=cm is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None,
+            **step, **cell_constants(cell),
         )  # fmt: skip
         return nxt is not None
 
@@ -352,26 +391,18 @@ class _TritonSteps(PythonBackend):
         parts = (carry_in.contiguous(), acts if dh is None else dh.contiguous(),
                  acts if dh_rec is None else dh_rec.contiguous(), mna[0])  # fmt: skip
         carry = torch.empty_like(h_prev)
-        interp = interpreting()
-        if cell.name == "lstm":
-            zca = _mask_args(zc, (B, H), acts)
-            dc_prev = torch.empty_like(h_prev)
-            _kernel("lstm_step_bwd", interp)[grid](
-                acts, ct, c_prev, h_prev, cma[0], zha[0], zca[0], *parts, dc.contiguous(), dgx,
-                carry, dc_prev, *(acts if t is None else t for t in (dcm, dzh, dzc)),
-                N, H, *cma[1:], *zha[1:], *zca[1:], *mna[1:], HAS_CM=cm is not None,
-                HAS_ZH=zh is not None, HAS_ZC=zc is not None, **gather,
-                MG_CM=dcm is not None, MG_ZH=dzh is not None, MG_ZC=dzc is not None,
-                BLOCK=STEP_BLOCK,
-            )  # fmt: skip
-            return State(carry, dc_prev)
-        _kernel("gru_step_bwd", interp)[grid](
-            acts, extra, h_prev, cma[0], zha[0], *parts, dgx, dgh, carry,
-            *(acts if t is None else t for t in (dcm, dzh)), N, H, *cma[1:], *zha[1:],
-            *mna[1:], HAS_CM=cm is not None, HAS_ZH=zh is not None, **gather,
-            MG_CM=dcm is not None, MG_ZH=dzh is not None, BLOCK=STEP_BLOCK,
+        zca = _mask_args(zc, (B, H), acts)
+        dc_prev = torch.empty_like(h_prev) if cell.has_cell else None
+        _kernel(f"{cell.name}_step_bwd", interpreting())[grid](
+            acts, _or(extra, acts), h_prev, _or(c_prev, acts), _or(ct, acts), cma[0], zha[0],
+            zca[0], *parts, acts if dc is None else dc.contiguous(), dgx, dgh, carry,
+            _or(dc_prev, acts), *(_or(t, acts) for t in (dcm, dzh, dzc)),
+            N, H, *cma[1:], *zha[1:], *zca[1:], *mna[1:], HAS_CM=cm is not None,
+            HAS_ZH=zh is not None, HAS_ZC=zc is not None, **gather,
+            MG_CM=dcm is not None, MG_ZH=dzh is not None, MG_ZC=dzc is not None,
+            BLOCK=STEP_BLOCK, **cell_constants(cell),
         )  # fmt: skip
-        return State(carry)
+        return State(carry, dc_prev)
 
     # the loop of forward and of backward, each replayed from a CUDA graph when enabled
     def _loop(self, inp: LayerInputs, acts: Tensor) -> Saved:
