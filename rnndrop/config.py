@@ -83,7 +83,7 @@ SITES: dict[str, Site] = {
         "``h_{t-1}`` where it enters ``W_hh`` (not where it is the output, nor a GRU's carry "
         "``z ⊙ h_{t-1}``).")),
     "output": Site("fused", layers="last", doc="``h_t`` leaving the last layer."),
-    "candidate": Site("loop", cells=("lstm", "gru"), doc=(  # a gated candidate
+    "candidate": Site("loop", cells=("lstm", "gru", "layernorm_lstm"), doc=(  # gated candidate
         "the candidate in the state update only: the LSTM's ``tanh(g)``, the GRU's ``n`` "
         "(Semeniuta et al. 2016).")),
     "weight_hh": Site("fused", policy=False, doc=(
@@ -92,7 +92,8 @@ SITES: dict[str, Site] = {
     "zoneout_hidden": Site("loop_always", policy=False, scaled=False, doc=(
         "per unit and step, keep the previous ``h`` instead of the new one; eval uses the "
         "expectation ``z·prev + (1-z)·new`` (Krueger et al. 2016).")),
-    "zoneout_cell": Site("loop_always", policy=False, scaled=False, cells=("lstm",),
+    "zoneout_cell": Site("loop_always", policy=False, scaled=False,
+                         cells=("lstm", "layernorm_lstm"),
                          doc="the same on the LSTM's cell state ``c`` (a GRU has none)."),
 }  # fmt: skip
 

@@ -1,5 +1,6 @@
-"""Independent, deliberately plain LSTM, GRU and Elman RNN with dropout (the sites of
-:class:`rnndrop.config.RecurrentDropout`, torch's GRU and RNN equations).
+"""Independent, deliberately plain LSTM, GRU, Elman RNN and LayerNorm LSTM with dropout (the
+sites of :class:`rnndrop.config.RecurrentDropout`, torch's GRU and RNN equations, haste's
+LayerNorm LSTM).
 
 It shares no code with rnndrop's RNNs: one autograd-tracked Python step per time step,
 masks taken from what the module recorded (``record_masks``) or, without sampling,
@@ -298,3 +299,116 @@ def reference_rnn(rnn, x: Tensor, hx=None, masks: dict | None = None, sample: bo
     else:
         out = pre * (_expectation(cfg, "output") if not sample else 1.0)
     return out, torch.stack(h_n), pre
+
+
+def _layer_norm(v: Tensor, gain: Tensor, shift: Tensor | None = None) -> Tensor:
+    """By hand: ``gain ⊙ (v - mean) / sqrt(var + 1e-5) + shift`` over the last dim, with the
+    biased variance (Ba et al. 2016; haste)."""
+    centred = v - v.sum(-1, keepdim=True) / v.shape[-1]
+    var = (centred * centred).sum(-1, keepdim=True) / v.shape[-1]
+    out = gain * centred / torch.sqrt(var + 1e-5)
+    return out if shift is None else out + shift
+
+
+def reference_layernorm_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None,
+                             sample: bool = True):  # fmt: skip
+    """Run a LayerNorm LSTM's parameters and scheme by the book (haste's equations, gates
+    i, f, g, o). One step, with every mask at its site::
+
+        a  = LN(W_ih (x ⊙ m^x); γ_x) + LN((W_hh ⊙ M^w)(h ⊙ m^h); γ_h) + b_ih + b_hh
+        c̃ = σ(a_f) ⊙ c + σ(a_i) ⊙ (tanh(a_g) ⊙ m^g)
+        h̃ = σ(a_o) ⊙ tanh(LN(c̃; γ_c, β_c))
+        c' = z^c ⊙ c + (1 - z^c) ⊙ c̃,  h' = z^h ⊙ h + (1 - z^h) ⊙ h̃
+
+    ``LN`` runs over the whole ``4H`` gate vector (untied masks act per gate block before
+    it) and over the ``H`` cell units.
+
+    Args:
+        lstm: an ``rnndrop.nn.LayerNormLSTM`` (only its parameters and config are read).
+        x: ``(T, B, I)`` time-major input.
+        hx: optional ``(h0, c0)``.
+        masks: the module's ``last_masks`` from the forward being checked (``sample``).
+        sample: masks were sampled (training / MC) or not (deterministic eval).
+
+    Returns:
+        ``output (T, B, D·H)``, ``(h_n, c_n)``, ``pre_dropout_output``.
+    """
+    cfg = lstm.dropout
+    masks = masks or {}
+    T, B, _ = x.shape
+    L, D, H = lstm.num_layers, lstm.num_directions, lstm.hidden_size
+    if hx is None:
+        h0 = c0 = x.new_zeros(L * D, B, H)
+    else:
+        h0, c0 = hx
+    layer_in = x
+    h_n, c_n = [], []
+    for layer in range(L):
+        site = "input" if layer == 0 else "between_layers"
+        m_in = masks.get(f"{site}/l{layer}") if sample else None
+        tied_in = m_in is not None and cfg.tied
+        if tied_in:
+            layer_in = layer_in * m_in
+        elif not sample:
+            layer_in = layer_in * _expectation(cfg, site)
+        outs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            p = {n: getattr(lstm, n + sfx) for n in ("weight_ih", "weight_hh", "gamma_ih",
+                                                     "gamma_hh", "gamma_c", "beta_c")}  # fmt: skip
+            w_ih, w_hh = p["weight_ih"], p["weight_hh"]
+            b = getattr(lstm, "bias_ih" + sfx) + getattr(lstm, "bias_hh" + sfx) if lstm.bias else 0
+            key = f"/l{layer}" + ("_reverse" if d else "")
+            if sample:
+                w_hh = w_hh * masks["weight_hh" + key] if ("weight_hh" + key) in masks else w_hh
+                rec = masks.get("recurrent" + key)  # (T|1, 1|4, B|1, H)
+                cand = masks.get("candidate" + key)
+                zh = masks.get("zoneout_hidden" + key)  # (T, B, H), 1 = keep previous
+                zc = masks.get("zoneout_cell" + key)
+            else:
+                w_hh = w_hh * _expectation(cfg, "weight_hh") * _expectation(cfg, "recurrent")
+                rec = None
+                cand = _expectation(cfg, "candidate")
+                zh, zc = cfg.zoneout_hidden or None, cfg.zoneout_cell or None
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            out_t = [None] * T
+            for t in range(T - 1, -1, -1) if d else range(T):
+                xt = layer_in[t]
+                if m_in is not None and not tied_in:  # untied: one input mask per gate
+                    xg = [xt * _at(m_in[k], t) for k in range(4)]
+                else:
+                    xg = [xt] * 4
+                if rec is None:
+                    hg = [h] * 4
+                else:
+                    r_t = _at(rec, t)  # (1|4, B|1, H)
+                    hg = [h * r_t[min(k, r_t.shape[0] - 1)] for k in range(4)]
+                wx = torch.cat([xg[k] @ w_ih[k * H : (k + 1) * H].t() for k in range(4)], -1)
+                wh = torch.cat([hg[k] @ w_hh[k * H : (k + 1) * H].t() for k in range(4)], -1)
+                a = _layer_norm(wx, p["gamma_ih"]) + _layer_norm(wh, p["gamma_hh"]) + b
+                i, f = torch.sigmoid(a[:, :H]), torch.sigmoid(a[:, H : 2 * H])
+                g, o = torch.tanh(a[:, 2 * H : 3 * H]), torch.sigmoid(a[:, 3 * H :])
+                if isinstance(cand, Tensor):
+                    g = g * _at(cand, t)
+                elif cand is not None:
+                    g = g * cand
+                ct = f * c + i * g
+                ht = o * torch.tanh(_layer_norm(ct, p["gamma_c"], p["beta_c"]))
+                if zc is not None:
+                    z = _at(zc, t) if isinstance(zc, Tensor) else zc
+                    ct = z * c + (1 - z) * ct
+                if zh is not None:
+                    z = _at(zh, t) if isinstance(zh, Tensor) else zh
+                    ht = z * h + (1 - z) * ht
+                h, c = ht, ct
+                out_t[t] = h
+            outs.append(torch.stack(out_t))
+            h_n.append(h)
+            c_n.append(c)
+        layer_in = torch.cat(outs, -1)
+    pre = layer_in
+    if sample and "output" in masks:
+        out = pre * masks["output"]
+    else:
+        out = pre * (_expectation(cfg, "output") if not sample else 1.0)
+    return out, (torch.stack(h_n), torch.stack(c_n)), pre

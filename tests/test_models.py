@@ -139,7 +139,8 @@ def test_sequence_model_with_a_gru():
     assert isinstance(m.encoder.parts[0], GRU)
     m = SequenceModel("float", input_size=2, output_size=1, target="last", encoder="gru")
     assert m(torch.randn(4, 6, 2)).prediction.shape == (4, 1)
-    with pytest.raises(ValueError, match=r"encoder must be one of \['lstm', 'gru', 'rnn', 'tra"):
+    names = r"\['lstm', 'gru', 'rnn', 'layernorm_lstm', 'tra"
+    with pytest.raises(ValueError, match=r"encoder must be one of " + names):
         SequenceModel("float", input_size=2, encoder="mlp")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import fields
 
 import torch
 from torch import Tensor
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (CppBackend(), TritonBackend(), PythonBackend())}
+_N_MASKS = len(fields(LayerMasks))  # RNNLayer's inputs: the masks, then a cell's extra params
 CHOICES = ("auto", *BACKENDS)
 _override: list[str] = []  # set_loop_backend / loop_backend, innermost last
 
@@ -107,14 +109,18 @@ def select_backend(inputs: LayerInputs, name: str | None = None) -> Backend:
 
 
 class RNNLayer(torch.autograd.Function):
-    """One layer and direction as one autograd node; the backend does the work."""
+    """One layer and direction as one autograd node; the backend does the work.
+
+    Inputs after ``c0``: the :class:`LayerMasks` fields, then ``LayerInputs.extra``."""
 
     @staticmethod
-    def forward(ctx, backend, cell, reverse, x, w_ih, b_x, w_hh, b_h, h0, c0, *masks):
-        inp = LayerInputs(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks), reverse)
+    def forward(ctx, backend, cell, reverse, x, w_ih, b_x, w_hh, b_h, h0, c0, *rest):
+        masks, extra = rest[:_N_MASKS], rest[_N_MASKS:]
+        inp = LayerInputs(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks), reverse,
+                          extra=extra)  # fmt: skip
         saved = backend.forward(inp)
-        ctx.backend, ctx.cell, ctx.reverse, ctx.n_saved = backend, cell, reverse, len(masks)
-        ctx.save_for_backward(x, w_ih, b_x, w_hh, b_h, h0, c0, *masks, *saved.tensors())
+        ctx.backend, ctx.cell, ctx.reverse, ctx.n_saved = backend, cell, reverse, len(rest)
+        ctx.save_for_backward(x, w_ih, b_x, w_hh, b_h, h0, c0, *rest, *saved.tensors())
         c_last = None
         if saved.c_seq is not None:
             c_last = saved.c_seq[0] if reverse else saved.c_seq[-1]
@@ -123,15 +129,16 @@ class RNNLayer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh_seq, dc_last):
         x, w_ih, b_x, w_hh, b_h, h0, c0, *rest = ctx.saved_tensors
-        masks, saved = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        inputs, saved = rest[: ctx.n_saved], rest[ctx.n_saved :]
+        masks, extra = inputs[:_N_MASKS], tuple(inputs[_N_MASKS:])
         if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
             return RNNLayer._differentiable_backward(ctx, (x, w_ih, b_x, w_hh, b_h, h0, c0),
-                                                     masks, dh_seq, dc_last)  # fmt: skip
+                                                     masks, extra, dh_seq, dc_last)  # fmt: skip
         inp = LayerInputs(ctx.cell, x, w_ih, b_x, w_hh, b_h, h0, c0, LayerMasks(*masks),
-                          ctx.reverse)  # fmt: skip
+                          ctx.reverse, extra=extra)  # fmt: skip
         need = ctx.needs_input_grad
         need_x, need_w = need[3], any(need[4:8])
-        need_masks = tuple(bool(n) for n in need[10:])
+        need_masks = tuple(bool(n) for n in need[10 : 10 + _N_MASKS])
         args = (
             inp,
             Saved(*saved),
@@ -147,17 +154,18 @@ class RNNLayer(torch.autograd.Function):
         else:
             g = ctx.backend.backward(*args)
             dmasks = [None] * len(masks)
+        dextra = g.dextra if g.dextra is not None else (None,) * len(extra)
         return (None, None, None, g.dx, g.dw_ih, g.db_x, g.dw_hh, g.db_h, g.dh0, g.dc0,
-                *dmasks)  # fmt: skip
+                *dmasks, *dextra)  # fmt: skip
 
     @staticmethod
-    def _differentiable_backward(ctx, tensors, masks, dh_seq, dc_last):
+    def _differentiable_backward(ctx, tensors, masks, extra, dh_seq, dc_last):
         """Double backward: re-run the layer as the plain-autograd reference loop from the
         saved inputs (which keep their own graph) and differentiate it with
         ``create_graph=True``, so the gradient is itself differentiable. First-order
         backward never comes here (autograd runs it with grad mode off)."""
-        inputs = (*tensors, *masks)
-        inp = LayerInputs(ctx.cell, *tensors, LayerMasks(*masks), ctx.reverse)
+        inputs = (*tensors, *masks, *extra)
+        inp = LayerInputs(ctx.cell, *tensors, LayerMasks(*masks), ctx.reverse, extra=extra)
         outs = reference_layer(inp)
         pairs = [(o, g) for o, g in zip(outs, (dh_seq, dc_last), strict=True)
                  if o is not None and g is not None and o.requires_grad]  # fmt: skip
@@ -192,6 +200,7 @@ def rnn_layer(
     backend: str | None = None,
     reference: bool | None = None,
     w_hr: Tensor | None = None,
+    extra: tuple[Tensor, ...] = (),
 ) -> tuple[Tensor, Tensor | None]:
     """Run one layer (one direction): ``h`` for every step ``(T, B, H)`` and the last ``c``.
 
@@ -201,12 +210,13 @@ def rnn_layer(
     None (default) the reference only where a backend cannot serve
     (:func:`~rnndrop.kernels.reference.wants_reference`: torch.func transforms, export,
     tracing, compiled inference). ``w_hr``: the LSTM's projection ``(P, H)`` (``proj_size``),
-    run by the reference loop only (no backend has the projection step). Returns
-    ``(h_seq, c_last)``, ``c_last`` None for a cell without a cell state.
+    run by the reference loop only (no backend has the projection step). ``extra``: the
+    cell's own parameters (``LayerInputs.extra``). Returns ``(h_seq, c_last)``, ``c_last``
+    None for a cell without a cell state.
     """
     masks = masks or LayerMasks()
     dtype = compute_dtype(x, cell)
-    tensors = (x, w_ih, b_x, w_hh, b_h, h0, c0, *masks.tensors())
+    tensors = (x, w_ih, b_x, w_hh, b_h, h0, c0, *masks.tensors(), *extra)
     if w_hr is not None and backend is not None:
         raise RuntimeError(
             f"the {backend!r} loop backend cannot run an LSTM with proj_size > 0 (no backend "
@@ -221,14 +231,16 @@ def rnn_layer(
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
             cast = [None if t is None else t.to(dtype) for t in tensors[1:]]
-            inp = LayerInputs(cell, x, *cast[:6], LayerMasks(*cast[6:]), reverse,
-                              None if w_hr is None else w_hr.to(dtype))  # fmt: skip
+            inp = LayerInputs(cell, x, *cast[:6], LayerMasks(*cast[6 : 6 + _N_MASKS]), reverse,
+                              None if w_hr is None else w_hr.to(dtype),
+                              tuple(cast[6 + _N_MASKS :]))  # fmt: skip
             return reference_layer(inp)
-    return _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend)
+    return _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend,
+                       extra)  # fmt: skip
 
 
 @torch.compiler.disable  # a hand-written autograd node (and compiled kernels): opaque to dynamo
-def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend):
+def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, backend, extra=()):
     """:func:`rnn_layer` through a loop backend: one ``RNNLayer`` node."""
     if torch.jit.is_tracing():  # a trace would record an opaque Python node (legacy ONNX:
         raise RuntimeError(  # a constant): never a silently wrong graph
@@ -238,10 +250,12 @@ def _fast_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, dtype, reverse, ba
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype).contiguous()
         inp = LayerInputs(cell, x, *[_prep(t, x) for t in (w_ih, b_x, w_hh, b_h, h0, c0)],
-                          LayerMasks(*[_prep(m, x) for m in masks.tensors()]), reverse)  # fmt: skip
+                          LayerMasks(*[_prep(m, x) for m in masks.tensors()]), reverse,
+                          extra=tuple(_prep(e, x) for e in extra))  # fmt: skip
         chosen = select_backend(inp, backend)
         return RNNLayer.apply(chosen, cell, reverse, inp.x, inp.w_ih, inp.b_x, inp.w_hh,
-                              inp.b_h, inp.h0, inp.c0, *inp.masks.tensors())  # fmt: skip
+                              inp.b_h, inp.h0, inp.c0, *inp.masks.tensors(),
+                              *inp.extra)  # fmt: skip
 
 
 def compute_dtype(x: Tensor, cell: CellMath | None = None) -> torch.dtype:
@@ -270,7 +284,10 @@ def fused_dtype(cell, x: Tensor, weight_dtype: torch.dtype) -> torch.dtype:
     autocast dtype and input/weight dtypes by running the op on a one-unit layer, so it
     follows torch's own autocast op lists (which differ per op and device)."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    if not torch.is_autocast_enabled(device) or cell.fused is None:
+        # a cell without a fused op (the LayerNorm LSTM) is no op on autocast's lists: it
+        # computes in the input's dtype, as autocast leaves such ops (and its LayerNorms
+        # would ask for float32 anyway)
         return x.dtype
     key = (cell.name, device, torch.get_autocast_dtype(device), x.dtype, weight_dtype)
     if key not in _FUSED_DTYPES:

@@ -8,7 +8,7 @@ written here once; every backend (``python``, ``cpp``, ``triton``) reads and wri
 exactly these layouts, and the tests hold each backend to the ``python`` reference.
 
 Notation: ``T`` steps, ``B`` batch, ``I`` input features, ``H`` hidden units, ``G`` gates
-of the cell (4 for the LSTM, 3 for the GRU, 1 for the Elman RNN), ``Tm`` 1 (mask shared over
+of the cell (4 for the LSTMs, 3 for the GRU, 1 for the Elman RNN), ``Tm`` 1 (mask shared over
 time) or ``T``.
 All tensors are contiguous and share the input's device and dtype.
 """
@@ -50,12 +50,19 @@ class CellMath(Protocol):
     where not wanted). Returns ``State(direct dL/dh_{t-1}, dL/dc_{t-1})``: the part of the
     gradient into ``h_{t-1}`` that does not go through ``W_hh`` (zoneout's or the GRU's
     carry; None if nothing) and, with a cell state, the gradient into ``c_{t-1}``.
+
+    A cell with parameters of its own (:attr:`LayerInputs.extra`) takes them as the keyword
+    ``params`` in both, and in backward ``dparams``: one ``(B, n)`` accumulator per
+    parameter, into which the step adds its gradient (the loop sums them over the batch).
+    A cell with ``saved_width`` writes its row of :attr:`Saved.extra` (``out.extra``) and
+    reads it back (``s.extra``).
     """
 
-    name: str  # "lstm" | "gru" | "rnn_tanh" | "rnn_relu": backends dispatch on it
+    name: str  # "lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm": backends dispatch on it
     gates: int  # G
     has_cell: bool  # carries c besides h
     split_recurrent: bool  # W_hh h enters the gates apart from W_ih x (GRU's r ⊙ (W_hn h + b_hn))
+    saved_width: Callable[[int], int] | None  # H -> W of Saved.extra, or None (saves none)
     step_forward: Callable[..., State]
     step_backward: Callable[..., State]
 
@@ -145,6 +152,13 @@ class LayerInputs:
             c_t)``, so ``h`` (and ``h0``, ``W_hh``'s columns, the recurrent and hidden
             zoneout masks) has ``P`` features. None without one. Only the reference loop
             (:mod:`rnndrop.kernels.reference`) runs it.
+        extra: the cell's own parameters beyond the above, each a 1-D tensor (never None:
+            the cell puts zeros for an absent one), in the order its ``extra_inputs`` gives
+            (:class:`rnndrop.nn.cells.Cell`); empty for torch's cells. The LayerNorm LSTM:
+            ``(b (4H), γ_x (4H), γ_h (4H), γ_c (H), β_c (H))``, its gate bias added after
+            the normalisation (so ``b_x`` and ``b_h`` are None) and its LayerNorm gains and
+            shift. A backend passes them to the cell's step and returns their gradients in
+            :attr:`Grads.dextra`; it never reads them itself.
     """
 
     cell: CellMath
@@ -158,6 +172,7 @@ class LayerInputs:
     masks: LayerMasks
     reverse: bool = False
     w_hr: Tensor | None = None
+    extra: tuple[Tensor, ...] = ()
 
 
 @dataclass
@@ -174,6 +189,10 @@ class Saved:
         hm_seq: ``(Gr, T, B, H)`` masked ``h_{t-1}`` per gate group (only with a recurrent
             mask), else None.
         hn_seq: ``(T, B, H)`` the GRU's ``W_hn h_{t-1} + b_hn``, else None.
+        extra: ``(T, B, W)`` the row a cell with ``saved_width`` saves per step for its own
+            backward, ``W = cell.saved_width(H)``, else None. The LayerNorm LSTM: the
+            normalised ``x̂`` and ``ĥ`` (4H each), ``ĉ`` (H) and the three inverse standard
+            deviations (``W = 9H + 3``). Backends allocate it and hand each step its row.
     """
 
     acts: Tensor
@@ -182,6 +201,7 @@ class Saved:
     ct_seq: Tensor | None = None
     hm_seq: Tensor | None = None
     hn_seq: Tensor | None = None
+    extra: Tensor | None = None
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return tuple(getattr(self, f.name) for f in fields(self))
@@ -192,7 +212,7 @@ class Saved:
         return Saved(self.acts[t], self.h_seq[t], *(None if s is None else s[t]
                                                    for s in (self.c_seq, self.ct_seq)),
                      None if self.hm_seq is None else self.hm_seq[:, t],
-                     None if self.hn_seq is None else self.hn_seq[t])  # fmt: skip
+                     *(None if s is None else s[t] for s in (self.hn_seq, self.extra)))  # fmt: skip
 
 
 @dataclass
@@ -200,7 +220,8 @@ class Grads:
     """Backward's results; a field is None where it was not asked for or does not exist.
 
     ``dmasks`` holds the gradients of the masks (concrete dropout learns their rates), each
-    shaped like its mask in :class:`LayerMasks`, None where not asked for.
+    shaped like its mask in :class:`LayerMasks`, None where not asked for. ``dextra`` holds
+    the gradients of :attr:`LayerInputs.extra`, one per entry (None for a cell without).
     """
 
     dx: Tensor | None = None  # like x (the projection's gradient when w_ih is None)
@@ -211,6 +232,7 @@ class Grads:
     dh0: Tensor | None = None
     dc0: Tensor | None = None
     dmasks: LayerMasks | None = None
+    dextra: tuple[Tensor, ...] | None = None
 
 
 class Backend(Protocol):

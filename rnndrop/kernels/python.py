@@ -167,9 +167,12 @@ class PythonBackend:
         c_seq = new(T, B, H) if cell.has_cell else None
         ct_seq = new(T, B, H) if m.zoneout_c is not None else None
         hm_seq = new(m.recurrent.shape[1], T, B, H) if m.recurrent is not None else None
-        hn_seq = new(T, B, H) if cell.split_recurrent else None
+        W = cell.saved_width(H) if cell.saved_width is not None else 0
+        hn_seq = new(T, B, H) if cell.split_recurrent and not W else None  # the GRU's
+        ex_seq = new(T, B, W) if W else None  # a cell's own saved rows (Saved.extra)
+        kw = {"params": inp.extra} if inp.extra else {}  # a cell's own parameters
         rec = new(B, cell.gates * H) if cell.split_recurrent else None
-        saved = Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq)
+        saved = Saved(acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq, ex_seq)
         prev = State(inp.h0, inp.c0)
         order = _order(T, inp.reverse)
         ready = False  # whether the previous step already wrote this step's masked h_{t-1}
@@ -189,20 +192,21 @@ class PythonBackend:
             else:
                 _recurrent_gemm(rec, hm, inp.w_hh, accumulate=False, bias=inp.b_h)
             out = saved.at(t)
-            ready = self._step_forward(cell, rec, prev, step, out, nxt)
+            ready = self._step_forward(cell, rec, prev, step, out, nxt, **kw)
             prev = State(out.h_seq, out.c_seq)
         return saved
 
     @staticmethod
-    def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt) -> bool:
+    def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt, **kw) -> bool:
         """The pointwise math of one step (the cell's ``step_forward``) into the step's
         :class:`Saved` rows ``out`` (``out.acts`` holds the pre-activations).
 
         The seam where the ``triton`` backend's step path puts one fused kernel. ``nxt``:
         None, or ``(hm_out, mask)`` ``(Gr, B, H)``: the next step's masked ``h_t``, which a
-        backend may write (returning True) so that the loop need not.
+        backend may write (returning True) so that the loop need not. ``kw``: ``params``
+        (``LayerInputs.extra``) for a cell that has them.
         """
-        new = cell.step_forward(out.acts, rec, prev, m, out)
+        new = cell.step_forward(out.acts, rec, prev, m, out, **kw)
         out.h_seq.copy_(new.h)
         if out.c_seq is not None:
             out.c_seq.copy_(new.c)
@@ -210,17 +214,19 @@ class PythonBackend:
 
     def backward(self, inp, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()) -> Grads:
         need = tuple(need_masks)
-        dgx, dgh, dh0, dc0, per_step = self._bptt(inp, s, dh_seq, dc_last, need)
-        return self._grads(inp, s, dgx, dgh, dh0, dc0, per_step, need_x, need_w, need)
+        dgx, dgh, dh0, dc0, per_step, *dextra = self._bptt(inp, s, dh_seq, dc_last, need)
+        return self._grads(inp, s, dgx, dgh, dh0, dc0, per_step, need_x, need_w, need,
+                           *dextra)  # fmt: skip
 
     @classmethod
     def _grads(cls, inp, s: Saved, dgx, dgh, dh0, dc0, per_step, need_x, need_w,
-               need_masks) -> Grads:  # fmt: skip
+               need_masks, dextra=None) -> Grads:  # fmt: skip
         """:class:`Grads` from what backprop through time gave (the gate gradients, ``dh0``,
-        ``dc0``, the per-step mask gradients): every weight and input gradient as GEMMs over
-        all ``T·B`` rows, and the masks' gradients where asked for. Every backend's tail."""
+        ``dc0``, the per-step mask gradients, a cell's own parameters' gradients): every
+        weight and input gradient as GEMMs over all ``T·B`` rows, and the masks' gradients
+        where asked for. Every backend's tail."""
         T, B, GH = s.acts.shape
-        g = Grads(dh0=dh0, dc0=dc0)
+        g = Grads(dh0=dh0, dc0=dc0, dextra=dextra)
         if need_w:
             g.dw_hh = cls._weight_hh_grad(dgh, inp.h0, s, inp.reverse)
             if inp.b_h is not None:
@@ -231,10 +237,14 @@ class PythonBackend:
         return g
 
     def _bptt(self, inp, s: Saved, dh_seq, dc_last, need: tuple[bool, ...]) -> tuple:
-        """Backprop through time: ``(dgx, dgh, dh0, dc0, per-step mask gradients)``."""
+        """Backprop through time: ``(dgx, dgh, dh0, dc0, per-step mask gradients)``, and for
+        a cell with its own parameters their gradients (a sixth item)."""
         cell, m = inp.cell, inp.masks
         T, B = s.acts.shape[:2]
         H = inp.w_hh.shape[1]
+        # a cell's own parameters: their gradients summed over steps per batch row
+        acc = tuple(p.new_zeros(B, p.numel()) for p in inp.extra)
+        kw = {"params": inp.extra, "dparams": acc} if acc else {}
         dm_seq = mask_grad_buffers(inp, T, need, s.acts)  # concrete dropout
         drec_seq = dm_seq.recurrent  # the loop's; the cell writes the step masks'
         step_dm = any(getattr(dm_seq, name) is not None for name in LayerMasks.names()
@@ -255,7 +265,7 @@ class PythonBackend:
                 s.h_seq[tp], None if s.c_seq is None else s.c_seq[tp])  # fmt: skip
             step = m.at(t)
             carry, dc = self._step_backward(cell, d, dc, prev, s.at(t), step, dgx[t], dgh[t],
-                                            dm_seq.at(t) if step_dm else None)  # fmt: skip
+                                            dm_seq.at(t) if step_dm else None, **kw)  # fmt: skip
             if carry is None:
                 carry = torch.zeros_like(prev.h)
             dh_rec = self._recurrent_grad(dgh[t], inp.w_hh, 1 if m.recurrent is None else
@@ -264,11 +274,13 @@ class PythonBackend:
                 torch.mul(dh_rec, prev.h, out=drec_seq[t])
             m_next = step.recurrent
         dh0 = gather_dh(carry, None, dh_rec, m_next)
+        if acc:
+            return dgx, dgh, dh0, dc, dm_seq, tuple(a.sum(0) for a in acc)
         return dgx, dgh, dh0, dc, dm_seq
 
     @staticmethod
     def _step_backward(cell, d, dc, prev: State, s: Saved, m: LayerMasks, dgx, dgh,
-                       dm: LayerMasks | None) -> State:  # fmt: skip
+                       dm: LayerMasks | None, **kw) -> State:  # fmt: skip
         """Backward of :meth:`_step_forward`: the cell's ``step_backward`` (``dm`` None
         unless a mask's gradient is wanted). Returns ``(carry, dc_prev)``.
 
@@ -276,9 +288,10 @@ class PythonBackend:
         from step t+1 (zoneout's and the GRU's carry), the output's gradient (or None), and
         ``(Gr, B, H)`` dL/d(masked h_t) per gate group from step t+1's recurrent GEMM with
         that step's recurrent mask (None before the first step, or without a mask); ``dc``
-        dL/dc_t. ``s``, ``m``: the step's :class:`Saved` rows and masks.
+        dL/dc_t. ``s``, ``m``: the step's :class:`Saved` rows and masks. ``kw``: ``params``
+        and ``dparams`` for a cell with its own parameters.
         """
-        return cell.step_backward(State(gather_dh(*d), dc), prev, s, m, dgx, dgh, dm)
+        return cell.step_backward(State(gather_dh(*d), dc), prev, s, m, dgx, dgh, dm, **kw)
 
     @staticmethod
     def _recurrent_grad(dg: Tensor, w_hh: Tensor, Gr: int) -> Tensor:

@@ -80,7 +80,9 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
     for t in steps:
         rec = _recurrent(h, _at(m.recurrent, t), inp.w_hh)
         cm, zh = _at(m.candidate, t), _at(m.zoneout_h, t)
-        if cell.name == "lstm":  # gates i, f, g, o
+        if getattr(cell, "reference_step", None) is not None:  # the cell's own, in its file
+            h_new, c = cell.reference_step(xs[t], rec, h, c, cm, _at(m.zoneout_c, t), inp.extra)
+        elif cell.name == "lstm":  # gates i, f, g, o
             a = xs[t] + rec
             i = torch.sigmoid(a[:, :H])
             f = torch.sigmoid(a[:, H : 2 * H])
@@ -106,10 +108,10 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
             if cm is not None:
                 n = n * cm
             h_new = n + z * (h - n)
-        else:  # a new cell needs its differentiable step here: never another cell's math
+        else:  # a new cell needs its differentiable step: never another cell's math
             raise NotImplementedError(
                 f"the plain-autograd reference loop has no step for the {cell.name!r} cell "
-                "(rnndrop/kernels/reference.py): torch.func, export, tracing and double "
+                "(give its Cell a reference_step): torch.func, export, tracing and double "
                 "backward need it"
             )
         h = _zone(h_new, h, zh)

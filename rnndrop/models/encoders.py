@@ -14,7 +14,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from ..config import DropoutSpec, RecurrentDropout, TransformerDropout, as_dropout
-from ..nn import GRU, LSTM, RNN, CausalTransformer, RNNBase
+from ..nn import GRU, LSTM, RNN, CausalTransformer, LayerNormLSTM, RNNBase
 
 __all__ = [
     "ENCODERS",
@@ -26,10 +26,11 @@ __all__ = [
     "encoder_dropout",
 ]
 
-EncoderKind = Literal["lstm", "gru", "rnn", "transformer"]
+EncoderKind = Literal["lstm", "gru", "rnn", "layernorm_lstm", "transformer"]
 
 #: the recurrent cells a :class:`RecurrentStack` is built of, by encoder name
-RECURRENT_CELLS: dict[str, type[RNNBase]] = {"lstm": LSTM, "gru": GRU, "rnn": RNN}
+RECURRENT_CELLS: dict[str, type[RNNBase]] = {"lstm": LSTM, "gru": GRU, "rnn": RNN,
+                                             "layernorm_lstm": LayerNormLSTM}  # fmt: skip
 ENCODERS: tuple[str, ...] = (*RECURRENT_CELLS, "transformer")
 
 
@@ -71,7 +72,7 @@ class RecurrentStack(nn.Module):
     list of them (one per part) for two.
 
     Args:
-        cell: ``"lstm"``, ``"gru"`` or ``"rnn"`` (tanh).
+        cell: ``"lstm"``, ``"gru"``, ``"rnn"`` (tanh) or ``"layernorm_lstm"``.
         dropout: the scheme (already a :class:`~rnndrop.config.RecurrentDropout`). A site
             that means nothing for the cell (``zoneout_cell`` for the GRU) raises the
             ``ValueError`` of :class:`rnndrop.nn.GRU`.

@@ -15,6 +15,7 @@ from .dropout import (
     mc_dropout,
 )
 from .elman import RNN, RNNCell
+from .layernorm_lstm import LayerNormLSTM
 from .rnn import GRU, LSTM, RNNBase, concrete_rates, concrete_regularizer
 from .stepcells import CellMasks, GRUCell, LSTMCell, cell_dropout, sequence
 from .transformer import CausalTransformer, TransformerBlock
@@ -29,6 +30,7 @@ __all__ = [
     "EmbeddingDropout",
     "GRUCell",
     "LSTMCell",
+    "LayerNormLSTM",
     "LockedDropout",
     "RNNBase",
     "RNNCell",

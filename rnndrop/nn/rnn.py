@@ -117,6 +117,8 @@ class RNNBase(StochasticModule):
                     shapes.update(bias_ih=(G * H,), bias_hh=(G * H,))
                 if P:
                     shapes["weight_hr"] = (P, H)
+                for name, units, _ in cell.extra_params:  # a cell's own (LayerNorm gains)
+                    shapes[name] = (units * H,)
                 for name, shape in shapes.items():
                     self.register_parameter(name + sfx, nn.Parameter(torch.empty(shape, **kw)))
                     self._flat_weights_names.append(name + sfx)
@@ -144,11 +146,17 @@ class RNNBase(StochasticModule):
         return [getattr(self, n) for n in self._flat_weights_names]
 
     def reset_parameters(self) -> None:
-        """torch's initialisation: every weight ~ U(-1/√H, 1/√H); learned rates (concrete
-        dropout) back to the config's rates."""
+        """torch's initialisation: every weight ~ U(-1/√H, 1/√H); a cell's extra parameters
+        (``Cell.extra_params``) to their initial value; learned rates (concrete dropout)
+        back to the config's rates."""
         stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self._flat_weights:
-            nn.init.uniform_(weight, -stdv, stdv)
+        extra = {name: value for name, _, value in self.cell.extra_params}
+        for name, weight in zip(self._flat_weights_names, self._flat_weights, strict=True):
+            value = extra.get(name.split("_l")[0])
+            if value is None:
+                nn.init.uniform_(weight, -stdv, stdv)
+            else:
+                nn.init.constant_(weight, value)
         with torch.no_grad():
             for site in self.__dict__.get("_concrete_sites", ()):
                 theta = concrete_logit_init(getattr(self.dropout, site))
@@ -295,7 +303,7 @@ class RNNBase(StochasticModule):
         """
         w = self._flat_weights
         first = w[0]
-        if not first.is_cuda or len({p.data_ptr() for p in w}) != len(w):
+        if self.cell.fused is None or not first.is_cuda or len({p.data_ptr() for p in w}) != len(w):
             return
         if any(p.dtype != first.dtype or not torch.backends.cudnn.is_acceptable(p) for p in w):
             return
@@ -401,9 +409,10 @@ class RNNBase(StochasticModule):
         # fused op's backward, so every layer runs the reference loop (0 graph breaks)
         reference = (not sample and torch.compiler.is_compiling()
                      and not torch.compiler.is_exporting() and torch.is_grad_enabled())  # fmt: skip
-        force = force or reference
+        fused = self.cell.fused is not None  # a cell without one always runs the loop
+        force = force or reference or not fused
 
-        if B == 0 or not (force or is_active(self.dropout, self.num_layers, sample)):
+        if fused and (B == 0 or not (force or is_active(self.dropout, self.num_layers, sample))):
             # exactly what torch's module runs (an empty batch has nothing to mask)
             out, state = self.cell.fused(
                 x, batch_sizes, state, self._flat_weights, self.bias, self.num_layers,
@@ -557,10 +566,16 @@ class RNNBase(StochasticModule):
             pad = (steps >= lengths.to(x.device)[None, :]).unsqueeze(-1)  # (T, B, 1)
         has_cell = self.cell.has_cell
         outs, finals = [], []
+        n_extra = len(self.cell.extra_params)
         for d in range(self.num_directions):
             w_ih, w_hh, *b = self._params(layer, d)
-            w_hr = b.pop() if self.proj_size else None  # weight_hr comes last
+            params = b[len(b) - n_extra :]  # a cell's own parameters come last
+            b = b[: len(b) - n_extra]
+            w_hr = b.pop() if self.proj_size else None  # weight_hr comes after the biases
             b_x, b_h = self.cell.split_bias(*b) if self.bias else (None, None)
+            extra = ()
+            if n_extra:
+                extra = self.cell.extra_inputs(*(b if self.bias else (None, None)), *params)
             in_mask = None
             if xmask is not None and not m.folds:  # untied per-sample masks: one per gate
                 in_mask = xmask
@@ -576,7 +591,7 @@ class RNNBase(StochasticModule):
             h_seq, c_last = rnn_layer(
                 self.cell, x, w_ih, b_x, m.weight_hh(layer, d, w_hh), b_h, state[0][d],
                 state[1][d] if has_cell else None, masks, reverse=d == 1,
-                reference=reference or None, w_hr=w_hr,
+                reference=reference or None, w_hr=w_hr, extra=extra,
             )  # fmt: skip
             outs.append(h_seq)
             finals.append((h_seq[0] if d else h_seq[-1], c_last)[: 2 if has_cell else 1])

@@ -22,6 +22,11 @@ from . import build
 __all__ = ["CppBackend", "build"]
 
 
+def _packed(inp: LayerInputs):
+    """A cell's extra parameters as the kernel takes them: one row (None without)."""
+    return torch.cat(inp.extra) if inp.extra else None
+
+
 class CppBackend:
     """Adapter from the contract to the compiled functions ``{cell}_forward/_backward``."""
 
@@ -33,6 +38,8 @@ class CppBackend:
             return f"it runs on CPU tensors and the input is on {x.device}"
         if x.dtype not in (torch.float32, torch.float64):
             return f"it runs float32 and float64 and the input is {x.dtype}"
+        if x.numel() == 0:  # only a cell without a fused op sends an empty batch here
+            return "the input is empty"
         why = build.why_unavailable()
         if why is not None:
             return why
@@ -47,7 +54,7 @@ class CppBackend:
         fwd = getattr(ext, f"{inp.cell.name}_forward")
         return Saved(*fwd(
             inp.x, inp.w_ih, inp.b_x, m.input, inp.w_hh, inp.b_h, inp.h0, inp.c0, m.recurrent,
-            m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse,
+            m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, _packed(inp),
         ))  # fmt: skip
 
     def backward(
@@ -56,13 +63,15 @@ class CppBackend:
         ext, m = build.load(), inp.masks
         mg = any(need_masks)
         bwd = getattr(ext, f"{inp.cell.name}_backward")
-        dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, *inner = bwd(
+        dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, *inner, dex = bwd(
             dh_seq, dc_last, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
             inp.b_h is not None, inp.h0, inp.c0, s.acts, s.h_seq, s.c_seq, s.ct_seq, s.hm_seq,
             s.hn_seq, m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x,
-            need_w, mg,
+            need_w, mg, _packed(inp), s.extra,
         )  # fmt: skip
         g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0)
+        if inp.extra:  # the packed gradient, split back into the cell's parameters
+            g.dextra = dex.split([e.numel() for e in inp.extra])
         if mg:  # loop.cpp returns the per-step gradients of the masks it applies in the loop
             drec, dcand, dzone_h, dzone_c = inner
             per_step = LayerMasks(None, drec, dcand, dzone_h, dzone_c)

@@ -52,6 +52,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace at::native {
@@ -539,8 +540,12 @@ auto by_dtype(const Tensor& t, const char* what, F&& f) {
 //              and backward has a separate dL/d(recurrent product); else it is added into
 //              the projection (both biases then in b_x) and the two gradients are one
 //   kAux       the cell saves one (T, B, H) row per step for its backward (Saved.hn_seq)
+//   saved_width(H)  optional: the width W of the row it saves per step in Saved.extra
+//              (T, B, W) (the LayerNorm LSTM's normalised values and statistics)
 //   forward<T, MASKED>(H, FwdRow<T>)  MASKED: a candidate mask or zoneout is present
 //   backward<T, MG>(H, BwdRow<T>)     MG: write the mask gradients (concrete dropout)
+// A cell's own parameters (LayerInputs.extra) arrive packed in one row `ex`, and backward
+// adds their gradients into the batch row's `dex` (summed over the batch at the end).
 // An absent mask arrives as a row of ones (candidate) or zeros (zoneout), an absent bias as
 // zeros, so the row kernels stay branch-free. A new cell is its header, one #include and one
 // register_cell line at the end of this file.
@@ -561,6 +566,8 @@ struct FwdRow {
   T* c;         // c_t (kHasC)
   T* ct;        // c~_t, c before zoneout (kHasC; scratch without zoneout on c)
   T* aux;       // kAux: the cell's saved row
+  const T* ex = nullptr;  // the cell's own parameters, packed (LayerInputs.extra)
+  T* sv = nullptr;        // saved_width: the cell's row of Saved.extra
 };
 
 // One batch row of one step, backward.
@@ -583,22 +590,36 @@ struct BwdRow {
   T* dzc;
   int64_t gxs;  // gate strides: H (step-major) or T*B*H (gate-major, see Dgates)
   int64_t ghs;
+  const T* ex = nullptr;  // the cell's own parameters, packed
+  const T* sv = nullptr;  // the row forward saved (saved_width)
+  T* dex = nullptr;       // += this step's gradient of ex (this batch row's accumulator)
+};
+
+// Cell::saved_width(H), or 0 for a cell that saves no row of its own.
+template <class Cell, class = void>
+struct SavedWidth {
+  static int64_t of(int64_t) { return 0; }
+};
+template <class Cell>
+struct SavedWidth<Cell, std::void_t<decltype(Cell::saved_width(int64_t{}))>> {
+  static int64_t of(int64_t H) { return Cell::saved_width(H); }
 };
 
 #include "cell_gru.h"
+#include "cell_layernorm_lstm.h"
 #include "cell_lstm.h"
 #include "cell_rnn.h"
 
 // ---- the layer, once for every cell ----------------------------------------------------
 
-// Returns Saved's fields in its order: {acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq}, each
-// undefined (None) where the cell or the masks have none.
+// Returns Saved's fields in its order: {acts, h_seq, c_seq, ct_seq, hm_seq, hn_seq, extra},
+// each undefined (None) where the cell or the masks have none.
 template <class Cell, typename T>
 std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& b_x,
                                  const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
                                  const Tensor& h0, const OptT& c0, const OptT& rec_mask,
                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                 bool reverse) {
+                                 bool reverse, const OptT& ex) {
   constexpr int64_t G = Cell::G;
   const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_zc = Cell::kHasC && has(zone_c);
@@ -613,6 +634,10 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   Tensor ct_seq = has_zc ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor hm_seq = rm.base ? at::empty({rm.groups, T_, B, H}, opts) : Tensor();
   Tensor aux_seq = Cell::kAux ? at::empty({T_, B, H}, opts) : Tensor();
+  const int64_t W = SavedWidth<Cell>::of(H);
+  Tensor sv_seq = W ? at::empty({T_, B, W}, opts) : Tensor();
+  const T* EX = has(ex) ? ex->data_ptr<T>() : nullptr;
+  T* SV = W ? sv_seq.data_ptr<T>() : nullptr;
   // kSplitRec: one step's recurrent product; else it goes straight into the gates
   Tensor rec = Cell::kSplitRec ? at::empty({B, G * H}, opts) : Tensor();
   Tensor per_gate = rm.groups > 1 ? at::empty({2, G, B, H}, opts) : Tensor();
@@ -655,6 +680,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
                     Cs ? Cs + r : nullptr,
                     CTs ? CTs + r : scratch.data(),
                     AX ? AX + r : nullptr};
+      row.ex = EX;
+      row.sv = SV ? SV + (t * B + b) * W : nullptr;
       if (plain) {
         Cell::template forward<T, false>(H, row);
       } else {
@@ -662,13 +689,14 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
       }
     }
   }
-  return {acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq};
+  return {acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq, sv_seq};
 }
 
-// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, dcand, dzone_h, dzone_c}:
+// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, dcand, dzone_h, dzone_c, dex}:
 // dgx = dL/d(input projection) (T, B, GH); dx, dw_ih, db_x only with w_ih (dw_ih, db_x with
 // need_w, db_x with has_bias_x); dw_hh with need_w, db_h with has_bias_h too; dc0 for cells
-// with a cell state; the mask gradients only with need_masks and their mask.
+// with a cell state; the mask gradients only with need_masks and their mask; dex, the
+// gradient of the packed extra parameters, only with ex.
 template <class Cell, typename T>
 std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const Tensor& x,
                                   const OptT& w_ih, bool has_bias_x, const OptT& in_mask,
@@ -677,7 +705,8 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
                                   const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
                                   const OptT& aux_seq, const OptT& rec_mask,
                                   const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                  bool reverse, bool need_x, bool need_w, bool need_masks) {
+                                  bool reverse, bool need_x, bool need_w, bool need_masks,
+                                  const OptT& ex, const OptT& sv_seq) {
   constexpr int64_t G = Cell::G;
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_zc = Cell::kHasC && has(zone_c);
@@ -713,6 +742,11 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
   std::vector<T> junk(need_masks ? 3 * H : 0);
+  const int64_t W = SavedWidth<Cell>::of(H), NX = has(ex) ? ex->numel() : 0;
+  const T* EX = NX ? ex->data_ptr<T>() : nullptr;
+  const T* SV = W ? sv_seq->data_ptr<T>() : nullptr;
+  Tensor dex = at::zeros({B, NX}, opts);  // per batch row, summed at the end
+  T* DEX = dex.data_ptr<T>();
   auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
     return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
   };
@@ -743,6 +777,9 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
                     nullptr,
                     dgx.gate_stride(),
                     dgh.gate_stride()};
+      row.ex = EX;
+      row.sv = SV ? SV + (t * B + b) * W : nullptr;
+      row.dex = DEX + b * NX;
       if (need_masks) {
         row.dcm = out_row(dcand, 0, r);
         row.dzh = out_row(dzone_h, 1, r);
@@ -765,7 +802,8 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   // W_ih, and for the untied input masks' gradient (concrete dropout)
   Tensor dgx_out = !has(w_ih) || need_masks ? dgx.step_major() : Tensor();
   std::vector<Tensor> out{dgx_out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-                          dh,      dc,       drec,     dcand,    dzone_h,  dzone_c};
+                          dh,      dc,       drec,     dcand,    dzone_h,  dzone_c,
+                          NX ? dex.sum(0) : Tensor()};
   if (need_w) {
     out[4] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
     if (has_bias_h) out[5] = dgh.bias_grad();
@@ -786,7 +824,7 @@ std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT&
                                   const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
                                   const Tensor& h0, const OptT& c0, const OptT& rec_mask,
                                   const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                  bool reverse) {
+                                  bool reverse, const OptT& ex) {
   TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
                   (!has(c0) || c0->is_contiguous()),
               "rnndrop ", Cell::kName, "_forward: inputs must be contiguous");
@@ -795,7 +833,7 @@ std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT&
   FlushScope flush;
   return by_dtype(x, Cell::kName, [&](auto v) {
     return forward_impl<Cell, decltype(v)>(x, w_ih, b_x, in_mask, w_hh, b_h, h0, c0, rec_mask,
-                                           cand_mask, zone_h, zone_c, reverse);
+                                           cand_mask, zone_h, zone_c, reverse, ex);
   });
 }
 
@@ -808,17 +846,19 @@ std::vector<Tensor> layer_backward(const OptT& dh_seq, const OptT& dc_last, cons
                                    const OptT& hn_seq, const OptT& rec_mask,
                                    const OptT& cand_mask, const OptT& zone_h,
                                    const OptT& zone_c, bool reverse, bool need_x, bool need_w,
-                                   bool need_masks) {
+                                   bool need_masks, const OptT& ex, const OptT& sv_seq) {
   TORCH_CHECK(!Cell::kHasC || (has(c0) && has(c_seq)), "rnndrop ", Cell::kName,
               "_backward: c0 and c_seq must be given");
   TORCH_CHECK(!Cell::kAux || has(hn_seq), "rnndrop ", Cell::kName,
               "_backward: hn_seq must be given");
+  TORCH_CHECK(!SavedWidth<Cell>::of(1) || (has(ex) && has(sv_seq)), "rnndrop ", Cell::kName,
+              "_backward: its extra parameters and saved rows must be given");
   FlushScope flush;
   return by_dtype(acts, Cell::kName, [&](auto v) {
     return backward_impl<Cell, decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias_x, in_mask, w_hh,
                                             has_bias_h, h0, c0, acts, h_seq, c_seq, ct_seq,
                                             hm_seq, hn_seq, rec_mask, cand_mask, zone_h, zone_c,
-                                            reverse, need_x, need_w, need_masks);
+                                            reverse, need_x, need_w, need_masks, ex, sv_seq);
   });
 }
 
@@ -917,6 +957,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_cell<GruCell>(m);
   register_cell<RnnCell<false>>(m);  // nn.RNN, tanh
   register_cell<RnnCell<true>>(m);   // nn.RNN, relu
+  register_cell<LayerNormLstmCell>(m);
   m.def("uses_onednn", &uses_onednn, "True if GEMMs run in oneDNN");
   m.def("bernoulli_mask", &bernoulli_mask, "SplitMix64 dropout mask (see functional.py)");
   m.def("mask_mul", &mask_mul, "out = src * SplitMix64 dropout mask, mask never stored");

@@ -9,9 +9,12 @@ touches") has the trace of adding the Elman RNN.
 
 from .base import Cell
 from .gru import GRU_CELL
+from .layernorm_lstm import LAYERNORM_LSTM_CELL
 from .lstm import LSTM_CELL
 from .rnn import RNN_RELU_CELL, RNN_TANH_CELL
 
-CELLS: dict[str, Cell] = {c.name: c for c in (LSTM_CELL, GRU_CELL, RNN_TANH_CELL, RNN_RELU_CELL)}
+CELLS: dict[str, Cell] = {c.name: c for c in (LSTM_CELL, GRU_CELL, RNN_TANH_CELL, RNN_RELU_CELL,
+                                              LAYERNORM_LSTM_CELL)}  # fmt: skip
 
-__all__ = ["CELLS", "GRU_CELL", "LSTM_CELL", "RNN_RELU_CELL", "RNN_TANH_CELL", "Cell"]
+__all__ = ["CELLS", "GRU_CELL", "LAYERNORM_LSTM_CELL", "LSTM_CELL", "RNN_RELU_CELL",
+           "RNN_TANH_CELL", "Cell"]  # fmt: skip
