@@ -1,10 +1,10 @@
 """The ``triton`` loop backend: GPU kernels for every loop-path site of every cell in CELLS.
 
-For the LSTM, the GRU and the Elman RNN (tanh, relu), every loop-path site of the contract:
-tied and untied recurrent masks (per sample, shared over time or per step), candidate masks,
-zoneout on ``h`` (and on ``c`` for the LSTM), untied input masks (applied by
-:func:`~rnndrop.kernels.python.project` before the loop), both directions, with or without
-biases and the input projection.
+For the LSTM, the GRU, the Elman RNN (tanh, relu) and, on the step path only, the LayerNorm
+LSTM, every loop-path site of the contract: tied and untied recurrent masks (per sample,
+shared over time or per step), candidate masks, zoneout on ``h`` (and on ``c`` for the
+LSTMs), untied input masks (applied by :func:`~rnndrop.kernels.python.project` before the
+loop), both directions, with or without biases and the input projection.
 
 Two paths (``$RNNDROP_TRITON_PATH``, :func:`triton_path`):
 
