@@ -64,27 +64,30 @@ def kernel_specs():
     specs = []
     for cell_name in tb.CELLS:
         cell = CELLS[cell_name]
+        rows = tb.row_cell(cell_name)
         for kind in tb.KERNELS:
+            if rows and kind.startswith("loop"):  # a row cell has step kernels only
+                continue
             name = f"{cell_name}_{kind}"
             fn = tb._kernel(name, False)
-            consts = constants(fn, cell.gates, cell.has_cell, cell.split_recurrent)
+            consts = constants(fn, cell.gates, cell.has_cell, cell.split_recurrent, rows)
             consts.update(tb.cell_constants(cell))
             specs.append((name, fn, consts))
     return specs
 
 
-def constants(fn, gates: int, has_cell: bool, split: bool) -> dict:
+def constants(fn, gates: int, has_cell: bool, split: bool, rows: bool = False) -> dict:
     """Every flag on (zoneout on c where the cell has c, b_h where it splits the recurrent
-    product, as the adapter passes them), untied masks, reverse."""
+    product, as the adapter passes them), untied masks, reverse, a row cell's layout."""
     from rnndrop.kernels.triton import STEP_BLOCK
 
     consts = {}
     for name in inspect.signature(fn.fn).parameters:
         if name.startswith(FLAG_PREFIXES):
             consts[name] = {"HAS_ZC": has_cell, "MG_ZC": has_cell, "HAS_BH": split}.get(name, True)
-        elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK"):
+        elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK", "ROWS"):
             consts[name] = {"GR": gates, "REVERSE": True, "BB": 16, "BH": 16,
-                            "BLOCK": STEP_BLOCK}[name]  # fmt: skip
+                            "BLOCK": STEP_BLOCK, "ROWS": rows}[name]  # fmt: skip
     return consts
 
 

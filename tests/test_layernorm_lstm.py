@@ -1,12 +1,14 @@
 """rnndrop.nn.LayerNormLSTM: every scheme on the python and cpp loops against the independent
 LayerNorm LSTM of tests/reference.py (hand-written LayerNorm), and at no dropout against a
-second loop written here with ``torch.nn.functional.layer_norm``.
+second loop written here with ``torch.nn.functional.layer_norm``; every scheme on the
+Triton step kernels (in Triton's interpreter, float32) against the python loop.
 
 The module records the masks it drew; the reference applies them at their sites by the book
 (haste's equations). Agreement of outputs and gradients (every parameter, the LayerNorm
 gains and shift included) shows each mask acts at its site and that each backend's
 hand-written backward (``cpp``: ``cell_layernorm_lstm.h``; ``python``:
-``nn/cells/layernorm_lstm.py``) is right.
+``nn/cells/layernorm_lstm.py``; ``triton``: ``kernels/triton/cell_layernorm_lstm.py``) is
+right.
 """
 
 import io
@@ -355,16 +357,75 @@ def test_every_lstm_site_has_a_meaning():
     assert LayerNormLSTM(4, 6, dropout="zoneout").dropout.zoneout_cell > 0
 
 
-def test_triton_refuses_with_a_reason_and_auto_never_picks_it():
+CONCRETE = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.2, zoneout_cell=0.1, input=0.2,
+              tied=False, time="per_step", concrete=True)  # fmt: skip
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    """Triton's interpreter for this test (``@triton.jit`` reads the variable when the
+    backend wraps its kernels, per call)."""
+    pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("scheme", [*SCHEMES, "concrete"])
+def test_triton_step_path_matches_python(scheme, interpreter, monkeypatch):
+    """Two layers, both directions, training: the Triton step kernels (the one-launch kernel
+    has no LayerNorm LSTM) give the python loop's outputs, final states and the gradients
+    of the input and of every parameter (the LN gains and shift; with concrete dropout the
+    rates, i.e. the mask gradients the kernels write), the masks drawn alike."""
+    from rnndrop.kernels import triton as tb
+
+    cfg = CONCRETE if scheme == "concrete" else SCHEMES[scheme]
+    torch.manual_seed(1)
+    m = make(cfg, bidir=True, H=16).float()  # H = 16: a dropped h_{t-1} rarely leaves LN(hp)
+    m.record_masks = True  # a near-constant row, whose rstd would magnify float32 rounding
+    launched = []
+    kernel = tb._kernel
+    monkeypatch.setattr(tb, "_kernel", lambda name, i: launched.append(name) or kernel(name, i))
+    x0 = torch.randn(5, 3, 4)
+    hx0 = tuple(torch.randn(4, 3, 16) for _ in range(2))
+    results = []
+    for backend in ("triton", "python"):
+        monkeypatch.setenv("RNNDROP_LOOP", backend)
+        x, h0, c0 = (t.clone().requires_grad_() for t in (x0, *hx0))
+        torch.manual_seed(7)  # the engine draws the masks: same seed, same masks
+        out, (h, c) = m(x, (h0, c0))
+        params = dict(m.named_parameters())
+        loss = out.sin().sum() + h.square().sum() + c.sum()
+        grads = torch.autograd.grad(loss, [x, h0, c0, *params.values()])
+        results.append(([out, h, c, *grads], dict(m.last_masks)))
+    assert set(launched) == {"layernorm_lstm_step_fwd", "layernorm_lstm_step_bwd"}
+    assert len(launched) == 2 * 4 * 5  # forward and backward, 4 layers x directions, 5 steps
+    (ours, our_masks), (ref, ref_masks) = results
+    assert our_masks.keys() == ref_masks.keys()
+    for k in our_masks:
+        assert torch.equal(our_masks[k], ref_masks[k]), k
+    for name, a, b in zip(["out", "h", "c", "x", "h0", "c0", *params], ours, ref, strict=True):
+        # float32 relative to the tensor's scale (gradients reach ~150 here, sums over every
+        # step through three LayerNorms). Measured against float64 (same masks, one layer):
+        # triton, python and cpp in float32 are all within about 2e-6 of the scale
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=5e-5 * scale, rtol=1e-5,
+                                   msg=lambda s, n=name: f"{n}: {s}")  # fmt: skip
+    rates = [g for n, g in zip(params, ours[6:], strict=True) if n.startswith("dropout_logit")]
+    assert len(rates) == (5 if scheme == "concrete" else 0)  # every site: 5 rates
+    assert all(g.abs() > 0 for g in rates)  # not vacuous: the mask gradients reach the rates
+
+
+def test_triton_runs_the_step_path_and_auto_never_picks_the_interpreter(interpreter,
+                                                                        monkeypatch):  # fmt: skip
     x = torch.randn(3, 2, 4)
     extra = tuple(torch.ones(n) for n in (20, 20, 20, 5, 5))
     inp = LayerInputs(CELL, x, torch.randn(20, 4), None, torch.randn(20, 5), None,
                       torch.zeros(2, 5), torch.zeros(2, 5), LayerMasks(), extra=extra)  # fmt: skip
-    why = BACKENDS["triton"].unavailable(inp)
-    assert why is not None and "layernorm_lstm" in why
+    assert BACKENDS["triton"].unavailable(inp) is None
+    assert select_backend(inp, "triton").name == "triton"
     with loop_backend("auto"):
         assert select_backend(inp).name != "triton"
-    with pytest.raises(RuntimeError, match="cannot run this layernorm_lstm layer"):
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", "loop")
+    with pytest.raises(RuntimeError, match="one-launch kernel has no layernorm_lstm cell"):
         select_backend(inp, "triton")
 
 

@@ -5,8 +5,9 @@ one program after another (exact parity, blind to speed). The variable is set pe
 ``monkeypatch``: ``@triton.jit`` reads it when it decorates a kernel, so the backend keeps its
 kernels undecorated and wraps them per call from the variable's current value; nothing here
 leaks into other test files. Outputs, final states and every gradient, for the LSTM, the
-GRU and the Elman RNN (tanh, relu), every mask site alone and together, both directions,
-with and without the input projection and the biases; tiny shapes (the interpreter is slow).
+GRU, the Elman RNN (tanh, relu) and the LayerNorm LSTM (step path only; its parameters'
+gradients too), every mask site alone and together, both directions, with and without the
+input projection and the biases; tiny shapes (the interpreter is slow).
 """
 
 import pytest
@@ -17,13 +18,14 @@ pytest.importorskip("triton", reason="triton is not installed (the 'triton' extr
 from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.kernels import LayerInputs, LayerMasks, rnn_layer
-from rnndrop.kernels.triton import KERNELS, MAX_H, TritonBackend
+from rnndrop.kernels.triton import KERNELS, MAX_H, TritonBackend, row_cell, triton_path
 from rnndrop.nn import GRU, LSTM, RNN
 from rnndrop.nn.cells import CELLS as ALL_CELLS
-from rnndrop.nn.cells import GRU_CELL, LSTM_CELL
+from rnndrop.nn.cells import GRU_CELL, LAYERNORM_LSTM_CELL, LSTM_CELL
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-CELLS = {name: ALL_CELLS[name] for name in ("lstm", "gru", "rnn_tanh", "rnn_relu")}
+CELLS = {name: ALL_CELLS[name]
+         for name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm")}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -92,11 +94,12 @@ def make_masks(cell, case, T, B, I, H):
 
 
 def make_leaves(cell, projected, bias, T, B, I, H):
-    """x, w_ih, b_x, w_hh, b_h, h0, c0 (None where absent), as the engine would hand them."""
+    """x, w_ih, b_x, w_hh, b_h, h0, c0 (None where absent), then the cell's own parameters
+    (``LayerInputs.extra``), as the engine would hand them."""
     G = cell.gates
 
-    def leaf(*shape, scale=0.5):
-        return (torch.randn(*shape) * scale).requires_grad_()
+    def leaf(*shape, scale=0.5, mean=0.0):
+        return (mean + torch.randn(*shape) * scale).requires_grad_()
 
     if projected:  # x is the input projection, its bias included
         x, w_ih, b_x = leaf(T, B, G * H, scale=1.0), None, None
@@ -105,13 +108,19 @@ def make_leaves(cell, projected, bias, T, B, I, H):
         b_x = leaf(G * H) if bias else None
     b_h = leaf(G * H) if bias and cell.split_recurrent else None
     c0 = leaf(B, H) if cell.has_cell else None
-    return [x, w_ih, b_x, leaf(G * H, H), b_h, leaf(B, H), c0]
+    extra = []
+    if cell.extra_params:  # the LayerNorm LSTM: b (after the LNs, zeros without bias), the
+        # gains away from 1 and the shift from 0 (a swapped or ignored one shows)
+        b_x = b_h = None
+        extra = [leaf(G * H) if bias else torch.zeros(G * H)]
+        extra += [leaf(k * H, mean=init) for _, k, init in cell.extra_params]
+    return [x, w_ih, b_x, leaf(G * H, H), b_h, leaf(B, H), c0, *extra]
 
 
 def run(backend, cell, leaves, masks, reverse, weight, use_h=True):
-    x, w_ih, b_x, w_hh, b_h, h0, c0 = leaves
+    x, w_ih, b_x, w_hh, b_h, h0, c0, *extra = leaves
     h_seq, c_last = rnn_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, reverse=reverse,
-                              backend=backend)  # fmt: skip
+                              backend=backend, extra=tuple(extra))  # fmt: skip
     loss = (h_seq * weight).sum() if use_h else 0.0
     if c_last is not None:
         loss = loss + (c_last * weight[0]).sum()
@@ -124,6 +133,10 @@ def assert_agree(cell, leaves, masks, reverse, use_h=True):
     T, B = leaves[0].shape[:2]
     H = leaves[3].shape[1]
     weight = torch.randn(T, B, H)
+    if row_cell(cell.name) and triton_path() == "loop":  # the step path runs it
+        with pytest.raises(RuntimeError, match=f"one-launch kernel has no {cell.name} cell"):
+            run("triton", cell, leaves, masks, reverse, weight, use_h)
+        return
     ours = run("triton", cell, leaves, masks, reverse, weight, use_h)
     ref = run("python", cell, leaves, masks, reverse, weight, use_h)
     assert len(ours) == len(ref)
@@ -185,7 +198,7 @@ def test_partial_gradients(wants, path):
     T, B, I, H = 3, 2, 3, 5
     for cell in CELLS.values():
         leaves = make_leaves(cell, False, True, T, B, I, H)
-        keep = {"x": {0}, "weights": {1, 2, 3, 4}, "h0": {5, 6}}[wants]
+        keep = {"x": {0}, "weights": {1, 2, 3, 4, *range(7, len(leaves))}, "h0": {5, 6}}[wants]
         for k, t in enumerate(leaves):
             if t is not None:
                 t.requires_grad_(k in keep)
@@ -220,12 +233,20 @@ def test_what_it_refuses_it_names(monkeypatch):
         assert b.unavailable(_inputs(cell, torch.bfloat16)) is None  # the step path takes it
         assert b.unavailable(_inputs(cell, H=MAX_H + 1)) is None  # the step path takes it
         monkeypatch.setenv("RNNDROP_TRITON_PATH", "loop")
-        assert f"up to {MAX_H}" in b.unavailable(_inputs(cell, H=MAX_H + 1))
-        assert "float32 only" in b.unavailable(_inputs(cell, torch.float16))
+        if row_cell(cell.name):
+            assert b.unavailable(_inputs(cell)) == (
+                f"its one-launch kernel has no {cell.name} cell (its step path runs it)"
+            )
+        else:
+            assert f"up to {MAX_H}" in b.unavailable(_inputs(cell, H=MAX_H + 1))
+            assert "float32 only" in b.unavailable(_inputs(cell, torch.float16))
         monkeypatch.delenv("RNNDROP_TRITON_PATH")
     gru = _inputs(GRU_CELL)
     gru.masks.zoneout_c = torch.zeros(1, 1, 3)
     assert "no cell state" in b.unavailable(gru)
+    empty = _inputs(LAYERNORM_LSTM_CELL)  # no fused op: an empty batch reaches the loop
+    empty.x, empty.h0, empty.c0 = torch.zeros(2, 0, 12), torch.zeros(0, 3), torch.zeros(0, 3)
+    assert b.unavailable(empty) == "the batch is empty"
     monkeypatch.setenv("RNNDROP_TRITON_PATH", "fused")
     with pytest.raises(ValueError, match=r"RNNDROP_TRITON_PATH='fused': choose one of"):
         b.unavailable(_inputs(LSTM_CELL))
@@ -399,12 +420,14 @@ def test_step_path_graph_cache_replays_static_buffers(cell, monkeypatch):
     assert len(replays) == 2 * 3  # calls 2, 3 and 4 replay both
 
 
-@pytest.mark.parametrize("kernel", [f"{c}_{k}" for c in CELLS for k in KERNELS])
+@pytest.mark.parametrize("kernel", [f"{c}_{k}" for c in CELLS for k in KERNELS
+                                    if not (row_cell(c) and k.startswith("loop"))])  # fmt: skip
 def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     """The compiled path, which the interpreter never takes: Triton's front end, its GPU
     passes and the bundled ptxas build each cell's instance of each kernel for sm_90 (every
     site on, untied masks) within the shared memory of a block, the backward kernels with
-    the mask gradients of concrete dropout on (MG). No GPU is needed to compile."""
+    the mask gradients of concrete dropout on (MG); a row cell's step kernels only. No GPU
+    is needed to compile."""
     import inspect
 
     import triton
@@ -429,9 +452,9 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
             # as the adapter passes them: zoneout on c with c, b_h with a split product
             consts[name] = {"HAS_ZC": cell.has_cell, "MG_ZC": cell.has_cell,
                             "HAS_BH": cell.split_recurrent}.get(name, True)  # fmt: skip
-        elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK"):
+        elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK", "ROWS"):
             consts[name] = {"GR": cell.gates, "REVERSE": True, "BB": 16, "BH": 16,
-                            "BLOCK": STEP_BLOCK}[name]  # fmt: skip
+                            "BLOCK": STEP_BLOCK, "ROWS": row_cell(cell.name)}[name]  # fmt: skip
         sig[name] = (
             "constexpr"
             if name in consts

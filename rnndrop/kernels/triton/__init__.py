@@ -1,10 +1,10 @@
 """The ``triton`` loop backend: GPU kernels for every loop-path site of every cell in CELLS.
 
-For the LSTM, the GRU and the Elman RNN (tanh, relu), every loop-path site of the contract:
-tied and untied recurrent masks (per sample, shared over time or per step), candidate masks,
-zoneout on ``h`` (and on ``c`` for the LSTM), untied input masks (applied by
-:func:`~rnndrop.kernels.python.project` before the loop), both directions, with or without
-biases and the input projection.
+For the LSTM, the GRU, the Elman RNN (tanh, relu) and, on the step path only, the LayerNorm
+LSTM, every loop-path site of the contract: tied and untied recurrent masks (per sample,
+shared over time or per step), candidate masks, zoneout on ``h`` (and on ``c`` for the
+LSTMs), untied input masks (applied by :func:`~rnndrop.kernels.python.project` before the
+loop), both directions, with or without biases and the input projection.
 
 Two paths (``$RNNDROP_TRITON_PATH``, :func:`triton_path`):
 
@@ -39,6 +39,8 @@ GEMMs over all ``T·B`` rows, the very functions of the ``python`` reference.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,13 +70,25 @@ _INT32 = 2**31 - 1  # the kernels index with int32 offsets
 
 _NO_TRITON = None  # why triton cannot be imported ("" once it imported), filled lazily
 
-# cell -> (its file in this package, its pointwise forward, its backward): what every kernel
-# of _kernels.py calls as cell_forward / cell_backward. One line per cell.
+
+class CellKernels(NamedTuple):
+    """A cell's pointwise math for the kernels: what every kernel of _kernels.py calls as
+    cell_forward / cell_backward."""
+
+    module: str  # its file in this package
+    forward: str
+    backward: str
+    rows: bool = False  # reduces over a batch row: the step kernels' row layout (ROWS), its
+    # own parameters and saved row; the one-launch kernels do not run it
+
+
+# One line per cell.
 CELLS = {
-    "lstm": ("cell_lstm", "forward", "backward"),
-    "gru": ("cell_gru", "forward", "backward"),
-    "rnn_tanh": ("cell_rnn", "tanh_forward", "tanh_backward"),
-    "rnn_relu": ("cell_rnn", "relu_forward", "relu_backward"),
+    "lstm": CellKernels("cell_lstm", "forward", "backward"),
+    "gru": CellKernels("cell_gru", "forward", "backward"),
+    "rnn_tanh": CellKernels("cell_rnn", "tanh_forward", "tanh_backward"),
+    "rnn_relu": CellKernels("cell_rnn", "relu_forward", "relu_backward"),
+    "layernorm_lstm": CellKernels("cell_layernorm_lstm", "forward", "backward", rows=True),
 }
 KERNELS = ("loop_fwd", "loop_bwd", "step_fwd", "step_bwd")  # the loops of _kernels.py
 _INSTANCES: dict[tuple[str, bool], object] = {}  # (<cell>_<loop>, interpret) -> kernel
@@ -103,6 +117,11 @@ def interpreting() -> bool:
 def cell_constants(cell) -> dict:
     """The constexprs every kernel takes from the cell: gates, cell state, split product."""
     return dict(G=cell.gates, HAS_C=cell.has_cell, SPLIT=cell.split_recurrent)
+
+
+def row_cell(name: str) -> bool:
+    """Whether the cell's step kernels run in the row layout (``CellKernels.rows``)."""
+    return getattr(CELLS[name], "rows", False)
 
 
 def _kernel(name: str, interpret: bool):
@@ -137,7 +156,7 @@ def _namespace(cell: str, interpret: bool) -> dict:
 
         from . import _kernels
 
-        module, fwd, bwd = CELLS[cell]
+        module, fwd, bwd = CELLS[cell][:3]
         cell_module = importlib.import_module(f"{__name__}.{module}")
         if interpret:
             from triton.runtime.interpreter import InterpretedFunction as wrap
@@ -206,7 +225,10 @@ class TritonBackend:
         if x.shape[0] == 0:
             return "the sequence is empty"
         B, H = inp.h0.shape
-        if B * inp.cell.gates * H > _INT32:
+        if B == 0:  # only a cell without a fused op sends one; python runs it
+            return "the batch is empty"
+        width = inp.cell.saved_width(H) if inp.cell.saved_width is not None else 0
+        if B * max(inp.cell.gates * H, width, sum(e.numel() for e in inp.extra)) > _INT32:
             return "the tensors are too large for the kernels' 32-bit offsets"
         if triton_path() == "loop":
             return self._loop_unfit(inp)
@@ -219,6 +241,9 @@ class TritonBackend:
         T, B = x.shape[:2]
         G = inp.cell.gates
         H = inp.w_hh.shape[1]
+        if row_cell(inp.cell.name):
+            return (f"its one-launch kernel has no {inp.cell.name} cell (its step path runs "
+                    "it)")  # fmt: skip
         if x.dtype != torch.float32:
             return f"its one-launch kernel runs float32 only and the input is {x.dtype}"
         if H > MAX_H:
@@ -346,39 +371,54 @@ class _TritonSteps(PythonBackend):
     cells' ``step_forward`` / ``step_backward``, done by one Triton kernel
     (``<cell>_step_fwd`` / ``<cell>_step_bwd``) that writes straight into the output rows."""
 
+    # a cell's own parameters (LayerInputs.extra) reach the kernels packed into one row, as
+    # the loop's steps see them: params=(packed,), and in backward dparams=((B, Σ numel),)
+    def forward(self, inp: LayerInputs) -> Saved:
+        return super().forward(_packed(inp))
+
+    def backward(self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w,
+                 need_masks=()) -> Grads:  # fmt: skip
+        g = super().backward(_packed(inp), s, dh_seq, dc_last, need_x, need_w, need_masks)
+        if inp.extra:  # the packed gradient, split back into the cell's parameters
+            g.dextra = tuple(g.dextra[0].split([e.numel() for e in inp.extra]))
+        return g
+
     @staticmethod
-    def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt) -> bool:
+    def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt,
+                      params=()) -> bool:  # fmt: skip
         a, h, c, cm, zh, zc = out.acts, prev.h, prev.c, m.candidate, m.zoneout_h, m.zoneout_c
         h_out, c_out, ct_out, extra = out.h_seq, out.c_seq, out.ct_seq, out.hn_seq
         B, H = h.shape
         N = B * H
-        grid = (triton_cdiv(N, STEP_BLOCK),)
+        grid, layout = _step_grid(cell, B, H)
         cma = _mask_args(cm, (B, H), a)
         zha = _mask_args(zh, (B, H), a)
         hm_next, rm_next = (a, None) if nxt is None else nxt
         Gr = 1 if nxt is None else hm_next.shape[0]
         rma = _mask_args(rm_next, (Gr, B, H), a)
-        step = dict(HAS_NEXT=nxt is not None, GR=Gr, BLOCK=STEP_BLOCK)
+        step = dict(HAS_NEXT=nxt is not None, GR=Gr, **layout)
         nexts = (hm_next, rma[0])
         next_strides = (0 if nxt is None else hm_next.stride(0), *rma[1:])
         zca = _mask_args(zc, (B, H), a)
+        sv = out.extra  # a row cell's saved row (B, W)
         _kernel(f"{cell.name}_step_fwd", interpreting())[grid](
             a, _or(rec, a), h, _or(c, a), cma[0], zha[0], zca[0], h_out, _or(c_out, a),
-            _or(ct_out, a), _or(extra, a), *nexts, N, H, *cma[1:], *zha[1:], *zca[1:],
-            *next_strides, HAS_CM=cm is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None,
+            _or(ct_out, a), _or(extra, a), *nexts, params[0] if params else a, _or(sv, a),
+            N, H, *cma[1:], *zha[1:], *zca[1:], *next_strides, 0 if sv is None else sv.stride(0),
+            HAS_CM=cm is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None,
             **step, **cell_constants(cell),
         )  # fmt: skip
         return nxt is not None
 
     @staticmethod
     def _step_backward(cell, d, dc, prev: State, s: Saved, m: LayerMasks, dgx, dgh,
-                       dm: LayerMasks | None) -> State:  # fmt: skip
+                       dm: LayerMasks | None, params=(), dparams=()) -> State:  # fmt: skip
         acts, extra, h_prev, c_prev = s.acts, s.hn_seq, prev.h, prev.c
         ct = s.c_seq if s.ct_seq is None else s.ct_seq
         cm, zh, zc = m.candidate, m.zoneout_h, m.zoneout_c
         B, H = h_prev.shape
         N = B * H
-        grid = (triton_cdiv(N, STEP_BLOCK),)
+        grid, layout = _step_grid(cell, B, H)
         carry_in, dh, dh_rec, m_next = d  # the parts of dL/dh_t, summed in the kernel
         Gr = 1 if dh_rec is None else dh_rec.shape[0]
         mna = _mask_args(m_next, (Gr, B, H), acts)
@@ -393,14 +433,18 @@ class _TritonSteps(PythonBackend):
         carry = torch.empty_like(h_prev)
         zca = _mask_args(zc, (B, H), acts)
         dc_prev = torch.empty_like(h_prev) if cell.has_cell else None
+        sv, dex = s.extra, dparams[0] if dparams else None  # a row cell's saved row, its
+        # parameters' gradient accumulator (B, Σ numel)
         _kernel(f"{cell.name}_step_bwd", interpreting())[grid](
             acts, _or(extra, acts), h_prev, _or(c_prev, acts), _or(ct, acts), cma[0], zha[0],
             zca[0], *parts, acts if dc is None else dc.contiguous(), dgx, dgh, carry,
             _or(dc_prev, acts), *(_or(t, acts) for t in (dcm, dzh, dzc)),
-            N, H, *cma[1:], *zha[1:], *zca[1:], *mna[1:], HAS_CM=cm is not None,
+            params[0] if params else acts, _or(sv, acts), _or(dex, acts),
+            N, H, *cma[1:], *zha[1:], *zca[1:], *mna[1:], 0 if sv is None else sv.stride(0),
+            0 if dex is None else dex.stride(0), HAS_CM=cm is not None,
             HAS_ZH=zh is not None, HAS_ZC=zc is not None, **gather,
             MG_CM=dcm is not None, MG_ZH=dzh is not None, MG_ZC=dzc is not None,
-            BLOCK=STEP_BLOCK, **cell_constants(cell),
+            **layout, **cell_constants(cell),
         )  # fmt: skip
         return State(carry, dc_prev)
 
@@ -409,29 +453,47 @@ class _TritonSteps(PythonBackend):
         if not cuda_graphs(acts):
             return super()._loop(inp, acts)
         m = inp.masks
+        n_masks = len(m.tensors())
 
-        def run(acts, w_hh, b_h, h0, c0, *masks):
+        def run(acts, w_hh, b_h, h0, c0, *rest):
             static = LayerInputs(inp.cell, acts, None, None, w_hh, b_h, h0, c0,
-                                 LayerMasks(*masks), inp.reverse)  # fmt: skip
+                                 LayerMasks(*rest[:n_masks]), inp.reverse,
+                                 extra=tuple(rest[n_masks:]))  # fmt: skip
             return PythonBackend._loop(self, static, acts)
 
         key = ("loop", inp.cell.name, inp.reverse)
-        return _GRAPHS(key, run, acts, inp.w_hh, inp.b_h, inp.h0, inp.c0, *m.tensors())
+        return _GRAPHS(key, run, acts, inp.w_hh, inp.b_h, inp.h0, inp.c0, *m.tensors(),
+                       *inp.extra)  # fmt: skip
 
     def _bptt(self, inp, s: Saved, dh_seq, dc_last, need):
         if not cuda_graphs(s.acts):
             return super()._bptt(inp, s, dh_seq, dc_last, need)
-        n_masks = len(inp.masks.tensors())
+        n_masks, n_saved = len(inp.masks.tensors()), len(s.tensors())
 
         def run(w_hh, h0, c0, dh_seq, dc_last, *rest):
-            masks, saved = rest[:n_masks], rest[n_masks:]
+            masks, saved = rest[:n_masks], rest[n_masks : n_masks + n_saved]
             static = LayerInputs(inp.cell, saved[0], None, None, w_hh, None, h0, c0,
-                                 LayerMasks(*masks), inp.reverse)  # fmt: skip
+                                 LayerMasks(*masks), inp.reverse,
+                                 extra=tuple(rest[n_masks + n_saved :]))  # fmt: skip
             return PythonBackend._bptt(self, static, Saved(*saved), dh_seq, dc_last, need)
 
         key = ("bptt", inp.cell.name, inp.reverse, tuple(need))
         return _GRAPHS(key, run, inp.w_hh, inp.h0, inp.c0, dh_seq, dc_last,
-                       *inp.masks.tensors(), *s.tensors())  # fmt: skip
+                       *inp.masks.tensors(), *s.tensors(), *inp.extra)  # fmt: skip
+
+
+def _step_grid(cell, B: int, H: int) -> tuple[tuple[int], dict]:
+    """A step kernel's grid and layout constexprs: ``STEP_BLOCK`` elements per program, or
+    for a row cell one program per batch row, its lanes the power of two ≥ H."""
+    if row_cell(cell.name):
+        return (B,), dict(ROWS=True, BLOCK=_block_h(H))
+    return (triton_cdiv(B * H, STEP_BLOCK),), dict(ROWS=False, BLOCK=STEP_BLOCK)
+
+
+def _packed(inp: LayerInputs) -> LayerInputs:
+    """``inp`` with its cell's parameters packed into one row (the layout the cell's kernel
+    indexes), so the loop hands each step one pointer and one gradient accumulator."""
+    return replace(inp, extra=(torch.cat(inp.extra),)) if inp.extra else inp
 
 
 _STEPS = _TritonSteps()

@@ -16,8 +16,10 @@ instantiates a kernel, so each cell gets its own compiled kernels.
 - ``step_fwd`` / ``step_bwd``: one step's pointwise math for the step path (any hidden size,
   float32/float16/bfloat16): the host runs the loop and a cuBLAS GEMM per step adds the
   recurrent product. One program per ``BLOCK`` elements of the ``(B, H)`` state; element
-  ``e`` is ``(b, n) = (e // H, e % H)``. Every load is widened to float32, the math runs in
-  float32, and each store rounds once to its tensor's dtype.
+  ``e`` is ``(b, n) = (e // H, e % H)``. A cell that reduces over a batch row (the LayerNorm
+  LSTM, ``ROWS``) gets one program per row instead (``BLOCK`` ≥ H, ``n`` its lanes). Every
+  load is widened to float32, the math runs in float32, and each store rounds once to its
+  tensor's dtype.
 
 The masks come in as tensors (the engine draws and records them); a stride of 0 broadcasts
 a mask that is shared over time, gates or batch. Padded rows (``b ≥ B``) and columns
@@ -42,6 +44,13 @@ product) per gate (the same tuple unless ``SPLIT``), the gradients into ``h_{t-1
 ``c_{t-1}`` through the cell itself (not through ``W_hh``), ``h̃`` (for zoneout's mask
 gradient) and dL/d(candidate mask) (used only with a candidate mask and its gradient).
 The loops apply zoneout, the recurrent masks, the mask gradients and every load and store.
+
+A ``ROWS`` cell (step kernels only) takes five more arguments in forward, ``EX, SV, n, m,
+H``, and six in backward, ``EX, SV, DEX, n, m, H``: its packed parameters
+(``LayerInputs.extra`` concatenated), its row of ``Saved.extra`` for this step, its row of
+the ``(B, Σ numel)`` gradient accumulator, which it loads, adds to and stores itself (no
+other program owns the row), and the lanes' columns, mask and ``H``. It writes no ``aux``
+(it saves its own row instead; ``Saved.hn_seq`` is None).
 
 The functions here carry no ``@triton.jit``: Triton picks compiler or interpreter when its
 decorator runs, reading ``TRITON_INTERPRET`` at that moment, and a function must be jitted
@@ -103,8 +112,26 @@ def elements(N, H, BLOCK: tl.constexpr):
     return e, e < N, e // H, e % H
 
 
+def row(H, BLOCK: tl.constexpr):
+    """The row layout (``ROWS``): this program's batch row ``b`` of a (B, H) state, its
+    elements ``e``, their mask and column (``BLOCK`` ≥ H)."""
+    b = tl.program_id(0)
+    n = tl.arange(0, BLOCK)
+    return b * H + n, n < H, b, n
+
+
 def load32(P, m):
     return tl.load(P, mask=m, other=0.0).to(tl.float32)
+
+
+def add(a, b):
+    return a + b
+
+
+def row_sum(x):
+    """The sum of a (BLOCK,) tile: ``tl.reduce`` with :func:`add`, which is wrapped in the
+    kernel's mode (``tl.sum`` is jitted at import, in compiled mode only)."""
+    return tl.reduce(x, 0, add)
 
 
 # ---- the whole loop in one launch -----------------------------------------------------------
@@ -313,18 +340,22 @@ def loop_bwd(
 
 
 def step_fwd(
-    A, REC, HP, CP, CM, ZH, ZC, HOUT, COUT, CTOUT, AUX, HMN, RMN,
-    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, hmn_g, rmn_g, rmn_b, rmn_h,
+    A, REC, HP, CP, CM, ZH, ZC, HOUT, COUT, CTOUT, AUX, HMN, RMN, EX, SV,
+    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, hmn_g, rmn_g, rmn_b, rmn_h, sv_b,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_CM: tl.constexpr,
     HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_NEXT: tl.constexpr, GR: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """A (B, G·H) pre-activations (the recurrent product added, unless SPLIT: then REC
     (B, G·H) holds it, b_h included) -> the activations in place; HOUT (and COUT) (B, H)
     h_t (c_t); CTOUT c̃_t (with zoneout on c); AUX the cell's aux tile (SPLIT); with
     HAS_NEXT, HMN (GR, B, H) ← h_t ⊙ RMN, the next step's masked h (the loop's GEMM input),
-    saving the loop a launch."""
-    e, m, b, n = elements(N, H, BLOCK)
+    saving the loop a launch. ROWS: one program per batch row; EX the cell's packed
+    parameters, SV (B, W) its saved rows (row stride sv_b)."""
+    if ROWS:
+        e, m, b, n = row(H, BLOCK)
+    else:
+        e, m, b, n = elements(N, H, BLOCK)
     a = A + b * (G * H) + n
     rec = REC + b * (G * H) + n
     xs = ()
@@ -340,10 +371,15 @@ def step_fwd(
     cm = hp
     if HAS_CM:
         cm = load32(CM + b * cm_b + n * cm_h, m)
-    acts, h, c, aux = cell_forward(xs, ps, hp, cp, cm, HAS_CM)  # noqa: F821 (bound per cell)
+    if ROWS:
+        acts, h, c, aux = cell_forward(  # noqa: F821 (bound per cell)
+            xs, ps, hp, cp, cm, HAS_CM, EX, SV + b * sv_b, n, m, H
+        )
+    else:
+        acts, h, c, aux = cell_forward(xs, ps, hp, cp, cm, HAS_CM)  # noqa: F821
     for k in tl.static_range(G):
         tl.store(a + k * H, acts[k], mask=m)
-    if SPLIT:
+    if SPLIT and not ROWS:  # a ROWS cell saved its own row
         tl.store(AUX + e, aux, mask=m)
     if HAS_ZC:
         tl.store(CTOUT + e, c, mask=m)
@@ -362,11 +398,13 @@ def step_fwd(
 
 def step_bwd(
     A, AUX, HP, CP, CT, CM, ZH, ZC, CIN, DH, DHREC, MN, DC, DGX, DGH, CARRY, DCP, DCM, DZH, DZC,
-    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, mn_g, mn_b, mn_h,
+    EX, SV, DEX,
+    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, mn_g, mn_b, mn_h, sv_b, dex_b,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_CM: tl.constexpr,
     HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
     HAS_DH: tl.constexpr, HAS_REC: tl.constexpr, HAS_MN: tl.constexpr, GR: tl.constexpr,
-    MG_CM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr, BLOCK: tl.constexpr,
+    MG_CM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Backward of step_fwd. dL/dh_t is gathered here from CIN (the direct gradient from
     step t+1), DH (the output's, HAS_DH) and DHREC (GR, B, H) dL/d(masked h_t) of step t+1
@@ -374,15 +412,20 @@ def step_bwd(
     on c), A the activations, AUX the cell's aux tile (SPLIT); writes DGX (B, G·H)
     dL/d(pre-activations) (DGH dL/d(recurrent product) when SPLIT), CARRY the direct
     gradient into h_{t-1}, DCP dL/dc_{t-1}, and under MG_* the gradients of this step's
-    masks: DCM the cell's, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t), DZC dL/dc_t ⊙ (c_{t-1} − c̃_t)."""
-    e, m, b, n = elements(N, H, BLOCK)
+    masks: DCM the cell's, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t), DZC dL/dc_t ⊙ (c_{t-1} − c̃_t).
+    ROWS: one program per batch row; EX, SV as in step_fwd, DEX (B, ·) the accumulator of
+    the gradients of the cell's parameters (row stride dex_b)."""
+    if ROWS:
+        e, m, b, n = row(H, BLOCK)
+    else:
+        e, m, b, n = elements(N, H, BLOCK)
     a = A + b * (G * H) + n
     acts = ()
     for k in tl.static_range(G):
         acts = acts + (load32(a + k * H, m),)
     hp = load32(HP + e, m)
     aux = hp
-    if SPLIT:
+    if SPLIT and not ROWS:
         aux = load32(AUX + e, m)
     # dL/dh_t = carry + dh_t + Σ_k dL/d(masked h_t)_k ⊙ m_k (step t+1's GEMM and mask)
     d = load32(CIN + e, m)
@@ -417,9 +460,14 @@ def step_bwd(
     cm = hp
     if HAS_CM:
         cm = load32(CM + b * cm_b + n * cm_h, m)
-    dgx, dgh, dhp, dcp, hn, dcm = cell_backward(  # noqa: F821 (bound per cell)
-        acts, aux, hp, cp, ct, dht, dcn, cm, HAS_CM
-    )
+    if ROWS:
+        dgx, dgh, dhp, dcp, hn, dcm = cell_backward(  # noqa: F821 (bound per cell)
+            acts, aux, hp, cp, ct, dht, dcn, cm, HAS_CM, EX, SV + b * sv_b, DEX + b * dex_b, n, m, H
+        )
+    else:
+        dgx, dgh, dhp, dcp, hn, dcm = cell_backward(  # noqa: F821
+            acts, aux, hp, cp, ct, dht, dcn, cm, HAS_CM
+        )
     g = DGX + b * (G * H) + n
     for k in tl.static_range(G):
         tl.store(g + k * H, dgx[k], mask=m)
