@@ -103,7 +103,7 @@ class LayerMasks:
     zoneout_c: Tensor | None = field(default=None, metadata={"acts": "step"})
 
     def tensors(self) -> tuple[Tensor | None, ...]:
-        return tuple(getattr(self, name) for name in _MASK_NAMES)
+        return tuple([getattr(self, name) for name in _MASK_NAMES])
 
     @staticmethod
     def names() -> tuple[str, ...]:
@@ -119,10 +119,10 @@ class LayerMasks:
         """Step ``t``'s masks: each mask without its time dim (input ``(G, B|1, I)``,
         recurrent ``(Gr, B, H)``, the others ``(B, H)``); a mask shared over time (time dim
         of 1) is the same at every step. What a cell's step math reads."""
-        return LayerMasks(*(
-            None if m is None else m.select(d, 0 if m.shape[d] == 1 else t)
-            for m, d in zip(self.tensors(), _MASK_TIME_DIMS, strict=True)
-        ))  # fmt: skip
+        # a list, not a generator: once per step of every loop
+        return LayerMasks(*[None if m is None else m.select(d, 0 if m.shape[d] == 1 else t)
+                            for m, d in zip(self.tensors(), _MASK_TIME_DIMS,
+                                            strict=True)])  # fmt: skip
 
 
 _MASK_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerMasks))

@@ -15,7 +15,7 @@ from torch import _VF, Tensor
 from ..config import DropoutSpec
 from .cells import RNN_RELU_CELL, RNN_TANH_CELL
 from .rnn import RNNBase
-from .stepcells import StepCellBase, _input_gates, _recurrent_gates, _Step, _zoneout
+from .stepcells import StepCellBase
 
 __all__ = ["RNN", "RNNCell"]
 
@@ -148,12 +148,3 @@ class RNNCell(StepCellBase):
     def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         op = _VF.rnn_relu_cell if self.nonlinearity == "relu" else _VF.rnn_tanh_cell
         return (op(x, state[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh),)
-
-    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        (h,) = state
-        a = _input_gates(step.x, self.weight_ih, self.bias_ih, step.input)
-        a = a + _recurrent_gates(self._recurrent_input(h, step), self.weight_hh, step.weight_hh)
-        if self.bias_hh is not None:
-            a = a + self.bias_hh
-        h_new = a.relu() if self.nonlinearity == "relu" else a.tanh()
-        return (_zoneout(h_new, h, step.zoneout_hidden),)

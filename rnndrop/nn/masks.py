@@ -9,11 +9,14 @@ and, when asked, records them under their site names for inspection and statisti
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
 from ..config import SITES, RecurrentDropout
 from ..functional import bernoulli_mask, concrete_mask, draw_seed, seeded_mask
+from ..kernels.contract import LayerMasks
 from .workspace import WeightBuffers, masked_weight
 
 __all__ = ["ForwardMasks", "is_active", "needs_loop"]
@@ -74,14 +77,19 @@ def _key(site: str, layer: int, direction: int = 0) -> tuple[str, int, int]:
 
 
 class ForwardMasks:
-    """The masks of one forward call of a recurrent layer (any cell: LSTM, GRU).
+    """The masks of one forward call of a recurrent layer or step cell (any cell).
 
     Recorded masks, by site name (see :func:`site_name`), broadcast against:
     ``input``/``between_layers`` ``(T, B, F)`` tied or ``(G, T, B, F)`` untied (one per
     gate); ``recurrent`` ``(T, Gr, B, H)`` (``Gr`` 1 tied, ``G`` untied); ``candidate``
     ``(T, B, H)``; ``zoneout_*`` ``(T, B, H)`` (1 = keep the previous value); ``weight_hh``
     ``(G·H, H)``; ``output`` ``(T, B, F)``. Size-1 dims are shared (per sequence / per
-    batch). ``G`` is the cell's gate count (4 LSTM, 3 GRU).
+    batch). ``G`` is the cell's gate count (4 LSTM, 3 GRU, 1 Elman RNN).
+
+    A step cell (:class:`~rnndrop.nn.stepcells.StepCellBase`) is one step of a one-layer
+    layer: it draws its masks here with ``T = 1`` and ``fold=False``, hands the masks it
+    keeps for a sequence back in as ``given``, and takes the weight-drop mask as a tensor
+    (:meth:`weight_hh_mask`).
 
     Concrete dropout: the sites in ``learned`` take their rate from its logit (a 0-dim
     tensor); with ``relaxed`` (training) their masks are :func:`~rnndrop.functional.
@@ -101,6 +109,10 @@ class ForwardMasks:
         relaxed: draw the learned sites' masks relaxed (training), not hard (MC).
         out_size: features of ``h`` where they differ from ``hidden_size`` (an LSTM's
             ``proj_size``): the recurrent and ``zoneout_hidden`` masks act on ``h``.
+        given: masks to use instead of drawing, by recorded name (``recurrent/l0``), in
+            the recorded layout; recorded like drawn ones.
+        fold: fold masks constant over time and batch into the weights' columns (the
+            fused path); False keeps them masks (a step cell always runs its step).
     """
 
     def __init__(
@@ -117,6 +129,8 @@ class ForwardMasks:
         learned: dict[str, Tensor] | None = None,
         relaxed: bool = False,
         out_size: int | None = None,
+        given: Mapping[str, Tensor] | None = None,
+        fold: bool = True,
     ) -> None:
         self.G = gates
         self.cfg, self.T, self.B, self.H, self.sample = cfg, T, B, hidden_size, sample
@@ -125,7 +139,8 @@ class ForwardMasks:
         self.scale = cfg.scaling == "inverted"
         self.Tm = T if cfg.time == "per_step" else 1
         self.Bm = B if cfg.batch == "per_sample" else 1
-        self.folds = folds(cfg)
+        self.folds = fold and folds(cfg)
+        self.given = given or {}
         self.record = record
         self.learned = learned or {}
         self.relaxed = bool(relaxed and sample and self.learned)
@@ -147,7 +162,15 @@ class ForwardMasks:
         logit = logit.to(self.dtype)
         return concrete_mask(logit, shape, self.cfg.temperature, keep=keep, scale=self.scale)
 
+    def _given(self, name: str | tuple) -> Tensor | None:
+        if not self.given:  # (no name built: see _key)
+            return None
+        return self.given.get(site_name(*name) if isinstance(name, tuple) else name)
+
     def _draw(self, name: str | tuple, p: float, shape: tuple[int, ...]) -> Tensor:
+        given = self._given(name)
+        if given is not None:
+            return self._keep(name, given)
         site = name[0] if isinstance(name, tuple) else name
         m = self._relaxed(site, shape)
         if m is None:
@@ -192,15 +215,32 @@ class ForwardMasks:
             return x * (1 - p), None
         name = _key("input" if layer == 0 else "between_layers", layer)
         features = x.shape[-1]
-        if self.cfg.tied:
-            return x * self._policy(name, p, features=features), None
-        if self.folds:  # recorded as (G, 1, 1, F) like the per-gate masks below
+        if self.folds and not self.cfg.tied:  # recorded as (G, 1, 1, F) like per-gate masks
             return x, self._draw(name, p, (self.G, 1, 1, features)).view(self.G, 1, features)
-        return x, self._policy(name, p, self.G, features=features)
+        m = self._policy(name, p, *(() if self.cfg.tied else (self.G,)), features=features)
+        # tied (T, B, F) masks x here; per-gate (G, T, B, F) ones go to the loop
+        return (x * m, None) if m.dim() == x.dim() else (x, m)
 
     def weight_ih(self, layer: int, d: int, w_ih: Tensor, fold: Tensor | None) -> Tensor:
         """``W_ih`` with untied per-batch input masks ``(G, 1, F)`` folded into its columns."""
         return masked_weight(w_ih, fold=fold, buffers=self.buffers, key=("ih", layer, d))
+
+    def weight_hh_mask(self, layer: int, d: int, shape: tuple[int, ...]) -> Tensor | None:
+        """The weight-drop mask on ``W_hh`` as a tensor (``shape``; None if not sampling or
+        off): a step cell keeps it for a sequence and applies it itself. A layer's is
+        rebuilt from a seed instead (:meth:`weight_hh`)."""
+        if self.cfg.weight_hh == 0 or not self.sample:
+            return None
+        return self._draw(_key("weight_hh", layer, d), self.cfg.weight_hh, tuple(shape))
+
+    def recurrent_scale(self) -> float:
+        """What multiplies ``h_{t-1}`` where it enters ``W_hh`` when nothing is sampled:
+        the classic-scaling expectation ``(1 - recurrent)(1 - weight_hh)`` of its masks (a
+        step cell; :meth:`weight_hh` folds the same factors into a layer's weight), else 1."""
+        c = self.cfg
+        if self.sample or c.scaling != "classic":
+            return 1.0
+        return (1 - c.recurrent) * (1 - c.weight_hh)
 
     def weight_hh(self, layer: int, d: int, w_hh: Tensor) -> Tensor:
         """``W_hh`` as this call uses it: weight drop, folded recurrent masks, classic scaling."""
@@ -241,7 +281,9 @@ class ForwardMasks:
             return None
         G = 1 if c.tied else self.G
         m = self._draw(_key("recurrent", layer, d), c.recurrent, (self.Tm, G, self.Bm, self.P))
-        return m.expand(self.Tm, G, self.B, self.P)
+        if m.shape[2] == self.B:
+            return m
+        return m.expand(self.Tm, m.shape[1], self.B, self.P)  # a given mask may be per gate
 
     def candidate(self, layer: int, d: int) -> Tensor | None:
         """``(T|1, B, H)`` mask on the candidate (LSTM ``tanh(g)``, GRU ``n``)."""
@@ -266,6 +308,8 @@ class ForwardMasks:
         logit = self.learned.get(site)
         if z == 0:
             m = None
+        elif self.sample and self._given(_key(site, layer, d)) is not None:
+            m = self._keep(_key(site, layer, d), self._given(_key(site, layer, d)))
         elif self.sample:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
             shape = (self.T, self.B, F)
             m = self._relaxed(site, shape, keep=False)
@@ -285,11 +329,57 @@ class ForwardMasks:
             return pad.expand(self.T, self.B, F).to(self.dtype)
         return torch.where(pad, torch.ones((), dtype=self.dtype, device=self.device), m)
 
+    def loop_masks(self, layer: int, d: int, in_mask: Tensor | None, has_cell: bool,
+                   pad: Tensor | None = None) -> LayerMasks:  # fmt: skip
+        """The :class:`~rnndrop.kernels.LayerMasks` of one layer and direction's loop.
+
+        Args:
+            in_mask: the untied per-gate input masks :meth:`input` returned (not folded).
+            has_cell: the cell carries ``c`` (``zoneout_cell`` applies).
+            pad: as in :meth:`zoneout`.
+        """
+        return LayerMasks(
+            input=in_mask,
+            recurrent=self.recurrent(layer, d),
+            candidate=self.candidate(layer, d),
+            zoneout_h=self.zoneout("hidden", layer, d, pad),
+            zoneout_c=self.zoneout("cell", layer, d, pad) if has_cell else None,
+        )
+
+    def draw(self, site: str, features: int, layer: int = 0, d: int = 0) -> Tensor:
+        """A sampled mask of ``site`` alone, in its recorded layout (drawn under the
+        policy, or given): what the methods above draw for it. For a step cell's masks
+        drawn outside a call (:meth:`~rnndrop.nn.stepcells.StepCellBase.sample_masks`).
+
+        Args:
+            site: a per-sequence site (``input``, ``recurrent``, ``candidate``,
+                ``output``, ``weight_hh``).
+            features: of the tensor it masks (``input``: the layer's input; ``weight_hh``:
+                the columns of ``W_hh``).
+        """
+        c = self.cfg
+        if site == "input":
+            lead = () if c.tied else (self.G,)
+            return self._policy(_key(site, layer), c.input, *lead, features=features)
+        if site == "recurrent":
+            shape = (self.Tm, 1 if c.tied else self.G, self.Bm, features)
+            return self._draw(_key(site, layer, d), c.recurrent, shape)
+        if site == "weight_hh":
+            return self._draw(_key(site, layer, d), c.weight_hh, (self.G * self.H, features))
+        name = "output" if site == "output" else _key(site, layer, d)
+        return self._policy(name, getattr(c, site), features=features)
+
     def output(self, out: Tensor) -> Tensor:
         """Output dropout on the last layer's ``h`` sequence."""
+        m = self.output_mask(out.shape[-1])
+        return out if m is None else out * m
+
+    def output_mask(self, features: int) -> Tensor | float | None:
+        """What :meth:`output` multiplies by: a ``(T|1, B|1, F)`` mask (sampling), classic
+        scaling's ``1 - p`` (eval), or None."""
         p = self.cfg.output
         if p == 0:
-            return out
+            return None
         if not self.sample:
-            return out * (1 - p) if self.cfg.scaling == "classic" else out
-        return out * self._policy("output", p, features=out.shape[-1])
+            return 1 - p if self.cfg.scaling == "classic" else None
+        return self._policy("output", p, features=features)

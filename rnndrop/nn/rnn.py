@@ -12,7 +12,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from ..config import SITES, DropoutSpec, as_dropout
 from ..functional import concrete_logit, concrete_logit_init
-from ..kernels import LayerMasks, fused_dtype, rnn_layer
+from ..kernels import fused_dtype, rnn_layer
 from ..kernels.cpp import build as _ext
 from ..kernels.reference import transform_active
 from .cells import GRU_CELL, LSTM_CELL, Cell
@@ -581,13 +581,7 @@ class RNNBase(StochasticModule):
                 in_mask = xmask
             elif xmask is not None:
                 w_ih = m.weight_ih(layer, d, w_ih, xmask)
-            masks = LayerMasks(
-                input=in_mask,
-                recurrent=m.recurrent(layer, d),
-                candidate=m.candidate(layer, d),
-                zoneout_h=m.zoneout("hidden", layer, d, pad),
-                zoneout_c=m.zoneout("cell", layer, d, pad) if has_cell else None,
-            )
+            masks = m.loop_masks(layer, d, in_mask, has_cell, pad)
             h_seq, c_last = rnn_layer(
                 self.cell, x, w_ih, b_x, m.weight_hh(layer, d, w_hh), b_h, state[0][d],
                 state[1][d] if has_cell else None, masks, reverse=d == 1,

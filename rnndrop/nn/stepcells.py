@@ -1,8 +1,10 @@
 r"""Step-wise cells: drop-in ``torch.nn.LSTMCell`` / ``torch.nn.GRUCell`` with every scheme.
 
 One call is one time step of a one-layer :class:`~rnndrop.nn.LSTM` / :class:`~rnndrop.nn.GRU`,
-with the same dropout sites, policies and equations as the layer's loop path
-(:mod:`rnndrop.nn.cells.lstm`, :mod:`rnndrop.nn.cells.gru`). What a layer keeps for one
+with the same dropout sites, policies and equations as the layer's loop path: its masks are
+drawn by the layer's :class:`~rnndrop.nn.masks.ForwardMasks` (one step, ``T = 1``) and its
+step math is the cell's own ``step_forward`` (:mod:`rnndrop.nn.cells`), run out of place so
+that autograd differentiates it (to any order). What a layer keeps for one
 forward call, a step cell has to keep across calls: the per-sequence masks (and the
 weight-drop mask) of the sequence being run. They live in a :class:`CellMasks` object,
 either passed explicitly every step (``masks=cell.sample_masks(B)``) or bound to a sequence
@@ -24,10 +26,10 @@ import torch
 from torch import _VF, Tensor, nn
 
 from ..config import SITES, DropoutSpec, RecurrentDropout, as_dropout, is_preset
-from ..functional import bernoulli_mask
+from ..kernels.contract import LayerMasks, State
 from .cells import GRU_CELL, LSTM_CELL, Cell
 from .dropout import StochasticModule, script_refusal
-from .masks import is_active
+from .masks import ForwardMasks, is_active, site_name
 
 __all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase", "cell_dropout", "sequence"]
 
@@ -35,7 +37,6 @@ __all__ = ["CellMasks", "GRUCell", "LSTMCell", "StepCellBase", "cell_dropout", "
 _POLICY_SITES: tuple[str, ...] = tuple(
     n for n, s in SITES.items() if s.policy and s.path != "model" and s.layers != "inner"
 )  # input, recurrent, output, candidate: between_layers means nothing for one cell
-_ZONEOUT_SITES: tuple[str, ...] = tuple(n for n, s in SITES.items() if s.path == "loop_always")
 
 
 @dataclass(repr=False, eq=False)  # tensors have no truth value: identity, as for modules
@@ -89,11 +90,24 @@ class CellMasks:
 
     def items(self) -> list[tuple[str, Tensor]]:
         """``(site, mask)`` for every mask that is set."""
-        return [
-            (f.name, getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name != "batch_size" and getattr(self, f.name) is not None
-        ]
+        return [(site, m) for site, m in zip(_MASK_SITES, self._masks(), strict=True)
+                if m is not None]  # fmt: skip
+
+    def _masks(self) -> tuple[Tensor | None, ...]:
+        return tuple([getattr(self, site) for site in _MASK_SITES])
+
+    def _recorded(self) -> dict[str, Tensor]:
+        """The masks that are set in a layer's recorded layout, by recorded name (what
+        :class:`~rnndrop.nn.masks.ForwardMasks` takes as ``given``); each view is made once
+        per mask object, not at every step."""
+        cache = self.__dict__.setdefault("_recorded_views", {})
+        out = {}
+        for site, m in self.items():
+            hit = cache.get(site)
+            if hit is None or hit[0] is not m:
+                hit = cache[site] = (m, _recorded_layout(site, m))
+            out[_RECORD_NAMES[site]] = hit[1]
+        return out
 
     def _size(self) -> int:
         """The batch size: ``batch_size``, else the per-sample masks' (1 if none has one)."""
@@ -192,8 +206,11 @@ class _DroppedLinear(torch.autograd.Function):
         return gh, gw, None
 
 
-def _linear(h: Tensor, w: Tensor, mask: Tensor | None) -> Tensor:
-    return nn.functional.linear(h, w) if mask is None else _DroppedLinear.apply(h, w, mask)
+def _linear(h: Tensor, w: Tensor, mask: Tensor | None, bias: Tensor | None = None) -> Tensor:
+    if mask is None:
+        return nn.functional.linear(h, w, bias)
+    out = _DroppedLinear.apply(h, w, mask)
+    return out if bias is None else out + bias
 
 
 def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, gate_masks: Tensor | None):
@@ -207,45 +224,17 @@ def _input_gates(x: Tensor, w_ih: Tensor, b_ih: Tensor | None, gate_masks: Tenso
     return xp if b_ih is None else xp + b_ih
 
 
-def _recurrent_gates(hm: Tensor, w_hh: Tensor, w_mask: Tensor | None) -> Tensor:
-    """``(h ⊙ m) (W_hh ⊙ M)ᵀ`` for ``hm`` ``(Gr, B, H)``: one product, or one per gate block."""
+def _recurrent_gates(hm: Tensor, w_hh: Tensor, w_mask: Tensor | None,
+                     bias: Tensor | None = None) -> Tensor:  # fmt: skip
+    """``(h ⊙ m) (W_hh ⊙ M)ᵀ + b`` for ``hm`` ``(Gr, B, H)``: one product, or one per gate
+    block."""
     if hm.shape[0] == 1:
-        return _linear(hm[0], w_hh, w_mask)
+        return _linear(hm.squeeze(0), w_hh, w_mask, bias)
     H = w_hh.shape[1]
     blocks = [slice(k * H, (k + 1) * H) for k in range(hm.shape[0])]
-    return torch.cat([_linear(hm[k], w_hh[b], None if w_mask is None else w_mask[b])
-                      for k, b in enumerate(blocks)], 1)  # fmt: skip
-
-
-def _zoneout(new: Tensor, prev: Tensor, z: Tensor | float | None) -> Tensor:
-    return new if z is None else torch.lerp(new, prev, z)
-
-
-def _mul(t: Tensor, m: Tensor | float | None) -> Tensor:
-    return t if m is None else t * m
-
-
-@dataclass
-class _Step:
-    """What one call applies, resolved: tensors sampled, scalars in eval, None where off."""
-
-    x: Tensor  # the input, tied masks / classic scaling applied
-    input: Tensor | None = None  # untied (G, B|1, I)
-    recurrent: Tensor | float | None = None  # (Gr, B|1, H), or a scale
-    weight_hh: Tensor | None = None  # (G·H, H)
-    candidate: Tensor | float | None = None
-    zoneout_hidden: Tensor | float | None = None
-    zoneout_cell: Tensor | float | None = None
-    output: Tensor | float | None = None
-
-    @property
-    def inner(self) -> bool:
-        """True if a mask acts inside the step (else torch's fused cell op runs)."""
-        return any(
-            v is not None
-            for v in (self.input, self.recurrent, self.weight_hh, self.candidate,
-                      self.zoneout_hidden, self.zoneout_cell)
-        )  # fmt: skip
+    rec = torch.cat([_linear(hm[k], w_hh[b], None if w_mask is None else w_mask[b])
+                     for k, b in enumerate(blocks)], 1)  # fmt: skip
+    return rec if bias is None else rec + bias
 
 
 class StepCellBase(StochasticModule):
@@ -426,11 +415,23 @@ class StepCellBase(StochasticModule):
     def _rate(self, site: str) -> float:
         return float(getattr(self.dropout, site))
 
-    def _per_sequence_sites(self) -> list[str]:
+    def _per_sequence_sites(self) -> tuple[str, ...]:
         """Active sites whose mask is kept for a whole sequence."""
+        return self._plan()[2]
+
+    def _plan(self) -> tuple[bool, bool, tuple[str, ...], tuple[str, ...]]:
+        """What the config does, worked out once per config object (it is frozen): whether
+        a site draws a mask when sampling, whether one acts in eval, the per-sequence sites,
+        the sites that draw a mask when sampling."""
         cfg = self.dropout
-        sites = [s for s in _POLICY_SITES if cfg.time == "per_sequence" and self._rate(s) > 0]
-        return [*sites, "weight_hh"] if cfg.weight_hh > 0 else sites
+        cached = self.__dict__.get("_plan_of")
+        if cached is None or cached[0] is not cfg:
+            sites = [s for s in _POLICY_SITES if cfg.time == "per_sequence" and self._rate(s) > 0]
+            kept = (*sites, "weight_hh") if cfg.weight_hh > 0 else tuple(sites)
+            drawn = tuple(s for s in _MASK_SITES if self._rate(s) > 0)
+            plan = (is_active(cfg, 1, True), is_active(cfg, 1, False), kept, drawn)
+            cached = self.__dict__["_plan_of"] = (cfg, plan)
+        return cached[1]
 
     def sample_masks(
         self,
@@ -473,8 +474,9 @@ class StepCellBase(StochasticModule):
         if self.sampling:
             w = self.weight_hh
             like = torch.empty(0, device=device or w.device, dtype=dtype or w.dtype)
+            fm = self._forward_masks(batch_size, like, True)
             for site in self._per_sequence_sites():
-                setattr(masks, site, self._draw(site, batch_size, like))
+                setattr(masks, site, self._fresh(fm, site))
         return masks
 
     def _refresh(self, B: int, keep: CellMasks, redraw) -> CellMasks:
@@ -494,6 +496,7 @@ class StepCellBase(StochasticModule):
             return dataclasses.replace(keep, batch_size=B)
         out = CellMasks(batch_size=B)
         some = bool(new.any()) and not bool(new.all())
+        fm = self._forward_masks(B, keep.items()[0][1], True)
         for site, m in keep.items():
             shared = site == "weight_hh" or (m.shape[-2] == 1 and B > 1)
             if not new.any():
@@ -506,7 +509,7 @@ class StepCellBase(StochasticModule):
                     "per-sample masks (batch='per_sample', no weight_hh) for row-wise resets"
                 )
             else:
-                drawn = self._draw(site, B, m)
+                drawn = self._fresh(fm, site)
                 # per sample (..., B, F): the selected rows from the new draw, the rest kept
                 rows = new.to(m.device).unsqueeze(-1)
                 fresh = drawn if shared else torch.where(rows, drawn, m)
@@ -523,47 +526,33 @@ class StepCellBase(StochasticModule):
         t))``) reruns the layer's forward step by step. Zoneout masks are included, so the
         object is for step ``step`` only.
         """
-        keys = {
-            "input": "input/l0",
-            "recurrent": "recurrent/l0",
-            "candidate": "candidate/l0",
-            "output": "output",
-            "weight_hh": "weight_hh/l0",
-            "zoneout_hidden": "zoneout_hidden/l0",
-            "zoneout_cell": "zoneout_cell/l0",
-        }
         masks = CellMasks()
-        for site, key in keys.items():
+        for site in _MASK_SITES:
+            key = _record_name(site)
             m = recorded.get(key)
             if m is None:
                 continue
-            if site != "weight_hh":
-                time_dim = 1 if site == "input" and m.dim() == 4 else 0  # untied (G, T, B, I)
-                if m.shape[time_dim] != 1 and not 0 <= step < m.shape[time_dim]:
+            time_dim = _time_dim(site, m)
+            if time_dim is not None and m.shape[time_dim] != 1:
+                if not 0 <= step < m.shape[time_dim]:
                     raise IndexError(
                         f"step {step} out of range for {key!r} of {m.shape[time_dim]} steps"
                     )
-                m = m.select(time_dim, 0 if m.shape[time_dim] == 1 else step)
-            setattr(masks, site, m)
+                m = m.narrow(time_dim, step, 1)
+            setattr(masks, site, _cell_layout(site, m))
         return masks
 
-    def _draw(self, site: str, B: int, like: Tensor) -> Tensor:
-        """A fresh mask of ``site`` for a batch of ``B``, in the cell's per-step shape."""
-        cfg, H, G = self.dropout, self.hidden_size, self.cell.gates
-        p = self._rate(site)
-        kw = {"device": like.device, "dtype": like.dtype}
-        if site in _ZONEOUT_SITES:  # bernoulli_mask is 1 with prob 1 - z: its complement is d
-            return 1 - bernoulli_mask((B, H), p, scale=False, **kw)
-        scale = cfg.scaling == "inverted"
-        if site == "weight_hh":
-            return bernoulli_mask((G * H, H), p, scale=scale, **kw)
-        Bm = B if cfg.batch == "per_sample" else 1
-        shape: tuple[int, ...] = (Bm, self.input_size if site == "input" else H)
-        if site == "input" and not cfg.tied:
-            shape = (G, *shape)
-        elif site == "recurrent":
-            shape = (1 if cfg.tied else G, *shape)
-        return bernoulli_mask(shape, p, scale=scale, **kw)
+    def _forward_masks(self, B: int, like: Tensor, sample: bool, record=None,
+                       given=None) -> ForwardMasks:  # fmt: skip
+        """The masks of one call under the layers' per-site rules: one step (``T = 1``) of
+        layer 0 of a one-layer layer, never folded into a weight (the step always runs)."""
+        return ForwardMasks(self.dropout, 1, B, self.hidden_size, like, sample, record,
+                            gates=self.cell.gates, given=given, fold=False)  # fmt: skip
+
+    def _fresh(self, fm: ForwardMasks, site: str) -> Tensor:
+        """A new mask of a per-sequence ``site``, in :class:`CellMasks`' layout."""
+        features = self.input_size if site == "input" else self.hidden_size
+        return _cell_layout(site, fm.draw(site, features))
 
     def _sequence_masks(self, masks: CellMasks | None, B: int, x: Tensor, starts: bool):
         """The :class:`CellMasks` this call draws its per-sequence masks from (or None)."""
@@ -582,7 +571,11 @@ class StepCellBase(StochasticModule):
                     f"{B}: pass masks=cell.sample_masks({B}) for a new sequence, or "
                     "masks[rows] for the rows that go on"
                 )
-            self._check_masks(masks, B, x)
+            # checked once per config, batch, input dtype and device, and mask objects
+            key = (self.dropout, B, x.dtype, x.device, *masks._masks())
+            if not _same(masks.__dict__.get("_checked"), key):
+                self._check_masks(masks, B, x)
+                masks.__dict__["_checked"] = key
             return masks
         if starts or not self._per_sequence_sites():
             # nothing is kept across calls: a call from hx=None starts a sequence with fresh
@@ -630,41 +623,6 @@ class StepCellBase(StochasticModule):
 
     # ---- forward ------------------------------------------------------------------------
 
-    def _resolve(self, x: Tensor, seq: CellMasks | None, B: int, record) -> _Step:
-        """Draw or fetch this call's masks (sampling) or their expectations (eval)."""
-        cfg, sample = self.dropout, self.sampling
-        step = _Step(x)
-        if not sample:  # expectations; nothing drawn
-            classic = cfg.scaling == "classic"
-            if classic and cfg.input > 0:
-                step.x = x * (1 - cfg.input)
-            if classic and (cfg.recurrent > 0 or cfg.weight_hh > 0):
-                step.recurrent = (1 - cfg.recurrent) * (1 - cfg.weight_hh)
-            if classic and cfg.candidate > 0:
-                step.candidate = 1 - cfg.candidate
-            if classic and cfg.output > 0:
-                step.output = 1 - cfg.output
-            for site in _ZONEOUT_SITES:
-                if self._rate(site) > 0:
-                    setattr(step, site, self._rate(site))
-            return step
-        kept = set(self._per_sequence_sites())
-        for site in (*_POLICY_SITES, "weight_hh", *_ZONEOUT_SITES):
-            if self._rate(site) == 0:
-                continue
-            m = None if seq is None else getattr(seq, site)
-            if m is None:
-                m = self._draw(site, B, x)
-                if site in kept and seq is not None:
-                    setattr(seq, site, m)
-            if record is not None:
-                record[_record_name(site)] = _with_time_dim(site, m)
-            if site == "input" and m.dim() == 2:
-                step.x = x * m
-            else:
-                setattr(step, site, m)
-        return step
-
     def forward(
         self,
         input: Tensor,
@@ -699,15 +657,40 @@ class StepCellBase(StochasticModule):
             if not batched:
                 state = tuple(s.unsqueeze(0) for s in state)
         self._check_sizes(x, state)
-        self._refuse_frozen_masks(is_active(self.dropout, 1, True))  # under jit.trace
-        record: dict[str, Tensor] | None = {} if self.record_masks else None
-        seq = self._sequence_masks(masks, B, x, hx is None) if self.sampling else None
-        step = self._resolve(x, seq, B, record)
-        # no mask inside the step: exactly what torch's cell runs
-        new = self._step(step, state) if step.inner else self._fused(step.x, state)
-        if record is not None:
+        sample = self.sampling
+        draws, acts_in_eval, kept, drawn = self._plan()
+        self._refuse_frozen_masks(draws)  # under jit.trace
+        if not (draws if sample else acts_in_eval):  # nothing acts: torch's op
+            new = self._fused(x, state)
+            if self.record_masks:
+                self.last_masks = {}
+            return self._result(new[0], new, batched, return_output)
+        seq = self._sequence_masks(masks, B, x, hx is None) if sample else None
+        missing = [] if seq is None else [s for s in kept if getattr(seq, s) is None]
+        # the sequence's first call reads the masks it keeps back from the record
+        record: dict[str, Tensor] | None = {} if self.record_masks or missing else None
+        given = None if seq is None else seq._recorded()
+        # under torch.compile a draw is an opaque call: all of a call's in one, so that the
+        # step stays one graph (a call that draws nothing is traced through)
+        opaque = sample and torch.compiler.is_compiling() and bool(drawn)
+        if opaque and seq is not None:
+            opaque = any(getattr(seq, s) is None for s in drawn)
+        resolve = _call_masks_opaque if opaque else _call_masks
+        xm, step, w_mask, scale, out_mask = resolve(self, x, sample, record, given)
+        if w_mask is None and scale == 1 and all(m is None for m in step.tensors()):
+            new = self._fused(xm, state)  # no mask inside the step: torch's op
+        else:
+            new = self._step(xm, state, step, w_mask, scale)
+        out = new[0] if out_mask is None else new[0] * out_mask
+        for site in missing:  # the sequence keeps what its first call drew
+            setattr(seq, site, _cell_layout(site, record[_record_name(site)]))
+        if self.record_masks:
             self.last_masks = record  # exactly this call's masks (none drawn: empty)
-        out = _mul(new[0], step.output)
+        return self._result(out, new, batched, return_output)
+
+    def _result(self, out: Tensor, new: tuple[Tensor, ...], batched: bool, return_output: bool):
+        """What a call returns: the state as torch's cell does, with the output first if
+        asked for."""
         if not batched:
             out, new = out.squeeze(0), tuple(s.squeeze(0) for s in new)
         result = new if self.cell.has_cell else new[0]
@@ -754,27 +737,88 @@ class StepCellBase(StochasticModule):
                     f"{self.hidden_size}"
                 )
 
-    def _recurrent_input(self, h: Tensor, step: _Step) -> Tensor:
-        """``h_{t-1}`` as it enters ``W_hh``: ``(Gr, B, H)``, masked or scaled."""
-        m = step.recurrent
-        return h.unsqueeze(0) if m is None else h.unsqueeze(0) * m
-
     def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """torch's own cell op (``_VF.lstm_cell``, ...) with its module's arguments."""
         raise NotImplementedError
 
-    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        raise NotImplementedError
+    def _step(self, x: Tensor, state: tuple[Tensor, ...], m: LayerMasks, w_mask: Tensor | None,
+              scale: float) -> tuple[Tensor, ...]:  # fmt: skip
+        """One step with masks inside it: the gates as the layer's loop forms them (per-gate
+        input masks, ``h_{t-1}`` masked per gate group into ``W_hh`` dropped by ``w_mask``),
+        then the cell's ``step_forward`` out of place, so autograd differentiates it.
+
+        ``m``: the step's :class:`~rnndrop.kernels.LayerMasks`; ``scale``: classic scaling's
+        expectation on ``h_{t-1}`` in eval (:meth:`ForwardMasks.recurrent_scale`).
+        """
+        cell, h = self.cell, state[0]
+        # each bias rides its GEMM: the sum is cell.split_bias's, the GRU keeps b_hh apart
+        a = _input_gates(x, self.weight_ih, self.bias_ih, m.input)
+        hm = h.unsqueeze(0) if m.recurrent is None else h.unsqueeze(0) * m.recurrent
+        rec = _recurrent_gates(hm if scale == 1 else hm * scale, self.weight_hh, w_mask,
+                               self.bias_hh)  # fmt: skip
+        if not cell.split_recurrent:  # the recurrent product goes into the gates
+            a, rec = a + rec, None
+        new = cell.step_forward(a, rec, State(*state), m)
+        return (new.h, new.c) if cell.has_cell else (new.h,)
+
+
+def _call_masks(cell: StepCellBase, x: Tensor, sample: bool, record, given):
+    """The masks of one call of ``cell`` from the layers' :class:`ForwardMasks` (one step):
+    ``(x masked by tied masks, the step's LayerMasks, the weight-drop mask, the eval scale
+    on h_{t-1}, the output mask)``."""
+    fm = cell._forward_masks(x.shape[0], x, sample, record, given)
+    w_mask = fm.weight_hh_mask(0, 0, tuple(cell.weight_hh.shape))
+    masks = fm.loop_masks(0, 0, None, cell.cell.has_cell)
+    xm, masks.input = fm.input(0, x.unsqueeze(0))
+    out_mask = fm.output_mask(cell.hidden_size)
+    if isinstance(out_mask, Tensor):
+        out_mask = out_mask.squeeze(0)
+    return xm.squeeze(0), masks.at(0), w_mask, fm.recurrent_scale(), out_mask
+
+
+_call_masks_opaque = torch.compiler.disable(_call_masks)
+
+
+#: CellMasks' sites, in order, and their names in a layer's record (layer 0, forward)
+_MASK_SITES: tuple[str, ...] = tuple(
+    f.name for f in dataclasses.fields(CellMasks) if f.name != "batch_size"
+)
+_RECORD_NAMES = {site: "output" if site == "output" else site_name(site, 0) for site in _MASK_SITES}
+
+
+def _same(checked: tuple | None, key: tuple) -> bool:
+    """``key`` is what ``checked`` was: the same config and masks (identity), batch size,
+    dtype and device (equality: ``x.device`` is a new object at every call)."""
+    if checked is None or len(checked) != len(key) or checked[0] is not key[0]:
+        return False
+    return checked[1:4] == key[1:4] and all(a is b for a, b in zip(checked[4:], key[4:],
+                                                                 strict=True))  # fmt: skip
 
 
 def _record_name(site: str) -> str:
-    return "output" if site == "output" else f"{site}/l0"
+    """The layer's recorded name of a cell's site (layer 0, forward direction)."""
+    return _RECORD_NAMES[site]
 
 
-def _with_time_dim(site: str, m: Tensor) -> Tensor:
-    """The layer's recorded layout of a cell mask: a time dim of 1 (untied input: dim 1)."""
+def _time_dim(site: str, m: Tensor) -> int | None:
+    """The time dim of a mask in the layer's recorded layout (untied input ``(G, T, B, I)``:
+    1), or None (``weight_hh`` has none)."""
+    if site == "weight_hh":
+        return None
+    return 1 if site == "input" and m.dim() == 4 else 0
+
+
+def _recorded_layout(site: str, m: Tensor) -> Tensor:
+    """A :class:`CellMasks` mask in the layer's recorded layout: a time dim of 1."""
     if site == "weight_hh":
         return m
     return m.unsqueeze(1) if site == "input" and m.dim() == 3 else m.unsqueeze(0)
+
+
+def _cell_layout(site: str, m: Tensor) -> Tensor:
+    """A recorded mask of one step (time dim of 1) in :class:`CellMasks`' layout."""
+    time_dim = _time_dim(site, m)
+    return m if time_dim is None else m.squeeze(time_dim)
 
 
 class LSTMCell(StepCellBase):
@@ -841,21 +885,6 @@ class LSTMCell(StepCellBase):
             _VF.lstm_cell(x, state, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         )
 
-    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        h, c = state
-        gates = _input_gates(step.x, self.weight_ih, self.bias_ih, step.input)
-        gates = gates + _recurrent_gates(
-            self._recurrent_input(h, step), self.weight_hh, step.weight_hh
-        )
-        if self.bias_hh is not None:
-            gates = gates + self.bias_hh
-        i, f, g, o = gates.chunk(4, 1)
-        i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
-        g = _mul(g.tanh(), step.candidate)
-        ct = f * c + i * g
-        h_new = o * ct.tanh()
-        return _zoneout(h_new, h, step.zoneout_hidden), _zoneout(ct, c, step.zoneout_cell)
-
 
 class GRUCell(StepCellBase):
     r"""A drop-in ``torch.nn.GRUCell`` carrying every recurrent dropout scheme that means
@@ -915,15 +944,3 @@ class GRUCell(StepCellBase):
     def _fused(self, x: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         h = _VF.gru_cell(x, state[0], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         return (h,)
-
-    def _step(self, step: _Step, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-        (h,) = state
-        xr, xz, xn = _input_gates(step.x, self.weight_ih, self.bias_ih, step.input).chunk(3, 1)
-        hp = _recurrent_gates(self._recurrent_input(h, step), self.weight_hh, step.weight_hh)
-        if self.bias_hh is not None:
-            hp = hp + self.bias_hh
-        hr, hz, hn = hp.chunk(3, 1)
-        r, z = (xr + hr).sigmoid(), (xz + hz).sigmoid()
-        n = _mul((xn + r * hn).tanh(), step.candidate)
-        h_new = n + z * (h - n)  # (1 - z) ⊙ n + z ⊙ h
-        return (_zoneout(h_new, h, step.zoneout_hidden),)

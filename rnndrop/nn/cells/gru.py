@@ -67,10 +67,10 @@ def step_forward(a: Tensor, rec: Tensor, prev: State, m: LayerMasks,
     of place (autograd: step cells).
     """
     H = prev.h.shape[-1]
-    if out is None:
-        rz = (a[:, : 2 * H] + rec[:, : 2 * H]).sigmoid()
-        r, z = rz.chunk(2, 1)
-        n = (a[:, 2 * H :] + r * rec[:, 2 * H :]).tanh()
+    if out is None:  # chunk, not slices: autograd gathers a chunk's gradients in one cat
+        (ar, az, an), (hr, hz, hn) = a.chunk(3, 1), rec.chunk(3, 1)
+        r, z = (ar + hr).sigmoid(), (az + hz).sigmoid()
+        n = (an + r * hn).tanh()
     else:
         a[:, : 2 * H].add_(rec[:, : 2 * H]).sigmoid_()
         r, z, n = a.chunk(3, 1)
