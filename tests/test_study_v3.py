@@ -382,19 +382,23 @@ def test_tune_without_optuna_names_the_extra():
     assert "Traceback" not in res.stderr
 
 
-def test_tune_config_in_experiments_loads_and_runs_one_trial(tmp_path):
-    """experiments/long_range/tune_selective_copy.yaml: a one-task study in a fixed-set
-    regime, search seeds apart from the evaluation seeds; one trial of one scheme runs."""
+@pytest.mark.parametrize(
+    ("config", "task", "train_size"),
+    [("tune_selective_copy", "selective_copy", 64), ("tune_delayed_recall", "delayed_recall", 128)],
+)
+def test_tune_config_in_experiments_loads_and_runs_one_trial(tmp_path, config, task, train_size):
+    """experiments/long_range/tune_*.yaml: a one-task study in a fixed-set regime, search
+    seeds apart from the evaluation seeds; one trial of one scheme runs."""
     import optuna
 
     from rnndrop.study.tune import load_tune, search
 
-    study, settings = load_tune(ROOT / "experiments/long_range/tune_selective_copy.yaml",
+    study, settings = load_tune(ROOT / f"experiments/long_range/{config}.yaml",
                                 out_dir=str(tmp_path), steps=2, val_every=1, eval_size=8,
                                 batch_size=4)  # fmt: skip
-    assert study.train_size == 64 and len(study.seeds) >= 5
+    assert study.task == task and study.train_size == train_size and len(study.seeds) >= 5
     assert not set(settings.search_seeds) & set(study.seeds)
     settings = dataclasses.replace(settings, trials=1)
     assert search(study, settings, ["zoneout"], progress=False) == {"zoneout": 1}
     url = f"sqlite:///{(tmp_path / study.name / 'optuna.db').resolve()}"
-    assert optuna.get_all_study_names(url) == [f"{study.name}/selective_copy/zoneout"]
+    assert optuna.get_all_study_names(url) == [f"{study.name}/{task}/zoneout"]
