@@ -309,6 +309,28 @@ def test_tune_searches_each_scheme_alike_then_evaluates_on_unseen_seeds(tmp_path
     assert (root / "eval" / "verdict.md").is_file()
 
 
+def test_tune_report_flags_a_chosen_rate_at_the_edge_of_its_range():
+    """A best rate in the top or bottom tenth of the searched range is named in the report:
+    the scheme's optimum may lie outside it. Range [0.05, 0.6]: tenths at 0.105 and 0.545."""
+    from rnndrop.study.tune import at_range_edge, edge_notes
+
+    assert at_range_edge(0.58, 0.05, 0.6) == "upper"
+    assert at_range_edge(0.55, 0.05, 0.6) == "upper"
+    assert at_range_edge(0.54, 0.05, 0.6) is None
+    assert at_range_edge(0.3, 0.05, 0.6) is None
+    assert at_range_edge(0.11, 0.05, 0.6) is None
+    assert at_range_edge(0.1, 0.05, 0.6) == "lower"
+    chosen = {"naive": {"rate": 0.3, "range": [0.05, 0.6]},
+              "zoneout": {"rate": 0.58, "range": [0.05, 0.6]},
+              "variational": {"rate": 0.12, "range": [0.1, 0.5]}}  # fmt: skip
+    notes = edge_notes(chosen)
+    assert len(notes) == 2
+    assert "zoneout: chosen rate 0.58 is in the upper tenth" in notes[0]
+    assert "above 0.6" in notes[0] and "tune.rate_ranges.zoneout" in notes[0]
+    assert "variational: chosen rate 0.12 is in the lower tenth" in notes[1]
+    assert "below 0.1" in notes[1]
+
+
 def test_tune_refuses_search_seeds_among_the_evaluation_seeds(tmp_path):
     from rnndrop.study.tune import load_tune
 
