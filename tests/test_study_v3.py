@@ -237,6 +237,36 @@ def test_study_writes_plain_lines_off_a_terminal(tmp_path, capfd):
     assert any(ln.startswith("variational_p0.3 d=4 seed=0: acc") for ln in lines)
 
 
+def test_a_result_found_by_hash_under_another_task_label_pairs_as_this_study_cell(tmp_path):
+    """The cell hash leaves out the task label, so a baseline cell copied from a study that
+    labelled its task (``sc_n16``) into a one-task study is recognised as finished; it must
+    then be reported as this study's cell and pair with the schemes run here."""
+    import shutil
+
+    from rnndrop.study.config import LongRangeRun
+    from rnndrop.study.verdict import paired_differences
+
+    task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4, "n_noise": 3},
+            "distances": [4], "train_size": 16}  # fmt: skip
+    labelled = tiny(tmp_path, name="a", tasks={"sc_n16": task}, schemes=["none"],
+                    seeds=[0, 1])  # fmt: skip
+    one = tiny(tmp_path, name="b", **task, schemes=["none", "variational"], seeds=[0, 1])
+    run_study(labelled, progress=False)
+    for seed in (0, 1):
+        a, b = (
+            LongRangeRun("none", None, 4, seed, task="sc_n16"),
+            LongRangeRun("none", None, 4, seed),
+        )
+        assert labelled.cell_hash(a) == one.cell_hash(b)
+        shutil.copytree(labelled.cell_dir(a), one.cell_dir(b))
+    results = run_study(one, progress=False)
+    assert {r["cell"]["task"] for r in results} == {None}
+    assert sorted((r["cell"]["scheme"], r["cell"]["seed"]) for r in results) == [
+        ("none", 0), ("none", 1), ("variational", 0), ("variational", 1)]  # fmt: skip
+    (row,) = paired_differences(one, results)
+    assert row["scheme"] == "variational" and row["baseline"] == "none" and row["seeds"] == 2
+
+
 # --- rnndrop tune ---------------------------------------------------------------------------
 
 

@@ -149,6 +149,8 @@ def _optuna_name(study: StudyConfig, scheme: str) -> str:
 def _open(study: StudyConfig, settings: TuneSettings, scheme: str, worker: int = 0):
     import optuna
 
+    # no "Using an existing study" line per scheme in every phase's log
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = settings.startup_trials
     if startup is None:
         startup = max(1, min(10, settings.trials // 2))
