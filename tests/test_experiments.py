@@ -24,7 +24,8 @@ def test_every_config_is_covered():
     covered |= {"ptb/base.yaml", "synthetic/base.yaml", "wikitext2/awd.yaml"}
     covered |= {f"long_range/{c}.yaml" for c in STUDIES}
     covered |= {"inference/delayed_recall.yaml"}  # run in tests/test_inference_study.py
-    covered |= {"long_range/tune_selective_copy.yaml"}  # run in tests/test_study_v3.py
+    # run in tests/test_study_v3.py
+    covered |= {"long_range/tune_selective_copy.yaml", "long_range/tune_delayed_recall.yaml"}
     assert found == covered
 
 

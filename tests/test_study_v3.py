@@ -237,6 +237,36 @@ def test_study_writes_plain_lines_off_a_terminal(tmp_path, capfd):
     assert any(ln.startswith("variational_p0.3 d=4 seed=0: acc") for ln in lines)
 
 
+def test_a_result_found_by_hash_under_another_task_label_pairs_as_this_study_cell(tmp_path):
+    """The cell hash leaves out the task label, so a baseline cell copied from a study that
+    labelled its task (``sc_n16``) into a one-task study is recognised as finished; it must
+    then be reported as this study's cell and pair with the schemes run here."""
+    import shutil
+
+    from rnndrop.study.config import LongRangeRun
+    from rnndrop.study.verdict import paired_differences
+
+    task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4, "n_noise": 3},
+            "distances": [4], "train_size": 16}  # fmt: skip
+    labelled = tiny(tmp_path, name="a", tasks={"sc_n16": task}, schemes=["none"],
+                    seeds=[0, 1])  # fmt: skip
+    one = tiny(tmp_path, name="b", **task, schemes=["none", "variational"], seeds=[0, 1])
+    run_study(labelled, progress=False)
+    for seed in (0, 1):
+        a, b = (
+            LongRangeRun("none", None, 4, seed, task="sc_n16"),
+            LongRangeRun("none", None, 4, seed),
+        )
+        assert labelled.cell_hash(a) == one.cell_hash(b)
+        shutil.copytree(labelled.cell_dir(a), one.cell_dir(b))
+    results = run_study(one, progress=False)
+    assert {r["cell"]["task"] for r in results} == {None}
+    assert sorted((r["cell"]["scheme"], r["cell"]["seed"]) for r in results) == [
+        ("none", 0), ("none", 1), ("variational", 0), ("variational", 1)]  # fmt: skip
+    (row,) = paired_differences(one, results)
+    assert row["scheme"] == "variational" and row["baseline"] == "none" and row["seeds"] == 2
+
+
 # --- rnndrop tune ---------------------------------------------------------------------------
 
 
@@ -307,6 +337,28 @@ def test_tune_searches_each_scheme_alike_then_evaluates_on_unseen_seeds(tmp_path
     assert f"| variational | [0.1, 0.5] | {p_var:g} |" in report
     assert "| none (baseline, no rate) |" in report
     assert (root / "eval" / "verdict.md").is_file()
+
+
+def test_tune_report_flags_a_chosen_rate_at_the_edge_of_its_range():
+    """A best rate in the top or bottom tenth of the searched range is named in the report:
+    the scheme's optimum may lie outside it. Range [0.05, 0.6]: tenths at 0.105 and 0.545."""
+    from rnndrop.study.tune import at_range_edge, edge_notes
+
+    assert at_range_edge(0.58, 0.05, 0.6) == "upper"
+    assert at_range_edge(0.55, 0.05, 0.6) == "upper"
+    assert at_range_edge(0.54, 0.05, 0.6) is None
+    assert at_range_edge(0.3, 0.05, 0.6) is None
+    assert at_range_edge(0.11, 0.05, 0.6) is None
+    assert at_range_edge(0.1, 0.05, 0.6) == "lower"
+    chosen = {"naive": {"rate": 0.3, "range": [0.05, 0.6]},
+              "zoneout": {"rate": 0.58, "range": [0.05, 0.6]},
+              "variational": {"rate": 0.12, "range": [0.1, 0.5]}}  # fmt: skip
+    notes = edge_notes(chosen)
+    assert len(notes) == 2
+    assert "zoneout: chosen rate 0.58 is in the upper tenth" in notes[0]
+    assert "above 0.6" in notes[0] and "tune.rate_ranges.zoneout" in notes[0]
+    assert "variational: chosen rate 0.12 is in the lower tenth" in notes[1]
+    assert "below 0.1" in notes[1]
 
 
 def test_tune_refuses_search_seeds_among_the_evaluation_seeds(tmp_path):
@@ -382,19 +434,23 @@ def test_tune_without_optuna_names_the_extra():
     assert "Traceback" not in res.stderr
 
 
-def test_tune_config_in_experiments_loads_and_runs_one_trial(tmp_path):
-    """experiments/long_range/tune_selective_copy.yaml: a one-task study in a fixed-set
-    regime, search seeds apart from the evaluation seeds; one trial of one scheme runs."""
+@pytest.mark.parametrize(
+    ("config", "task", "train_size"),
+    [("tune_selective_copy", "selective_copy", 64), ("tune_delayed_recall", "delayed_recall", 128)],
+)
+def test_tune_config_in_experiments_loads_and_runs_one_trial(tmp_path, config, task, train_size):
+    """experiments/long_range/tune_*.yaml: a one-task study in a fixed-set regime, search
+    seeds apart from the evaluation seeds; one trial of one scheme runs."""
     import optuna
 
     from rnndrop.study.tune import load_tune, search
 
-    study, settings = load_tune(ROOT / "experiments/long_range/tune_selective_copy.yaml",
+    study, settings = load_tune(ROOT / f"experiments/long_range/{config}.yaml",
                                 out_dir=str(tmp_path), steps=2, val_every=1, eval_size=8,
                                 batch_size=4)  # fmt: skip
-    assert study.train_size == 64 and len(study.seeds) >= 5
+    assert study.task == task and study.train_size == train_size and len(study.seeds) >= 5
     assert not set(settings.search_seeds) & set(study.seeds)
     settings = dataclasses.replace(settings, trials=1)
     assert search(study, settings, ["zoneout"], progress=False) == {"zoneout": 1}
     url = f"sqlite:///{(tmp_path / study.name / 'optuna.db').resolve()}"
-    assert optuna.get_all_study_names(url) == [f"{study.name}/selective_copy/zoneout"]
+    assert optuna.get_all_study_names(url) == [f"{study.name}/{task}/zoneout"]

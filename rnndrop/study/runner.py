@@ -19,9 +19,23 @@ from .config import LongRangeRun, StudyConfig
 __all__ = ["StudyInterrupted", "is_finished", "load_result", "run_cell", "run_study"]
 
 
+def cell_record(cell: LongRangeRun) -> dict[str, Any]:
+    """The cell's identity as a ``result.json`` records it."""
+    return {"scheme": cell.scheme, "rate": cell.rate, "distance": cell.distance,
+            "seed": cell.seed, "label": cell.label, "task": cell.task}  # fmt: skip
+
+
 def load_result(study: StudyConfig, cell: LongRangeRun) -> dict[str, Any] | None:
-    """The cell's saved result (whatever its hash), or None if absent or unreadable."""
-    return study.load_result(cell, any_hash=True)
+    """The cell's saved result (whatever its hash), or None if absent or unreadable.
+
+    The result is reported as ``cell``, the cell that asks for it: the hash leaves out the
+    task label, so a result written under another label (a task renamed in the YAML, or a
+    cell copied from another study with the same hash) would otherwise pair with nothing.
+    """
+    result = study.load_result(cell, any_hash=True)
+    if result is not None:
+        result["cell"] = cell_record(cell)
+    return result
 
 
 def is_finished(study: StudyConfig, cell: LongRangeRun) -> bool:
@@ -145,8 +159,7 @@ def run_cell(
         metrics_train = {"train_" + k: v for k, v in train_metrics.items()}
         _log_final(logger, cell, encoder, {**metrics, **metrics_train}, grads)
     result = {
-        "cell": {"scheme": cell.scheme, "rate": cell.rate, "distance": cell.distance,
-                 "seed": cell.seed, "label": cell.label, "task": cell.task},
+        "cell": cell_record(cell),
         "config_hash": study.cell_hash(cell), "spec": study.cell_spec(cell), "status": status,
         "task": {"name": study.task, "baseline_loss": dm.baseline_loss, "loss": dm.loss,
                  "chance": 1.0 / dm.output_size if dm.loss == "cross_entropy" else None},

@@ -37,8 +37,8 @@ from typing import Any
 from .common import read_settings
 from .config import BUILTIN_SCHEMES, LongRangeRun, StudyConfig, _substitute, uses_rate
 
-__all__ = ["TuneSettings", "chosen_rates", "evaluation_study", "load_tune", "main", "search",
-           "search_study"]  # fmt: skip
+__all__ = ["TuneSettings", "at_range_edge", "chosen_rates", "edge_notes", "evaluation_study",
+           "load_tune", "main", "search", "search_study"]  # fmt: skip
 
 
 @dataclass
@@ -149,6 +149,8 @@ def _optuna_name(study: StudyConfig, scheme: str) -> str:
 def _open(study: StudyConfig, settings: TuneSettings, scheme: str, worker: int = 0):
     import optuna
 
+    # no "Using an existing study" line per scheme in every phase's log
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     startup = settings.startup_trials
     if startup is None:
         startup = max(1, min(10, settings.trials // 2))
@@ -256,6 +258,32 @@ def chosen_rates(study: StudyConfig, settings: TuneSettings) -> dict[str, dict[s
     return out
 
 
+def at_range_edge(rate: float, low: float, high: float, share: float = 0.1) -> str | None:
+    """``"upper"`` / ``"lower"`` if ``rate`` lies in the top / bottom ``share`` of the searched
+    ``[low, high]``, else None: a best rate at the edge says the optimum may lie outside the
+    range, and the comparison is then with the scheme at the range's end, not at its best."""
+    margin = share * (high - low)
+    if rate >= high - margin - 1e-9:
+        return "upper"
+    if rate <= low + margin + 1e-9:
+        return "lower"
+    return None
+
+
+def edge_notes(chosen: dict[str, dict[str, Any]]) -> list[str]:
+    """One report line per scheme whose chosen rate is at the edge of its searched range."""
+    notes = []
+    for scheme, c in chosen.items():
+        low, high = c["range"]
+        edge = at_range_edge(c["rate"], low, high)
+        if edge is not None:
+            beyond = f"above {high:g}" if edge == "upper" else f"below {low:g}"
+            notes.append(f"- **{scheme}: chosen rate {c['rate']:g} is in the {edge} tenth of "
+                         f"[{low:g}, {high:g}]**: its best rate may lie {beyond}; widen "
+                         f"tune.rate_ranges.{scheme} and search again.")  # fmt: skip
+    return notes
+
+
 def _fixed(spec: dict[str, Any], rate: float) -> dict[str, Any]:
     """A scheme's spec with its rate placeholders replaced by ``rate``."""
     dropout = spec.get("dropout")
@@ -328,6 +356,9 @@ def write_tune_report(
         train = mean_ci([train_score(r) for r in mine])[0]
         lines.append(f"| {s} (baseline, no rate) | – | – | – | held-out score "
                      f"{format_ci(*held)} (train {train:.2f}) | – |")  # fmt: skip
+    notes = edge_notes(chosen)
+    if notes:
+        lines += ["", "Chosen rates at the edge of the searched range:", "", *notes]
     lines += ["", f"Per-distance tables, train / held-out / gap: `{evaluation.name}/verdict.md`.",
               ""]  # fmt: skip
     root = _root(study)
