@@ -26,8 +26,16 @@ def _states(state) -> tuple:
     return state if isinstance(state, tuple) else (state,)
 
 
-def assert_matches_reference(module, reference, x, hx, sample: bool, tol: float = 1e-10,
-                             rtol: float | None = None, ref_dtype: torch.dtype | None = None):
+def assert_matches_reference(
+    module,
+    reference,
+    x,
+    hx,
+    sample: bool,
+    tol: float = 1e-10,
+    rtol: float | None = None,
+    ref_dtype: torch.dtype | None = None,
+):
     """Outputs, final state, pre-dropout output and every gradient of ``module`` equal the
     reference's, run with the masks the module recorded in this forward.
 

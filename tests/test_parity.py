@@ -47,7 +47,6 @@ from parity import (
     layer_tol,
     make_leaves,
     make_masks,
-    run_layer,
     scheme,
     site_variants,
 )
@@ -206,10 +205,13 @@ def test_model_sites_do_nothing_in_the_layer(cell, site):
 def test_paths_are_the_documented_ones():
     """Which configs run the time loop (fused: torch's op with masks beside it or folded
     into the weights)."""
-    fused = {"naive": RD.naive(0.3), "awd": RD.awd(0.0, 0.3, 0.2, 0.25, 0.4),
-             "weight_drop": RD.weight_drop(0.4),
-             "variational_per_batch": RD.variational(0.3).replace(batch="per_batch"),
-             "untied_per_batch": RD.variational(0.3, tied=False).replace(batch="per_batch")}
+    fused = {
+        "naive": RD.naive(0.3),
+        "awd": RD.awd(0.0, 0.3, 0.2, 0.25, 0.4),
+        "weight_drop": RD.weight_drop(0.4),
+        "variational_per_batch": RD.variational(0.3).replace(batch="per_batch"),
+        "untied_per_batch": RD.variational(0.3, tied=False).replace(batch="per_batch"),
+    }
     loop = {"naive_recurrent": RD.naive_recurrent(0.3), "variational": RD.variational(0.3),
             "variational_untied": RD.variational(0.3, tied=False),
             "recurrent_per_step_per_batch": RD(recurrent=0.3, time="per_step",
@@ -270,9 +272,10 @@ def test_eval_matches_reference_expectations(backend, cell, name, monkeypatch):
     check(m, x, state0(cell, 2, case.dtype), False, case, monkeypatch, cell)
 
 
-@pytest.mark.parametrize("backend,cell,name",
-                         _params({n: SCHEMES[n] for n in ("variational", "zoneout", "awd",
-                                                          "everything")}, backends=CHEAP))  # fmt: skip
+MC = {n: SCHEMES[n] for n in ("variational", "zoneout", "awd", "everything")}
+
+
+@pytest.mark.parametrize("backend,cell,name", _params(MC, backends=CHEAP))
 def test_mc_mode_matches_reference_with_its_masks(backend, cell, name, monkeypatch):
     case = use_backend(backend, cell, monkeypatch)
     m = make(cell, scheme(name, cell), case.dtype, bias=name != "everything").eval()
@@ -418,7 +421,7 @@ def test_masks_and_rate_gradients_do_not_depend_on_the_backend(cell, backend, mo
 @pytest.mark.parametrize("cell", CELL_IDS)
 def test_float32_matches_the_float64_reference(cell, backend, name, monkeypatch):
     """A larger layer in float32 (what training runs): rounding only."""
-    case = use_backend(backend, cell, monkeypatch, F32)
+    use_backend(backend, cell, monkeypatch, F32)
     why = cell_refusal(cell, scheme(name, cell))
     if why is not None:
         pytest.skip(why)
@@ -704,9 +707,9 @@ def test_layer_site_matches_python(cell, backend, case_name, reverse, monkeypatc
         pytest.skip(why)
     for dtype in case.layer_dtypes:
         full = case.cheap and dtype == F64  # the input projection and bias variants too
-        for projected, bias in itertools.product([False, True], [True, False]) if full else [
-            (False, True)
-        ]:
+        for projected, bias in (
+            itertools.product([False, True], [True, False]) if full else [(False, True)]
+        ):
             torch.manual_seed(0)
             masks = make_masks(c, case_name, LT, LB, LI, LH, dtype)
             if projected:
@@ -785,8 +788,8 @@ def test_layer_saved_tensors_match_the_contract(cell, backend, case_name, revers
     """acts, h_seq, c_seq, ct_seq, hm_seq and hn_seq in the contract's layouts, equal to the
     python loop's; a backward with no gradient from the output is all zeros."""
     case, c = _layer_backend(backend, cell, monkeypatch, F64)
-    x, w_ih, b_x, w_hh, b_h, h0, c0 = (t if t is None else t.detach()
-                                       for t in make_leaves(c, False, True, LT, LB, LI, LH, F64))  # fmt: skip
+    leaves = make_leaves(c, False, True, LT, LB, LI, LH, F64)
+    x, w_ih, b_x, w_hh, b_h, h0, c0 = (t if t is None else t.detach() for t in leaves)
     masks = make_masks(c, case_name, LT, LB, LI, LH, F64)
     inp = LayerInputs(c, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, reverse)
     saved = BACKENDS[case.backend].forward(inp)
