@@ -68,7 +68,7 @@ ALL = list(BACKEND_CASES)
 CHEAP = [b for b, c in BACKEND_CASES.items() if c.cheap]
 COMPILED = [b for b in ALL if BACKEND_CASES[b].backend != "python"]
 L, I, H, T, B = 2, 8, 8, 4, 3  # the module-level layer: two layers, both directions
-LT, LB, LI, LH = 4, 3, 3, 5  # the layer-level tests (H = 5: Triton's 16-tiles mostly padding)
+LT, LB, LI, LH = 3, 3, 3, 5  # the layer-level tests (H = 5: Triton's 16-tiles mostly padding)
 
 
 def use_backend(name: str, cell: str, monkeypatch, dtype=None):
@@ -423,7 +423,7 @@ def test_masks_and_rate_gradients_do_not_depend_on_the_backend(cell, backend, mo
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("name", ["zoneout", "everything"])
+@pytest.mark.parametrize("name", ["everything"])
 @pytest.mark.parametrize("backend", CHEAP)
 @pytest.mark.parametrize("cell", CELL_IDS)
 def test_float32_matches_the_float64_reference(cell, backend, name, monkeypatch):
@@ -533,9 +533,9 @@ def test_fused_path_without_bias_is_bitwise_torch(cell):
 
 
 # the engine's combinations (layers, directions, batch_first, state) once, on python in
-# float64; each backend on every pair of them, in float64 and float32 (Triton: the layer
-# level's "none" case)
-_LOOP_GRID = {"python": [(*p, F64) for p in _DROP_IN] + [(*p, F32) for p in _PAIRWISE]}
+# float64; each compiled backend on every pair of them, in float64 and float32 (Triton: the
+# layer level's "none" case)
+_LOOP_GRID = {"python": [(*p, F64) for p in _DROP_IN]}
 
 
 @pytest.mark.parametrize("backend,layers,bidir,batch_first,with_hx,dtype",
@@ -757,6 +757,7 @@ def test_layer_shapes(cell, backend, monkeypatch):
     """The backend's edge shapes (one step, one sample, one unit, sizes past a vector width
     or a tile), both directions."""
     case, c = _layer_backend(backend, cell, monkeypatch)
+    # no masks runs the compiled loop's unmasked row kernels (cheap backends: every shape)
     cases = ("none", "everything_untied") if case.cheap else ("everything_untied",)
     for (Tn, Bn, In, Hn), name, dtype, reverse in itertools.product(
         case.shapes, cases, case.layer_dtypes, (False, True)
