@@ -7,6 +7,11 @@ Every combination the harness runs is derived from the library's own registries:
 only where a backend needs more than float64 on CPU, one per backend
 (:data:`BACKEND_CASES`). A combination the library refuses is skipped with the library's
 own reason (:func:`cell_refusal`, :func:`backend_refusal`), never left out.
+
+A new cell is one line, e.g. ``"layernorm_lstm": CellCase(LayerNormLSTM,
+reference_layernorm_lstm)`` (no torch counterpart: the drop-in tests skip, saying so); its
+own parameters (``Cell.extra_params``, ``LayerInputs.extra``) and the absence of a fused op
+(every layer loops) are read from its ``Cell``.
 """
 
 from __future__ import annotations
