@@ -80,5 +80,7 @@ def assert_matches_reference(
             assert a is None or a.abs().max() == 0
             assert b is None or b.abs().max() == 0
             continue
-        torch.testing.assert_close(a.to(b.dtype), b, atol=tol, rtol=rtol)
+        # across dtypes the rounding grows with the gradient's size (a LayerNorm's reach 10s)
+        scale = max(1.0, b.abs().max().item()) if ref_dtype is not None else 1.0
+        torch.testing.assert_close(a.to(b.dtype), b, atol=tol * scale, rtol=rtol)
     return module.last_masks

@@ -8,10 +8,10 @@ only where a backend needs more than float64 on CPU, one per backend
 (:data:`BACKEND_CASES`). A combination the library refuses is skipped with the library's
 own reason (:func:`cell_refusal`, :func:`backend_refusal`), never left out.
 
-A new cell is one line, e.g. ``"layernorm_lstm": CellCase(LayerNormLSTM,
-reference_layernorm_lstm)`` (no torch counterpart: the drop-in tests skip, saying so); its
-own parameters (``Cell.extra_params``, ``LayerInputs.extra``) and the absence of a fused op
-(every layer loops) are read from its ``Cell``.
+A new cell is one line of :data:`CELL_CASES`, as ``"layernorm_lstm"`` is (no torch
+counterpart: the drop-in tests skip, saying so); its own parameters (``Cell.extra_params``,
+``LayerInputs.extra``) and the absence of a fused op (every layer loops) are read from its
+``Cell``.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from reference import reference_gru, reference_lstm, reference_rnn
+from reference import reference_gru, reference_layernorm_lstm, reference_lstm, reference_rnn
 from torch import nn
 
 from rnndrop.config import SITES
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.kernels import BACKENDS, LayerInputs, LayerMasks
-from rnndrop.nn import GRU, LSTM, RNN
+from rnndrop.nn import GRU, LSTM, RNN, LayerNormLSTM
 from rnndrop.nn.cells import CELLS
 
 F64, F32 = torch.float64, torch.float32
@@ -64,6 +64,7 @@ CELL_CASES: dict[str, CellCase] = {
                          partial(nn.RNN, nonlinearity="tanh")),
     "rnn_relu": CellCase(partial(RNN, nonlinearity="relu"), reference_rnn,
                          partial(nn.RNN, nonlinearity="relu")),
+    "layernorm_lstm": CellCase(LayerNormLSTM, reference_layernorm_lstm),  # torch has none
 }  # fmt: skip
 
 

@@ -97,6 +97,11 @@ def make(cell: str, cfg, dtype=F64, layers=L, bidir=True, bias=True, batch_first
     m = CELL_CASES[cell].module(I, H, layers, bias=bias, batch_first=batch_first, dropout=cfg,
                                 bidirectional=bidir)  # fmt: skip
     assert m.cell is CELLS[cell]
+    own = tuple(f"{name}_l" for name, _, _ in getattr(CELLS[cell], "extra_params", ()))
+    with torch.no_grad():  # a cell's own parameters away from their init (1s, 0s): a swapped
+        for name, p in m.named_parameters():  # or ignored one shows
+            if own and name.startswith(own):
+                p.add_(0.5 * torch.randn_like(p))
     return m.to(dtype)
 
 

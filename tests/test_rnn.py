@@ -56,7 +56,7 @@ def test_constructor_matches_torch():
 
 
 def test_auto_never_picks_triton_for_the_rnn_on_cpu(monkeypatch):
-    """The triton backend has RNN kernels (tests/test_triton.py), but on CPU only in
+    """The triton backend has RNN kernels (tests/test_parity.py), but on CPU only in
     Triton's interpreter, which auto never takes."""
     pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
     x = torch.randn(3, 2, 4)
