@@ -93,10 +93,11 @@ class BackendCase:
         layer_dtypes: dtypes of the layer-level tests (against the ``python`` backend).
         env: environment variables it runs under (Triton's interpreter on CPU).
         f32_layer_tol: ``(atol, rtol)`` of the float32 layer-level tests.
-        cheap: runs fast on CPU. Else (Triton's interpreter) the module level runs the
-            ``everything`` scheme only (every site of the cell at once: training, packed,
-            the python loop's masks) and the single sites, eval's expectations and no
-            masks at all are checked at the layer level, one layer call each.
+        cheap: runs fast on CPU. Else (Triton's interpreter) the module level runs every
+            site of the cell at once, packed (against the reference) and against the
+            python loop (same masks, every gradient, concrete rates); the single sites,
+            eval's expectations and no masks are checked at the layer level, one layer
+            call each.
         shapes: ``(T, B, I, H)`` of the layer-level shape tests.
     """
 
@@ -211,11 +212,12 @@ SCHEMES: dict[str, RD | Callable[[str], RD]] = {
 
 
 def eval_variants() -> dict[str, RD]:
-    """Each layer site alone in deterministic eval: a dropout site under classic scaling
-    (inverted scaling's eval is the identity, which the schemes check), zoneout's
-    expectation."""
+    """Each site whose eval runs the time loop, alone in deterministic eval (SITES' path
+    ``loop``: under classic scaling; ``loop_always``: zoneout's expectation). The others'
+    eval is a constant factor or none, which the ``classic`` and ``everything`` schemes
+    check all at once."""
     return {f"{n}-eval": RD(**{n: RATE}, **({"scaling": "classic"} if SITES[n].scaled else {}))
-            for n in LAYER_SITES}  # fmt: skip
+            for n in LAYER_SITES if SITES[n].path in ("loop", "loop_always")}  # fmt: skip
 
 
 def scheme(name: str, cell: str) -> RD:

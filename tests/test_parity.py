@@ -256,10 +256,10 @@ def test_site_matches_reference(backend, cell, variant, monkeypatch):
 
 
 # one direction without an initial state, both directions with one (the sites alone: the
-# latter); a backend that is not cheap runs the latter only
+# latter). Triton's interpreter: its module level is the packed test (against the reference)
+# and the backend-independence test (masks, outputs, every gradient against python's).
 _SCHEME_PARAMS = [pytest.param(*p.values, bidir, bidir, id=f"{p.id}-{'bi-hx' if bidir else 'uni'}")
-                  for p in _params(SCHEMES) for bidir in (False, True)
-                  if bidir or BACKEND_CASES[p.values[0]].cheap]  # fmt: skip
+                  for p in _params(SCHEMES, backends=CHEAP) for bidir in (False, True)]  # fmt: skip
 
 
 @pytest.mark.parametrize("backend,cell,name,bidir,with_hx", _SCHEME_PARAMS)
@@ -398,12 +398,10 @@ def test_packed_input_in_eval_matches_reference(cell, backend, monkeypatch):
 @pytest.mark.parametrize("cell", CELL_IDS)
 def test_masks_and_rate_gradients_do_not_depend_on_the_backend(cell, backend, monkeypatch):
     """The engine draws every mask, whatever the backend: the same seed gives the python
-    loop's masks and outputs. Concrete dropout: the rate gradients (masks' gradients
-    through the loop) equal the python loop's (Triton's: tests/test_concrete.py)."""
+    loop's masks, outputs and gradients; with concrete dropout also the rate gradients
+    (the masks' gradients written by the loop)."""
     case = use_backend(backend, cell, monkeypatch)
-    concrete = case.cheap  # else the forward only: its gradients are test_scheme's
-    cfg = every_site(cell, tied=False, time="per_step",
-                     **({"concrete": True, "temperature": 0.5} if concrete else {}))  # fmt: skip
+    cfg = every_site(cell, tied=False, time="per_step", concrete=True, temperature=0.5)
     torch.manual_seed(0)
     m = CELL_CASES[cell].module(3, 5, 2, bidirectional=True, dropout=cfg).to(case.dtype)
     m.record_masks = True
@@ -417,9 +415,9 @@ def test_masks_and_rate_gradients_do_not_depend_on_the_backend(cell, backend, mo
         states = state if isinstance(state, tuple) else (state,)
         loss = out.square().sum() + sum(s.sum() for s in states)
         names, params = zip(*m.named_parameters(), strict=True)
-        grads = torch.autograd.grad(loss, [x, *params]) if concrete else ()
+        grads = torch.autograd.grad(loss, [x, *params])
         results.append(([out, *states, *grads], dict(m.last_masks)))
-    assert any(n.startswith("dropout_logit") for n in names) == concrete
+    assert any(n.startswith("dropout_logit") for n in names)
     (ours, our_masks), (ref, ref_masks) = results
     assert our_masks.keys() == ref_masks.keys() and our_masks
     for k in our_masks:
@@ -763,10 +761,11 @@ def test_layer_shapes(cell, backend, monkeypatch):
     """The backend's edge shapes (one step, one sample, one unit, sizes past a vector width
     or a tile), both directions."""
     case, c = _layer_backend(backend, cell, monkeypatch)
-    # no masks runs the compiled loop's unmasked row kernels (cheap backends: every shape)
-    cases = ("none", "everything_untied") if case.cheap else ("everything_untied",)
-    for (Tn, Bn, In, Hn), name, dtype, reverse in itertools.product(
-        case.shapes, cases, case.layer_dtypes, (False, True)
+    # no masks runs the compiled loop's unmasked row kernels (cheap backends, first dtype)
+    runs = [("everything_untied", d) for d in case.layer_dtypes]
+    runs += [("none", case.layer_dtypes[0])] if case.cheap else []
+    for (Tn, Bn, In, Hn), (name, dtype), reverse in itertools.product(
+        case.shapes, runs, (False, True)
     ):
         masks = make_masks(c, name, Tn, Bn, In, Hn, dtype)
         leaves = make_leaves(c, False, True, Tn, Bn, In, Hn, dtype)
