@@ -48,6 +48,7 @@ from parity import (
     layer_tol,
     make_leaves,
     make_masks,
+    module_tol,
     scheme,
     site_variants,
 )
@@ -126,7 +127,7 @@ def check(module, x, hx, sample, case, monkeypatch, cell):
     calls = spy(monkeypatch, case)
     cfg, D = module.dropout, module.num_directions
     masks = assert_matches_reference(module, CELL_CASES[cell].reference, x, hx, sample,
-                                     case.tol, ref_dtype=F64)  # fmt: skip
+                                     module_tol(case, cell), ref_dtype=F64)  # fmt: skip
     loops = sum(not _fused(cell) or needs_loop(cfg, layer, sample, module.num_layers)
                 for layer in range(module.num_layers))  # fmt: skip
     assert len(calls) == loops * D
@@ -305,8 +306,8 @@ def test_without_bias_matches_reference(backend, cell, monkeypatch):
     check(m, x, None, True, case, monkeypatch, cell)
 
 
-def _tol(case):
-    return dict(atol=case.tol, rtol=case.tol)
+def _tol(case, cell):
+    return dict(atol=module_tol(case, cell), rtol=module_tol(case, cell))
 
 
 @pytest.mark.parametrize("backend", CHEAP)
@@ -319,8 +320,8 @@ def test_batch_first_and_unbatched_match_reference(backend, cell, monkeypatch):
     x = torch.randn(B, T, I, dtype=case.dtype)
     out, state = m(x)
     ref_out, ref_state, _ = ref(m, x.transpose(0, 1), None, m.last_masks)
-    torch.testing.assert_close(out, ref_out.transpose(0, 1), **_tol(case))
-    torch.testing.assert_close(state, ref_state, **_tol(case))
+    torch.testing.assert_close(out, ref_out.transpose(0, 1), **_tol(case, cell))
+    torch.testing.assert_close(state, ref_state, **_tol(case, cell))
     m.batch_first = False  # unbatched: (T, I) and a state without its batch dimension
     x, hx = torch.randn(T, I, dtype=case.dtype), state0(cell, 2, case.dtype, batch=1)
     hx = tuple(h[:, 0].detach() for h in hx) if isinstance(hx, tuple) else hx[:, 0].detach()
@@ -328,9 +329,9 @@ def test_batch_first_and_unbatched_match_reference(backend, cell, monkeypatch):
     assert out.shape == (T, 2 * H)
     batched = tuple(h[:, None] for h in hx) if isinstance(hx, tuple) else hx[:, None]
     ref_out, ref_state, _ = ref(m, x[:, None], batched, m.last_masks)
-    torch.testing.assert_close(out, ref_out[:, 0], **_tol(case))
+    torch.testing.assert_close(out, ref_out[:, 0], **_tol(case, cell))
     unb = (lambda s: tuple(t[:, 0] for t in s)) if isinstance(hx, tuple) else (lambda s: s[:, 0])
-    torch.testing.assert_close(state, unb(ref_state), **_tol(case))
+    torch.testing.assert_close(state, unb(ref_state), **_tol(case, cell))
 
 
 def _slice(m, key, b, n):
@@ -352,12 +353,12 @@ def _each_sequence(cell, m, x, lengths, hx, padded, state, masks, sample, case):
         h_b = None if hx is None else (tuple(h[:, b : b + 1] for h in hx)
                                         if isinstance(hx, tuple) else hx[:, b : b + 1])  # fmt: skip
         ro, rs, _ = CELL_CASES[cell].reference(m, x[:n, b : b + 1], h_b, part, sample=sample)
-        torch.testing.assert_close(padded[:n, b : b + 1], ro, atol=case.tol, rtol=0)
+        torch.testing.assert_close(padded[:n, b : b + 1], ro, atol=module_tol(case, cell), rtol=0)
         assert (padded[n:, b] == 0).all()
         ours = state if isinstance(state, tuple) else (state,)
         theirs = rs if isinstance(rs, tuple) else (rs,)
         for s, r in zip(ours, theirs, strict=True):
-            torch.testing.assert_close(s[:, b : b + 1], r, atol=case.tol, rtol=0)
+            torch.testing.assert_close(s[:, b : b + 1], r, atol=module_tol(case, cell), rtol=0)
 
 
 PACKED = {"everything": SCHEMES["everything"], "variational": SCHEMES["variational"],
@@ -422,7 +423,7 @@ def test_masks_and_rate_gradients_do_not_depend_on_the_backend(cell, backend, mo
     assert our_masks.keys() == ref_masks.keys() and our_masks
     for k in our_masks:
         assert torch.equal(our_masks[k], ref_masks[k]), k
-    tol = 1e-10 if case.dtype == F64 else 1e-5
+    tol = 1e-10 if case.dtype == F64 else 1e-5 * CELL_CASES[cell].f32_gain
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
@@ -439,7 +440,9 @@ def test_float32_matches_the_float64_reference(cell, backend, name, monkeypatch)
     torch.manual_seed(2)
     m = CELL_CASES[cell].module(16, 24, 2, bidirectional=True, dropout=scheme(name, cell))
     x = torch.randn(12, 5, 16, requires_grad=True)
-    assert_matches_reference(m, CELL_CASES[cell].reference, x, None, True, 2e-5, 1e-4, F64)
+    gain = CELL_CASES[cell].f32_gain
+    assert_matches_reference(m, CELL_CASES[cell].reference, x, None, True, 2e-5 * gain,
+                             1e-4 * gain, F64)  # fmt: skip
 
 
 # ---- drop-in: no dropout is torch's module ---------------------------------------------------
@@ -734,7 +737,8 @@ def test_layer_site_matches_python(cell, backend, case_name, reverse, monkeypatc
             if projected:
                 masks.input = None  # input masks act on x before the projection
             leaves = make_leaves(c, projected, bias, LT, LB, LI, LH, dtype)
-            assert_layer_agrees(case.backend, c, leaves, masks, reverse, layer_tol(case, dtype))
+            tol = layer_tol(case, dtype, cell)
+            assert_layer_agrees(case.backend, c, leaves, masks, reverse, tol)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -752,7 +756,7 @@ def test_layer_projection_and_bias_variants(cell, backend, reverse, projected, b
     if projected:
         masks.input = None
     leaves = make_leaves(c, projected, bias, Tn, Bn, In, Hn, dtype)
-    assert_layer_agrees(case.backend, c, leaves, masks, reverse, layer_tol(case, dtype))
+    assert_layer_agrees(case.backend, c, leaves, masks, reverse, layer_tol(case, dtype, cell))
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -769,7 +773,7 @@ def test_layer_shapes(cell, backend, monkeypatch):
     ):
         masks = make_masks(c, name, Tn, Bn, In, Hn, dtype)
         leaves = make_leaves(c, False, True, Tn, Bn, In, Hn, dtype)
-        assert_layer_agrees(case.backend, c, leaves, masks, reverse, layer_tol(case, dtype))
+        assert_layer_agrees(case.backend, c, leaves, masks, reverse, layer_tol(case, dtype, cell))
 
 
 @pytest.mark.parametrize("wants", ["x", "weights", "state"])
@@ -785,7 +789,7 @@ def test_layer_partial_gradients(cell, backend, wants, monkeypatch):
             t.requires_grad_({"x": k == 0, "weights": k in (1, 2, 3, 4) or k >= 7,
                               "state": k in (5, 6)}[wants])  # fmt: skip
     masks = make_masks(c, "everything_untied", 3, 2, 3, 5, dtype)
-    assert_layer_agrees(case.backend, c, leaves, masks, True, layer_tol(case, dtype))
+    assert_layer_agrees(case.backend, c, leaves, masks, True, layer_tol(case, dtype, cell))
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -798,7 +802,7 @@ def test_layer_gradient_through_the_last_cell_state_only(cell, backend, monkeypa
     dtype = case.layer_dtypes[0]
     masks = make_masks(c, "everything_untied", 3, 2, 3, 5, dtype)
     leaves = make_leaves(c, False, True, 3, 2, 3, 5, dtype)
-    assert_layer_agrees(case.backend, c, leaves, masks, False, layer_tol(case, dtype), False)
+    assert_layer_agrees(case.backend, c, leaves, masks, False, layer_tol(case, dtype, cell), False)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
