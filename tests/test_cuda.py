@@ -64,7 +64,7 @@ def test_eval_and_mc_on_cuda():
         assert not torch.equal(lstm(x)[0], lstm(x)[0])
 
 
-# ---- the triton backend on a GPU (its parity in the interpreter: tests/test_triton.py) ----
+# ---- the triton backend on a GPU (its parity in the interpreter: tests/test_parity.py) ----
 
 CELL_PAIRS = [(LSTM, nn.LSTM), (GRU, nn.GRU), (RNN, nn.RNN)]
 LOOP_SCHEME = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.1, tied=False, time="per_step")

@@ -1,14 +1,13 @@
-"""rnndrop.nn.LayerNormLSTM: every scheme on the python and cpp loops against the independent
-LayerNorm LSTM of tests/reference.py (hand-written LayerNorm), and at no dropout against a
-second loop written here with ``torch.nn.functional.layer_norm``; every scheme on the
-Triton step kernels (in Triton's interpreter, float32) against the python loop.
+"""rnndrop.nn.LayerNormLSTM: what only it has. Its schemes on every backend against the
+independent LayerNorm LSTM of tests/reference.py (hand-written LayerNorm; outputs and every
+gradient, the LayerNorm gains and shift included) are tests/test_parity.py's, as for every
+cell.
 
-The module records the masks it drew; the reference applies them at their sites by the book
-(haste's equations). Agreement of outputs and gradients (every parameter, the LayerNorm
-gains and shift included) shows each mask acts at its site and that each backend's
-hand-written backward (``cpp``: ``cell_layernorm_lstm.h``; ``python``:
-``nn/cells/layernorm_lstm.py``; ``triton``: ``kernels/triton/cell_layernorm_lstm.py``) is
-right.
+Here: its parameters and state dicts, no dropout against a second loop written here with
+``torch.nn.functional.layer_norm``, no fused op, finite differences and double backward,
+mask and parameter gradients of one layer against autograd, concrete rates on both CPU
+backends, its sites, every scheme on the Triton step kernels (interpreter, float32, H = 16)
+against the python loop, and the language model.
 """
 
 import io
@@ -17,10 +16,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from compare import assert_matches_reference
-from reference import reference_layernorm_lstm
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from rnndrop.config import RecurrentDropout as RD
 from rnndrop.kernels import (
@@ -31,7 +27,7 @@ from rnndrop.kernels import (
     rnn_layer,
     select_backend,
 )
-from rnndrop.nn import LayerNormLSTM, mc_dropout
+from rnndrop.nn import LayerNormLSTM
 from rnndrop.nn.cells import CELLS, LAYERNORM_LSTM_CELL
 
 F64 = torch.float64
@@ -68,13 +64,6 @@ def make(scheme=None, layers=2, bidir=False, I=4, H=6, bias=True, **kw):
 
 def state(L, B=3, H=6):
     return tuple(torch.randn(L, B, H, dtype=F64, requires_grad=True) for _ in range(2))
-
-
-def check(m, x, hx, sample):
-    masks = assert_matches_reference(m, reference_layernorm_lstm, x, hx, sample, tol=1e-10)
-    if sample:  # not vacuous: something is dropped, something kept
-        assert masks and any((v == 0).any() for v in masks.values())
-        assert all((v != 0).any() for v in masks.values())
 
 
 # ---- parameters ---------------------------------------------------------------------------
@@ -165,78 +154,7 @@ def test_no_dropout_matches_a_plain_loop(bidir, layers, loop_impl):
     assert got_g[-1].abs().sum() > 0  # the last LN shift gets a gradient
 
 
-# ---- every scheme against the independent reference ------------------------------------------
-
-
-@pytest.mark.parametrize("scheme", SCHEMES)
-@pytest.mark.parametrize("bidir", [False, True])
-def test_training_matches_reference(scheme, bidir, loop_impl):
-    torch.manual_seed(1)
-    m = make(scheme, bidir=bidir)
-    x = torch.randn(5, 3, 4, dtype=F64, requires_grad=True)
-    check(m, x, state(2 * (2 if bidir else 1)), sample=True)
-
-
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_eval_matches_reference_expectations(scheme, loop_impl):
-    torch.manual_seed(1)
-    m = make(scheme, bidir=True).eval()
-    x = torch.randn(5, 3, 4, dtype=F64, requires_grad=True)
-    check(m, x, None, sample=False)
-
-
-@pytest.mark.parametrize("scheme", ["variational", "zoneout", "everything"])
-def test_mc_mode_and_no_bias_match_reference(scheme, loop_impl):
-    torch.manual_seed(1)
-    m = make(scheme, bias=False).eval()
-    x = torch.randn(5, 3, 4, dtype=F64, requires_grad=True)
-    with mc_dropout(m):
-        check(m, x, None, sample=True)
-
-
-def test_batch_first_and_unbatched_are_the_time_major_layer(loop_impl):
-    torch.manual_seed(4)
-    m = make("zoneout", bidir=True).eval()  # deterministic: zoneout's expectation
-    x = torch.randn(5, 3, 4, dtype=F64)
-    out, (h, c) = m(x)
-    bf = make("zoneout", bidir=True, batch_first=True).eval()
-    bf.load_state_dict(m.state_dict())
-    out_bf, (h_bf, c_bf) = bf(x.transpose(0, 1))
-    torch.testing.assert_close(out_bf.transpose(0, 1), out, atol=1e-12, rtol=0)
-    torch.testing.assert_close((h_bf, c_bf), (h, c), atol=1e-12, rtol=0)
-    out1, (h1, c1) = m(x[:, 1])  # unbatched (T, I)
-    torch.testing.assert_close(out1, out[:, 1], atol=1e-12, rtol=0)
-    torch.testing.assert_close((h1, c1), (h[:, 1], c[:, 1]), atol=1e-12, rtol=0)
-
-
-def _slice(mask, key, b, n):
-    """The recorded mask restricted to sequence b's first n steps (shapes per masks.py)."""
-    if key.startswith("weight_hh"):
-        return mask
-    if key.startswith("recurrent"):  # (T|1, Gr, B|1, H)
-        return mask[:n, :, b : b + 1] if mask.shape[2] > 1 else mask[:n]
-    if mask.dim() == 4:  # untied input (4, T|1, B|1, F)
-        return mask[:, :n, b : b + 1] if mask.shape[2] > 1 else mask[:, :n]
-    return mask[:n, b : b + 1] if mask.shape[1] > 1 else mask[:n]
-
-
-def test_packed_input_matches_each_sequence_alone(loop_impl):
-    """Past a sequence's end the state is carried (zoneout weight 1), in both directions."""
-    torch.manual_seed(5)
-    m = make("everything", bidir=True)
-    lengths = torch.tensor([5, 3, 2])
-    x = torch.randn(5, 3, 4, dtype=F64)
-    h0, c0 = (torch.randn(4, 3, 6, dtype=F64) for _ in range(2))
-    m.record_masks = True
-    out, (h, c) = m(pack_padded_sequence(x, lengths), (h0, c0))
-    padded, _ = pad_packed_sequence(out)
-    for b, n in enumerate(lengths.tolist()):
-        masks = {k: _slice(v, k, b, n) for k, v in m.last_masks.items()}
-        ro, (rh, rc), _ = reference_layernorm_lstm(
-            m, x[:n, b : b + 1], (h0[:, b : b + 1], c0[:, b : b + 1]), masks)  # fmt: skip
-        torch.testing.assert_close(padded[:n, b : b + 1], ro, atol=1e-10, rtol=0)
-        torch.testing.assert_close((h[:, b : b + 1], c[:, b : b + 1]), (rh, rc), atol=1e-10,
-                                   rtol=0)  # fmt: skip
+# ---- every scheme against the independent reference: tests/test_parity.py ----------------------
 
 
 def test_empty_batch_and_no_fused_op():

@@ -1,13 +1,16 @@
-"""The ``triton`` loop backend in Triton's interpreter against the ``python`` reference.
+"""The ``triton`` loop backend: what only it has. Its parity with the other backends (every
+cell and site on both paths, the LayerNorm LSTM on the step path, the input projection and
+biases, edge shapes, partial gradients, whole modules and packed input) is
+tests/test_parity.py's, in Triton's interpreter.
 
 Runs on CPU with ``TRITON_INTERPRET=1``: the same kernels a GPU compiles, executed with numpy
 one program after another (exact parity, blind to speed). The variable is set per test with
 ``monkeypatch``: ``@triton.jit`` reads it when it decorates a kernel, so the backend keeps its
 kernels undecorated and wraps them per call from the variable's current value; nothing here
-leaks into other test files. Outputs, final states and every gradient, for the LSTM, the
-GRU, the Elman RNN (tanh, relu) and the LayerNorm LSTM (step path only; its parameters'
-gradients too), every mask site alone and together, both directions, with and without the
-input projection and the biases; tiny shapes (the interpreter is slow).
+leaks into other test files. Here: what it refuses and why, ``auto``'s choices, the step
+path beyond the one-launch kernel's hidden sizes, the CUDA-graph cache (capture faked on
+CPU), every cell's kernels compiled for sm_90 without a GPU, half precision, and on a GPU
+(skipped without one) the compiled kernels against the ``python`` loop.
 """
 
 import pytest
@@ -15,11 +18,13 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
 
+from parity import assert_layer_agrees, make_leaves, make_masks, run_layer
+
 from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.kernels import LayerInputs, LayerMasks, rnn_layer
+from rnndrop.kernels import LayerInputs, LayerMasks
 from rnndrop.kernels.triton import KERNELS, MAX_H, TritonBackend, row_cell, triton_path
-from rnndrop.nn import GRU, LSTM, RNN
+from rnndrop.nn import LSTM
 from rnndrop.nn.cells import CELLS as ALL_CELLS
 from rnndrop.nn.cells import GRU_CELL, LAYERNORM_LSTM_CELL, LSTM_CELL
 
@@ -28,181 +33,21 @@ CELLS = {name: ALL_CELLS[name]
          for name in ("lstm", "gru", "rnn_tanh", "rnn_relu", "layernorm_lstm")}  # fmt: skip
 
 
+def run(backend, cell, leaves, masks, reverse, weight):
+    return run_layer(backend, cell, leaves, masks, reverse, weight)
+
+
+def assert_agree(cell, leaves, masks, reverse):
+    if row_cell(cell.name) and triton_path() == "loop":  # the step path runs it
+        with pytest.raises(RuntimeError, match=f"one-launch kernel has no {cell.name} cell"):
+            run_layer("triton", cell, leaves, masks, reverse, torch.ones(1))
+        return
+    assert_layer_agrees("triton", cell, leaves, masks, reverse, TOL)
+
+
 @pytest.fixture(autouse=True)
 def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-
-
-@pytest.fixture(params=["loop", "step"])
-def path(request, monkeypatch):
-    """Both paths of the backend: the whole loop in one launch, and a kernel per step."""
-    monkeypatch.setenv("RNNDROP_TRITON_PATH", request.param)
-    return request.param
-
-
-# mask site -> options: rec (Tm, tied|untied); inp (Tm, batch); cand Tm;
-# zh / zc: "sampled" (0/1 per step, a padded step carrying exactly) or "eval" (z, shared)
-CASES = {
-    "none": {},
-    "rec_tied_shared": dict(rec=("1", "tied")),
-    "rec_tied_per_step": dict(rec=("T", "tied")),
-    "rec_untied_shared": dict(rec=("1", "untied")),
-    "rec_untied_per_step": dict(rec=("T", "untied")),
-    "candidate": dict(cand="T"),
-    "candidate_shared": dict(cand="1"),
-    "zoneout_h": dict(zh="sampled"),
-    "zoneout_c": dict(zc="sampled"),
-    "zoneout_eval": dict(zh="eval", zc="eval"),
-    "input_untied": dict(inp=("T", "B")),
-    "input_untied_shared": dict(inp=("1", "1")),
-    "everything_untied": dict(
-        rec=("T", "untied"), inp=("T", "B"), cand="T", zh="sampled", zc="sampled"
-    ),
-    "everything_tied": dict(rec=("1", "tied"), inp=("1", "B"), cand="1", zh="eval", zc="eval"),
-}
-
-
-def _drop(shape, p):
-    return (torch.rand(shape) >= p).float() / (1 - p)
-
-
-def _zone(kind, T, B, H):
-    if kind == "sampled":
-        z = (torch.rand(T, B, H) < 0.4).float()
-        z[-1, 0] = 1.0  # a padded step: carry the state exactly
-        return z
-    return torch.full((1, B, H), 0.3)
-
-
-def make_masks(cell, case, T, B, I, H):
-    spec, G = CASES[case], cell.gates
-    steps = {"T": T, "1": 1}
-    m = LayerMasks()
-    if "rec" in spec:
-        tm, tie = spec["rec"]
-        m.recurrent = _drop((steps[tm], 1 if tie == "tied" else G, B, H), 0.3)
-    if "inp" in spec:
-        tm, batch = spec["inp"]
-        m.input = _drop((G, steps[tm], B if batch == "B" else 1, I), 0.3)
-    if "cand" in spec:
-        m.candidate = _drop((steps[spec["cand"]], B, H), 0.3)
-    if "zh" in spec:
-        m.zoneout_h = _zone(spec["zh"], T, B, H)
-    if "zc" in spec and cell.has_cell:
-        m.zoneout_c = _zone(spec["zc"], T, B, H)
-    return m
-
-
-def make_leaves(cell, projected, bias, T, B, I, H):
-    """x, w_ih, b_x, w_hh, b_h, h0, c0 (None where absent), then the cell's own parameters
-    (``LayerInputs.extra``), as the engine would hand them."""
-    G = cell.gates
-
-    def leaf(*shape, scale=0.5, mean=0.0):
-        return (mean + torch.randn(*shape) * scale).requires_grad_()
-
-    if projected:  # x is the input projection, its bias included
-        x, w_ih, b_x = leaf(T, B, G * H, scale=1.0), None, None
-    else:
-        x, w_ih = leaf(T, B, I, scale=1.0), leaf(G * H, I)
-        b_x = leaf(G * H) if bias else None
-    b_h = leaf(G * H) if bias and cell.split_recurrent else None
-    c0 = leaf(B, H) if cell.has_cell else None
-    extra = []
-    if cell.extra_params:  # the LayerNorm LSTM: b (after the LNs, zeros without bias), the
-        # gains away from 1 and the shift from 0 (a swapped or ignored one shows)
-        b_x = b_h = None
-        extra = [leaf(G * H) if bias else torch.zeros(G * H)]
-        extra += [leaf(k * H, mean=init) for _, k, init in cell.extra_params]
-    return [x, w_ih, b_x, leaf(G * H, H), b_h, leaf(B, H), c0, *extra]
-
-
-def run(backend, cell, leaves, masks, reverse, weight, use_h=True):
-    x, w_ih, b_x, w_hh, b_h, h0, c0, *extra = leaves
-    h_seq, c_last = rnn_layer(cell, x, w_ih, b_x, w_hh, b_h, h0, c0, masks, reverse=reverse,
-                              backend=backend, extra=tuple(extra))  # fmt: skip
-    loss = (h_seq * weight).sum() if use_h else 0.0
-    if c_last is not None:
-        loss = loss + (c_last * weight[0]).sum()
-    present = [t for t in leaves if t is not None and t.requires_grad]
-    grads = torch.autograd.grad(loss, present)
-    return [h_seq, c_last, *grads]
-
-
-def assert_agree(cell, leaves, masks, reverse, use_h=True):
-    T, B = leaves[0].shape[:2]
-    H = leaves[3].shape[1]
-    weight = torch.randn(T, B, H)
-    if row_cell(cell.name) and triton_path() == "loop":  # the step path runs it
-        with pytest.raises(RuntimeError, match=f"one-launch kernel has no {cell.name} cell"):
-            run("triton", cell, leaves, masks, reverse, weight, use_h)
-        return
-    ours = run("triton", cell, leaves, masks, reverse, weight, use_h)
-    ref = run("python", cell, leaves, masks, reverse, weight, use_h)
-    assert len(ours) == len(ref)
-    for a, b in zip(ours, ref, strict=True):
-        if a is None or b is None:
-            assert a is None and b is None
-            continue
-        torch.testing.assert_close(a, b, **TOL)
-
-
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("cell", list(CELLS))
-def test_every_site_matches_python(cell, case, reverse, path):
-    cell = CELLS[cell]
-    T, B, I, H = 4, 3, 3, 5  # H = 5: the (16, 16) tiles are mostly padding
-    masks = make_masks(cell, case, T, B, I, H)
-    assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, reverse)
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("projected", [False, True], ids=["w_ih", "projected"])
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("cell", list(CELLS))
-def test_projection_and_bias_variants(cell, reverse, projected, bias, path):
-    cell = CELLS[cell]
-    T, B, I, H = 3, 2, 3, 6
-    masks = make_masks(cell, "everything_untied", T, B, I, H)
-    if projected:
-        masks.input = None  # input masks act on x before the projection
-    assert_agree(cell, make_leaves(cell, projected, bias, T, B, I, H), masks, reverse)
-
-
-@pytest.mark.parametrize(
-    "shape",
-    [(1, 1, 2, 1), (2, 17, 3, 8), (5, 2, 2, 16), (2, 1, 3, 20), (2, 1, 2, MAX_H)],
-    ids=["one_step", "two_programs", "full_tile", "two_tiles_wide", "max_h"],
-)
-@pytest.mark.parametrize("cell", list(CELLS))
-def test_shapes(cell, shape, path):
-    """One step and one unit; a batch over two programs; H filling and overrunning 16."""
-    cell = CELLS[cell]
-    T, B, I, H = shape
-    for reverse in (False, True):
-        masks = make_masks(cell, "everything_untied", T, B, I, H)
-        assert_agree(cell, make_leaves(cell, False, True, T, B, I, H), masks, reverse)
-
-
-def test_lstm_gradient_through_the_last_cell_state_only(path):
-    """No gradient reaches h_seq (dh_seq is None in backward): only c_last is used."""
-    T, B, I, H = 3, 2, 3, 5
-    masks = make_masks(LSTM_CELL, "everything_untied", T, B, I, H)
-    leaves = make_leaves(LSTM_CELL, False, True, T, B, I, H)
-    assert_agree(LSTM_CELL, leaves, masks, False, use_h=False)
-
-
-@pytest.mark.parametrize("wants", ["x", "weights", "h0"])
-def test_partial_gradients(wants, path):
-    T, B, I, H = 3, 2, 3, 5
-    for cell in CELLS.values():
-        leaves = make_leaves(cell, False, True, T, B, I, H)
-        keep = {"x": {0}, "weights": {1, 2, 3, 4, *range(7, len(leaves))}, "h0": {5, 6}}[wants]
-        for k, t in enumerate(leaves):
-            if t is not None:
-                t.requires_grad_(k in keep)
-        assert_agree(cell, leaves, make_masks(cell, "everything_untied", T, B, I, H), True)
 
 
 def _inputs(cell, dtype=torch.float32, H=3, device="cpu"):
@@ -314,65 +159,6 @@ def test_auto_never_picks_the_interpreter_even_without_cpp(monkeypatch):
         assert kernels.select_backend(_inputs(LSTM_CELL)).name == "python"
     with kernels.loop_backend("triton"):  # asked for explicitly, the interpreter runs
         assert kernels.select_backend(_inputs(LSTM_CELL)).name == "triton"
-
-
-@pytest.mark.parametrize("cls", [LSTM, GRU])
-def test_modules_with_rnndrop_loop_triton_match_the_python_loop(cls, path, monkeypatch):
-    """Two layers, both directions, every loop-path site: the same masks (same seed, recorded
-    and compared), the same outputs, final states and gradients."""
-    cfg = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.2, input=0.2, tied=False,
-             time="per_step", zoneout_cell=0.2 if cls is LSTM else 0.0)  # fmt: skip
-    m = cls(3, 5, 2, bidirectional=True, dropout=cfg).train()
-    m.record_masks = True
-    triton_backend, calls = kernels.BACKENDS["triton"], []
-    forward = triton_backend.forward
-    monkeypatch.setattr(triton_backend, "forward", lambda inp: calls.append(1) or forward(inp))
-    x0 = torch.randn(4, 2, 3)
-    results = []
-    for backend in ("triton", "python"):
-        monkeypatch.setenv("RNNDROP_LOOP", backend)
-        x = x0.clone().requires_grad_()
-        torch.manual_seed(7)  # the engine draws the masks: same seed, same masks
-        out, state = m(x)
-        states = state if isinstance(state, tuple) else (state,)
-        loss = out.square().sum() + sum(s.sum() for s in states)
-        grads = torch.autograd.grad(loss, [x, *m.parameters()])
-        results.append(([out, *states, *grads], dict(m.last_masks)))
-    assert len(calls) == 4  # every layer and direction ran on the triton loop
-    (ours, our_masks), (ref, ref_masks) = results
-    assert our_masks.keys() == ref_masks.keys() and our_masks
-    for k in our_masks:
-        assert torch.equal(our_masks[k], ref_masks[k]), k
-    for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
-
-
-@pytest.mark.parametrize("concrete", [False, True], ids=["sampled", "concrete"])
-@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
-def test_rnn_modules_match_the_python_loop(nonlinearity, concrete, path, monkeypatch):
-    """nn.RNN's schemes on the triton loop: two layers, both directions, untied per-step
-    input masks, per-step recurrent masks and zoneout on h; with concrete dropout also the
-    rates' gradients (the mask gradients written by the kernels), as the python loop's."""
-    cfg = RD(recurrent=0.3, zoneout_hidden=0.2, input=0.2, tied=False, time="per_step",
-             concrete=concrete)  # fmt: skip
-    m = RNN(3, 5, 2, nonlinearity, bidirectional=True, dropout=cfg).train()
-    triton_backend, calls = kernels.BACKENDS["triton"], []
-    forward = triton_backend.forward
-    monkeypatch.setattr(triton_backend, "forward", lambda inp: calls.append(1) or forward(inp))
-    x0 = torch.randn(4, 2, 3)
-    results = []
-    for backend in ("triton", "python"):
-        monkeypatch.setenv("RNNDROP_LOOP", backend)
-        x = x0.clone().requires_grad_()
-        torch.manual_seed(7)  # the engine draws the masks: same seed, same masks
-        out, h = m(x)
-        loss = out.square().sum() + h.sin().sum()
-        params = dict(m.named_parameters())
-        assert concrete == any(n.startswith("dropout_logit") for n in params)
-        results.append([out, h, *torch.autograd.grad(loss, [x, *params.values()])])
-    assert len(calls) == 4  # every layer and direction ran on the triton loop
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
 
 
 def _copy_into(dst, src):
@@ -553,28 +339,3 @@ def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dty
             scale = want.abs().max().item()
             eps = torch.finfo(dtype).eps
             assert err <= 1.5 * ref_err + 4 * eps * scale, (k, err, ref_err)
-
-
-@pytest.mark.parametrize("cls", [LSTM, GRU])
-def test_packed_sequences_match_the_python_loop(cls, path, monkeypatch):
-    """Packed input of unequal lengths (zoneout carries the state past each end), two
-    layers, both directions: outputs, final states and gradients as the python loop's."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-
-    cfg = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.2, tied=False,
-             zoneout_cell=0.2 if cls is LSTM else 0.0)  # fmt: skip
-    m = cls(3, 5, 2, bidirectional=True, dropout=cfg).train()
-    x0 = torch.randn(5, 3, 3)
-    lengths = torch.tensor([5, 2, 4])
-    results = []
-    for backend in ("triton", "python"):
-        monkeypatch.setenv("RNNDROP_LOOP", backend)
-        x = x0.clone().requires_grad_()
-        torch.manual_seed(11)
-        out, state = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
-        out, _ = pad_packed_sequence(out)
-        states = state if isinstance(state, tuple) else (state,)
-        loss = out.square().sum() + sum(s.square().sum() for s in states)
-        results.append([out, *states, *torch.autograd.grad(loss, [x, *m.parameters()])])
-    for a, b in zip(*results, strict=True):
-        torch.testing.assert_close(a, b, **TOL)
