@@ -158,8 +158,8 @@ def _build() -> ModuleType | None:
         if module is not None:
             return module
         print(
-            f"rnndrop: compiling the loop kernel (LSTM, GRU, RNN) for this torch installation "
-            f"(once, ~30-60 s; cached in {build_dir}; set RNNDROP_EXTENSION=0 to skip)",
+            f"rnndrop: compiling the loop kernel (every rnndrop.nn cell) for this torch "
+            f"installation (once, ~30-60 s; cached in {build_dir}; RNNDROP_EXTENSION=0 skips it)",
             file=sys.stderr,
             flush=True,
         )
