@@ -447,11 +447,10 @@ struct Dgates {
     return buf.view({G, TB, H}).permute({1, 0, 2}).reshape({TB, G * H});
   }
   // (G, TB, H) gate-major and dense (a copy, made once, if step-major)
-  const Tensor& by_gate() {
-    if (!gm && !cache.defined()) {
-      cache = buf.view({T() * B(), G, H}).transpose(0, 1).contiguous();
-    }
-    return gm ? gm_view() : cache;
+  Tensor by_gate() {
+    if (gm) return buf.view({G, T() * B(), H});
+    if (!cache.defined()) cache = buf.view({T() * B(), G, H}).transpose(0, 1).contiguous();
+    return cache;
   }
   // gate-major step t copied into a dense (G, B, H) `out`: a (G, B, H) view of buf has
   // batch stride T*B*H, and ATen hands oneDNN such an operand only after its own copy
@@ -476,11 +475,7 @@ struct Dgates {
   }
 
  private:
-  Tensor cache, view_;
-  const Tensor& gm_view() {
-    if (!view_.defined()) view_ = buf.view({G, T() * B(), H});
-    return view_;
-  }
+  Tensor cache;
 };
 
 // dW_hh = sum_t dg_t^T (masked h_{t-1}): one GEMM per gate group over all T*B rows
@@ -523,7 +518,7 @@ std::array<Tensor, 3> input_grads(Dgates& dg, const Tensor& x, const Tensor& w_i
     if (need_x) gemm(dg2, w_ih, out[0].view({T_ * B, -1}), 0.0f);
     if (need_w) gemm(dg2.t(), x.view({T_ * B, -1}), out[1], 0.0f);
   } else {
-    const Tensor& dgm = dg.by_gate();
+    const Tensor dgm = dg.by_gate();
     Tensor xm = need_w && has(in_mask) ? scratch(kMaskedInput, x.sizes(), x.options()) : Tensor();
     Tensor dxk = need_x && has(in_mask) ? scratch(kInputGrad, x.sizes(), x.options()) : Tensor();
     for (int64_t k = 0; k < G; ++k) {
