@@ -45,6 +45,7 @@
 #include <immintrin.h>
 #endif
 
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cmath>
@@ -548,6 +549,16 @@ auto by_dtype(const Tensor& t, const char* what, F&& f) {
   return f(float{});
 }
 
+// Runs f(b0, b1) over a step's batch rows, split across ATen's intra-op threads when the rows
+// carry enough work to pay for the fork (row_work: elements of a row). Rows are independent,
+// so the result is bitwise the same at any thread count; the threads flush subnormals as the
+// caller does (FlushScope sets every intra-op thread).
+template <typename F>
+inline void for_rows(int64_t B, int64_t row_work, const F& f) {
+  constexpr int64_t kChunkWork = 2048;  // elements per chunk, at least
+  at::parallel_for(0, B, std::max<int64_t>(1, kChunkWork / std::max<int64_t>(row_work, 1)), f);
+}
+
 // ---- cells -------------------------------------------------------------------------
 // The layer loop below is written once; a cell is a traits struct (cell_<name>.h) that
 // gives the loop its layout and its pointwise math over one batch row of one step:
@@ -644,7 +655,6 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   const bool has_zc = Cell::kHasC && has(zone_c);
   const bool plain = !has(cand_mask) && !has(zone_h) && !has_zc;
   Rows<T> rows(G * H);
-  std::vector<T> scratch(H);
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
   const auto opts = x.options();
@@ -684,29 +694,32 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
       recurrent_product<T>(h0, h_seq, s == 0 ? -1 : tp, rm, hm_seq, t, whh, acts[t], 1.0f,
                            per_gate);
     }
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = t * BH + b * H;
-      FwdRow<T> row{A + (t * B + b) * G * H,
-                    P ? P + b * G * H : nullptr,
-                    bx,
-                    bh,
-                    hp + b * H,
-                    cp ? cp + b * H : nullptr,
-                    cm.row(t, b, H),
-                    zh.row(t, b, H),
-                    zc.row(t, b, H),
-                    Hs + r,
-                    Cs ? Cs + r : nullptr,
-                    CTs ? CTs + r : scratch.data(),
-                    AX ? AX + r : nullptr};
-      row.ex = EX;
-      row.sv = SV ? SV + (t * B + b) * W : nullptr;
-      if (plain) {
-        Cell::template forward<T, false>(H, row);
-      } else {
-        Cell::template forward<T, true>(H, row);
+    for_rows(B, G * H, [&](int64_t b0, int64_t b1) {
+      std::vector<T> ct_junk(CTs ? 0 : H);  // c~ when nothing saves it
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r = t * BH + b * H;
+        FwdRow<T> row{A + (t * B + b) * G * H,
+                      P ? P + b * G * H : nullptr,
+                      bx,
+                      bh,
+                      hp + b * H,
+                      cp ? cp + b * H : nullptr,
+                      cm.row(t, b, H),
+                      zh.row(t, b, H),
+                      zc.row(t, b, H),
+                      Hs + r,
+                      Cs ? Cs + r : nullptr,
+                      CTs ? CTs + r : ct_junk.data(),
+                      AX ? AX + r : nullptr};
+        row.ex = EX;
+        row.sv = SV ? SV + (t * B + b) * W : nullptr;
+        if (plain) {
+          Cell::template forward<T, false>(H, row);
+        } else {
+          Cell::template forward<T, true>(H, row);
+        }
       }
-    }
+    });
   }
   return {acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq, sv_seq};
 }
@@ -761,54 +774,56 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
-  std::vector<T> junk(need_masks ? 3 * H : 0);
   const int64_t W = SavedWidth<Cell>::of(H), NX = has(ex) ? ex->numel() : 0;
   const T* EX = NX ? ex->data_ptr<T>() : nullptr;
   const T* SV = W ? sv_seq->data_ptr<T>() : nullptr;
   Tensor dex = at::zeros({B, NX}, opts);  // per batch row, summed at the end
   T* DEX = dex.data_ptr<T>();
-  auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
-    return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
-  };
   int64_t t_next = -1;  // the step processed just before (t+1 in time order)
   for (int64_t s = T_ - 1; s >= 0; --s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
     const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
-    for (int64_t b = 0; b < B; ++b) {
-      const int64_t r = t * BH + b * H;
-      T* d = DH + b * H;
-      gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
-      BwdRow<T> row{A + (t * B + b) * G * H,
-                    AX ? AX + r : nullptr,
-                    hp + b * H,
-                    cp ? cp + b * H : nullptr,
-                    CTs ? CTs + r : nullptr,
-                    cm.row(t, b, H),
-                    zh.row(t, b, H),
-                    zc.row(t, b, H),
-                    d,
-                    DC ? DC + b * H : nullptr,
-                    dgx.row<T>(t, b),
-                    dgh.row<T>(t, b),
-                    nullptr,
-                    nullptr,
-                    nullptr,
-                    dgx.gate_stride(),
-                    dgh.gate_stride()};
-      row.ex = EX;
-      row.sv = SV ? SV + (t * B + b) * W : nullptr;
-      row.dex = DEX + b * NX;
-      if (need_masks) {
-        row.dcm = out_row(dcand, 0, r);
-        row.dzh = out_row(dzone_h, 1, r);
-        row.dzc = out_row(dzone_c, 2, r);
-        Cell::template backward<T, true>(H, row);
-      } else {
-        Cell::template backward<T, false>(H, row);
+    for_rows(B, G * H, [&](int64_t b0, int64_t b1) {
+      std::vector<T> junk(need_masks ? 3 * H : 0);  // a mask gradient nobody reads
+      auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
+        return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
+      };
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r = t * BH + b * H;
+        T* d = DH + b * H;
+        gather_dh<T>(H, BH, b, d, DO ? DO + r : nullptr, DR, rm, t_next);
+        BwdRow<T> row{A + (t * B + b) * G * H,
+                      AX ? AX + r : nullptr,
+                      hp + b * H,
+                      cp ? cp + b * H : nullptr,
+                      CTs ? CTs + r : nullptr,
+                      cm.row(t, b, H),
+                      zh.row(t, b, H),
+                      zc.row(t, b, H),
+                      d,
+                      DC ? DC + b * H : nullptr,
+                      dgx.row<T>(t, b),
+                      dgh.row<T>(t, b),
+                      nullptr,
+                      nullptr,
+                      nullptr,
+                      dgx.gate_stride(),
+                      dgh.gate_stride()};
+        row.ex = EX;
+        row.sv = SV ? SV + (t * B + b) * W : nullptr;
+        row.dex = DEX + b * NX;
+        if (need_masks) {
+          row.dcm = out_row(dcand, 0, r);
+          row.dzh = out_row(dzone_h, 1, r);
+          row.dzc = out_row(dzone_c, 2, r);
+          Cell::template backward<T, true>(H, row);
+        } else {
+          Cell::template backward<T, false>(H, row);
+        }
       }
-    }
+    });
     recurrent_grad(untied_rec ? dgh.step_dense<T>(t, dg_step) : dgh.step_flat(t), w_hh,
                    w_gate, dh_rec);
     if (drec.defined()) rec_mask_grad<T>(dh_rec, hp, drec, t);
