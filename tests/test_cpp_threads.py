@@ -58,8 +58,7 @@ def run(cls, dropout: RecurrentDropout, backend: str, dtype=torch.float64):
 def test_split_rows_match_the_python_loop(cls, concrete, two_threads):
     dropout = RecurrentDropout(**MIXED[cls], concrete=concrete)
     got, want = run(cls, dropout, "cpp"), run(cls, dropout, "python")
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert g is not None and w is not None
         torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
 
