@@ -327,14 +327,14 @@ inline Tensor whh_forward(const Tensor& w_hh, int64_t Gr, int64_t G) {
 
 // out (B, GH) = beta * out + (h_{t-1} * m_t) W_hh^T. With a recurrent mask the masked
 // h_{t-1} is written to hm_seq[:, t] first (backward's dW_hh reuses it). h_{t-1} is h0
-// (tp < 0) or h_seq[tp]. Untied, the batched GEMM reads and writes the dense scratch
-// `per_gate` (2, G, B, H) and its product is added here into out's gate blocks: a GEMM
-// into the strided per-gate view of out costs a copy each way per step.
+// (tp < 0) or h_seq[tp]. Untied, the batched GEMM reads the masked h_{t-1} from the dense
+// (G, B, H) scratch per_gate[1] and writes its product to per_gate[0], and the caller adds
+// that product into the gate rows (add_per_gate, split over rows with the cell's math): a
+// GEMM into the strided per-gate view of out costs a copy each way per step.
 template <typename T>
 void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const RecMask<T>& rm,
                        const Tensor& hm_seq, int64_t t, const Tensor& whh, const Tensor& out,
-                       float beta, const Tensor& per_gate) {
-  const int64_t H = h0.size(1), G = out.size(1) / H;
+                       float beta, const std::array<Tensor, 2>& per_gate) {
   if (!rm.base) {
     gemm(tp < 0 ? h0 : h_seq[tp], whh, out, beta);
     return;
@@ -345,7 +345,7 @@ void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const 
   T* HM = hm_seq.data_ptr<T>();
   // untied: also into a dense (G, B, H) scratch, as ATen hands oneDNN a batched operand
   // whose batch stride is not its block size only after a copy (measured: one per step)
-  T* HS = rm.groups > 1 ? per_gate.data_ptr<T>() + rm.groups * BH : nullptr;
+  T* HS = rm.groups > 1 ? per_gate[1].data_ptr<T>() : nullptr;
   for (int64_t k = 0; k < rm.groups; ++k) {
     T* __restrict o = HM + (k * T_ + t) * BH;
     const T* __restrict mk = m + k * BH;
@@ -354,23 +354,19 @@ void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const 
   }
   if (rm.groups == 1) {
     gemm(hm_seq.select(1, t)[0], whh, out, beta);
-    return;
+  } else {
+    gemm(per_gate[1], whh, per_gate[0], 0.0f);
   }
-  // per_gate is (2, G, B, H): [1] the masked h_{t-1}, [0] its product, one batched GEMM
-  gemm(per_gate[1], whh, per_gate[0], 0.0f);
-  const int64_t B = out.size(0);
-  const T* src = per_gate.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t k = 0; k < G; ++k) {
-      T* __restrict o = dst + b * G * H + k * H;
-      const T* __restrict p = src + k * BH + b * H;
-      if (beta == 0.0f) {
-        for (int64_t j = 0; j < H; ++j) o[j] = p[j];
-      } else {
-        for (int64_t j = 0; j < H; ++j) o[j] += p[j];
-      }
-    }
+}
+
+// Row b (G blocks of H at a) += (ADD) or = the untied recurrent product (G, B, H) at p.
+template <bool ADD, typename T>
+inline void per_gate_row(int64_t G, int64_t H, int64_t BH, int64_t b, T* __restrict a,
+                         const T* __restrict p) {
+  for (int64_t k = 0; k < G; ++k) {
+    T* __restrict o = a + k * H;
+    const T* __restrict q = p + k * BH + b * H;
+    for (int64_t j = 0; j < H; ++j) o[j] = ADD ? o[j] + q[j] : q[j];
   }
 }
 
@@ -512,7 +508,7 @@ std::array<Tensor, 3> input_grads(Dgates& dg, const Tensor& x, const Tensor& w_i
   // per gate when the masks are untied or dgates are gate-major anyway; else one GEMM
   const bool per_gate = has(in_mask) || dg.gm;
   std::array<Tensor, 3> out;
-  if (need_x) out[0] = per_gate ? at::zeros_like(x) : at::empty_like(x);
+  if (need_x) out[0] = at::empty_like(x);  // gate 0 writes it, the others add
   if (need_w) out[1] = at::empty_like(w_ih);
   if (!per_gate) {
     auto dg2 = dg.flat();
@@ -526,9 +522,13 @@ std::array<Tensor, 3> input_grads(Dgates& dg, const Tensor& x, const Tensor& w_i
       auto wk = w_ih.narrow(0, k * H, H);
       if (need_x && has(in_mask)) {
         gemm(dgm[k], wk, dxk.view({T_ * B, -1}), 0.0f);
-        out[0].addcmul_(dxk, (*in_mask)[k]);  // no temporary product
+        if (k == 0) {
+          at::mul_out(out[0], dxk, (*in_mask)[k]);
+        } else {
+          out[0].addcmul_(dxk, (*in_mask)[k]);  // no temporary product
+        }
       } else if (need_x) {
-        gemm(dgm[k], wk, out[0].view({T_ * B, -1}), 1.0f);
+        gemm(dgm[k], wk, out[0].view({T_ * B, -1}), k == 0 ? 0.0f : 1.0f);
       }
       if (need_w) {
         if (has(in_mask)) at::mul_out(xm, x, (*in_mask)[k]);
@@ -669,7 +669,11 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   T* SV = W ? sv_seq.data_ptr<T>() : nullptr;
   // kSplitRec: one step's recurrent product; else it goes straight into the gates
   Tensor rec = Cell::kSplitRec ? at::empty({B, G * H}, opts) : Tensor();
-  Tensor per_gate = rm.groups > 1 ? at::empty({2, G, B, H}, opts) : Tensor();
+  // untied: (2, G, B, H), [1] the masked h_{t-1}, [0] its product (recurrent_product)
+  const Tensor pg = rm.groups > 1 ? at::empty({2, G, B, H}, opts) : Tensor();
+  std::array<Tensor, 2> per_gate;
+  if (pg.defined()) per_gate = {pg[0], pg[1]};
+  const T* PG = pg.defined() ? pg.data_ptr<T>() : nullptr;
   const Tensor whh = whh_forward(w_hh, rm.groups, G);
   const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
   const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
@@ -681,7 +685,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   T* Cs = Cell::kHasC ? c_seq.data_ptr<T>() : nullptr;
   T* CTs = has_zc ? ct_seq.data_ptr<T>() : nullptr;
   T* AX = Cell::kAux ? aux_seq.data_ptr<T>() : nullptr;
-  const T* P = Cell::kSplitRec ? rec.data_ptr<T>() : nullptr;
+  T* P = Cell::kSplitRec ? rec.data_ptr<T>() : nullptr;
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
@@ -698,6 +702,13 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
       std::vector<T> ct_junk(CTs ? 0 : H);  // c~ when nothing saves it
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r = t * BH + b * H;
+        if (PG) {  // untied: the product into `rec` (kSplitRec) or into the gates
+          if constexpr (Cell::kSplitRec) {
+            per_gate_row<false>(G, H, BH, b, P + b * G * H, PG);
+          } else {
+            per_gate_row<true>(G, H, BH, b, A + (t * B + b) * G * H, PG);
+          }
+        }
         FwdRow<T> row{A + (t * B + b) * G * H,
                       P ? P + b * G * H : nullptr,
                       bx,
