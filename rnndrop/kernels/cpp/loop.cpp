@@ -388,7 +388,7 @@ inline void gather_dh(int64_t H, int64_t BH, int64_t b, T* d, const T* dout, con
 }
 
 // dr (Gr, B, H) = dL/d(masked h_{t-1}) = dg_t W_hh per gate group; dg_t is (B, GH) when
-// tied, (G, B, H) when untied (Dgates::step_dense); w_gate = W_hh viewed (G, H, H).
+// tied, (G, B, H) when untied (Dgates::row_to_dense); w_gate = W_hh viewed (G, H, H).
 inline void recurrent_grad(const Tensor& dg_t, const Tensor& w_hh, const Tensor& w_gate,
                            const Tensor& dr) {
   if (dr.size(0) == 1) {
@@ -449,15 +449,16 @@ struct Dgates {
     if (!cache.defined()) cache = buf.view({T() * B(), G, H}).transpose(0, 1).contiguous();
     return cache;
   }
-  // gate-major step t copied into a dense (G, B, H) `out`: a (G, B, H) view of buf has
-  // batch stride T*B*H, and ATen hands oneDNN such an operand only after its own copy
+  // row b of gate-major step t copied into the dense (G, B, H) `out` (the untied per-step
+  // GEMM's operand): a (G, B, H) view of buf has batch stride T*B*H, and ATen hands oneDNN
+  // such an operand only after its own copy
   template <typename T_>
-  const Tensor& step_dense(int64_t t, const Tensor& out) const {
+  void row_to_dense(int64_t t, int64_t b, T_* out) const {
     const int64_t BH = B() * H, TBH = T() * BH;
-    const T_* src = buf.data_ptr<T_>() + t * BH;
-    T_* dst = out.data_ptr<T_>();
-    for (int64_t k = 0; k < G; ++k) std::memcpy(dst + k * BH, src + k * TBH, BH * sizeof(T_));
-    return out;
+    const T_* src = buf.data_ptr<T_>() + t * BH + b * H;
+    for (int64_t k = 0; k < G; ++k) {
+      std::memcpy(out + k * BH + b * H, src + k * TBH, H * sizeof(T_));
+    }
   }
   Tensor step_flat(int64_t t) const { return buf[t]; }  // step-major only: (B, GH)
   Tensor bias_grad() const {
@@ -766,7 +767,8 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   auto dh = at::zeros({B, H}, opts);  // carry, then total dL/dh_t
   Tensor dc = !Cell::kHasC ? Tensor() : has(dc_last) ? dc_last->clone() : at::zeros({B, H}, opts);
   Tensor dh_rec = at::empty({rm.groups, B, H}, opts);
-  Tensor dg_step = untied_rec ? at::empty({G, B, H}, opts) : Tensor();  // see step_dense
+  Tensor dg_step = untied_rec ? at::empty({G, B, H}, opts) : Tensor();  // see row_to_dense
+  T* DGS = untied_rec ? dg_step.data_ptr<T>() : nullptr;
   auto w_gate = w_hh.view({G, H, H});  // W_hh_k, for the untied batched GEMM
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
@@ -833,9 +835,10 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
         } else {
           Cell::template backward<T, false>(H, row);
         }
+        if (DGS) dgh.row_to_dense<T>(t, b, DGS);
       }
     });
-    recurrent_grad(untied_rec ? dgh.step_dense<T>(t, dg_step) : dgh.step_flat(t), w_hh,
+    recurrent_grad(untied_rec ? dg_step : dgh.step_flat(t), w_hh,
                    w_gate, dh_rec);
     if (drec.defined()) rec_mask_grad<T>(dh_rec, hp, drec, t);
     t_next = t;
