@@ -325,34 +325,35 @@ inline Tensor whh_forward(const Tensor& w_hh, int64_t Gr, int64_t G) {
   return Gr == 1 ? w_hh.t().contiguous() : w_hh.view({G, H, H}).transpose(1, 2).contiguous();
 }
 
-// out (B, GH) = beta * out + (h_{t-1} * m_t) W_hh^T. With a recurrent mask the masked
-// h_{t-1} is written to hm_seq[:, t] first (backward's dW_hh reuses it). h_{t-1} is h0
-// (tp < 0) or h_seq[tp]. Untied, the batched GEMM reads the masked h_{t-1} from the dense
-// (G, B, H) scratch per_gate[1] and writes its product to per_gate[0], and the caller adds
-// that product into the gate rows (add_per_gate, split over rows with the cell's math): a
-// GEMM into the strided per-gate view of out costs a copy each way per step.
+// Row b of h_{t-1} (at hp) times step t's recurrent mask, into hm_seq[:, t] (backward's
+// dW_hh reuses it) and, untied, into the dense (G, B, H) scratch the batched GEMM reads
+// (ATen hands oneDNN a batched operand whose batch stride is not its block size only after a
+// copy). The forward loop runs it for h_t's rows right after the cell computed them.
+template <typename T>
+inline void mask_rec_row(const RecMask<T>& rm, int64_t t, int64_t b, int64_t H, const T* hp,
+                         T* HM, int64_t T_, T* HS) {
+  const int64_t BH = rm.BH;
+  for (int64_t k = 0; k < rm.groups; ++k) {
+    T* __restrict o = HM + (k * T_ + t) * BH + b * H;
+    const T* __restrict mk = rm.row(t, k, b, H);
+    const T* __restrict h = hp;
+    for (int64_t j = 0; j < H; ++j) o[j] = h[j] * mk[j];
+    if (HS) std::memcpy(HS + k * BH + b * H, o, H * sizeof(T));
+  }
+}
+
+// out (B, GH) = beta * out + (h_{t-1} * m_t) W_hh^T; h_{t-1} is h0 (tp < 0) or h_seq[tp].
+// With a recurrent mask the masked h_{t-1} is already in hm_seq[:, t] (mask_rec_row). Untied,
+// the batched GEMM reads it from the dense (G, B, H) scratch per_gate[1] and writes its product
+// to per_gate[0]; the caller adds that into the gate rows (per_gate_row, split over rows with
+// the cell's math): a GEMM into the strided per-gate view of out costs a copy each way.
 template <typename T>
 void recurrent_product(const Tensor& h0, const Tensor& h_seq, int64_t tp, const RecMask<T>& rm,
                        const Tensor& hm_seq, int64_t t, const Tensor& whh, const Tensor& out,
                        float beta, const std::array<Tensor, 2>& per_gate) {
   if (!rm.base) {
     gemm(tp < 0 ? h0 : h_seq[tp], whh, out, beta);
-    return;
-  }
-  const int64_t T_ = hm_seq.size(1), BH = rm.BH;
-  const T* hp = tp < 0 ? h0.data_ptr<T>() : h_seq.data_ptr<T>() + tp * BH;
-  const T* m = rm.step(t);
-  T* HM = hm_seq.data_ptr<T>();
-  // untied: also into a dense (G, B, H) scratch, as ATen hands oneDNN a batched operand
-  // whose batch stride is not its block size only after a copy (measured: one per step)
-  T* HS = rm.groups > 1 ? per_gate[1].data_ptr<T>() : nullptr;
-  for (int64_t k = 0; k < rm.groups; ++k) {
-    T* __restrict o = HM + (k * T_ + t) * BH;
-    const T* __restrict mk = m + k * BH;
-    for (int64_t q = 0; q < BH; ++q) o[q] = hp[q] * mk[q];
-    if (HS) std::memcpy(HS + k * BH, o, BH * sizeof(T));
-  }
-  if (rm.groups == 1) {
+  } else if (rm.groups == 1) {
     gemm(hm_seq.select(1, t)[0], whh, out, beta);
   } else {
     gemm(per_gate[1], whh, per_gate[0], 0.0f);
@@ -687,9 +688,15 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   T* CTs = has_zc ? ct_seq.data_ptr<T>() : nullptr;
   T* AX = Cell::kAux ? aux_seq.data_ptr<T>() : nullptr;
   T* P = Cell::kSplitRec ? rec.data_ptr<T>() : nullptr;
+  T* HM = rm.base ? hm_seq.data_ptr<T>() : nullptr;
+  T* HS = rm.groups > 1 ? per_gate[1].data_ptr<T>() : nullptr;
+  for (int64_t b = 0; rm.base && T_ > 0 && b < B; ++b) {  // h0 masked for the first step
+    mask_rec_row<T>(rm, reverse ? T_ - 1 : 0, b, H, h0.data_ptr<T>() + b * H, HM, T_, HS);
+  }
   for (int64_t s = 0; s < T_; ++s) {
     const int64_t t = reverse ? T_ - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;
+    const int64_t tn = s + 1 < T_ ? (reverse ? t - 1 : t + 1) : -1;  // the next step
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
     const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
     if constexpr (Cell::kSplitRec) {
@@ -730,6 +737,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
         } else {
           Cell::template forward<T, true>(H, row);
         }
+        if (HM && tn >= 0) mask_rec_row<T>(rm, tn, b, H, Hs + r, HM, T_, HS);
       }
     });
   }
