@@ -589,7 +589,8 @@ class RNNBase(StochasticModule):
             )  # fmt: skip
             outs.append(h_seq)
             finals.append((h_seq[0] if d else h_seq[-1], c_last)[: 2 if has_cell else 1])
-        return torch.cat(outs, -1), tuple(torch.stack(s) for s in zip(*finals, strict=True))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, -1)  # a cat of one still copies
+        return out, tuple(torch.stack(s) for s in zip(*finals, strict=True))
 
     def _params(self, layer: int, d: int) -> list[Tensor]:
         n = len(self._flat_weights_names) // (self.num_layers * self.num_directions)
