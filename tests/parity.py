@@ -68,7 +68,9 @@ CELL_CASES: dict[str, CellCase] = {
                          partial(nn.RNN, nonlinearity="tanh")),
     "rnn_relu": CellCase(partial(RNN, nonlinearity="relu"), reference_rnn,
                          partial(nn.RNN, nonlinearity="relu")),
-    "layernorm_lstm": CellCase(LayerNormLSTM, reference_layernorm_lstm, f32_gain=5.0),
+    # 10: LN(c̃) of a row the cell mask (Moon et al.) has mostly dropped: float32 python, cpp
+    # and triton differ by up to 8e-5 of a gradient's size with learned (concrete) masks
+    "layernorm_lstm": CellCase(LayerNormLSTM, reference_layernorm_lstm, f32_gain=10.0),
 }  # fmt: skip
 
 
