@@ -86,6 +86,11 @@ SITES: dict[str, Site] = {
     "candidate": Site("loop", cells=("lstm", "gru", "layernorm_lstm"), doc=(  # gated candidate
         "the candidate in the state update only: the LSTM's ``tanh(g)``, the GRU's ``n`` "
         "(Semeniuta et al. 2016).")),
+    "cell": Site("loop", cells=("lstm", "layernorm_lstm"), doc=(  # cells with a cell state
+        "the LSTM's new cell state, ``c_t = d(f ⊙ c_{t-1} + i ⊙ g)``, which is both carried "
+        "and read by ``h_t = o ⊙ tanh(c_t)`` (Moon et al. 2015, RnnDrop). Per sequence and "
+        "inverted, a kept unit's ``c`` is multiplied by ``1/(1-p)`` at every step and grows "
+        "unless ``f < 1-p`` (Semeniuta et al. 2016's critique; ``candidate`` avoids it).")),
     "weight_hh": Site("fused", policy=False, doc=(
         "elements of ``W_hh`` (DropConnect), one mask per forward call, shared over time and "
         "batch (Merity et al. 2017).")),
@@ -242,6 +247,7 @@ class RecurrentDropout(_Rates):
     recurrent: float = 0.0
     output: float = 0.0
     candidate: float = 0.0
+    cell: float = 0.0
     weight_hh: float = 0.0
     zoneout_hidden: float = 0.0
     zoneout_cell: float = 0.0
@@ -310,7 +316,11 @@ class RecurrentDropout(_Rates):
                    if SITES[n].cells is not None and cell not in SITES[n].cells]  # fmt: skip
         if lacking:
             names = ", ".join(f"{n}={getattr(self, n):g}" for n in lacking)
-            why = {"zoneout_cell": "it has no cell state", "candidate": "it has no gated candidate"}
+            why = {
+                "zoneout_cell": "it has no cell state",
+                "cell": "it has no cell state",
+                "candidate": "it has no gated candidate",
+            }
             hint = " (zoneout_hidden acts on h)" if "zoneout_cell" in lacking else ""
             raise ValueError(
                 f"{owner + ': ' if owner else ''}the dropout site(s) {names} have no meaning "
@@ -500,6 +510,26 @@ class RecurrentDropout(_Rates):
         return cls(candidate=p, time=time, concrete=concrete, temperature=temperature)
 
     @classmethod
+    def moon(
+        cls, p: float = 0.25, *, time: TimePolicy = "per_sequence", concrete: bool = False,
+        temperature: float = 0.1,
+    ) -> RecurrentDropout:  # fmt: skip
+        """Moon, Choi, Lee & Song 2015, "RnnDrop: a novel dropout for RNNs in ASR" (ASRU).
+
+        ``c_t = d(f ⊙ c_{t-1} + i ⊙ g)``, ``h_t = o ⊙ tanh(c_t)``: dropout on the LSTM's
+        memory cell, the masked ``c_t`` carried to the next step and read by ``h_t``, with
+        one mask per sequence (the paper's; ``time="per_step"`` for a fresh one per step).
+        Only cells with a cell state have the site (LSTM, LayerNorm LSTM; a GRU refuses it).
+
+        Caveat: with a per-sequence mask and inverted scaling a kept unit's cell is
+        multiplied by ``1/(1-p)`` at every step, so it grows unless ``f_t < 1-p``
+        (Semeniuta et al. 2016's critique of it; their :meth:`semeniuta` masks only the
+        candidate and avoids it). ``scaling="classic"`` keeps 0/1 masks in training and
+        multiplies ``c_t`` by ``1-p`` at every step in eval instead.
+        """
+        return cls(cell=p, time=time, concrete=concrete, temperature=temperature)
+
+    @classmethod
     def awd(
         cls,
         dropoute: float = 0.1,
@@ -589,6 +619,7 @@ PRESETS: tuple[str, ...] = (
     "weight_drop",
     "semeniuta",
     "awd",
+    "moon",
 )
 
 

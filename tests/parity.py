@@ -68,7 +68,9 @@ CELL_CASES: dict[str, CellCase] = {
                          partial(nn.RNN, nonlinearity="tanh")),
     "rnn_relu": CellCase(partial(RNN, nonlinearity="relu"), reference_rnn,
                          partial(nn.RNN, nonlinearity="relu")),
-    "layernorm_lstm": CellCase(LayerNormLSTM, reference_layernorm_lstm, f32_gain=5.0),
+    # 10: LN(c̃) of a row the cell mask (Moon et al.) has mostly dropped: float32 python, cpp
+    # and triton differ by up to 8e-5 of a gradient's size with learned (concrete) masks
+    "layernorm_lstm": CellCase(LayerNormLSTM, reference_layernorm_lstm, f32_gain=10.0),
 }  # fmt: skip
 
 
@@ -161,7 +163,7 @@ def backend_refusal(case: BackendCase, cell: str, dtype: torch.dtype | None = No
 LAYER_SITES = [n for n, s in SITES.items() if s.path != "model"]
 MODEL_SITES = [n for n, s in SITES.items() if s.path == "model"]
 #: LayerMasks field -> the site whose masks it carries (the loop's sites).
-MASK_SITE = {"input": "input", "recurrent": "recurrent", "candidate": "candidate",
+MASK_SITE = {"input": "input", "recurrent": "recurrent", "candidate": "candidate", "cell": "cell",
              "zoneout_h": "zoneout_hidden", "zoneout_c": "zoneout_cell"}  # fmt: skip
 RATE = 0.5  # every site's rate in the one-site variants
 
@@ -248,7 +250,7 @@ def expected_keys(cfg: RD, layers: int, bidir: bool) -> set[str]:
 
 # ---- layer level: masks and leaves as the engine hands them to a backend ----------------------
 
-#: mask site -> options: rec (Tm, tied|untied); inp (Tm, batch); cand Tm;
+#: mask site -> options: rec (Tm, tied|untied); inp (Tm, batch); cand, cell Tm;
 #: zh / zc: "sampled" (0/1 per step, a padded step carrying exactly) or "eval" (z, shared)
 LAYER_CASES = {
     "none": {},
@@ -258,17 +260,20 @@ LAYER_CASES = {
     "rec_untied_per_step": dict(rec=("T", "untied")),
     "candidate": dict(cand="T"),
     "candidate_shared": dict(cand="1"),
+    "cell": dict(cell="T"),
+    "cell_shared": dict(cell="1"),
     "zoneout_h": dict(zh="sampled"),
     "zoneout_c": dict(zc="sampled"),
     "zoneout_eval": dict(zh="eval", zc="eval"),
     "input_untied": dict(inp=("T", "B")),
     "input_untied_shared": dict(inp=("1", "1")),
-    "everything_untied": dict(rec=("T", "untied"), inp=("T", "B"), cand="T", zh="sampled",
-                              zc="sampled"),
-    "everything_tied": dict(rec=("1", "tied"), inp=("1", "B"), cand="1", zh="eval", zc="eval"),
+    "everything_untied": dict(rec=("T", "untied"), inp=("T", "B"), cand="T", cell="T",
+                              zh="sampled", zc="sampled"),
+    "everything_tied": dict(rec=("1", "tied"), inp=("1", "B"), cand="1", cell="1", zh="eval",
+                            zc="eval"),
 }  # fmt: skip
-_CASE_SITES = {"rec": "recurrent", "inp": "input", "cand": "candidate", "zh": "zoneout_hidden",
-               "zc": "zoneout_cell"}  # fmt: skip
+_CASE_SITES = {"rec": "recurrent", "inp": "input", "cand": "candidate", "cell": "cell",
+               "zh": "zoneout_hidden", "zc": "zoneout_cell"}  # fmt: skip
 
 
 def layer_case_refusal(cell: str, case: str) -> str | None:
@@ -308,6 +313,8 @@ def make_masks(cell, case: str, T: int, B: int, I: int, H: int, dtype=F32) -> La
         m.input = _drop((G, steps[tm], B if batch == "B" else 1, I), 0.3, dtype)
     if "cand" in spec and has["cand"]:
         m.candidate = _drop((steps[spec["cand"]], B, H), 0.3, dtype)
+    if "cell" in spec and has["cell"]:
+        m.cell = _drop((steps[spec["cell"]], B, H), 0.3, dtype)
     if "zh" in spec:
         m.zoneout_h = _zone(spec["zh"], T, B, H, dtype)
     if "zc" in spec and has["zc"]:

@@ -68,12 +68,14 @@ def reference_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None, sample: 
                 w_hh = w_hh * masks["weight_hh" + key] if ("weight_hh" + key) in masks else w_hh
                 rec = masks.get("recurrent" + key)
                 cand = masks.get("candidate" + key)
+                cmask = masks.get("cell" + key)  # (T|1, B|1, H)
                 zh = masks.get("zoneout_hidden" + key)
                 zc = masks.get("zoneout_cell" + key)
             else:
                 w_hh = w_hh * _expectation(cfg, "weight_hh") * _expectation(cfg, "recurrent")
                 rec = None
                 cand = _expectation(cfg, "candidate")
+                cmask = _expectation(cfg, "cell")
                 zh, zc = cfg.zoneout_hidden, cfg.zoneout_cell
             h, c = h0[layer * D + d], c0[layer * D + d]
             steps = range(T - 1, -1, -1) if d else range(T)
@@ -101,6 +103,8 @@ def reference_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None, sample: 
                 elif cand is not None:
                     g = g * cand
                 ct = f * c + i * g
+                if cmask is not None:  # Moon et al.: the masked c̃ is carried and read
+                    ct = ct * (_at(cmask, t) if isinstance(cmask, Tensor) else cmask)
                 ht = o * ct.tanh()
                 if P != H:  # h_t = W_hr (o ⊙ tanh c_t)
                     ht = ht @ getattr(lstm, "weight_hr" + sfx).t()
@@ -316,7 +320,7 @@ def reference_layernorm_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None
     i, f, g, o). One step, with every mask at its site::
 
         a  = LN(W_ih (x ⊙ m^x); γ_x) + LN((W_hh ⊙ M^w)(h ⊙ m^h); γ_h) + b_ih + b_hh
-        c̃ = σ(a_f) ⊙ c + σ(a_i) ⊙ (tanh(a_g) ⊙ m^g)
+        c̃ = m^c ⊙ (σ(a_f) ⊙ c + σ(a_i) ⊙ (tanh(a_g) ⊙ m^g))
         h̃ = σ(a_o) ⊙ tanh(LN(c̃; γ_c, β_c))
         c' = z^c ⊙ c + (1 - z^c) ⊙ c̃,  h' = z^h ⊙ h + (1 - z^h) ⊙ h̃
 
@@ -363,12 +367,14 @@ def reference_layernorm_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None
                 w_hh = w_hh * masks["weight_hh" + key] if ("weight_hh" + key) in masks else w_hh
                 rec = masks.get("recurrent" + key)  # (T|1, 1|4, B|1, H)
                 cand = masks.get("candidate" + key)
+                cmask = masks.get("cell" + key)  # (T|1, B|1, H)
                 zh = masks.get("zoneout_hidden" + key)  # (T, B, H), 1 = keep previous
                 zc = masks.get("zoneout_cell" + key)
             else:
                 w_hh = w_hh * _expectation(cfg, "weight_hh") * _expectation(cfg, "recurrent")
                 rec = None
                 cand = _expectation(cfg, "candidate")
+                cmask = _expectation(cfg, "cell")
                 zh, zc = cfg.zoneout_hidden or None, cfg.zoneout_cell or None
             h, c = h0[layer * D + d], c0[layer * D + d]
             out_t = [None] * T
@@ -393,6 +399,8 @@ def reference_layernorm_lstm(lstm, x: Tensor, hx=None, masks: dict | None = None
                 elif cand is not None:
                     g = g * cand
                 ct = f * c + i * g
+                if cmask is not None:  # Moon et al.: the masked c̃ is carried and read
+                    ct = ct * (_at(cmask, t) if isinstance(cmask, Tensor) else cmask)
                 ht = o * torch.tanh(_layer_norm(ct, p["gamma_c"], p["beta_c"]))
                 if zc is not None:
                     z = _at(zc, t) if isinstance(zc, Tensor) else zc

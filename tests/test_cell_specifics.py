@@ -2,17 +2,21 @@
 
 - the LSTM's projections (``proj_size``): torch's parameters and its fused op, bitwise;
 - the GRU's carry ``z ⊙ h_{t-1}``: a recurrent mask acts where ``h_{t-1}`` enters ``W_h*``
-  and not there, written out by hand (independently of tests/reference.py).
+  and not there, written out by hand (independently of tests/reference.py);
+- the LSTMs' cell site (Moon et al. 2015, ``c_t = d(f ⊙ c_{t-1} + i ⊙ g)``): a dropped
+  unit's cell state is 0 at every step of its sequence, and cells without a cell state
+  refuse the site, saying why.
 """
 
 import itertools
 
+import pytest
 import torch
 from reference import reference_gru
 from torch import nn
 
 from rnndrop.config import RecurrentDropout as RD
-from rnndrop.nn import GRU, LSTM
+from rnndrop.nn import GRU, LSTM, RNN, GRUCell, LayerNormLSTM, LSTMCell, RNNCell
 
 F64 = torch.float64
 
@@ -65,3 +69,62 @@ def test_gru_recurrent_mask_does_not_touch_the_carry(loop_impl):
     z = torch.sigmoid(gx[:, 6:12] + gh[:, 6:12])
     n = torch.tanh(gx[:, 12:] + r * gh[:, 12:])
     torch.testing.assert_close(h[0], (1 - z) * n + z * h0[0], atol=1e-12, rtol=0)
+
+
+# ---- the cell site (Moon et al. 2015, RnnDrop) ---------------------------------------------
+
+
+@pytest.mark.parametrize("time", ["per_sequence", "per_step"])
+def test_cell_mask_zeroes_a_dropped_units_memory_at_every_step(time, loop_impl):
+    """``c_t = d(f ⊙ c_{t-1} + i ⊙ g)``: with one mask per sequence (the paper's), a unit it
+    drops has ``c_t = 0``, so ``h_t = o ⊙ tanh(0) = 0``, at every step; every kept unit is
+    nonzero. Per step: exactly where that step's mask is 0."""
+    torch.manual_seed(0)
+    T, B, H = 7, 4, 16
+    m = LSTM(3, H, dropout=RD.moon(0.5, time=time)).double()
+    m.record_masks = True
+    out, (_, c) = m(torch.randn(T, B, 3, dtype=torch.float64))
+    mask = m.last_masks["cell/l0"]
+    assert mask.shape == ((1 if time == "per_sequence" else T), B, H)
+    dropped = (mask == 0).expand(T, B, H)
+    assert 0 < dropped.sum() < dropped.numel()
+    assert (out[dropped] == 0).all() and (out[~dropped] != 0).all()
+    assert (c[0][dropped[-1]] == 0).all() and (c[0][~dropped[-1]] != 0).all()
+    # kept units are scaled by 1/(1-p) = 2 (inverted dropout), not 1
+    assert set(mask.unique().tolist()) == {0.0, 2.0}
+
+
+def test_cell_mask_of_a_layernorm_lstm_and_a_step_cell_is_shared_over_time(loop_impl):
+    """The same on the LayerNorm LSTM (its h reads LN(c), so only c is checked) and on
+    ``LSTMCell`` stepped through one sequence: one mask for every step."""
+    torch.manual_seed(1)
+    T, B, H = 5, 3, 12
+    ln = LayerNormLSTM(3, H, dropout=RD.moon(0.5)).double()
+    ln.record_masks = True
+    x = torch.randn(T, B, 3, dtype=torch.float64)
+    for steps in range(1, T + 1):  # the final c of each prefix is c_t
+        torch.manual_seed(2)  # the same mask for every prefix
+        _, (_, c) = ln(x[:steps])
+        dropped = ln.last_masks["cell/l0"][0] == 0
+        assert dropped.any() and (c[0][dropped] == 0).all() and (c[0][~dropped] != 0).all()
+    cell = LSTMCell(3, H, dropout=RD.moon(0.5)).double()
+    state, masks = None, []
+    with cell.sequence() as scope:
+        for t in range(T):
+            state = cell(x[t], state)
+            masks.append(scope.cell)
+            dropped = scope.cell == 0
+            assert dropped.any() and (state[1][dropped] == 0).all()
+            assert (state[1][~dropped] != 0).all()
+    assert all(mk is masks[0] for mk in masks)
+
+
+@pytest.mark.parametrize("make", [lambda d: GRU(3, 4, dropout=d), lambda d: RNN(3, 4, dropout=d),
+                                  lambda d: GRUCell(3, 4, dropout=d),
+                                  lambda d: RNNCell(3, 4, dropout=d)],
+                         ids=["GRU", "RNN", "GRUCell", "RNNCell"])  # fmt: skip
+def test_cells_without_a_cell_state_refuse_the_cell_site(make):
+    for dropout in (RD(cell=0.3), {"cell": 0.3}, RD.moon(0.3), "moon"):
+        with pytest.raises(ValueError, match=r"cell=0\.(3|25) have no meaning for a (GRU|RNN_TANH) "
+                           r"\(it has no cell state\); set them to 0"):  # fmt: skip
+            make(dropout)

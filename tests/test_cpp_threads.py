@@ -24,9 +24,10 @@ pytestmark = pytest.mark.skipif(
 I, H, T, B = 8, 32, 6, 96
 
 MIXED = {  # every loop-path site a cell has, untied and per step where it can be
-    LSTM: dict(input=0.2, recurrent=0.3, output=0.1, candidate=0.2, zoneout_hidden=0.1,
-               zoneout_cell=0.2, tied=False),
-    LayerNormLSTM: dict(input=0.2, recurrent=0.3, candidate=0.2, zoneout_cell=0.2, tied=False),
+    LSTM: dict(input=0.2, recurrent=0.3, output=0.1, candidate=0.2, cell=0.2,
+               zoneout_hidden=0.1, zoneout_cell=0.2, tied=False),
+    LayerNormLSTM: dict(input=0.2, recurrent=0.3, candidate=0.2, cell=0.2, zoneout_cell=0.2,
+                        tied=False),
     GRU: dict(input=0.2, recurrent=0.3, candidate=0.2, zoneout_hidden=0.1, tied=False),
     RNN: dict(input=0.2, recurrent=0.3, zoneout_hidden=0.1),
 }  # fmt: skip

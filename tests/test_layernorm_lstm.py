@@ -235,8 +235,10 @@ def test_mask_and_parameter_gradients_of_one_layer_equal_autograd(untied, loop_i
     x, h0, c0 = leaf(T, B, I), leaf(B, H), leaf(B, H)
     w_ih, w_hh = leaf(4 * H, I, low=-0.5), leaf(4 * H, H, low=-0.5)
     extra = (leaf(4 * H), leaf(4 * H, low=0.5), leaf(4 * H, low=0.5), leaf(H, low=0.5), leaf(H))
-    masks = LayerMasks(leaf(4, T, B, I) if untied else None, leaf(T, Gr, B, H, low=0.5),
-                       leaf(T, B, H, low=0.5), leaf(T, B, H), leaf(T, B, H))  # fmt: skip
+    masks = LayerMasks(input=leaf(4, T, B, I) if untied else None,
+                       recurrent=leaf(T, Gr, B, H, low=0.5), candidate=leaf(T, B, H, low=0.5),
+                       cell=leaf(T, B, H, low=0.5), zoneout_h=leaf(T, B, H),
+                       zoneout_c=leaf(T, B, H))  # fmt: skip
     leaves = [x, h0, c0, w_ih, w_hh, *extra, *[m for m in masks.tensors() if m is not None]]
     grads = []
     for reference in (False, True):
@@ -249,7 +251,7 @@ def test_mask_and_parameter_gradients_of_one_layer_equal_autograd(untied, loop_i
 
 
 def test_concrete_rates_learn_on_both_backends():
-    cfg = RD(recurrent=0.3, candidate=0.2, zoneout_hidden=0.2, zoneout_cell=0.1,
+    cfg = RD(recurrent=0.3, candidate=0.2, cell=0.2, zoneout_hidden=0.2, zoneout_cell=0.1,
              time="per_step", concrete=True)  # fmt: skip
     grads = {}
     for backend in ("python", "cpp"):
@@ -262,7 +264,7 @@ def test_concrete_rates_learn_on_both_backends():
             (out.square().sum() + h.sum() + c.sum()).backward()
         grads[backend] = {n: p.grad for n, p in m.named_parameters()}
     logits = [n for n in grads["cpp"] if n.startswith("dropout_logit")]
-    assert len(logits) == 4 and all(grads["cpp"][n].abs() > 0 for n in logits)
+    assert len(logits) == 5 and all(grads["cpp"][n].abs() > 0 for n in logits)
     for n, g in grads["python"].items():
         torch.testing.assert_close(grads["cpp"][n], g, atol=1e-10, rtol=1e-10)
 
@@ -271,7 +273,7 @@ def test_concrete_rates_learn_on_both_backends():
 
 
 def test_every_lstm_site_has_a_meaning():
-    LayerNormLSTM(4, 6, dropout=RD(candidate=0.2, zoneout_cell=0.2))  # no error
+    LayerNormLSTM(4, 6, dropout=RD(candidate=0.2, cell=0.2, zoneout_cell=0.2))  # no error
     assert LayerNormLSTM(4, 6, dropout="zoneout").dropout.zoneout_cell > 0
 
 

@@ -425,7 +425,8 @@ def test_masks_and_rate_gradients_do_not_depend_on_the_backend(cell, backend, mo
         assert torch.equal(our_masks[k], ref_masks[k]), k
     tol = 1e-10 if case.dtype == F64 else 1e-5 * CELL_CASES[cell].f32_gain
     for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+        scale = max(1.0, b.abs().max().item())  # rounding grows with the values' size
+        torch.testing.assert_close(a, b, atol=tol * scale, rtol=tol)
 
 
 @pytest.mark.parametrize("name", ["everything"])

@@ -213,6 +213,9 @@ def test_builtin_schemes_are_the_presets_at_rate_p(preset, cell):
     """A built-in scheme at rate p is RecurrentDropout.<preset> with p for each rate argument,
     field by field; the GRU's zoneout is hidden-only."""
     name = preset if cell == "lstm" else f"gru_{preset}"
+    if (cell, preset) == ("gru", "moon"):  # a GRU has no cell state: no such scheme
+        assert name not in BUILTIN_SCHEMES
+        return
     encoder, got = resolve_scheme(BUILTIN_SCHEMES[name], 0.3)
     want = RD.preset(preset, **AT_RATE.get(preset, {"p": 0.3}))
     if (cell, preset) == ("gru", "zoneout"):

@@ -118,7 +118,7 @@ def test_rate_fields_and_docs_come_from_sites():
         assert f"\n        {name}: " in doc, name
     assert "{sites}" not in doc and "{policy_sites}" not in doc and "{gated_sites}" not in doc
     # the policy and tied lists name exactly the sites the table marks
-    assert "Mask policy (for input, between_layers, recurrent, output and candidate)" in doc
+    assert "Mask policy (for input, between_layers, recurrent, output, candidate and cell)" in doc
     assert "on input, between_layers and recurrent." in " ".join(doc.split())
 
 

@@ -228,15 +228,17 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
     cell = CELLS[next(c for c in CELLS if kernel.startswith(c + "_"))]
     fn = _kernel(kernel, False)
-    flags = {"HAS_RM", "HAS_CM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG", "MG_CM",
-             "MG_ZH", "MG_ZC", "HAS_NEXT", "HAS_REC", "HAS_MN"}  # fmt: skip
+    flags = {"HAS_RM", "HAS_CM", "HAS_KM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG",
+             "MG_CM", "MG_KM", "MG_ZH", "MG_ZC", "HAS_NEXT", "HAS_REC", "HAS_MN"}  # fmt: skip
     params = inspect.signature(fn.fn).parameters
     assert {n for n in params if n.startswith(("HAS_", "MG"))} <= flags | {"HAS_C"}
     consts, sig = constants_of(cell), {}
     for name in params:
         if name in flags:
-            # as the adapter passes them: zoneout on c with c, b_h with a split product
+            # as the adapter passes them: zoneout and the cell mask on c with c, b_h with a
+            # split product
             consts[name] = {"HAS_ZC": cell.has_cell, "MG_ZC": cell.has_cell,
+                            "HAS_KM": cell.has_cell, "MG_KM": cell.has_cell,
                             "HAS_BH": cell.split_recurrent}.get(name, True)  # fmt: skip
         elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK", "ROWS"):
             consts[name] = {"GR": cell.gates, "REVERSE": True, "BB": 16, "BH": 16,
@@ -308,16 +310,25 @@ def test_step_path_cuda_graphs_match_python(cell, monkeypatch):
             assert_agree(cell, leaves, masks, reverse)
 
 
+@pytest.mark.parametrize("case", ["everything_untied", "cell"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cell", list(CELLS))
-def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dtype):
+def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dtype, case):
     """float16 / bfloat16 (what autocast hands the loop): the step kernels widen to float32
     and round once per store, so against the float32 layer they are at least about as exact
-    as the python loop run in the same dtype (which rounds after every op)."""
+    as the python loop run in the same dtype (which rounds after every op).
+
+    Every site but the cell mask, and the cell mask alone: with both the candidate and the
+    cell mask on, a LayerNorm LSTM's c_t turns an ulp of h_{t-1} into several (bfloat16,
+    this draw: one triton step from its own state is within an ulp of float32, yet its c_T
+    is 4x further from float32 than python's), so one draw can favour either loop."""
     cell = CELLS[cell]
+    if case == "cell" and not cell.has_cell:
+        pytest.skip(f"{cell.name} has no cell state")
     T, B, I, H = 6, 3, 4, 20
     torch.manual_seed(0)
-    masks = make_masks(cell, "everything_untied", T, B, I, H)
+    masks = make_masks(cell, case, T, B, I, H)
+    masks.cell = masks.cell if case == "cell" else None
     leaves = make_leaves(cell, False, True, T, B, I, H)
     weight = torch.randn(T, B, H)
 

@@ -91,6 +91,8 @@ class LayerMasks:
         recurrent: ``(Tm, Gr, B, H)`` masks on ``h_{t-1}`` where it enters ``W_hh``,
             ``Gr`` = 1 (tied) or ``G`` (one per gate block of ``W_hh``).
         candidate: ``(Tm, B, H)`` mask on the candidate (LSTM ``g``, GRU ``n``).
+        cell: ``(Tm, B, H)`` mask on the new cell state ``c̃_t`` of a cell with one
+            (Moon et al. 2015: the masked value is carried and read by ``h_t``).
         zoneout_h, zoneout_c: ``(T|1, B, H)`` weight given to the previous value
             (0/1 sampled, ``z`` in eval, 1 past the end of a padded sequence).
     """
@@ -99,6 +101,7 @@ class LayerMasks:
     input: Tensor | None = field(default=None, metadata={"acts": "projection", "time_dim": 1})
     recurrent: Tensor | None = field(default=None, metadata={"acts": "recurrent"})
     candidate: Tensor | None = field(default=None, metadata={"acts": "step"})
+    cell: Tensor | None = field(default=None, metadata={"acts": "step"})
     zoneout_h: Tensor | None = field(default=None, metadata={"acts": "step"})
     zoneout_c: Tensor | None = field(default=None, metadata={"acts": "step"})
 

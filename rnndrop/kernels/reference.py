@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .contract import LayerInputs
+from .contract import LayerInputs, LayerMasks
 
 __all__ = ["reference_layer", "transform_active", "wants_reference"]
 
@@ -57,6 +57,11 @@ def _recurrent(h: Tensor, m: Tensor | None, w_hh: Tensor) -> Tensor:
     return torch.cat([(h * m[k]) @ w_hh[k * H : (k + 1) * H].t() for k in range(Gr)], -1)
 
 
+#: The step masks a cell's ``reference_step`` applies (zoneout on ``h`` is the loop's).
+_CELL_STEP_MASKS = tuple(n for n in LayerMasks.names()
+                         if LayerMasks.where(n) == "step" and n != "zoneout_h")  # fmt: skip
+
+
 def _zone(new: Tensor, prev: Tensor, z: Tensor | None) -> Tensor:
     """Zoneout: ``z ⊙ prev + (1 - z) ⊙ new`` (written out: ``lerp`` exports less widely)."""
     return new if z is None else new + z * (prev - new)
@@ -79,9 +84,11 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
     steps = range(T - 1, -1, -1) if inp.reverse else range(T)
     for t in steps:
         rec = _recurrent(h, _at(m.recurrent, t), inp.w_hh)
-        cm, zh = _at(m.candidate, t), _at(m.zoneout_h, t)
+        cm, km, zh = _at(m.candidate, t), _at(m.cell, t), _at(m.zoneout_h, t)
         if getattr(cell, "reference_step", None) is not None:  # the cell's own, in its file
-            h_new, c = cell.reference_step(xs[t], rec, h, c, cm, _at(m.zoneout_c, t), inp.extra)
+            # the step's masks that act inside the step; zoneout on h is applied below
+            step = LayerMasks(**{n: _at(getattr(m, n), t) for n in _CELL_STEP_MASKS})
+            h_new, c = cell.reference_step(xs[t], rec, h, c, step, inp.extra)
         elif cell.name == "lstm":  # gates i, f, g, o
             a = xs[t] + rec
             i = torch.sigmoid(a[:, :H])
@@ -91,6 +98,8 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
             if cm is not None:
                 g = g * cm
             ct = f * c + i * g
+            if km is not None:
+                ct = ct * km
             h_new = o * torch.tanh(ct)
             if inp.w_hr is not None:  # LSTM with projections: h_t = W_hr (o ⊙ tanh c_t)
                 h_new = h_new @ inp.w_hr.t()

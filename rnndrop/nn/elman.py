@@ -35,7 +35,7 @@ class RNN(RNNBase):
     per-step or per-sequence, tied or not); ``recurrent`` masks ``h_{t-1}`` where it enters
     ``W_hh`` (per step, or variational: Gal & Ghahramani 2016); ``weight_hh`` drops
     elements of ``W_hh`` (Merity et al. 2018); ``zoneout_hidden`` acts on ``h`` (Krueger et
-    al. 2016); ``embedding`` belongs to the model around it. ``candidate`` and
+    al. 2016); ``embedding`` belongs to the model around it. ``candidate``, ``cell`` and
     ``zoneout_cell`` raise a ``ValueError``: there is no gated candidate and no cell state.
     Parameter names, shapes, initialisation and state_dicts are ``torch.nn.RNN``'s; with no
     dropout active the fused op (``_VF.rnn_tanh`` / ``rnn_relu``) runs with the same
@@ -100,7 +100,7 @@ class RNNCell(StepCellBase):
 
     ``m^x``, ``m^h``: input and recurrent masks (Gal & Ghahramani 2016); ``M``: weight drop
     (Merity et al. 2017); ``d^h``: zoneout, 1 = keep the previous value (Krueger et al.
-    2016); ``m^o``: output. An absent site is 1 (``d``: 0). ``candidate`` and
+    2016); ``m^o``: output. An absent site is 1 (``d``: 0). ``candidate``, ``cell`` and
     ``zoneout_cell`` raise a ``ValueError`` (no gated candidate, no cell state). Parameter
     names, shapes, initialisation and state_dicts are ``torch.nn.RNNCell``'s; with no site
     acting in a call, ``torch._VF.rnn_tanh_cell`` / ``rnn_relu_cell`` runs with

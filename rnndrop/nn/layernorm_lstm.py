@@ -35,13 +35,13 @@ class LayerNormLSTM(RNNBase):
     step or per sequence, tied or per gate); ``recurrent`` masks ``h_{t-1}`` before
     ``W_hh`` (per step, or variational: Gal & Ghahramani 2016, tied or untied);
     ``weight_hh`` drops elements of ``W_hh`` (Merity et al. 2018); ``candidate`` masks
-    ``g`` (Semeniuta et al. 2016); ``zoneout_hidden`` / ``zoneout_cell`` (Krueger et al.
-    2016; ``LN(c)`` normalises the cell value before zoneout, see
-    :mod:`rnndrop.nn.cells.layernorm_lstm`); ``embedding`` belongs to the model around it
-    (``encoder="layernorm_lstm"``); concrete dropout learns the rates. There is no fused op:
-    every forward runs a loop backend (``cpp`` on CPU float32/float64, else ``python``).
-    With no dropout active it computes the equations above; execution, mask recording and
-    inference modes: :class:`~rnndrop.nn.rnn.RNNBase`.
+    ``g`` (Semeniuta et al. 2016); ``cell`` masks ``c̃`` (Moon et al. 2015);
+    ``zoneout_hidden`` / ``zoneout_cell`` (Krueger et al. 2016; ``LN(c)`` normalises the
+    cell value before zoneout, see :mod:`rnndrop.nn.cells.layernorm_lstm`); ``embedding``
+    belongs to the model around it (``encoder="layernorm_lstm"``); concrete dropout learns
+    the rates. There is no fused op: every forward runs a loop backend (``cpp`` on CPU
+    float32/float64, else ``python``). With no dropout active it computes the equations
+    above; execution, mask recording and inference modes: :class:`~rnndrop.nn.rnn.RNNBase`.
 
     Parameters, per layer ``k`` (``_reverse`` for the second direction): torch's
     ``weight_ih_l{k}`` ``(4H, I)``, ``weight_hh_l{k}`` ``(4H, H)``, ``bias_ih_l{k}``,

@@ -82,8 +82,8 @@ class ForwardMasks:
     Recorded masks, by site name (see :func:`site_name`), broadcast against:
     ``input``/``between_layers`` ``(T, B, F)`` tied or ``(G, T, B, F)`` untied (one per
     gate); ``recurrent`` ``(T, Gr, B, H)`` (``Gr`` 1 tied, ``G`` untied); ``candidate``
-    ``(T, B, H)``; ``zoneout_*`` ``(T, B, H)`` (1 = keep the previous value); ``weight_hh``
-    ``(G·H, H)``; ``output`` ``(T, B, F)``. Size-1 dims are shared (per sequence / per
+    and ``cell`` ``(T, B, H)``; ``zoneout_*`` ``(T, B, H)`` (1 = keep the previous value);
+    ``weight_hh`` ``(G·H, H)``; ``output`` ``(T, B, F)``. Size-1 dims are shared (per sequence / per
     batch). ``G`` is the cell's gate count (4 LSTM, 3 GRU, 1 Elman RNN).
 
     A step cell (:class:`~rnndrop.nn.stepcells.StepCellBase`) is one step of a one-layer
@@ -287,13 +287,22 @@ class ForwardMasks:
 
     def candidate(self, layer: int, d: int) -> Tensor | None:
         """``(T|1, B, H)`` mask on the candidate (LSTM ``tanh(g)``, GRU ``n``)."""
-        c = self.cfg
-        if c.candidate == 0:
+        return self._unit_mask("candidate", layer, d)
+
+    def cell(self, layer: int, d: int) -> Tensor | None:
+        """``(T|1, B, H)`` mask on the new cell state ``c̃_t`` (Moon et al. 2015)."""
+        return self._unit_mask("cell", layer, d)
+
+    def _unit_mask(self, site: str, layer: int, d: int) -> Tensor | None:
+        """A policy site's ``(T|1, B, H)`` mask on ``H`` units inside the step: drawn when
+        sampling, classic scaling's ``1 - p`` in eval, else None."""
+        p = getattr(self.cfg, site)
+        if p == 0:
             return None
         if self.sample:
-            name = _key("candidate", layer, d)
-            return self._policy(name, c.candidate, features=self.H).expand(self.Tm, self.B, -1)
-        return self._full(1 - c.candidate) if c.scaling == "classic" else None
+            name = _key(site, layer, d)
+            return self._policy(name, p, features=self.H).expand(self.Tm, self.B, -1)
+        return self._full(1 - p) if self.cfg.scaling == "classic" else None
 
     def zoneout(self, kind: str, layer: int, d: int, pad: Tensor | None) -> Tensor | None:
         """Weight of the previous value: 0/1 ~ Bernoulli(z) sampled, z otherwise, 1 past the end.
@@ -335,13 +344,14 @@ class ForwardMasks:
 
         Args:
             in_mask: the untied per-gate input masks :meth:`input` returned (not folded).
-            has_cell: the cell carries ``c`` (``zoneout_cell`` applies).
+            has_cell: the cell carries ``c`` (``cell`` and ``zoneout_cell`` apply).
             pad: as in :meth:`zoneout`.
         """
         return LayerMasks(
             input=in_mask,
             recurrent=self.recurrent(layer, d),
             candidate=self.candidate(layer, d),
+            cell=self.cell(layer, d) if has_cell else None,
             zoneout_h=self.zoneout("hidden", layer, d, pad),
             zoneout_c=self.zoneout("cell", layer, d, pad) if has_cell else None,
         )
@@ -352,7 +362,7 @@ class ForwardMasks:
         drawn outside a call (:meth:`~rnndrop.nn.stepcells.StepCellBase.sample_masks`).
 
         Args:
-            site: a per-sequence site (``input``, ``recurrent``, ``candidate``,
+            site: a per-sequence site (``input``, ``recurrent``, ``candidate``, ``cell``,
                 ``output``, ``weight_hh``).
             features: of the tensor it masks (``input``: the layer's input; ``weight_hh``:
                 the columns of ``W_hh``).

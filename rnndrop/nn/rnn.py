@@ -33,8 +33,8 @@ class RNNBase(StochasticModule):
     * fused: input/between/output masks of any policy, weight drop and per-batch
       per-sequence recurrent masks (folded into the columns of ``W_hh``) leave the
       recurrence intact, so the fused ATen/cuDNN op runs with the dropped weights;
-    * loop: per-sample or per-step recurrent masks, candidate dropout and zoneout need
-      the time loop of a loop backend (:mod:`rnndrop.kernels`: compiled C++ on CPU when
+    * loop: per-sample or per-step recurrent masks, candidate and cell dropout and zoneout
+      need the time loop of a loop backend (:mod:`rnndrop.kernels`: compiled C++ on CPU when
       it can be built, the PyTorch reference elsewhere), backprop through time by hand.
 
     Where a fast loop backend cannot serve (a ``torch.func`` transform or forward-mode AD,
@@ -225,7 +225,8 @@ class RNNBase(StochasticModule):
         recurrent               ``weight_hh_l*``                    their input features
         weight_hh (DropConnect) ``weight_hh_l*``                    their element count
         output                  ``output_weight`` (if given)        output features
-        candidate, zoneout_*    none (no weight after the mask)     ``hidden_size`` each
+        candidate, cell         none (no weight after the mask)     ``hidden_size`` each
+        zoneout_*               none                                ``hidden_size`` each
         ======================  ==================================  =====================
 
         The output site feeds the layer that reads the LSTM's output (a decoder, outside
@@ -690,8 +691,8 @@ class GRU(RNNBase):
     enters ``W_h*`` (one mask, or one per gate block r, z, n when untied: Gal & Ghahramani
     2016), never in the carry ``z ⊙ h_{t-1}``; ``candidate`` masks ``n`` (Semeniuta et al.
     2016); ``weight_hh`` drops elements of ``W_hh``; ``zoneout_hidden`` acts on ``h``.
-    ``zoneout_cell`` raises a ``ValueError``: a GRU has no cell state. Parameter names,
-    shapes, initialisation and state_dicts are ``torch.nn.GRU``'s; with no dropout active
+    ``cell`` and ``zoneout_cell`` raise a ``ValueError``: a GRU has no cell state. Parameter
+    names, shapes, initialisation and state_dicts are ``torch.nn.GRU``'s; with no dropout active
     the fused op runs with the same arguments (bitwise equal outputs).
 
     Args:

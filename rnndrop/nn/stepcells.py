@@ -69,6 +69,7 @@ class CellMasks:
         recurrent: on ``h_{t-1}`` where it enters ``W_hh``: ``(Gr, B|1, H)``, ``Gr`` 1
             (tied) or ``G`` (one per gate block of ``W_hh``).
         candidate: on the candidate (LSTM ``g``, GRU ``n``): ``(B|1, H)``.
+        cell: on the LSTM's new cell state ``c̃'``: ``(B|1, H)``.
         output: on the returned output ``h``: ``(B|1, H)``.
         weight_hh: on the elements of ``W_hh``: ``(G·H, H)``.
         zoneout_hidden, zoneout_cell: weight of the previous value, 1 = keep it:
@@ -79,6 +80,7 @@ class CellMasks:
     input: Tensor | None = None
     recurrent: Tensor | None = None
     candidate: Tensor | None = None
+    cell: Tensor | None = None
     output: Tensor | None = None
     weight_hh: Tensor | None = None
     zoneout_hidden: Tensor | None = None
@@ -829,7 +831,7 @@ class LSTMCell(StepCellBase):
 
         x̃          = x ⊙ m^x
         i, f, g, o  = σ, σ, tanh, σ (W_ih x̃ + b_ih + (W_hh ⊙ M)(h ⊙ m^h) + b_hh)
-        c̃'         = f ⊙ c + i ⊙ (g ⊙ m^g)
+        c̃'         = m^c ⊙ (f ⊙ c + i ⊙ (g ⊙ m^g))
         h̃'         = o ⊙ tanh(c̃')
         c'          = d^c ⊙ c + (1 - d^c) ⊙ c̃'
         h'          = d^h ⊙ h + (1 - d^h) ⊙ h̃'
@@ -837,8 +839,8 @@ class LSTMCell(StepCellBase):
 
     ``m^x``, ``m^h``: input and recurrent masks (Gal & Ghahramani 2016; one per gate block
     when untied); ``M``: weight drop (Merity et al. 2017); ``m^g``: candidate (Semeniuta et
-    al. 2016); ``d^c``, ``d^h``: zoneout, 1 = keep the previous value (Krueger et al. 2016);
-    ``m^o``: output. An absent site is 1 (``d``: 0).
+    al. 2016); ``m^c``: cell (Moon et al. 2015); ``d^c``, ``d^h``: zoneout, 1 = keep the
+    previous value (Krueger et al. 2016); ``m^o``: output. An absent site is 1 (``d``: 0).
 
     Parameter names, shapes, initialisation and state_dicts are ``torch.nn.LSTMCell``'s
     (they load both ways); with no site acting in a call, ``torch._VF.lstm_cell`` runs with
@@ -907,9 +909,10 @@ class GRUCell(StepCellBase):
     2016); ``m^o``: output. An absent site is 1 (``d``: 0).
 
     The recurrent mask acts where ``h`` enters ``W_hh``, never in the carry ``z ⊙ h``. A GRU
-    has no cell state: ``zoneout_cell > 0`` raises a ``ValueError``. Parameter names, shapes,
-    initialisation and state_dicts are ``torch.nn.GRUCell``'s; with no site acting in a
-    call, ``torch._VF.gru_cell`` runs with ``nn.GRUCell``'s arguments (bitwise equal).
+    has no cell state: ``cell`` or ``zoneout_cell > 0`` raises a ``ValueError``. Parameter
+    names, shapes, initialisation and state_dicts are ``torch.nn.GRUCell``'s; with no site
+    acting in a call, ``torch._VF.gru_cell`` runs with ``nn.GRUCell``'s arguments (bitwise
+    equal).
     Per-sequence masks (a :meth:`sequence` scope or ``masks=``), eval and MC modes, recording:
     :class:`StepCellBase`.
 

@@ -52,9 +52,15 @@ def preset_scheme(preset: str, encoder: str = "lstm", **fixed: Any) -> dict[str,
 
 
 def _recurrent_schemes(encoder: str, prefix: str) -> dict[str, dict[str, Any]]:
-    """Every preset of :data:`rnndrop.config.PRESETS` for one cell, plus untied variational."""
+    """Every preset of :data:`rnndrop.config.PRESETS` that means something for one cell (a
+    preset whose site the cell lacks, as Moon et al.'s cell dropout for the GRU, has no
+    scheme), plus untied variational."""
     schemes = {}
     for preset in PRESETS:
+        try:
+            RecurrentDropout.preset(preset, for_cell=encoder).check_cell(encoder)
+        except ValueError:
+            continue
         # zoneout's `cell` rate acts on the LSTM's c; a GRU has no cell state: hidden only
         fixed = {"cell": 0.0} if (encoder, preset) == ("gru", "zoneout") else {}
         schemes[prefix + preset] = preset_scheme(preset, encoder, **fixed)

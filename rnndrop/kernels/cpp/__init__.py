@@ -54,7 +54,7 @@ class CppBackend:
         fwd = getattr(ext, f"{inp.cell.name}_forward")
         return Saved(*fwd(
             inp.x, inp.w_ih, inp.b_x, m.input, inp.w_hh, inp.b_h, inp.h0, inp.c0, m.recurrent,
-            m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, _packed(inp),
+            m.candidate, m.cell, m.zoneout_h, m.zoneout_c, inp.reverse, _packed(inp),
         ))  # fmt: skip
 
     def backward(
@@ -66,14 +66,13 @@ class CppBackend:
         dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, *inner, dex = bwd(
             dh_seq, dc_last, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
             inp.b_h is not None, inp.h0, inp.c0, s.acts, s.h_seq, s.c_seq, s.ct_seq, s.hm_seq,
-            s.hn_seq, m.recurrent, m.candidate, m.zoneout_h, m.zoneout_c, inp.reverse, need_x,
-            need_w, mg, _packed(inp), s.extra,
+            s.hn_seq, m.recurrent, m.candidate, m.cell, m.zoneout_h, m.zoneout_c, inp.reverse,
+            need_x, need_w, mg, _packed(inp), s.extra,
         )  # fmt: skip
         g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0)
         if inp.extra:  # the packed gradient, split back into the cell's parameters
             g.dextra = dex.split([e.numel() for e in inp.extra])
         if mg:  # loop.cpp returns the per-step gradients of the masks it applies in the loop
-            drec, dcand, dzone_h, dzone_c = inner
-            per_step = LayerMasks(None, drec, dcand, dzone_h, dzone_c)
+            per_step = LayerMasks(None, *inner)  # recurrent and the step masks, in order
             g.dmasks = loop_mask_grads(inp, dgx, need_masks, per_step)
         return g

@@ -4,7 +4,8 @@
 // (rnndrop/nn/cells/layernorm_lstm.py has the equations and the python reference,
 // step_forward / step_backward, that these kernels mirror):
 //   a = LN(xp; gx) + LN(hp; gh) + b          over the 4H gate vector, no shift
-//   c~_t = f * c_{t-1} + i * (g * m^c),  h~_t = o * tanh(LN(c~_t; gc, bc))
+//   c~_t = m^k * (f * c_{t-1} + i * (g * m^c)),  h~_t = o * tanh(LN(c~_t; gc, bc))
+//   (m^c: candidate mask, Semeniuta et al.; m^k: cell mask, Moon et al. 2015)
 //   c_t = z^c * c_{t-1} + (1 - z^c) * c~_t,  h_t = z^h * h_{t-1} + (1 - z^h) * h~_t
 // LN(v) = gain * (v - mean) * rstd + shift, rstd = 1 / sqrt(var + 1e-5), biased variance.
 // The cell's parameters arrive packed in `ex` (14H: b, gx, gh (4H each), gc, bc (H each));
@@ -34,9 +35,9 @@ T ln_normalise(int64_t n, const T* __restrict v, T* __restrict y) {
 template <typename T>
 void lnlstm_row_forward(int64_t H, T* __restrict a, const T* __restrict p,
                         const T* __restrict ex, const T* __restrict hp, const T* __restrict cp,
-                        const T* __restrict cm, const T* __restrict zh, const T* __restrict zc,
-                        T* __restrict c, T* __restrict h, T* __restrict ct,
-                        T* __restrict sv) {
+                        const T* __restrict cm, const T* __restrict km,
+                        const T* __restrict zh, const T* __restrict zc, T* __restrict c,
+                        T* __restrict h, T* __restrict ct, T* __restrict sv) {
   const int64_t G4 = 4 * H;
   const T *b = ex, *gx = ex + G4, *gh = ex + 2 * G4, *gc = ex + 3 * G4, *bc = gc + H;
   T *xn = sv, *hn = sv + G4, *cn = sv + 2 * G4, *r = cn + H;
@@ -49,7 +50,7 @@ void lnlstm_row_forward(int64_t H, T* __restrict a, const T* __restrict p,
     af[j] = fsigmoid(af[j]);
     ag[j] = ftanh(ag[j]);
     ao[j] = fsigmoid(ao[j]);
-    ct[j] = af[j] * cp[j] + ai[j] * (ag[j] * cm[j]);
+    ct[j] = (af[j] * cp[j] + ai[j] * (ag[j] * cm[j])) * km[j];
   }
   r[2] = ln_normalise<T>(H, ct, cn);
   for (int64_t j = 0; j < H; ++j) {
@@ -63,16 +64,17 @@ void lnlstm_row_forward(int64_t H, T* __restrict a, const T* __restrict p,
 // LNs), gate block k at gx + k * gxs (gh + k * ghs); dex (14H, this batch row's) += this
 // step's gradients of b, gx, gh, gc, bc; dc = dL/dc_{t-1}; dh = zoneout's carry into
 // h_{t-1}. gh's first block holds dL/dc^ until the end, gx dL/da until its LN backward.
-// MG: also dL/d(candidate mask), dL/dz_h, dL/dz_c of this step into dcm, dzh, dzc.
+// MG: also dL/d(candidate mask), dL/d(cell mask), dL/dz_h, dL/dz_c of this step into dcm,
+// dkm, dzh, dzc.
 template <typename T, bool MG>
 void lnlstm_row_backward(int64_t H, const T* __restrict a, const T* __restrict sv,
                          const T* __restrict ex, const T* __restrict hp,
                          const T* __restrict cp, const T* __restrict ctp,
-                         const T* __restrict cm, const T* __restrict zh,
-                         const T* __restrict zc, T* __restrict dh, T* __restrict dc,
-                         T* __restrict gx, int64_t gxs, T* __restrict gh, int64_t ghs,
-                         T* __restrict dex, T* __restrict dcm, T* __restrict dzh,
-                         T* __restrict dzc) {
+                         const T* __restrict cm, const T* __restrict km,
+                         const T* __restrict zh, const T* __restrict zc, T* __restrict dh,
+                         T* __restrict dc, T* __restrict gx, int64_t gxs, T* __restrict gh,
+                         int64_t ghs, T* __restrict dex, T* __restrict dcm, T* __restrict dkm,
+                         T* __restrict dzh, T* __restrict dzc) {
   const int64_t G4 = 4 * H;
   const T *gxp = ex + G4, *ghp = ex + 2 * G4, *gc = ex + 3 * G4, *bc = gc + H;
   const T *xn = sv, *hn = sv + G4, *cn = sv + 2 * G4, *r = cn + H;
@@ -96,13 +98,15 @@ void lnlstm_row_backward(int64_t H, const T* __restrict a, const T* __restrict s
     T dht = d * (T(1) - zh[j]);
     T tn = ftanh(gc[j] * cn[j] + bc[j]);
     T i = ai[j], f = af[j], g = ag[j], o = ao[j];
-    T dct = r[2] * (dcn[j] - m1 - cn[j] * m2) + dc[j] * (T(1) - zc[j]);
+    T dck = r[2] * (dcn[j] - m1 - cn[j] * m2) + dc[j] * (T(1) - zc[j]);  // dL/dc~_t
+    T dct = dck * km[j];  // dL/d(f * c_{t-1} + i * g * m^c)
     gx[j] = dct * (g * cm[j]) * i * (T(1) - i);
     gx[gxs + j] = dct * cp[j] * f * (T(1) - f);
     gx[2 * gxs + j] = dct * i * cm[j] * (T(1) - g * g);
     gx[3 * gxs + j] = dht * tn * o * (T(1) - o);
     if constexpr (MG) {
       dcm[j] = dct * i * g;
+      dkm[j] = dck * (f * cp[j] + i * (g * cm[j]));
       dzh[j] = d * (hp[j] - o * tn);
       dzc[j] = dc[j] * (cp[j] - ctp[j]);
     }
@@ -150,13 +154,14 @@ struct LayerNormLstmCell {
 
   template <typename T, bool MASKED>
   static void forward(int64_t H, const FwdRow<T>& r) {
-    lnlstm_row_forward<T>(H, r.a, r.p, r.ex, r.hp, r.cp, r.cm, r.zh, r.zc, r.c, r.h, r.ct,
-                          r.sv);
+    lnlstm_row_forward<T>(H, r.a, r.p, r.ex, r.hp, r.cp, r.cm, r.km, r.zh, r.zc, r.c, r.h,
+                          r.ct, r.sv);
   }
 
   template <typename T, bool MG>
   static void backward(int64_t H, const BwdRow<T>& r) {
-    lnlstm_row_backward<T, MG>(H, r.a, r.sv, r.ex, r.hp, r.cp, r.ct, r.cm, r.zh, r.zc, r.dh,
-                               r.dc, r.gx, r.gxs, r.gh, r.ghs, r.dex, r.dcm, r.dzh, r.dzc);
+    lnlstm_row_backward<T, MG>(H, r.a, r.sv, r.ex, r.hp, r.cp, r.ct, r.cm, r.km, r.zh, r.zc,
+                               r.dh, r.dc, r.gx, r.gxs, r.gh, r.ghs, r.dex, r.dcm, r.dkm,
+                               r.dzh, r.dzc);
   }
 };

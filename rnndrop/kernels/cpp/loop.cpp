@@ -1,5 +1,5 @@
 // rnndrop: one recurrent layer (one direction) for the schemes the fused kernels cannot
-// run: per-sample recurrent masks, candidate dropout, zoneout.
+// run: per-sample recurrent masks, candidate and cell dropout, zoneout.
 //
 // One call does the input projection for all steps, the time loop with one fused
 // elementwise pass per step, and (backward) backprop through time plus every weight
@@ -24,6 +24,7 @@
 //   in_mask   (G, Tm, B|1, I) per-gate input masks (untied), or None
 //   rec_mask  (Tm, Gr, B, H)  mask on h_{t-1} where it enters W_hh, Gr = 1 (tied) or G
 //   cand_mask (Tm, B, H)      mask on the candidate (LSTM tanh(g), GRU n)
+//   cell_mask (Tm, B, H)      mask on the new cell state c~ (cells with one)
 //   zone_h/c  (Tz, B, H)      weight of the previous value (0/1 train, z eval, 1 padded)
 // Tm and Tz are 1 (shared over time) or T. Saved by forward for backward:
 //   acts      (T, B, GH)      gate activations (the candidate before its mask)
@@ -34,7 +35,8 @@
 // Backward with need_masks (concrete dropout learns the rates) also returns the gradients of
 // the masks applied inside the loop, per step (the adapter sums them to the masks' shapes):
 // recurrent (T, Gr, B, H) dL/dm = dL/d(masked h_{t-1}) * h_{t-1}; candidate (T, B, H)
-// dL/dm = dL/dc~ * i * g (LSTM), dL/dh~ * (1 - z) * n (GRU); zoneout dL/dz_h =
+// dL/dm = dL/du * i * g (LSTM, u = f * c_{t-1} + i * g * m), dL/dh~ * (1 - z) * n (GRU);
+// cell (T, B, H) dL/dm = dL/dc~ * u; zoneout dL/dz_h =
 // dL/dh_t * (h_{t-1} - h~_t), dL/dz_c = dL/dc_t * (c_{t-1} - c~_t). The untied input masks'
 // gradient comes from dgates outside (python.py).
 
@@ -574,11 +576,11 @@ inline void for_rows(int64_t B, int64_t row_work, const F& f) {
 //   kAux       the cell saves one (T, B, H) row per step for its backward (Saved.hn_seq)
 //   saved_width(H)  optional: the width W of the row it saves per step in Saved.extra
 //              (T, B, W) (the LayerNorm LSTM's normalised values and statistics)
-//   forward<T, MASKED>(H, FwdRow<T>)  MASKED: a candidate mask or zoneout is present
+//   forward<T, MASKED>(H, FwdRow<T>)  MASKED: a candidate or cell mask or zoneout is present
 //   backward<T, MG>(H, BwdRow<T>)     MG: write the mask gradients (concrete dropout)
 // A cell's own parameters (LayerInputs.extra) arrive packed in one row `ex`, and backward
 // adds their gradients into the batch row's `dex` (summed over the batch at the end).
-// An absent mask arrives as a row of ones (candidate) or zeros (zoneout), an absent bias as
+// An absent mask arrives as a row of ones (candidate, cell) or zeros (zoneout), an absent bias as
 // zeros, so the row kernels stay branch-free. A new cell is its header, one #include and one
 // register_cell line at the end of this file.
 
@@ -600,6 +602,7 @@ struct FwdRow {
   T* aux;       // kAux: the cell's saved row
   const T* ex = nullptr;  // the cell's own parameters, packed (LayerInputs.extra)
   T* sv = nullptr;        // saved_width: the cell's row of Saved.extra
+  const T* km = nullptr;  // cell mask (kHasC)
 };
 
 // One batch row of one step, backward.
@@ -625,6 +628,8 @@ struct BwdRow {
   const T* ex = nullptr;  // the cell's own parameters, packed
   const T* sv = nullptr;  // the row forward saved (saved_width)
   T* dex = nullptr;       // += this step's gradient of ex (this batch row's accumulator)
+  const T* km = nullptr;  // cell mask (kHasC)
+  T* dkm = nullptr;       // MG: dL/d(cell mask) of this step (scratch if absent)
 };
 
 // Cell::saved_width(H), or 0 for a cell that saves no row of its own.
@@ -650,12 +655,14 @@ template <class Cell, typename T>
 std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& b_x,
                                  const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
                                  const Tensor& h0, const OptT& c0, const OptT& rec_mask,
-                                 const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                 bool reverse, const OptT& ex) {
+                                 const OptT& cand_mask, const OptT& cell_mask,
+                                 const OptT& zone_h, const OptT& zone_c, bool reverse,
+                                 const OptT& ex) {
   constexpr int64_t G = Cell::G;
   const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_zc = Cell::kHasC && has(zone_c);
-  const bool plain = !has(cand_mask) && !has(zone_h) && !has_zc;
+  const bool has_km = Cell::kHasC && has(cell_mask);
+  const bool plain = !has(cand_mask) && !has_km && !has(zone_h) && !has_zc;
   Rows<T> rows(G * H);
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
@@ -680,6 +687,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
   const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
+  const auto km = mask_at<T>(has_km ? cell_mask : OptT(), rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
   const auto zc = mask_at<T>(zone_c, rows.zeros.data());
   T* A = acts.data_ptr<T>();
@@ -732,6 +740,7 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
                       AX ? AX + r : nullptr};
         row.ex = EX;
         row.sv = SV ? SV + (t * B + b) * W : nullptr;
+        row.km = km.row(t, b, H);
         if (plain) {
           Cell::template forward<T, false>(H, row);
         } else {
@@ -744,7 +753,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   return {acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq, sv_seq};
 }
 
-// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, dcand, dzone_h, dzone_c, dex}:
+// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, dcand, dcell, dzone_h, dzone_c,
+// dex} (the mask gradients in LayerMasks' order):
 // dgx = dL/d(input projection) (T, B, GH); dx, dw_ih, db_x only with w_ih (dw_ih, db_x with
 // need_w, db_x with has_bias_x); dw_hh with need_w, db_h with has_bias_h too; dc0 for cells
 // with a cell state; the mask gradients only with need_masks and their mask; dex, the
@@ -756,12 +766,14 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
                                   const OptT& c0, const Tensor& acts, const Tensor& h_seq,
                                   const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
                                   const OptT& aux_seq, const OptT& rec_mask,
-                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                  bool reverse, bool need_x, bool need_w, bool need_masks,
-                                  const OptT& ex, const OptT& sv_seq) {
+                                  const OptT& cand_mask, const OptT& cell_mask,
+                                  const OptT& zone_h, const OptT& zone_c, bool reverse,
+                                  bool need_x, bool need_w, bool need_masks, const OptT& ex,
+                                  const OptT& sv_seq) {
   constexpr int64_t G = Cell::G;
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
   const bool has_zc = Cell::kHasC && has(zone_c);
+  const bool has_km = Cell::kHasC && has(cell_mask);
   Rows<T> rows(H);
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   const auto opts = acts.options();
@@ -779,6 +791,7 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   T* DGS = untied_rec ? dg_step.data_ptr<T>() : nullptr;
   auto w_gate = w_hh.view({G, H, H});  // W_hh_k, for the untied batched GEMM
   const auto cm = mask_at<T>(cand_mask, rows.ones.data());
+  const auto km = mask_at<T>(has_km ? cell_mask : OptT(), rows.ones.data());
   const auto zh = mask_at<T>(zone_h, rows.zeros.data());
   const auto zc = mask_at<T>(zone_c, rows.zeros.data());
   const T* A = acts.data_ptr<T>();
@@ -792,6 +805,7 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   const T* DR = dh_rec.data_ptr<T>();
   // mask gradients (concrete dropout): (T, B, H) per mask present, else a scratch row
   Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
+  Tensor dcell = need_masks && has_km ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
   Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
@@ -807,7 +821,7 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
     const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
     for_rows(B, G * H, [&](int64_t b0, int64_t b1) {
-      std::vector<T> junk(need_masks ? 3 * H : 0);  // a mask gradient nobody reads
+      std::vector<T> junk(need_masks ? 4 * H : 0);  // a mask gradient nobody reads
       auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
         return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
       };
@@ -835,10 +849,12 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
         row.ex = EX;
         row.sv = SV ? SV + (t * B + b) * W : nullptr;
         row.dex = DEX + b * NX;
+        row.km = km.row(t, b, H);
         if (need_masks) {
           row.dcm = out_row(dcand, 0, r);
           row.dzh = out_row(dzone_h, 1, r);
           row.dzc = out_row(dzone_c, 2, r);
+          row.dkm = out_row(dcell, 3, r);
           Cell::template backward<T, true>(H, row);
         } else {
           Cell::template backward<T, false>(H, row);
@@ -858,9 +874,9 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   // the projection's gradient leaves the kernel where the caller reads it: as dx without
   // W_ih, and for the untied input masks' gradient (concrete dropout)
   Tensor dgx_out = !has(w_ih) || need_masks ? dgx.step_major() : Tensor();
-  std::vector<Tensor> out{dgx_out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-                          dh,      dc,       drec,     dcand,    dzone_h,  dzone_c,
-                          NX ? dex.sum(0) : Tensor()};
+  std::vector<Tensor> out{dgx_out, Tensor(), Tensor(), Tensor(), Tensor(),  Tensor(),
+                          dh,      dc,       drec,     dcand,    dcell,     dzone_h,
+                          dzone_c, NX ? dex.sum(0) : Tensor()};
   if (need_w) {
     out[4] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
     if (has_bias_h) out[5] = dgh.bias_grad();
@@ -880,8 +896,9 @@ template <class Cell>
 std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT& b_x,
                                   const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
                                   const Tensor& h0, const OptT& c0, const OptT& rec_mask,
-                                  const OptT& cand_mask, const OptT& zone_h, const OptT& zone_c,
-                                  bool reverse, const OptT& ex) {
+                                  const OptT& cand_mask, const OptT& cell_mask,
+                                  const OptT& zone_h, const OptT& zone_c, bool reverse,
+                                  const OptT& ex) {
   TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
                   (!has(c0) || c0->is_contiguous()),
               "rnndrop ", Cell::kName, "_forward: inputs must be contiguous");
@@ -890,7 +907,7 @@ std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT&
   FlushScope flush;
   return by_dtype(x, Cell::kName, [&](auto v) {
     return forward_impl<Cell, decltype(v)>(x, w_ih, b_x, in_mask, w_hh, b_h, h0, c0, rec_mask,
-                                           cand_mask, zone_h, zone_c, reverse, ex);
+                                           cand_mask, cell_mask, zone_h, zone_c, reverse, ex);
   });
 }
 
@@ -901,9 +918,10 @@ std::vector<Tensor> layer_backward(const OptT& dh_seq, const OptT& dc_last, cons
                                    const OptT& c0, const Tensor& acts, const Tensor& h_seq,
                                    const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
                                    const OptT& hn_seq, const OptT& rec_mask,
-                                   const OptT& cand_mask, const OptT& zone_h,
-                                   const OptT& zone_c, bool reverse, bool need_x, bool need_w,
-                                   bool need_masks, const OptT& ex, const OptT& sv_seq) {
+                                   const OptT& cand_mask, const OptT& cell_mask,
+                                   const OptT& zone_h, const OptT& zone_c, bool reverse,
+                                   bool need_x, bool need_w, bool need_masks, const OptT& ex,
+                                   const OptT& sv_seq) {
   TORCH_CHECK(!Cell::kHasC || (has(c0) && has(c_seq)), "rnndrop ", Cell::kName,
               "_backward: c0 and c_seq must be given");
   TORCH_CHECK(!Cell::kAux || has(hn_seq), "rnndrop ", Cell::kName,
@@ -914,8 +932,9 @@ std::vector<Tensor> layer_backward(const OptT& dh_seq, const OptT& dc_last, cons
   return by_dtype(acts, Cell::kName, [&](auto v) {
     return backward_impl<Cell, decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias_x, in_mask, w_hh,
                                             has_bias_h, h0, c0, acts, h_seq, c_seq, ct_seq,
-                                            hm_seq, hn_seq, rec_mask, cand_mask, zone_h, zone_c,
-                                            reverse, need_x, need_w, need_masks, ex, sv_seq);
+                                            hm_seq, hn_seq, rec_mask, cand_mask, cell_mask,
+                                            zone_h, zone_c, reverse, need_x, need_w, need_masks,
+                                            ex, sv_seq);
   });
 }
 

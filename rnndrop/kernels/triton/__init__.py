@@ -2,9 +2,10 @@
 
 For the LSTM, the GRU, the Elman RNN (tanh, relu) and, on the step path only, the LayerNorm
 LSTM, every loop-path site of the contract: tied and untied recurrent masks (per sample,
-shared over time or per step), candidate masks, zoneout on ``h`` (and on ``c`` for the
-LSTMs), untied input masks (applied by :func:`~rnndrop.kernels.python.project` before the
-loop), both directions, with or without biases and the input projection.
+shared over time or per step), candidate masks, cell masks and zoneout on ``c`` (the
+LSTMs), zoneout on ``h``, untied input masks (applied by
+:func:`~rnndrop.kernels.python.project` before the loop), both directions, with or without
+biases and the input projection.
 
 Two paths (``$RNNDROP_TRITON_PATH``, :func:`triton_path`):
 
@@ -284,15 +285,17 @@ class TritonBackend:
         aux_seq = new(T, B, H) if cell.split_recurrent else None
         rm = _mask_args(m.recurrent, (T, Gr, B, H), acts)
         cm = _mask_args(m.candidate, (T, B, H), acts)
+        km = _mask_args(m.cell, (T, B, H), acts)
         zh = _mask_args(m.zoneout_h, (T, B, H), acts)
         zc = _mask_args(m.zoneout_c, (T, B, H), acts)
         grid = (triton_cdiv(B, BLOCK_B),)
         _kernel(f"{cell.name}_loop_fwd", interpreting())[grid](
-            acts, inp.w_hh, _or(inp.b_h, acts), inp.h0, _or(inp.c0, acts), rm[0], cm[0], zh[0],
-            zc[0], h_seq, _or(c_seq, acts), _or(ct_seq, acts), _or(hm_seq, acts),
-            _or(aux_seq, acts), T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
+            acts, inp.w_hh, _or(inp.b_h, acts), inp.h0, _or(inp.c0, acts), rm[0], cm[0], km[0],
+            zh[0], zc[0], h_seq, _or(c_seq, acts), _or(ct_seq, acts), _or(hm_seq, acts),
+            _or(aux_seq, acts), T, B, H, *rm[1:], *cm[1:], *km[1:], *zh[1:], *zc[1:],
             HAS_BH=inp.b_h is not None, HAS_RM=m.recurrent is not None, GR=Gr,
-            HAS_CM=m.candidate is not None, HAS_ZH=m.zoneout_h is not None,
+            HAS_CM=m.candidate is not None, HAS_KM=m.cell is not None,
+            HAS_ZH=m.zoneout_h is not None,
             HAS_ZC=m.zoneout_c is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B,
             BH=_block_h(H), num_stages=NUM_STAGES, **cell_constants(cell),
         )  # fmt: skip
@@ -312,6 +315,7 @@ class TritonBackend:
         dummy = s.acts
         rm = _mask_args(m.recurrent, (T, Gr, B, H), dummy)
         cm = _mask_args(m.candidate, (T, B, H), dummy)
+        km = _mask_args(m.cell, (T, B, H), dummy)
         zh = _mask_args(m.zoneout_h, (T, B, H), dummy)
         zc = _mask_args(m.zoneout_c, (T, B, H), dummy)
         dh0 = torch.empty_like(inp.h0)
@@ -323,15 +327,17 @@ class TritonBackend:
         dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
         grid = (triton_cdiv(B, BLOCK_B),)
         dh = None if dh_seq is None else dh_seq.contiguous()
-        loop_masks = (inner.recurrent, inner.candidate, inner.zoneout_h, inner.zoneout_c)
-        per_step = [_or(b, dummy) for b in loop_masks]  # DRM, DCM, DZH, DZC
+        loop_masks = (inner.recurrent, inner.candidate, inner.cell, inner.zoneout_h,
+                      inner.zoneout_c)  # fmt: skip
+        per_step = [_or(b, dummy) for b in loop_masks]  # DRM, DCM, DKM, DZH, DZC
         _kernel(f"{cell.name}_loop_bwd", interpreting())[grid](
             s.acts, inp.w_hh, inp.h0, _or(inp.c0, dummy), s.h_seq, _or(s.c_seq, dummy),
-            _or(s.ct_seq, dummy), _or(s.hn_seq, dummy), rm[0], cm[0], zh[0], zc[0],
+            _or(s.ct_seq, dummy), _or(s.hn_seq, dummy), rm[0], cm[0], km[0], zh[0], zc[0],
             _or(dh, dummy), _or(dcl, dummy), dgx, dgh, dh0, _or(dc0, dummy),
-            *per_step, T, B, H, *rm[1:], *cm[1:], *zh[1:], *zc[1:],
+            *per_step, T, B, H, *rm[1:], *cm[1:], *km[1:], *zh[1:], *zc[1:],
             HAS_RM=m.recurrent is not None, GR=Gr, HAS_CM=m.candidate is not None,
-            HAS_ZH=m.zoneout_h is not None, HAS_ZC=m.zoneout_c is not None,
+            HAS_KM=m.cell is not None, HAS_ZH=m.zoneout_h is not None,
+            HAS_ZC=m.zoneout_c is not None,
             HAS_DH=dh_seq is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H),
             MG=any(need_masks), num_stages=NUM_STAGES, **cell_constants(cell),
         )  # fmt: skip
@@ -387,11 +393,13 @@ class _TritonSteps(PythonBackend):
     def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt,
                       params=()) -> bool:  # fmt: skip
         a, h, c, cm, zh, zc = out.acts, prev.h, prev.c, m.candidate, m.zoneout_h, m.zoneout_c
+        km = m.cell
         h_out, c_out, ct_out, extra = out.h_seq, out.c_seq, out.ct_seq, out.hn_seq
         B, H = h.shape
         N = B * H
         grid, layout = _step_grid(cell, B, H)
         cma = _mask_args(cm, (B, H), a)
+        kma = _mask_args(km, (B, H), a)
         zha = _mask_args(zh, (B, H), a)
         hm_next, rm_next = (a, None) if nxt is None else nxt
         Gr = 1 if nxt is None else hm_next.shape[0]
@@ -402,10 +410,11 @@ class _TritonSteps(PythonBackend):
         zca = _mask_args(zc, (B, H), a)
         sv = out.extra  # a row cell's saved row (B, W)
         _kernel(f"{cell.name}_step_fwd", interpreting())[grid](
-            a, _or(rec, a), h, _or(c, a), cma[0], zha[0], zca[0], h_out, _or(c_out, a),
+            a, _or(rec, a), h, _or(c, a), cma[0], kma[0], zha[0], zca[0], h_out, _or(c_out, a),
             _or(ct_out, a), _or(extra, a), *nexts, params[0] if params else a, _or(sv, a),
-            N, H, *cma[1:], *zha[1:], *zca[1:], *next_strides, 0 if sv is None else sv.stride(0),
-            HAS_CM=cm is not None, HAS_ZH=zh is not None, HAS_ZC=zc is not None,
+            N, H, *cma[1:], *kma[1:], *zha[1:], *zca[1:], *next_strides,
+            0 if sv is None else sv.stride(0), HAS_CM=cm is not None, HAS_KM=km is not None,
+            HAS_ZH=zh is not None, HAS_ZC=zc is not None,
             **step, **cell_constants(cell),
         )  # fmt: skip
         return nxt is not None
@@ -415,7 +424,7 @@ class _TritonSteps(PythonBackend):
                        dm: LayerMasks | None, params=(), dparams=()) -> State:  # fmt: skip
         acts, extra, h_prev, c_prev = s.acts, s.hn_seq, prev.h, prev.c
         ct = s.c_seq if s.ct_seq is None else s.ct_seq
-        cm, zh, zc = m.candidate, m.zoneout_h, m.zoneout_c
+        cm, km, zh, zc = m.candidate, m.cell, m.zoneout_h, m.zoneout_c
         B, H = h_prev.shape
         N = B * H
         grid, layout = _step_grid(cell, B, H)
@@ -425,9 +434,10 @@ class _TritonSteps(PythonBackend):
         gather = dict(HAS_DH=dh is not None, HAS_REC=dh_rec is not None,
                       HAS_MN=m_next is not None, GR=Gr)  # fmt: skip
         cma = _mask_args(cm, (B, H), acts)
+        kma = _mask_args(km, (B, H), acts)
         zha = _mask_args(zh, (B, H), acts)
-        dcm, dzh, dzc = (None, None, None) if dm is None else (dm.candidate, dm.zoneout_h,
-                                                                dm.zoneout_c)  # fmt: skip
+        dcm, dkm, dzh, dzc = (None,) * 4 if dm is None else (
+            dm.candidate, dm.cell, dm.zoneout_h, dm.zoneout_c)  # fmt: skip
         parts = (carry_in.contiguous(), acts if dh is None else dh.contiguous(),
                  acts if dh_rec is None else dh_rec.contiguous(), mna[0])  # fmt: skip
         carry = torch.empty_like(h_prev)
@@ -436,14 +446,15 @@ class _TritonSteps(PythonBackend):
         sv, dex = s.extra, dparams[0] if dparams else None  # a row cell's saved row, its
         # parameters' gradient accumulator (B, Σ numel)
         _kernel(f"{cell.name}_step_bwd", interpreting())[grid](
-            acts, _or(extra, acts), h_prev, _or(c_prev, acts), _or(ct, acts), cma[0], zha[0],
-            zca[0], *parts, acts if dc is None else dc.contiguous(), dgx, dgh, carry,
-            _or(dc_prev, acts), *(_or(t, acts) for t in (dcm, dzh, dzc)),
+            acts, _or(extra, acts), h_prev, _or(c_prev, acts), _or(ct, acts), cma[0], kma[0],
+            zha[0], zca[0], *parts, acts if dc is None else dc.contiguous(), dgx, dgh, carry,
+            _or(dc_prev, acts), *(_or(t, acts) for t in (dcm, dkm, dzh, dzc)),
             params[0] if params else acts, _or(sv, acts), _or(dex, acts),
-            N, H, *cma[1:], *zha[1:], *zca[1:], *mna[1:], 0 if sv is None else sv.stride(0),
-            0 if dex is None else dex.stride(0), HAS_CM=cm is not None,
-            HAS_ZH=zh is not None, HAS_ZC=zc is not None, **gather,
-            MG_CM=dcm is not None, MG_ZH=dzh is not None, MG_ZC=dzc is not None,
+            N, H, *cma[1:], *kma[1:], *zha[1:], *zca[1:], *mna[1:],
+            0 if sv is None else sv.stride(0), 0 if dex is None else dex.stride(0),
+            HAS_CM=cm is not None, HAS_KM=km is not None, HAS_ZH=zh is not None,
+            HAS_ZC=zc is not None, **gather, MG_CM=dcm is not None, MG_KM=dkm is not None,
+            MG_ZH=dzh is not None, MG_ZC=dzc is not None,
             **layout, **cell_constants(cell),
         )  # fmt: skip
         return State(carry, dc_prev)

@@ -28,21 +28,24 @@ a mask that is shared over time, gates or batch. Padded rows (``b ≥ B``) and c
 A cell's pointwise math, on tiles of any shape (``(BB, BH)`` in the loop kernels,
 ``(BLOCK,)`` in the step kernels), float32::
 
-    cell_forward(xs, ps, h, c, cm, HAS_CM) -> (acts, h̃, c̃, aux)
-    cell_backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM) -> (dgx, dgh, dhp, dcp, h̃, dcm)
+    cell_forward(xs, ps, h, c, cm, km, HAS_CM, HAS_KM) -> (acts, h̃, c̃, aux)
+    cell_backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM, HAS_KM)
+        -> (dgx, dgh, dhp, dcp, h̃, dcm, dkm)
 
 Forward: ``xs`` the ``G`` pre-activation blocks (``x W_ihᵀ + b_x``, plus the recurrent
 product ``h W_hh,kᵀ`` unless the cell is ``SPLIT``; then ``ps`` holds the products, ``b_h``
 included, and is empty otherwise); ``h``, ``c`` the state before the step (``c`` a
 placeholder for a cell without one); ``cm`` the candidate mask (read only under
-``HAS_CM``). It returns the ``G`` activations saved for backward (``Saved.acts``), the new
+``HAS_CM``), ``km`` the cell mask on ``c̃`` (only under ``HAS_KM``; a cell without a cell
+state ignores it). It returns the ``G`` activations saved for backward (``Saved.acts``), the new
 state before zoneout, and ``aux``, the tile a ``SPLIT`` cell saves per step
 (``Saved.hn_seq``). Backward: ``acts``, ``aux`` as saved; ``hp``, ``cp`` the state before
 the step, ``ct`` the cell state ``c̃`` before zoneout; ``dh`` dL/dh̃, ``dc`` dL/dc̃ (zoneout's
 shares already taken off). It returns dL/d(input pre-activations) and dL/d(recurrent
 product) per gate (the same tuple unless ``SPLIT``), the gradients into ``h_{t-1}`` and
 ``c_{t-1}`` through the cell itself (not through ``W_hh``), ``h̃`` (for zoneout's mask
-gradient) and dL/d(candidate mask) (used only with a candidate mask and its gradient).
+gradient), dL/d(candidate mask) and dL/d(cell mask) (each used only with its mask and its
+gradient).
 The loops apply zoneout, the recurrent masks, the mask gradients and every load and store.
 
 A ``ROWS`` cell (step kernels only) takes five more arguments in forward, ``EX, SV, n, m,
@@ -138,12 +141,14 @@ def row_sum(x):
 
 
 def loop_fwd(
-    ACT, W, BHH, H0, C0, RM, CM, ZH, ZC, HSEQ, CSEQ, CTSEQ, HMSEQ, AUXSEQ,
+    ACT, W, BHH, H0, C0, RM, CM, KM, ZH, ZC, HSEQ, CSEQ, CTSEQ, HMSEQ, AUXSEQ,
     T, B, H,
-    rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, zh_t, zh_b, zh_h, zc_t, zc_b, zc_h,
+    rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, km_t, km_b, km_h, zh_t, zh_b, zh_h,
+    zc_t, zc_b, zc_h,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_BH: tl.constexpr,
-    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
-    HAS_ZC: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr, BH: tl.constexpr,
+    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr,
+    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr,
+    BH: tl.constexpr,
 ):  # fmt: skip
     """ACT (T, B, G·H) holds the input projection; overwritten with the activations.
 
@@ -195,7 +200,12 @@ def loop_fwd(
         cm = h
         if HAS_CM:
             cm = mask_tile(CM, t, cm_t, cm_b, cm_h, rb, rn, m2)
-        acts, hn, cn, aux = cell_forward(xs, ps, h, c, cm, HAS_CM)  # noqa: F821 (bound per cell)
+        km = h
+        if HAS_KM:
+            km = mask_tile(KM, t, km_t, km_b, km_h, rb, rn, m2)
+        acts, hn, cn, aux = cell_forward(  # noqa: F821 (bound per cell)
+            xs, ps, h, c, cm, km, HAS_CM, HAS_KM
+        )
         for k in tl.static_range(G):
             tl.store(a + k * H, acts[k], mask=m2)
         if SPLIT:
@@ -213,13 +223,14 @@ def loop_fwd(
 
 
 def loop_bwd(
-    ACT, W, H0, C0, HSEQ, CSEQ, CTSEQ, AUXSEQ, RM, CM, ZH, ZC, DHSEQ, DCLAST,
-    DGX, DGH, DH0, DC0, DRM, DCM, DZH, DZC,
+    ACT, W, H0, C0, HSEQ, CSEQ, CTSEQ, AUXSEQ, RM, CM, KM, ZH, ZC, DHSEQ, DCLAST,
+    DGX, DGH, DH0, DC0, DRM, DCM, DKM, DZH, DZC,
     T, B, H,
-    rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, zh_t, zh_b, zh_h, zc_t, zc_b, zc_h,
+    rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, km_t, km_b, km_h, zh_t, zh_b, zh_h,
+    zc_t, zc_b, zc_h,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_ZH: tl.constexpr,
-    HAS_ZC: tl.constexpr, HAS_DH: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr,
+    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_DH: tl.constexpr, REVERSE: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, MG: tl.constexpr,
 ):  # fmt: skip
     """Backprop through time: DGX dL/d(input projection), DGH dL/d(recurrent product)
@@ -227,8 +238,9 @@ def loop_bwd(
 
     With MG (concrete dropout) also the per-step gradients of the masks applied in the loop:
     DRM (T, GR, B, H) dL/d(recurrent mask) = dL/d(masked h_{t-1}) ⊙ h_{t-1}; (T, B, H):
-    DCM dL/d(candidate mask) (the cell's), DZH dL/dz_h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
-    DZC dL/dz_c = dL/dc_t ⊙ (c_{t-1} − c̃_t); each only where its mask is (HAS_*).
+    DCM dL/d(candidate mask) and DKM dL/d(cell mask) (the cell's), DZH dL/dz_h = dL/dh_t ⊙
+    (h_{t-1} − h̃_t), DZC dL/dz_c = dL/dc_t ⊙ (c_{t-1} − c̃_t); each only where its mask is
+    (HAS_*).
     """
     rb, rn, m2, bh = rows(B, H, BB, BH)
     mn = rn < H
@@ -283,12 +295,17 @@ def loop_bwd(
         cm = hp
         if HAS_CM:
             cm = mask_tile(CM, t, cm_t, cm_b, cm_h, rb, rn, m2)
-        dgx, dgh, dhp, dcp, hn, dcm = cell_backward(  # noqa: F821 (bound per cell)
-            acts, aux, hp, cp, ct, dht, dcn, cm, HAS_CM
+        km = hp
+        if HAS_KM:
+            km = mask_tile(KM, t, km_t, km_b, km_h, rb, rn, m2)
+        dgx, dgh, dhp, dcp, hn, dcm, dkm = cell_backward(  # noqa: F821 (bound per cell)
+            acts, aux, hp, cp, ct, dht, dcn, cm, km, HAS_CM, HAS_KM
         )
         if MG:
             if HAS_CM:
                 tl.store(DCM + t * B * H + bh, dcm, mask=m2)
+            if HAS_KM:
+                tl.store(DKM + t * B * H + bh, dkm, mask=m2)
             if HAS_ZH:
                 tl.store(DZH + t * B * H + bh, d * (hp - hn), mask=m2)
             if HAS_ZC:
@@ -340,11 +357,11 @@ def loop_bwd(
 
 
 def step_fwd(
-    A, REC, HP, CP, CM, ZH, ZC, HOUT, COUT, CTOUT, AUX, HMN, RMN, EX, SV,
-    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, hmn_g, rmn_g, rmn_b, rmn_h, sv_b,
+    A, REC, HP, CP, CM, KM, ZH, ZC, HOUT, COUT, CTOUT, AUX, HMN, RMN, EX, SV,
+    N, H, cm_b, cm_h, km_b, km_h, zh_b, zh_h, zc_b, zc_h, hmn_g, rmn_g, rmn_b, rmn_h, sv_b,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_CM: tl.constexpr,
-    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_NEXT: tl.constexpr, GR: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_KM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_NEXT: tl.constexpr,
+    GR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """A (B, G·H) pre-activations (the recurrent product added, unless SPLIT: then REC
     (B, G·H) holds it, b_h included) -> the activations in place; HOUT (and COUT) (B, H)
@@ -371,12 +388,15 @@ def step_fwd(
     cm = hp
     if HAS_CM:
         cm = load32(CM + b * cm_b + n * cm_h, m)
+    km = hp
+    if HAS_KM:
+        km = load32(KM + b * km_b + n * km_h, m)
     if ROWS:
         acts, h, c, aux = cell_forward(  # noqa: F821 (bound per cell)
-            xs, ps, hp, cp, cm, HAS_CM, EX, SV + b * sv_b, n, m, H
+            xs, ps, hp, cp, cm, km, HAS_CM, HAS_KM, EX, SV + b * sv_b, n, m, H
         )
     else:
-        acts, h, c, aux = cell_forward(xs, ps, hp, cp, cm, HAS_CM)  # noqa: F821
+        acts, h, c, aux = cell_forward(xs, ps, hp, cp, cm, km, HAS_CM, HAS_KM)  # noqa: F821
     for k in tl.static_range(G):
         tl.store(a + k * H, acts[k], mask=m)
     if SPLIT and not ROWS:  # a ROWS cell saved its own row
@@ -397,14 +417,14 @@ def step_fwd(
 
 
 def step_bwd(
-    A, AUX, HP, CP, CT, CM, ZH, ZC, CIN, DH, DHREC, MN, DC, DGX, DGH, CARRY, DCP, DCM, DZH, DZC,
-    EX, SV, DEX,
-    N, H, cm_b, cm_h, zh_b, zh_h, zc_b, zc_h, mn_g, mn_b, mn_h, sv_b, dex_b,
+    A, AUX, HP, CP, CT, CM, KM, ZH, ZC, CIN, DH, DHREC, MN, DC, DGX, DGH, CARRY, DCP, DCM,
+    DKM, DZH, DZC, EX, SV, DEX,
+    N, H, cm_b, cm_h, km_b, km_h, zh_b, zh_h, zc_b, zc_h, mn_g, mn_b, mn_h, sv_b, dex_b,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_CM: tl.constexpr,
-    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
+    HAS_KM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
     HAS_DH: tl.constexpr, HAS_REC: tl.constexpr, HAS_MN: tl.constexpr, GR: tl.constexpr,
-    MG_CM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
+    MG_CM: tl.constexpr, MG_KM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Backward of step_fwd. dL/dh_t is gathered here from CIN (the direct gradient from
     step t+1), DH (the output's, HAS_DH) and DHREC (GR, B, H) dL/d(masked h_t) of step t+1
@@ -412,7 +432,8 @@ def step_bwd(
     on c), A the activations, AUX the cell's aux tile (SPLIT); writes DGX (B, G·H)
     dL/d(pre-activations) (DGH dL/d(recurrent product) when SPLIT), CARRY the direct
     gradient into h_{t-1}, DCP dL/dc_{t-1}, and under MG_* the gradients of this step's
-    masks: DCM the cell's, DZH dL/dh_t ⊙ (h_{t-1} − h̃_t), DZC dL/dc_t ⊙ (c_{t-1} − c̃_t).
+    masks: DCM and DKM the cell's (candidate, cell mask), DZH dL/dh_t ⊙ (h_{t-1} − h̃_t),
+    DZC dL/dc_t ⊙ (c_{t-1} − c̃_t).
     ROWS: one program per batch row; EX, SV as in step_fwd, DEX (B, ·) the accumulator of
     the gradients of the cell's parameters (row stride dex_b)."""
     if ROWS:
@@ -460,13 +481,17 @@ def step_bwd(
     cm = hp
     if HAS_CM:
         cm = load32(CM + b * cm_b + n * cm_h, m)
+    km = hp
+    if HAS_KM:
+        km = load32(KM + b * km_b + n * km_h, m)
     if ROWS:
-        dgx, dgh, dhp, dcp, hn, dcm = cell_backward(  # noqa: F821 (bound per cell)
-            acts, aux, hp, cp, ct, dht, dcn, cm, HAS_CM, EX, SV + b * sv_b, DEX + b * dex_b, n, m, H
-        )
+        dgx, dgh, dhp, dcp, hn, dcm, dkm = cell_backward(  # noqa: F821 (bound per cell)
+            acts, aux, hp, cp, ct, dht, dcn, cm, km, HAS_CM, HAS_KM, EX, SV + b * sv_b,
+            DEX + b * dex_b, n, m, H
+        )  # fmt: skip
     else:
-        dgx, dgh, dhp, dcp, hn, dcm = cell_backward(  # noqa: F821
-            acts, aux, hp, cp, ct, dht, dcn, cm, HAS_CM
+        dgx, dgh, dhp, dcp, hn, dcm, dkm = cell_backward(  # noqa: F821
+            acts, aux, hp, cp, ct, dht, dcn, cm, km, HAS_CM, HAS_KM
         )
     g = DGX + b * (G * H) + n
     for k in tl.static_range(G):
@@ -477,6 +502,8 @@ def step_bwd(
             tl.store(g + k * H, dgh[k], mask=m)
     if MG_CM:
         tl.store(DCM + e, dcm, mask=m)
+    if MG_KM:
+        tl.store(DKM + e, dkm, mask=m)
     if MG_ZH:
         tl.store(DZH + e, d * (hp - hn), mask=m)
     if MG_ZC:

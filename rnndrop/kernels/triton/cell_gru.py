@@ -15,7 +15,8 @@ import triton.language as tl
 from ._kernels import sigmoid, tanh
 
 
-def forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr):
+def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
+    """km: no cell state, never read."""
     r = sigmoid(xs[0] + ps[0])
     z = sigmoid(xs[1] + ps[1])
     n = tanh(xs[2] + r * ps[2])
@@ -25,8 +26,9 @@ def forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr):
     return (r, z, n), nm + z * (h - nm), c, ps[2]
 
 
-def backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr):
-    """aux: hp_n; dL/dhp differs from dL/dxp in the n block only (gn ⊙ r)."""
+def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
+             HAS_KM: tl.constexpr):  # fmt: skip
+    """aux: hp_n; dL/dhp differs from dL/dxp in the n block only (gn ⊙ r); no cell mask."""
     r = acts[0]
     z = acts[1]
     n = acts[2]
@@ -40,4 +42,4 @@ def backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr):
     gz = dh * (hp - nm) * (z * (1.0 - z))
     # z ⊙ h_{t-1} carries straight into h_{t-1}; dL/dm^n = dL/dh̃ ⊙ (1 - z) ⊙ n
     return ((gr, gz, gn), (gr, gz, gn * r), dh * z, dc, nm + z * (hp - nm),
-            dh * (1.0 - z) * n)  # fmt: skip
+            dh * (1.0 - z) * n, dc)  # fmt: skip

@@ -4,7 +4,7 @@ Ba et al. 2016 in haste's form, gates i, f, g, o; the step of
 :mod:`rnndrop.nn.cells.layernorm_lstm` without zoneout (the loops apply it)::
 
     a    = LN(xp_t; γ_x) + LN(hp_t; γ_h) + b      over the 4H gate vector, no shift
-    c̃_t = f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t)           m^g: candidate mask
+    c̃_t = m^c_t ⊙ (f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t))  m^g: candidate mask, m^c: cell mask
     h̃_t = o ⊙ tanh(LN(c̃_t; γ_c, β_c))
 
 A split cell (``ps`` holds ``hp_t``) in the row layout (``ROWS``): its program owns one
@@ -63,7 +63,7 @@ def _accumulate(P, v, m):
     tl.store(P, load32(P, m) + v, mask=m)  # the program's own row: no other program adds
 
 
-def forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr, EX, SV, n, m, H):
+def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr, EX, SV, n, m, H):
     """xs: the input projection (no bias), ps: the recurrent product, per gate block."""
     xn, rx = _ln4(xs, m, H)
     hn, rh = _ln4(ps, m, H)
@@ -82,6 +82,8 @@ def forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr, EX, SV, n, m, H):
     if HAS_CM:
         gm = g * cm
     ct = f * c + i * gm
+    if HAS_KM:
+        ct = ct * km
     cn, rc = _ln1(ct, m, H)
     tl.store(SV + 8 * H + n, cn, mask=m)
     tl.store(SV + 9 * H + n, tl.where(n == 0, rx, tl.where(n == 1, rh, rc)), mask=n < 3)
@@ -89,7 +91,8 @@ def forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr, EX, SV, n, m, H):
     return (i, f, g, o), o * tn, ct, ct
 
 
-def backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr, EX, SV, DEX, n, m, H):
+def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr,
+             EX, SV, DEX, n, m, H):  # fmt: skip
     """dh: dL/dh̃_t, dc: dL/dc̃_t from later steps (zoneout's shares taken off); adds this
     step's gradients of (b, γ_x, γ_h, γ_c, β_c) into DEX."""
     i = acts[0]
@@ -104,11 +107,17 @@ def backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr, EX, SV, DE
     _accumulate(DEX + 13 * H + n, dn, m)
     dy = dn * gc
     rc = tl.load(SV + 9 * H + 2).to(tl.float32)
-    dct = rc * (dy - row_sum(dy) / H - cn * (row_sum(dy * cn) / H)) + dc
+    dck = rc * (dy - row_sum(dy) / H - cn * (row_sum(dy * cn) / H)) + dc  # dL/dc̃_t
     gm = g
-    dgg = dct * i
     if HAS_CM:
         gm = g * cm
+    dct = dck
+    dkm = dck
+    if HAS_KM:  # dL/dm^c = dL/dc̃ ⊙ (the unmasked c̃); dct becomes dL/d(that)
+        dkm = dck * (f * cp + i * gm)
+        dct = dck * km
+    dgg = dct * i
+    if HAS_CM:
         dgg = dct * i * cm
     da = (dct * gm * (i * (1.0 - i)), dct * cp * (f * (1.0 - f)), dgg * (1.0 - g * g),
           dh * tn * (o * (1.0 - o)))  # fmt: skip
@@ -128,5 +137,6 @@ def backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr, EX, SV, DE
         dyh = dyh + (da[k] * load32(EX + (8 + k) * H + n, m),)
     dgx = _ln4_backward(dyx, xn, tl.load(SV + 9 * H).to(tl.float32), H)
     dgh = _ln4_backward(dyh, hn, tl.load(SV + 9 * H + 1).to(tl.float32), H)
-    # no direct path into h_{t-1}; dL/dc_{t-1} = dL/dc̃ ⊙ f; dL/dm^g = dL/dc̃ ⊙ i ⊙ g
-    return dgx, dgh, zeros_like(dh), dct * f, o * tn, dct * i * g
+    # no direct path into h_{t-1}; dL/dc_{t-1} = dL/du ⊙ f; dL/dm^g = dL/du ⊙ i ⊙ g, with
+    # u = f ⊙ c_{t-1} + i ⊙ g ⊙ m^g (c̃ = u without a cell mask)
+    return dgx, dgh, zeros_like(dh), dct * f, o * tn, dct * i * g, dkm

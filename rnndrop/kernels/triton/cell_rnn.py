@@ -5,7 +5,7 @@ the step of :mod:`rnndrop.nn.cells.rnn` without zoneout (the loops apply it)::
 
     h̃_t = φ(a_t)        a_t = xp_t + (h_{t-1} ⊙ m^h_t) W_hhᵀ
 
-No cell state and no candidate: ``c`` and ``cm`` are never read.
+No cell state and no candidate: ``c``, ``cm`` and ``km`` are never read.
 """
 
 import triton.language as tl
@@ -26,21 +26,23 @@ def _backward(acts, dh, RELU: tl.constexpr):
     return (dg,), hn
 
 
-def tanh_forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr):
+def tanh_forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
     acts, hn = _forward(xs, False)
     return acts, hn, c, hn
 
 
-def tanh_backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr):
+def tanh_backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
+                  HAS_KM: tl.constexpr):  # fmt: skip
     dg, hn = _backward(acts, dh, False)
-    return dg, dg, zeros_like(dh), dc, hn, dh
+    return dg, dg, zeros_like(dh), dc, hn, dh, dh
 
 
-def relu_forward(xs, ps, h, c, cm, HAS_CM: tl.constexpr):
+def relu_forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
     acts, hn = _forward(xs, True)
     return acts, hn, c, hn
 
 
-def relu_backward(acts, aux, hp, cp, ct, dh, dc, cm, HAS_CM: tl.constexpr):
+def relu_backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
+                  HAS_KM: tl.constexpr):  # fmt: skip
     dg, hn = _backward(acts, dh, True)
-    return dg, dg, zeros_like(dh), dc, hn, dh
+    return dg, dg, zeros_like(dh), dc, hn, dh, dh

@@ -46,8 +46,10 @@ class Cell:
         saved_width: ``H -> W``, the width of the row the cell's step saves per step for
             its backward (``Saved.extra``, ``(T, B, W)``), or None.
         reference_step: the differentiable step of :mod:`rnndrop.kernels.reference`
-            (out-of-place ops), ``(xp_t, rec_t, h, c, cm, zc, extra) -> (h̃_t, c_t)``, for a
-            cell whose math is not written there.
+            (out-of-place ops), ``(xp_t, rec_t, h, c, m, extra) -> (h̃_t, c_t)`` with ``m``
+            the step's :class:`~rnndrop.kernels.LayerMasks` that act inside the step (all
+            but zoneout on ``h``, which the loop applies), for a cell whose math is not
+            written there.
     """
 
     name: str

@@ -8,7 +8,8 @@ with every mask the loop path carries::
     hp_t   = (h_{t-1} ⊙ m^h_t) W_hhᵀ                     m^h: recurrent mask, per gate if untied
     a      = LN(xp_t; γ_x) + LN(hp_t; γ_h) + b          LN over the 4H gate vector, no β
     i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g)
-    c̃_t   = f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t)                m^g: candidate mask (Semeniuta et al.)
+    c̃_t   = m^c_t ⊙ (f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t))      m^g: candidate mask (Semeniuta et al.)
+                                                     m^c: cell mask (Moon et al. 2015)
     h̃_t   = o ⊙ tanh(LN(c̃_t; γ_c, β_c))
     c_t    = z^c_t ⊙ c_{t-1} + (1 - z^c_t) ⊙ c̃_t          zoneout (Krueger et al. 2016)
     h_t    = z^h_t ⊙ h_{t-1} + (1 - z^h_t) ⊙ h̃_t
@@ -75,7 +76,7 @@ def step_forward(a: Tensor, rec: Tensor, prev: State, m: LayerMasks, out: Saved 
     recurrent product ``hp_t`` -> ``(h_t, c_t)``.
 
     ``params`` = ``(b, γ_x, γ_h, γ_c, β_c)``; ``m``: the step's masks (``candidate``,
-    ``zoneout_h``, ``zoneout_c``). In the loop (``out``: the step's :class:`Saved` rows)
+    ``cell``, ``zoneout_h``, ``zoneout_c``). In the loop (``out``: the step's :class:`Saved` rows)
     ``a`` becomes the activations in place and the step saves ``x̂``, ``ĥ``, ``ĉ`` and their
     inverse standard deviations into ``out.extra``, ``c̃_t`` into ``out.ct_seq`` where
     zoneout needs it; with ``out=None`` every op is out of place (``torch.nn.functional.
@@ -101,6 +102,8 @@ def step_forward(a: Tensor, rec: Tensor, prev: State, m: LayerMasks, out: Saved 
         i, f, g, o = a.chunk(4, 1)
     gm = g if m.candidate is None else g * m.candidate
     ct = torch.addcmul(f * prev.c, i, gm)
+    if m.cell is not None:
+        ct = ct * m.cell
     if out is None:
         h = o * F.layer_norm(ct, (H,), g_c, b_c, EPS).tanh()
     else:
@@ -127,12 +130,12 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     carry into h_{t-1} or None, dL/dc_{t-1})``. ``dm``: None, or ``(B, H)`` buffers (a field
     None if not wanted) for the gradients of this step's masks (concrete dropout)::
 
-        dL/dm^g = dL/dc̃ ⊙ i ⊙ g,  dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
-        dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
+        dL/dm^g = dL/dc̃ ⊙ m^c ⊙ i ⊙ g,  dL/dm^c = dL/dc̃ ⊙ (f ⊙ c_{t-1} + i ⊙ g ⊙ m^g),
+        dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),  dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
     """
     _, g_x, g_h, g_c, b_c = params
     d_b, d_gx, d_gh, d_gc, d_bc = dparams
-    zh, zc, cm = m.zoneout_h, m.zoneout_c, m.candidate
+    zh, zc, cm, km = m.zoneout_h, m.zoneout_c, m.candidate, m.cell
     H = prev.c.shape[-1]
     xn, hn, cn, rx, rh, rc = _split(s.extra, H)
     ct = s.c_seq if s.ct_seq is None else s.ct_seq  # c̃_t: c_t unless zoneout mixed it
@@ -143,8 +146,12 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     d_gc.addcmul_(dn, cn)
     d_bc.add_(dn)
     dct = _norm_backward(dn * g_c, cn, rc)
-    dct = dct + (d.c if zc is None else d.c * (1 - zc))
+    dct = dct + (d.c if zc is None else d.c * (1 - zc))  # dL/dc̃_t
     gm = g if cm is None else g * cm
+    if km is not None:
+        if dm is not None and dm.cell is not None:  # the unmasked c̃ is recomputed
+            torch.mul(dct, torch.addcmul(f * prev.c, i, gm), out=dm.cell)
+        dct = dct * km  # dL/d(f ⊙ c_{t-1} + i ⊙ g ⊙ m^g)
     dg = dct * i if cm is None else dct * i * cm
     gi, gf, gg, go = dgx.chunk(4, 1)  # first dL/da, the gates' pre-activations
     torch.mul(dct * gm, i * (1 - i), out=gi)
@@ -167,11 +174,11 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     return State(None if zh is None else d.h * zh, dc_prev)
 
 
-def reference_step(xp, rec, h, c, cm, zc, params) -> tuple[Tensor, Tensor]:
+def reference_step(xp, rec, h, c, m: LayerMasks, params) -> tuple[Tensor, Tensor]:
     """The plain-autograd loop's step (:mod:`rnndrop.kernels.reference`): ``(h̃_t, c_t)``,
-    :func:`step_forward` out of place; zoneout on ``h`` is left to the loop."""
-    return tuple(step_forward(xp, rec, State(h, c), LayerMasks(candidate=cm, zoneout_c=zc),
-                              params=params))  # fmt: skip
+    :func:`step_forward` out of place; ``m``: the step's masks but zoneout on ``h``, which
+    is left to the loop."""
+    return tuple(step_forward(xp, rec, State(h, c), m, params=params))
 
 
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[None, None]:

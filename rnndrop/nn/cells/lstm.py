@@ -5,8 +5,8 @@ order i, f, g, o. One step with every mask the loop path carries::
 
     a      = xp_t + (h_{t-1} ⊙ m^h_t) W_hhᵀ          xp_t = x_t W_ihᵀ + b_ih + b_hh
     i, f, o = σ(a_i), σ(a_f), σ(a_o);  g = tanh(a_g)
-    c̃_t   = f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t)            m^g: candidate mask (Semeniuta et al. 2016)
-    h̃_t   = o ⊙ tanh(c̃_t)
+    c̃_t   = m^c_t ⊙ (f ⊙ c_{t-1} + i ⊙ (g ⊙ m^g_t))  m^g: candidate mask (Semeniuta et al. 2016)
+    h̃_t   = o ⊙ tanh(c̃_t)                           m^c: cell mask (Moon et al. 2015)
     c_t    = z^c_t ⊙ c_{t-1} + (1 - z^c_t) ⊙ c̃_t        zoneout (Krueger et al. 2016); z = 0 off
     h_t    = z^h_t ⊙ h_{t-1} + (1 - z^h_t) ⊙ h̃_t
 
@@ -62,7 +62,7 @@ def step_forward(a: Tensor, rec: None, prev: State, m: LayerMasks,
                  out: Saved | None = None) -> State:  # fmt: skip
     """One step: ``a`` ``(B, 4H)`` pre-activations (recurrent product added) -> ``(h_t, c_t)``.
 
-    ``m``: the step's masks (``candidate``, ``zoneout_h``, ``zoneout_c``); ``rec`` unused
+    ``m``: the step's masks (``candidate``, ``cell``, ``zoneout_h``, ``zoneout_c``); ``rec`` unused
     (the loop adds the recurrent product into ``a``). In the loop (``out``: the step's
     :class:`Saved` rows) ``a`` becomes the activations in place and ``c̃_t`` is saved where
     zoneout needs it; with ``out=None`` every op is out of place (autograd: step cells).
@@ -78,6 +78,8 @@ def step_forward(a: Tensor, rec: None, prev: State, m: LayerMasks,
         i, f, g, o = a.chunk(4, 1)
     gm = g if m.candidate is None else g * m.candidate
     ct = torch.addcmul(f * prev.c, i, gm)
+    if m.cell is not None:
+        ct = ct * m.cell
     h = o * ct.tanh()
     c = ct if m.zoneout_c is None else torch.lerp(ct, prev.c, m.zoneout_c)
     if m.zoneout_h is not None:
@@ -97,17 +99,21 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     ``(B, H)`` buffers (a field None if not wanted) for the gradients of this step's masks
     (concrete dropout)::
 
-        dL/dm^g = dL/dc̃ ⊙ i ⊙ g,  dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),
-        dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
+        dL/dm^g = dL/dc̃ ⊙ m^c ⊙ i ⊙ g,  dL/dm^c = dL/dc̃ ⊙ (f ⊙ c_{t-1} + i ⊙ g ⊙ m^g),
+        dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),  dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
     """
     i, f, g, o = s.acts.chunk(4, 1)
-    zh, zc, cm = m.zoneout_h, m.zoneout_c, m.candidate
+    zh, zc, cm, km = m.zoneout_h, m.zoneout_c, m.candidate, m.cell
     ct = s.c_seq if s.ct_seq is None else s.ct_seq  # c̃_t: c_t unless zoneout mixed it
     dht = d.h if zh is None else d.h * (1 - zh)
     dcn = d.c if zc is None else d.c * (1 - zc)
     tc = ct.tanh()
-    dcn = dcn + dht * o * (1 - tc * tc)
+    dcn = dcn + dht * o * (1 - tc * tc)  # dL/dc̃_t
     gm = g if cm is None else g * cm
+    if km is not None:
+        if dm is not None and dm.cell is not None:  # the unmasked c̃ is recomputed
+            torch.mul(dcn, torch.addcmul(f * prev.c, i, gm), out=dm.cell)
+        dcn = dcn * km  # dL/d(f ⊙ c_{t-1} + i ⊙ g ⊙ m^g)
     dg = dcn * i if cm is None else dcn * i * cm
     gi, gf, gg, go = dgx.chunk(4, 1)
     torch.mul(dcn * gm, i * (1 - i), out=gi)
