@@ -53,6 +53,16 @@ def shared_data_dir() -> Path | None:
 
 
 @pytest.fixture
+def two_threads():
+    """torch's intra-op pool at two threads for one test (the compiled loop then splits rows,
+    and an elementwise op large enough runs half on a worker thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def text_corpus(tmp_path):
     """A tiny train/valid/test word corpus (8 letters as words), generated."""
     import random

@@ -33,14 +33,6 @@ MIXED = {  # every loop-path site a cell has, untied and per step where it can b
 }  # fmt: skip
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def run(cls, dropout: RecurrentDropout, backend: str, dtype=torch.float64):
     torch.manual_seed(0)
     m = cls(I, H, dropout=dropout).to(dtype)

@@ -37,14 +37,6 @@ def bptt_grads(cls, backend: str, dropout, mode) -> tuple[torch.Tensor, torch.Te
     return x.grad, m.weight_hh_l0.grad
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.skipif(not FLUSH_CAPABLE, reason="no flush-to-zero mode on this CPU")
 @needs_ext
 @pytest.mark.parametrize("cls", [LSTM, GRU])
