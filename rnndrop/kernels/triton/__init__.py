@@ -172,7 +172,9 @@ def _namespace(cell: str, interpret: bool) -> dict:
                              "template uses; rename them")  # fmt: skip
         ns = {**vars(_kernels), **vars(cell_module)}
         for name, fn in list(ns.items()):
-            if inspect.isfunction(fn) and fn.__module__ in own:
+            # the template's and the cell's functions, and helpers a cell imports from
+            # another cell's file (the LayerNorm LSTM's gates are the LSTM's)
+            if inspect.isfunction(fn) and fn.__module__.startswith(f"{__name__}."):
                 copy = FunctionType(fn.__code__, ns, fn.__name__, fn.__defaults__)
                 copy.__annotations__ = dict(fn.__annotations__)  # tl.constexpr parameters
                 copy.__module__, copy.__qualname__ = fn.__module__, f"{cell}_{fn.__qualname__}"

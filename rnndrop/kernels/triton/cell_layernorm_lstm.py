@@ -22,6 +22,7 @@ Padding lanes (``n ≥ H``) load as 0 and are kept out of every mean.
 import triton.language as tl
 
 from ._kernels import load32, row_sum, sigmoid, tanh, zeros_like
+from .cell_lstm import gate_backward
 
 LN_EPS = tl.constexpr(1e-5)  # nn/cells/layernorm_lstm.py's EPS (haste, torch's default)
 
@@ -108,19 +109,7 @@ def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr, HAS_KM
     dy = dn * gc
     rc = tl.load(SV + 9 * H + 2).to(tl.float32)
     dck = rc * (dy - row_sum(dy) / H - cn * (row_sum(dy * cn) / H)) + dc  # dL/dc̃_t
-    gm = g
-    if HAS_CM:
-        gm = g * cm
-    dct = dck
-    dkm = dck
-    if HAS_KM:  # dL/dm^c = dL/dc̃ ⊙ (the unmasked c̃); dct becomes dL/d(that)
-        dkm = dck * (f * cp + i * gm)
-        dct = dck * km
-    dgg = dct * i
-    if HAS_CM:
-        dgg = dct * i * cm
-    da = (dct * gm * (i * (1.0 - i)), dct * cp * (f * (1.0 - f)), dgg * (1.0 - g * g),
-          dh * tn * (o * (1.0 - o)))  # fmt: skip
+    da, dct, dkm = gate_backward(acts, cp, dck, dh, tn, cm, km, HAS_CM, HAS_KM)
     xn = ()
     hn = ()
     dyx = ()

@@ -28,28 +28,36 @@ def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
     return (i, f, g, o), o * tanh(ct), ct, ct
 
 
-def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
-             HAS_KM: tl.constexpr):  # fmt: skip
-    """dc: dL/dc̃_t from later steps; adds the path through h̃_t = o ⊙ tanh(c̃_t)."""
+def gate_backward(acts, cp, dck, dh, tc, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
+    """The gates' share of an LSTM step's backward, shared with the LayerNorm LSTM: from
+    dck = dL/dc̃_t (every path) and tc, the value o multiplies in h̃_t (tanh(c̃_t), or
+    tanh(LN(c̃_t))), to dL/da (the four pre-activations), dL/du and dL/dm^c, with
+    u = f ⊙ c_{t-1} + i ⊙ g ⊙ m^g the unmasked c̃ (c̃ = u without a cell mask)."""
     i = acts[0]
     f = acts[1]
     g = acts[2]
     o = acts[3]
-    tc = tanh(ct)
-    dct = dc + dh * o * (1.0 - tc * tc)  # dL/dc̃_t
     gm = g
     if HAS_CM:
         gm = g * cm
-    dc = dct
-    dkm = dct
-    if HAS_KM:  # dL/dm^c = dL/dc̃ ⊙ (the unmasked c̃); dc becomes dL/d(that)
-        dkm = dct * (f * cp + i * gm)
-        dc = dct * km
-    dgg = dc * i
+    du = dck
+    dkm = dck
+    if HAS_KM:  # dL/dm^c = dL/dc̃ ⊙ u; du becomes dL/du
+        dkm = dck * (f * cp + i * gm)
+        du = dck * km
+    dgg = du * i
     if HAS_CM:
-        dgg = dc * i * cm
-    dg = (dc * gm * (i * (1.0 - i)), dc * cp * (f * (1.0 - f)), dgg * (1.0 - g * g),
+        dgg = du * i * cm
+    da = (du * gm * (i * (1.0 - i)), du * cp * (f * (1.0 - f)), dgg * (1.0 - g * g),
           dh * tc * (o * (1.0 - o)))  # fmt: skip
-    # no direct path into h_{t-1}; dL/dc_{t-1} = dL/du ⊙ f; dL/dm^g = dL/du ⊙ i ⊙ g, with
-    # u = f ⊙ c_{t-1} + i ⊙ g ⊙ m^g (c̃ = u without a cell mask)
-    return dg, dg, zeros_like(dh), dc * f, o * tc, dc * i * g, dkm
+    return da, du, dkm
+
+
+def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
+             HAS_KM: tl.constexpr):  # fmt: skip
+    """dc: dL/dc̃_t from later steps; adds the path through h̃_t = o ⊙ tanh(c̃_t)."""
+    tc = tanh(ct)
+    dct = dc + dh * acts[3] * (1.0 - tc * tc)  # dL/dc̃_t
+    dg, du, dkm = gate_backward(acts, cp, dct, dh, tc, cm, km, HAS_CM, HAS_KM)
+    # no direct path into h_{t-1}; dL/dc_{t-1} = dL/du ⊙ f; dL/dm^g = dL/du ⊙ i ⊙ g
+    return dg, dg, zeros_like(dh), du * acts[1], acts[3] * tc, du * acts[0] * acts[2], dkm

@@ -44,6 +44,7 @@ from torch import Tensor
 
 from ...kernels.contract import LayerMasks, Saved, State
 from .base import Cell
+from .lstm import gate_backward
 
 __all__ = ["LAYERNORM_LSTM_CELL"]
 
@@ -135,11 +136,10 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     """
     _, g_x, g_h, g_c, b_c = params
     d_b, d_gx, d_gh, d_gc, d_bc = dparams
-    zh, zc, cm, km = m.zoneout_h, m.zoneout_c, m.candidate, m.cell
+    zh, zc = m.zoneout_h, m.zoneout_c
     H = prev.c.shape[-1]
     xn, hn, cn, rx, rh, rc = _split(s.extra, H)
-    ct = s.c_seq if s.ct_seq is None else s.ct_seq  # c̃_t: c_t unless zoneout mixed it
-    i, f, g, o = s.acts.chunk(4, 1)
+    o = s.acts[:, 3 * H :]
     dht = d.h if zh is None else d.h * (1 - zh)
     tn = torch.addcmul(b_c, g_c, cn).tanh()
     dn = dht * o * (1 - tn * tn)  # dL/dLN(c̃)
@@ -147,31 +147,13 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     d_bc.add_(dn)
     dct = _norm_backward(dn * g_c, cn, rc)
     dct = dct + (d.c if zc is None else d.c * (1 - zc))  # dL/dc̃_t
-    gm = g if cm is None else g * cm
-    if km is not None:
-        if dm is not None and dm.cell is not None:  # the unmasked c̃ is recomputed
-            torch.mul(dct, torch.addcmul(f * prev.c, i, gm), out=dm.cell)
-        dct = dct * km  # dL/d(f ⊙ c_{t-1} + i ⊙ g ⊙ m^g)
-    dg = dct * i if cm is None else dct * i * cm
-    gi, gf, gg, go = dgx.chunk(4, 1)  # first dL/da, the gates' pre-activations
-    torch.mul(dct * gm, i * (1 - i), out=gi)
-    torch.mul(dct * prev.c, f * (1 - f), out=gf)
-    torch.mul(dg, 1 - g * g, out=gg)
-    torch.mul(dht * tn, o * (1 - o), out=go)
+    carry = gate_backward(d, prev, s, m, dgx, dm, dct, dht, tn)  # dgx: dL/d(gates) first
     d_b.add_(dgx)
     d_gx.addcmul_(dgx, xn)
     d_gh.addcmul_(dgx, hn)
     dgh.copy_(_norm_backward(dgx * g_h, hn, rh))
     dgx.copy_(_norm_backward(dgx * g_x, xn, rx))
-    if dm is not None:
-        if dm.candidate is not None:
-            torch.mul(dct * i, g, out=dm.candidate)
-        if dm.zoneout_h is not None:
-            torch.mul(d.h, prev.h - o * tn, out=dm.zoneout_h)
-        if dm.zoneout_c is not None:
-            torch.mul(d.c, prev.c - ct, out=dm.zoneout_c)
-    dc_prev = dct * f if zc is None else dct * f + d.c * zc
-    return State(None if zh is None else d.h * zh, dc_prev)
+    return carry
 
 
 def reference_step(xp, rec, h, c, m: LayerMasks, params) -> tuple[Tensor, Tensor]:

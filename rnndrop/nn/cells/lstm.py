@@ -102,32 +102,46 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
         dL/dm^g = dL/dc̃ ⊙ m^c ⊙ i ⊙ g,  dL/dm^c = dL/dc̃ ⊙ (f ⊙ c_{t-1} + i ⊙ g ⊙ m^g),
         dL/dz^h = dL/dh_t ⊙ (h_{t-1} − h̃_t),  dL/dz^c = dL/dc_t ⊙ (c_{t-1} − c̃_t)
     """
-    i, f, g, o = s.acts.chunk(4, 1)
-    zh, zc, cm, km = m.zoneout_h, m.zoneout_c, m.candidate, m.cell
+    o = s.acts.chunk(4, 1)[3]
+    zh, zc = m.zoneout_h, m.zoneout_c
     ct = s.c_seq if s.ct_seq is None else s.ct_seq  # c̃_t: c_t unless zoneout mixed it
     dht = d.h if zh is None else d.h * (1 - zh)
     dcn = d.c if zc is None else d.c * (1 - zc)
     tc = ct.tanh()
     dcn = dcn + dht * o * (1 - tc * tc)  # dL/dc̃_t
+    return gate_backward(d, prev, s, m, dgx, dm, dcn, dht, tc)
+
+
+def gate_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor,
+                  dm: LayerMasks | None, dct: Tensor, dht: Tensor,
+                  tc: Tensor) -> State:  # fmt: skip
+    """The gates' share of an LSTM step's backward, shared with the LayerNorm LSTM: from
+    ``dct`` = dL/dc̃_t (every path), ``dht`` = dL/dh̃_t and ``tc``, the value ``o`` multiplies
+    in ``h̃_t`` (``tanh(c̃_t)``, or ``tanh(LN(c̃_t))``), writes dL/d(the four pre-activations)
+    into ``dgx`` and this step's mask gradients into ``dm``; returns :func:`step_backward`'s
+    ``(zoneout's carry into h_{t-1} or None, dL/dc_{t-1})``."""
+    i, f, g, o = s.acts.chunk(4, 1)
+    zh, zc, cm, km = m.zoneout_h, m.zoneout_c, m.candidate, m.cell
     gm = g if cm is None else g * cm
     if km is not None:
         if dm is not None and dm.cell is not None:  # the unmasked c̃ is recomputed
-            torch.mul(dcn, torch.addcmul(f * prev.c, i, gm), out=dm.cell)
-        dcn = dcn * km  # dL/d(f ⊙ c_{t-1} + i ⊙ g ⊙ m^g)
-    dg = dcn * i if cm is None else dcn * i * cm
+            torch.mul(dct, torch.addcmul(f * prev.c, i, gm), out=dm.cell)
+        dct = dct * km  # dL/d(f ⊙ c_{t-1} + i ⊙ g ⊙ m^g)
+    dg = dct * i if cm is None else dct * i * cm
     gi, gf, gg, go = dgx.chunk(4, 1)
-    torch.mul(dcn * gm, i * (1 - i), out=gi)
-    torch.mul(dcn * prev.c, f * (1 - f), out=gf)
+    torch.mul(dct * gm, i * (1 - i), out=gi)
+    torch.mul(dct * prev.c, f * (1 - f), out=gf)
     torch.mul(dg, 1 - g * g, out=gg)
     torch.mul(dht * tc, o * (1 - o), out=go)
     if dm is not None:
         if dm.candidate is not None:
-            torch.mul(dcn * i, g, out=dm.candidate)
+            torch.mul(dct * i, g, out=dm.candidate)
         if dm.zoneout_h is not None:
             torch.mul(d.h, prev.h - o * tc, out=dm.zoneout_h)
         if dm.zoneout_c is not None:
+            ct = s.c_seq if s.ct_seq is None else s.ct_seq
             torch.mul(d.c, prev.c - ct, out=dm.zoneout_c)
-    dc_prev = dcn * f if zc is None else dcn * f + d.c * zc
+    dc_prev = dct * f if zc is None else dct * f + d.c * zc
     return State(None if zh is None else d.h * zh, dc_prev)
 
 
