@@ -83,7 +83,9 @@ class LayerMasks:
     ``x`` in the input projection, before the loop), ``"recurrent"`` (on ``h_{t-1}`` where
     the loop multiplies it by ``W_hh``) or ``"step"`` (inside the cell's step math, which
     reads it from the step's masks, :meth:`at`). Backends iterate over the fields rather
-    than count them.
+    than count them. A ``"step"`` field also says which value stands for it when it is
+    absent (``LayerMasks.absent(name)``): 1 for a mask that multiplies, 0 for zoneout's
+    weight of the previous value (the compiled loop fills an absent mask's row with it).
 
     Attributes:
         input: ``(G, Tm, B|1, I)`` per-gate (untied) masks on ``x``; tied input masks are
@@ -100,10 +102,11 @@ class LayerMasks:
     # metadata: where the mask acts, and its time dim where not 0
     input: Tensor | None = field(default=None, metadata={"acts": "projection", "time_dim": 1})
     recurrent: Tensor | None = field(default=None, metadata={"acts": "recurrent"})
-    candidate: Tensor | None = field(default=None, metadata={"acts": "step"})
-    cell: Tensor | None = field(default=None, metadata={"acts": "step"})
-    zoneout_h: Tensor | None = field(default=None, metadata={"acts": "step"})
-    zoneout_c: Tensor | None = field(default=None, metadata={"acts": "step"})
+    # "absent": the value that leaves the step as without the mask (step fields only)
+    candidate: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 1})
+    cell: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 1})
+    zoneout_h: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 0})
+    zoneout_c: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 0})
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return tuple([getattr(self, name) for name in _MASK_NAMES])
@@ -118,6 +121,18 @@ class LayerMasks:
         """Where the field's mask acts: ``"projection"``, ``"recurrent"`` or ``"step"``."""
         return _MASK_ACTS[name]
 
+    @staticmethod
+    def step_names() -> tuple[str, ...]:
+        """The ``"step"`` fields, in field order: the masks a cell's step math reads (the
+        compiled loop takes them as one list in this order)."""
+        return _STEP_NAMES
+
+    @staticmethod
+    def absent(name: str) -> int:
+        """The value of a ``"step"`` mask that is absent: 1 (a multiplying mask) or 0
+        (zoneout's weight of the previous value)."""
+        return _STEP_ABSENT[name]
+
     def at(self, t: int) -> LayerMasks:
         """Step ``t``'s masks: each mask without its time dim (input ``(G, B|1, I)``,
         recurrent ``(Gr, B, H)``, the others ``(B, H)``); a mask shared over time (time dim
@@ -131,6 +146,14 @@ class LayerMasks:
 _MASK_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerMasks))
 _MASK_ACTS: dict[str, str] = {f.name: f.metadata["acts"] for f in fields(LayerMasks)}
 _MASK_TIME_DIMS: tuple[int, ...] = tuple(f.metadata.get("time_dim", 0) for f in fields(LayerMasks))
+_STEP_NAMES: tuple[str, ...] = tuple(n for n in _MASK_NAMES if _MASK_ACTS[n] == "step")
+_STEP_ABSENT: dict[str, int] = {f.name: f.metadata.get("absent", -1) for f in fields(LayerMasks)
+                                if f.name in _STEP_NAMES}  # fmt: skip
+if any(v not in (0, 1) for v in _STEP_ABSENT.values()):  # a new step field without its value
+    raise TypeError(
+        "every 'step' field of LayerMasks needs metadata 'absent': 1 (a mask that multiplies) "
+        f"or 0 (a weight of the previous value); got {_STEP_ABSENT}"
+    )
 
 
 @dataclass

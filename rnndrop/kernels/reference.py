@@ -58,8 +58,7 @@ def _recurrent(h: Tensor, m: Tensor | None, w_hh: Tensor) -> Tensor:
 
 
 #: The step masks a cell's ``reference_step`` applies (zoneout on ``h`` is the loop's).
-_CELL_STEP_MASKS = tuple(n for n in LayerMasks.names()
-                         if LayerMasks.where(n) == "step" and n != "zoneout_h")  # fmt: skip
+_CELL_STEP_MASKS = tuple(n for n in LayerMasks.step_names() if n != "zoneout_h")
 
 
 def _zone(new: Tensor, prev: Tensor, z: Tensor | None) -> Tensor:
@@ -74,56 +73,29 @@ def reference_layer(inp: LayerInputs) -> tuple[Tensor, Tensor | None]:
     :mod:`rnndrop.nn.cells`), tensors and layouts of :class:`LayerInputs`.
     """
     cell, m = inp.cell, inp.masks
+    if getattr(cell, "reference_step", None) is None:  # never another cell's math
+        raise NotImplementedError(
+            f"the plain-autograd reference loop has no step for the {cell.name!r} cell "
+            "(give its Cell a reference_step): torch.func, export, tracing and double "
+            "backward need it"
+        )
     # one tensor per step: a trace (jit.trace, legacy ONNX) unrolls the loop for this T, and
     # unbind's fixed count makes the traced graph fail on another length, never truncate
     xs = _project(inp).unbind(0)
     T = len(xs)
-    H = inp.w_hh.shape[0] // cell.gates  # W_hh has P columns with a projection
     h, c = inp.h0, inp.c0
     outs: list[Tensor] = [h] * T  # placeholders, each overwritten below
     steps = range(T - 1, -1, -1) if inp.reverse else range(T)
     for t in steps:
         rec = _recurrent(h, _at(m.recurrent, t), inp.w_hh)
-        cm, km, zh = _at(m.candidate, t), _at(m.cell, t), _at(m.zoneout_h, t)
-        if getattr(cell, "reference_step", None) is not None:  # the cell's own, in its file
-            # the step's masks that act inside the step; zoneout on h is applied below
-            step = LayerMasks(**{n: _at(getattr(m, n), t) for n in _CELL_STEP_MASKS})
-            h_new, c = cell.reference_step(xs[t], rec, h, c, step, inp.extra)
-        elif cell.name == "lstm":  # gates i, f, g, o
-            a = xs[t] + rec
-            i = torch.sigmoid(a[:, :H])
-            f = torch.sigmoid(a[:, H : 2 * H])
-            g = torch.tanh(a[:, 2 * H : 3 * H])
-            o = torch.sigmoid(a[:, 3 * H :])
-            if cm is not None:
-                g = g * cm
-            ct = f * c + i * g
-            if km is not None:
-                ct = ct * km
-            h_new = o * torch.tanh(ct)
-            if inp.w_hr is not None:  # LSTM with projections: h_t = W_hr (o ⊙ tanh c_t)
-                h_new = h_new @ inp.w_hr.t()
-            c = _zone(ct, c, _at(m.zoneout_c, t))
-        elif cell.name in ("rnn_tanh", "rnn_relu"):  # Elman: h̃ = φ(xp + (h ⊙ m) W_hhᵀ)
-            a = xs[t] + rec
-            h_new = torch.relu(a) if cell.name == "rnn_relu" else torch.tanh(a)
-        elif cell.name == "gru":  # gates r, z, n; b_h stays inside r ⊙ (W_hn h + b_hn)
-            if inp.b_h is not None:
-                rec = rec + inp.b_h
-            a = xs[t]
-            r = torch.sigmoid(a[:, :H] + rec[:, :H])
-            z = torch.sigmoid(a[:, H : 2 * H] + rec[:, H : 2 * H])
-            n = torch.tanh(a[:, 2 * H :] + r * rec[:, 2 * H :])
-            if cm is not None:
-                n = n * cm
-            h_new = n + z * (h - n)
-        else:  # a new cell needs its differentiable step: never another cell's math
-            raise NotImplementedError(
-                f"the plain-autograd reference loop has no step for the {cell.name!r} cell "
-                "(give its Cell a reference_step): torch.func, export, tracing and double "
-                "backward need it"
-            )
-        h = _zone(h_new, h, zh)
+        if inp.b_h is not None:  # the recurrent product's own bias (the GRU's b_hh)
+            rec = rec + inp.b_h
+        # the cell's own step, in its file, with the step's masks that act inside the step
+        step = LayerMasks(**{n: _at(getattr(m, n), t) for n in _CELL_STEP_MASKS})
+        h_new, c = cell.reference_step(xs[t], rec, h, c, step, inp.extra)
+        if inp.w_hr is not None:  # LSTM with projections: h_t = W_hr (o ⊙ tanh c_t)
+            h_new = h_new @ inp.w_hr.t()
+        h = _zone(h_new, h, _at(m.zoneout_h, t))
         outs[t] = h
     return torch.stack(outs), c
 

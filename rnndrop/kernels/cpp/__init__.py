@@ -7,8 +7,10 @@ with every weight gradient as one GEMM over all ``T·B`` rows. Built on first us
 :class:`~rnndrop.kernels.contract.LayerInputs` positionally; this adapter is the only
 caller, so the positional order lives here and in ``loop.cpp`` and nowhere else. Every cell
 has the same two functions, ``{cell}_forward`` and ``{cell}_backward`` (a cell without a
-cell state takes None for ``c0``/``zoneout_c`` and returns None for ``dc0``), so this
-adapter does not name cells.
+cell state takes None for ``c0`` and returns None for ``dc0``), so this adapter does not name
+cells. Nor does it name the masks that act inside the step (``LayerMasks.step_names()``):
+they pass as one list in that order, which the build also gives the kernel
+(``step_masks.h``), and their gradients come back as one list in the same order.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from ..python import loop_mask_grads
 from . import build
 
 __all__ = ["CppBackend", "build"]
+
+
+_STEP = LayerMasks.step_names()  # the kernel's `steps` list, in this order
+
+
+def _steps(m: LayerMasks) -> list:
+    """The step masks as the kernel takes them: one list (None where absent)."""
+    return [getattr(m, n) for n in _STEP]
 
 
 def _packed(inp: LayerInputs):
@@ -48,13 +58,14 @@ class CppBackend:
         return None
 
     def forward(self, inp: LayerInputs) -> Saved:
-        # one signature for every cell: loop.cpp's layer_forward<Cell> (c0, b_h, zoneout_c
-        # None where the cell has none); it returns Saved's fields in order
+        # one signature for every cell: loop.cpp's layer_forward<Cell> (c0, b_h None where the
+        # cell has none; a step mask the cell does not read is ignored); it returns Saved's
+        # fields in order
         ext, m = build.load(), inp.masks
         fwd = getattr(ext, f"{inp.cell.name}_forward")
         return Saved(*fwd(
             inp.x, inp.w_ih, inp.b_x, m.input, inp.w_hh, inp.b_h, inp.h0, inp.c0, m.recurrent,
-            m.candidate, m.cell, m.zoneout_h, m.zoneout_c, inp.reverse, _packed(inp),
+            _steps(m), inp.reverse, _packed(inp),
         ))  # fmt: skip
 
     def backward(
@@ -63,16 +74,16 @@ class CppBackend:
         ext, m = build.load(), inp.masks
         mg = any(need_masks)
         bwd = getattr(ext, f"{inp.cell.name}_backward")
-        dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, *inner, dex = bwd(
+        dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, *dsteps, dex = bwd(
             dh_seq, dc_last, inp.x, inp.w_ih, inp.b_x is not None, m.input, inp.w_hh,
             inp.b_h is not None, inp.h0, inp.c0, s.acts, s.h_seq, s.c_seq, s.ct_seq, s.hm_seq,
-            s.hn_seq, m.recurrent, m.candidate, m.cell, m.zoneout_h, m.zoneout_c, inp.reverse,
-            need_x, need_w, mg, _packed(inp), s.extra,
+            s.hn_seq, m.recurrent, _steps(m), inp.reverse, need_x, need_w, mg, _packed(inp),
+            s.extra,
         )  # fmt: skip
         g = Grads(dgx if inp.w_ih is None else dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0)
         if inp.extra:  # the packed gradient, split back into the cell's parameters
             g.dextra = dex.split([e.numel() for e in inp.extra])
         if mg:  # loop.cpp returns the per-step gradients of the masks it applies in the loop
-            per_step = LayerMasks(None, *inner)  # recurrent and the step masks, in order
+            per_step = LayerMasks(recurrent=drec, **dict(zip(_STEP, dsteps, strict=True)))
             g.dmasks = loop_mask_grads(inp, dgx, need_masks, per_step)
         return g

@@ -5,8 +5,9 @@ The kernel is never required: :func:`load` returns ``None`` when it is disabled
 fails, and ``auto`` then runs the ``python`` backend. Every build is announced on stderr
 (~30-60 s once). The cache lives under ``$TORCH_EXTENSIONS_DIR`` (default
 ``~/.cache/torch_extensions``) in a folder whose name hashes everything the binary depends
-on: the sources, the compiler flags (CPU capability), the torch version *and installation
-path*, and the Python build. Two environments with the same torch version therefore keep
+on: the sources, the compiler flags (CPU capability, and the per-step masks' order from
+:class:`~rnndrop.kernels.contract.LayerMasks`), the torch version *and installation path*,
+and the Python build. Two environments with the same torch version therefore keep
 two builds side by side instead of rebuilding each other's; a folder that holds its
 library is loaded as it is, never rebuilt.
 """
@@ -24,6 +25,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from ..contract import LayerMasks
 
 __all__ = ["available", "disabled", "load", "loaded", "why_unavailable"]
 
@@ -55,7 +58,24 @@ def _flags() -> list[str]:
             "-mavx512vl",
             "-mprefer-vector-width=512",
         ]
-    return flags
+    return flags + _step_mask_defines()
+
+
+def _step_mask_defines() -> list[str]:
+    """The per-step masks as ``step_masks.h`` takes them: their names in the adapter's order
+    (``LayerMasks.step_names()``) and the value of an absent one. Generated here, so a site
+    added to :class:`~rnndrop.kernels.contract.LayerMasks` is a new position in the kernel
+    (and a new cache key) without an edit to ``loop.cpp``."""
+    names = LayerMasks.step_names()
+    absent = [LayerMasks.absent(n) for n in names]
+    bad = [n for n in names if not n.isidentifier() or not n.isascii()]
+    if bad or any(a not in (0, 1) for a in absent):
+        raise ValueError(
+            f"LayerMasks' step fields must be C identifiers whose absent value is 0 "
+            f"or 1 (the rows loop.cpp has): {dict(zip(names, absent, strict=True))}"
+        )
+    return [f"-DRNNDROP_STEP_MASKS={','.join(names)}",
+            f"-DRNNDROP_STEP_MASK_ABSENT={','.join(map(str, absent))}"]  # fmt: skip
 
 
 def _is_x86() -> bool:

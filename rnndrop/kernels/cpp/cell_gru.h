@@ -80,20 +80,24 @@ struct GruCell {
   static constexpr bool kHasC = false;
   static constexpr bool kSplitRec = true;
   static constexpr bool kAux = true;
+  static constexpr unsigned kStepMasks = step_mask::bits(step_mask::candidate,
+                                                         step_mask::zoneout_h);
 
   template <typename T, bool MASKED>
   static void forward(int64_t H, const FwdRow<T>& r) {
+    using namespace step_mask;
     T* a = r.a;
     const T* p = r.p;
     gru_row_forward<T, MASKED>(H, a, a + H, a + 2 * H, p, p + H, p + 2 * H, r.bx, r.bh, r.hp,
-                               r.cm, r.zh, r.aux, r.h);
+                               r.m[candidate], r.m[zoneout_h], r.aux, r.h);
   }
 
   template <typename T, bool MG>
   static void backward(int64_t H, const BwdRow<T>& r) {
+    using namespace step_mask;
     const T* a = r.a;
-    gru_row_backward<T, MG>(H, a, a + H, a + 2 * H, r.aux, r.hp, r.cm, r.zh, r.dh, r.gx,
-                            r.gx + r.gxs, r.gx + 2 * r.gxs, r.gh, r.gh + r.ghs,
-                            r.gh + 2 * r.ghs, r.dcm, r.dzh);
+    gru_row_backward<T, MG>(H, a, a + H, a + 2 * H, r.aux, r.hp, r.m[candidate],
+                            r.m[zoneout_h], r.dh, r.gx, r.gx + r.gxs, r.gx + 2 * r.gxs, r.gh,
+                            r.gh + r.ghs, r.gh + 2 * r.ghs, r.dm[candidate], r.dm[zoneout_h]);
   }
 };

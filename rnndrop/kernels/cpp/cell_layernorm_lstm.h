@@ -151,17 +151,22 @@ struct LayerNormLstmCell {
   static constexpr bool kSplitRec = true;
   static constexpr bool kAux = false;
   static int64_t saved_width(int64_t H) { return 9 * H + 3; }
+  static constexpr unsigned kStepMasks = step_mask::bits(
+      step_mask::candidate, step_mask::cell, step_mask::zoneout_h, step_mask::zoneout_c);
 
   template <typename T, bool MASKED>
   static void forward(int64_t H, const FwdRow<T>& r) {
-    lnlstm_row_forward<T>(H, r.a, r.p, r.ex, r.hp, r.cp, r.cm, r.km, r.zh, r.zc, r.c, r.h,
-                          r.ct, r.sv);
+    using namespace step_mask;
+    lnlstm_row_forward<T>(H, r.a, r.p, r.ex, r.hp, r.cp, r.m[candidate], r.m[cell],
+                          r.m[zoneout_h], r.m[zoneout_c], r.c, r.h, r.ct, r.sv);
   }
 
   template <typename T, bool MG>
   static void backward(int64_t H, const BwdRow<T>& r) {
-    lnlstm_row_backward<T, MG>(H, r.a, r.sv, r.ex, r.hp, r.cp, r.ct, r.cm, r.km, r.zh, r.zc,
-                               r.dh, r.dc, r.gx, r.gxs, r.gh, r.ghs, r.dex, r.dcm, r.dkm,
-                               r.dzh, r.dzc);
+    using namespace step_mask;
+    lnlstm_row_backward<T, MG>(H, r.a, r.sv, r.ex, r.hp, r.cp, r.ct, r.m[candidate],
+                               r.m[cell], r.m[zoneout_h], r.m[zoneout_c], r.dh, r.dc, r.gx,
+                               r.gxs, r.gh, r.ghs, r.dex, r.dm[candidate], r.dm[cell],
+                               r.dm[zoneout_h], r.dm[zoneout_c]);
   }
 };

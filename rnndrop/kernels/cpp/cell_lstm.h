@@ -103,13 +103,17 @@ struct LstmCell {
   static constexpr bool kHasC = true;
   static constexpr bool kSplitRec = false;
   static constexpr bool kAux = false;
+  static constexpr unsigned kStepMasks = step_mask::bits(
+      step_mask::candidate, step_mask::cell, step_mask::zoneout_h, step_mask::zoneout_c);
 
   template <typename T, bool MASKED>
   static void forward(int64_t H, const FwdRow<T>& r) {
+    using namespace step_mask;
     T* a = r.a;
     if constexpr (MASKED) {
-      lstm_row_forward_masked<T>(H, a, a + H, a + 2 * H, a + 3 * H, r.bx, r.cp, r.hp, r.cm,
-                                 r.km, r.zh, r.zc, r.c, r.h, r.ct);
+      lstm_row_forward_masked<T>(H, a, a + H, a + 2 * H, a + 3 * H, r.bx, r.cp, r.hp,
+                                 r.m[candidate], r.m[cell], r.m[zoneout_h], r.m[zoneout_c],
+                                 r.c, r.h, r.ct);
     } else {  // no masks: the common fused-math case
       lstm_row_forward<T>(H, a, a + H, a + 2 * H, a + 3 * H, r.bx, r.cp, r.c, r.h);
     }
@@ -117,9 +121,11 @@ struct LstmCell {
 
   template <typename T, bool MG>
   static void backward(int64_t H, const BwdRow<T>& r) {
+    using namespace step_mask;
     const T* a = r.a;
-    lstm_row_backward<T, MG>(H, a, a + H, a + 2 * H, a + 3 * H, r.cp, r.ct, r.cm, r.km, r.zh,
-                             r.zc, r.dh, r.dc, r.gx, r.gx + r.gxs, r.gx + 2 * r.gxs,
-                             r.gx + 3 * r.gxs, r.hp, r.dcm, r.dkm, r.dzh, r.dzc);
+    lstm_row_backward<T, MG>(H, a, a + H, a + 2 * H, a + 3 * H, r.cp, r.ct, r.m[candidate],
+                             r.m[cell], r.m[zoneout_h], r.m[zoneout_c], r.dh, r.dc, r.gx,
+                             r.gx + r.gxs, r.gx + 2 * r.gxs, r.gx + 3 * r.gxs, r.hp,
+                             r.dm[candidate], r.dm[cell], r.dm[zoneout_h], r.dm[zoneout_c]);
   }
 };

@@ -5,7 +5,7 @@
 // kernels mirror):
 //   h~_t = phi(a_t),  a_t = xp_t + (h_{t-1} * m^h) W_hh^T   (both biases in xp_t)
 //   h_t = z^h * h_{t-1} + (1 - z^h) * h~_t                   (zoneout on h)
-// No cell state and no gated candidate: the loop never passes those masks (config.SITES).
+// No cell state and no gated candidate: it reads zoneout_h alone (kStepMasks; config.SITES).
 // One batch row, every pointer __restrict, no branches in the loop body (relu is a max,
 // its derivative a select), so gcc vectorises them.
 //
@@ -68,14 +68,16 @@ struct RnnCell {
   static constexpr bool kHasC = false;
   static constexpr bool kSplitRec = false;
   static constexpr bool kAux = false;
+  static constexpr unsigned kStepMasks = step_mask::bits(step_mask::zoneout_h);
 
   template <typename T, bool MASKED>
   static void forward(int64_t H, const FwdRow<T>& r) {
-    rnn_row_forward<T, RELU, MASKED>(H, r.a, r.bx, r.hp, r.zh, r.h);
+    rnn_row_forward<T, RELU, MASKED>(H, r.a, r.bx, r.hp, r.m[step_mask::zoneout_h], r.h);
   }
 
   template <typename T, bool MG>
   static void backward(int64_t H, const BwdRow<T>& r) {
-    rnn_row_backward<T, RELU, MG>(H, r.a, r.hp, r.zh, r.dh, r.gx, r.dzh);
+    rnn_row_backward<T, RELU, MG>(H, r.a, r.hp, r.m[step_mask::zoneout_h], r.dh, r.gx,
+                                  r.dm[step_mask::zoneout_h]);
   }
 };

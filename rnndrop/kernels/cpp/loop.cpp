@@ -23,13 +23,15 @@
 //                             n = tanh(xp_n + r * (W_hn h + b_hn))
 //   in_mask   (G, Tm, B|1, I) per-gate input masks (untied), or None
 //   rec_mask  (Tm, Gr, B, H)  mask on h_{t-1} where it enters W_hh, Gr = 1 (tied) or G
-//   cand_mask (Tm, B, H)      mask on the candidate (LSTM tanh(g), GRU n)
-//   cell_mask (Tm, B, H)      mask on the new cell state c~ (cells with one)
-//   zone_h/c  (Tz, B, H)      weight of the previous value (0/1 train, z eval, 1 padded)
+//   steps     [Tm|Tz, B, H]   the step masks, LayerMasks' "step" fields as one list in their
+//                             order (step_masks.h, generated from LayerMasks; None where
+//                             absent): candidate (LSTM tanh(g), GRU n), cell (the new cell
+//                             state c~), zoneout_h/c (weight of the previous value: 0/1 train,
+//                             z eval, 1 padded)
 // Tm and Tz are 1 (shared over time) or T. Saved by forward for backward:
 //   acts      (T, B, GH)      gate activations (the candidate before its mask)
 //   h_seq, c_seq (T, B, H)    h_t, and the LSTM's c_t
-//   ct_seq    (T, B, H)       LSTM c_t before zoneout (only with zone_c)
+//   ct_seq    (T, B, H)       LSTM c_t before zoneout (only with zoneout_c)
 //   hm_seq    (Gr, T, B, H)   masked h_{t-1}, gate-group-major (only with rec_mask)
 //   hn_seq    (T, B, H)       GRU W_hn (h_{t-1} * m_n) + b_hn
 // Backward with need_masks (concrete dropout learns the rates) also returns the gradients of
@@ -37,8 +39,9 @@
 // recurrent (T, Gr, B, H) dL/dm = dL/d(masked h_{t-1}) * h_{t-1}; candidate (T, B, H)
 // dL/dm = dL/du * i * g (LSTM, u = f * c_{t-1} + i * g * m), dL/dh~ * (1 - z) * n (GRU);
 // cell (T, B, H) dL/dm = dL/dc~ * u; zoneout dL/dz_h =
-// dL/dh_t * (h_{t-1} - h~_t), dL/dz_c = dL/dc_t * (c_{t-1} - c~_t). The untied input masks'
-// gradient comes from dgates outside (python.py).
+// dL/dh_t * (h_{t-1} - h~_t), dL/dz_c = dL/dc_t * (c_{t-1} - c~_t); the step masks' come back
+// as one list in their order. The untied input masks' gradient comes from dgates outside
+// (python.py).
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -278,6 +281,30 @@ RecMask<T> rec_mask_at(const OptT& m, const T* ones) {
   }
   return r;
 }
+
+#include "step_masks.h"
+
+// The step masks of one call (step_masks.h), one MaskAt each; an absent one reads its
+// stand-in row (ones or zeros, step_mask::kAbsent). A mask the cell does not read (`reads`,
+// its kStepMasks bits) counts as absent: it is neither applied nor given a gradient.
+template <typename T>
+struct StepMasks {
+  std::array<MaskAt<T>, step_mask::kCount> at;
+  std::array<bool, step_mask::kCount> present{};
+  bool any = false;  // the MASKED / plain switch: some mask the cell reads is present
+  StepMasks(const std::vector<OptT>& m, unsigned reads, const Rows<T>& rows) {
+    for (int k = 0; k < step_mask::kCount; ++k) {
+      present[k] = ((reads >> k) & 1u) && has(m[k]);
+      const T* fill = step_mask::kAbsent[k] ? rows.ones.data() : rows.zeros.data();
+      at[k] = mask_at<T>(present[k] ? m[k] : OptT(), fill);
+      any = any || present[k];
+    }
+  }
+  // step t, batch row b: every mask's row (what FwdRow / BwdRow carry)
+  void rows(int64_t t, int64_t b, int64_t H, std::array<const T*, step_mask::kCount>& out) const {
+    for (int k = 0; k < step_mask::kCount; ++k) out[k] = at[k].row(t, b, H);
+  }
+};
 
 // ---- shared by the cells -------------------------------------------------------------
 
@@ -576,13 +603,17 @@ inline void for_rows(int64_t B, int64_t row_work, const F& f) {
 //   kAux       the cell saves one (T, B, H) row per step for its backward (Saved.hn_seq)
 //   saved_width(H)  optional: the width W of the row it saves per step in Saved.extra
 //              (T, B, W) (the LayerNorm LSTM's normalised values and statistics)
-//   forward<T, MASKED>(H, FwdRow<T>)  MASKED: a candidate or cell mask or zoneout is present
+//   kStepMasks the step masks it reads: step_mask::bits(step_mask::candidate, ...)
+//              (step_masks.h); the loop treats the others as absent
+//   forward<T, MASKED>(H, FwdRow<T>)  MASKED: a step mask it reads is present
 //   backward<T, MG>(H, BwdRow<T>)     MG: write the mask gradients (concrete dropout)
 // A cell's own parameters (LayerInputs.extra) arrive packed in one row `ex`, and backward
 // adds their gradients into the batch row's `dex` (summed over the batch at the end).
-// An absent mask arrives as a row of ones (candidate, cell) or zeros (zoneout), an absent bias as
-// zeros, so the row kernels stay branch-free. A new cell is its header, one #include and one
-// register_cell line at the end of this file.
+// Step mask k arrives at m[k] (k = step_mask::<LayerMasks field>), its gradient row (MG) at
+// dm[k]; an absent mask arrives as a row of ones (a multiplying mask) or zeros (zoneout's
+// weight), step_mask::kAbsent, and an absent bias as zeros, so the row kernels stay
+// branch-free. A new cell is its header, one #include and one register_cell line at the end
+// of this file; a new step mask is a LayerMasks field and the cell headers that apply it.
 
 // One batch row of one step, forward. Rows of G*H: a, p, bx, bh; rows of H: the rest.
 template <typename T>
@@ -593,16 +624,13 @@ struct FwdRow {
   const T* bh;  // bias of the recurrent product (kSplitRec)
   const T* hp;  // h_{t-1}
   const T* cp;  // c_{t-1} (kHasC)
-  const T* cm;  // candidate mask
-  const T* zh;  // zoneout weight on h
-  const T* zc;  // zoneout weight on c (kHasC)
   T* h;         // h_t
   T* c;         // c_t (kHasC)
   T* ct;        // c~_t, c before zoneout (kHasC; scratch without zoneout on c)
   T* aux;       // kAux: the cell's saved row
   const T* ex = nullptr;  // the cell's own parameters, packed (LayerInputs.extra)
   T* sv = nullptr;        // saved_width: the cell's row of Saved.extra
-  const T* km = nullptr;  // cell mask (kHasC)
+  std::array<const T*, step_mask::kCount> m{};  // the step masks' rows (step_masks.h)
 };
 
 // One batch row of one step, backward.
@@ -613,23 +641,17 @@ struct BwdRow {
   const T* hp;   // h_{t-1}
   const T* cp;   // c_{t-1} (kHasC)
   const T* ct;   // c~_t (kHasC: c_t itself without zoneout on c)
-  const T* cm;
-  const T* zh;
-  const T* zc;
   T* dh;   // in: total dL/dh_t; out: the direct gradient into h_{t-1} (beside W_hh's)
   T* dc;   // kHasC. in: dL/dc_t; out: dL/dc_{t-1}
   T* gx;   // out: dL/d(input projection), G blocks of H, block k at gx + k * gxs
   T* gh;   // out: dL/d(recurrent product), block k at gh + k * ghs; gx itself unless kSplitRec
-  T* dcm;  // MG: dL/d(candidate mask), dL/dz_h, dL/dz_c of this step (scratch if absent)
-  T* dzh;
-  T* dzc;
   int64_t gxs;  // gate strides: H (step-major) or T*B*H (gate-major, see Dgates)
   int64_t ghs;
   const T* ex = nullptr;  // the cell's own parameters, packed
   const T* sv = nullptr;  // the row forward saved (saved_width)
   T* dex = nullptr;       // += this step's gradient of ex (this batch row's accumulator)
-  const T* km = nullptr;  // cell mask (kHasC)
-  T* dkm = nullptr;       // MG: dL/d(cell mask) of this step (scratch if absent)
+  std::array<const T*, step_mask::kCount> m{};  // the step masks' rows (step_masks.h)
+  std::array<T*, step_mask::kCount> dm{};  // MG: their gradients of this step (scratch if absent)
 };
 
 // Cell::saved_width(H), or 0 for a cell that saves no row of its own.
@@ -655,15 +677,12 @@ template <class Cell, typename T>
 std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& b_x,
                                  const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
                                  const Tensor& h0, const OptT& c0, const OptT& rec_mask,
-                                 const OptT& cand_mask, const OptT& cell_mask,
-                                 const OptT& zone_h, const OptT& zone_c, bool reverse,
-                                 const OptT& ex) {
+                                 const std::vector<OptT>& steps, bool reverse, const OptT& ex) {
   constexpr int64_t G = Cell::G;
   const int64_t T_ = x.size(0), B = x.size(1), H = w_hh.size(1), BH = B * H;
-  const bool has_zc = Cell::kHasC && has(zone_c);
-  const bool has_km = Cell::kHasC && has(cell_mask);
-  const bool plain = !has(cand_mask) && !has_km && !has(zone_h) && !has_zc;
   Rows<T> rows(G * H);
+  const StepMasks<T> sm(steps, Cell::kStepMasks, rows);
+  const bool has_zc = Cell::kHasC && sm.present[step_mask::zoneout_c];  // ct_seq saved
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   Tensor acts = has(w_ih) ? project<T>(x, *w_ih, in_mask, H, G) : x.clone();
   const auto opts = x.options();
@@ -686,10 +705,6 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   const Tensor whh = whh_forward(w_hh, rm.groups, G);
   const T* bx = has(w_ih) && has(b_x) ? b_x->data_ptr<T>() : rows.zeros.data();
   const T* bh = has(b_h) ? b_h->data_ptr<T>() : rows.zeros.data();
-  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
-  const auto km = mask_at<T>(has_km ? cell_mask : OptT(), rows.ones.data());
-  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
-  const auto zc = mask_at<T>(zone_c, rows.zeros.data());
   T* A = acts.data_ptr<T>();
   T* Hs = h_seq.data_ptr<T>();
   T* Cs = Cell::kHasC ? c_seq.data_ptr<T>() : nullptr;
@@ -731,20 +746,17 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
                       bh,
                       hp + b * H,
                       cp ? cp + b * H : nullptr,
-                      cm.row(t, b, H),
-                      zh.row(t, b, H),
-                      zc.row(t, b, H),
                       Hs + r,
                       Cs ? Cs + r : nullptr,
                       CTs ? CTs + r : ct_junk.data(),
                       AX ? AX + r : nullptr};
         row.ex = EX;
         row.sv = SV ? SV + (t * B + b) * W : nullptr;
-        row.km = km.row(t, b, H);
-        if (plain) {
-          Cell::template forward<T, false>(H, row);
-        } else {
+        sm.rows(t, b, H, row.m);
+        if (sm.any) {
           Cell::template forward<T, true>(H, row);
+        } else {
+          Cell::template forward<T, false>(H, row);
         }
         if (HM && tn >= 0) mask_rec_row<T>(rm, tn, b, H, Hs + r, HM, T_, HS);
       }
@@ -753,8 +765,8 @@ std::vector<Tensor> forward_impl(const Tensor& x, const OptT& w_ih, const OptT& 
   return {acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq, sv_seq};
 }
 
-// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, dcand, dcell, dzone_h, dzone_c,
-// dex} (the mask gradients in LayerMasks' order):
+// Returns {dgx, dx, dw_ih, db_x, dw_hh, db_h, dh0, dc0, drec, <one per step mask>, dex} (the
+// mask gradients in LayerMasks' order):
 // dgx = dL/d(input projection) (T, B, GH); dx, dw_ih, db_x only with w_ih (dw_ih, db_x with
 // need_w, db_x with has_bias_x); dw_hh with need_w, db_h with has_bias_h too; dc0 for cells
 // with a cell state; the mask gradients only with need_masks and their mask; dex, the
@@ -766,15 +778,15 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
                                   const OptT& c0, const Tensor& acts, const Tensor& h_seq,
                                   const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
                                   const OptT& aux_seq, const OptT& rec_mask,
-                                  const OptT& cand_mask, const OptT& cell_mask,
-                                  const OptT& zone_h, const OptT& zone_c, bool reverse,
-                                  bool need_x, bool need_w, bool need_masks, const OptT& ex,
+                                  const std::vector<OptT>& steps, bool reverse, bool need_x,
+                                  bool need_w, bool need_masks, const OptT& ex,
                                   const OptT& sv_seq) {
   constexpr int64_t G = Cell::G;
+  constexpr int K = step_mask::kCount;
   const int64_t T_ = acts.size(0), B = acts.size(1), H = w_hh.size(1), BH = B * H;
-  const bool has_zc = Cell::kHasC && has(zone_c);
-  const bool has_km = Cell::kHasC && has(cell_mask);
   Rows<T> rows(H);
+  const StepMasks<T> sm(steps, Cell::kStepMasks, rows);
+  const bool has_zc = Cell::kHasC && sm.present[step_mask::zoneout_c];  // ct_seq saved
   const auto rm = rec_mask_at<T>(rec_mask, rows.ones.data());
   const auto opts = acts.options();
   // dL/d(input projection) and dL/d(recurrent product): one buffer unless kSplitRec;
@@ -790,10 +802,6 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   Tensor dg_step = untied_rec ? at::empty({G, B, H}, opts) : Tensor();  // see row_to_dense
   T* DGS = untied_rec ? dg_step.data_ptr<T>() : nullptr;
   auto w_gate = w_hh.view({G, H, H});  // W_hh_k, for the untied batched GEMM
-  const auto cm = mask_at<T>(cand_mask, rows.ones.data());
-  const auto km = mask_at<T>(has_km ? cell_mask : OptT(), rows.ones.data());
-  const auto zh = mask_at<T>(zone_h, rows.zeros.data());
-  const auto zc = mask_at<T>(zone_c, rows.zeros.data());
   const T* A = acts.data_ptr<T>();
   const T* Hs = h_seq.data_ptr<T>();
   const T* Cs = Cell::kHasC ? c_seq->data_ptr<T>() : nullptr;
@@ -803,11 +811,11 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   T* DH = dh.data_ptr<T>();
   T* DC = Cell::kHasC ? dc.data_ptr<T>() : nullptr;
   const T* DR = dh_rec.data_ptr<T>();
-  // mask gradients (concrete dropout): (T, B, H) per mask present, else a scratch row
-  Tensor dcand = need_masks && has(cand_mask) ? at::empty({T_, B, H}, opts) : Tensor();
-  Tensor dcell = need_masks && has_km ? at::empty({T_, B, H}, opts) : Tensor();
-  Tensor dzone_h = need_masks && has(zone_h) ? at::empty({T_, B, H}, opts) : Tensor();
-  Tensor dzone_c = need_masks && has_zc ? at::empty({T_, B, H}, opts) : Tensor();
+  // mask gradients (concrete dropout): (T, B, H) per step mask present, else a scratch row
+  std::array<Tensor, K> dstep;
+  for (int k = 0; k < K; ++k) {
+    if (need_masks && sm.present[k]) dstep[k] = at::empty({T_, B, H}, opts);
+  }
   Tensor drec = need_masks && rm.base ? at::empty({T_, rm.groups, B, H}, opts) : Tensor();
   const int64_t W = SavedWidth<Cell>::of(H), NX = has(ex) ? ex->numel() : 0;
   const T* EX = NX ? ex->data_ptr<T>() : nullptr;
@@ -821,7 +829,7 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
     const T* hp = s == 0 ? h0.data_ptr<T>() : Hs + tp * BH;
     const T* cp = !Cell::kHasC ? nullptr : s == 0 ? c0->data_ptr<T>() : Cs + tp * BH;
     for_rows(B, G * H, [&](int64_t b0, int64_t b1) {
-      std::vector<T> junk(need_masks ? 4 * H : 0);  // a mask gradient nobody reads
+      std::vector<T> junk(need_masks ? K * H : 0);  // a mask gradient nobody reads
       auto out_row = [&](const Tensor& buf, int k, int64_t r) -> T* {
         return buf.defined() ? buf.data_ptr<T>() + r : junk.data() + k * H;
       };
@@ -834,27 +842,18 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
                       hp + b * H,
                       cp ? cp + b * H : nullptr,
                       CTs ? CTs + r : nullptr,
-                      cm.row(t, b, H),
-                      zh.row(t, b, H),
-                      zc.row(t, b, H),
                       d,
                       DC ? DC + b * H : nullptr,
                       dgx.row<T>(t, b),
                       dgh.row<T>(t, b),
-                      nullptr,
-                      nullptr,
-                      nullptr,
                       dgx.gate_stride(),
                       dgh.gate_stride()};
         row.ex = EX;
         row.sv = SV ? SV + (t * B + b) * W : nullptr;
         row.dex = DEX + b * NX;
-        row.km = km.row(t, b, H);
+        sm.rows(t, b, H, row.m);
         if (need_masks) {
-          row.dcm = out_row(dcand, 0, r);
-          row.dzh = out_row(dzone_h, 1, r);
-          row.dzc = out_row(dzone_c, 2, r);
-          row.dkm = out_row(dcell, 3, r);
+          for (int k = 0; k < K; ++k) row.dm[k] = out_row(dstep[k], k, r);
           Cell::template backward<T, true>(H, row);
         } else {
           Cell::template backward<T, false>(H, row);
@@ -874,9 +873,9 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
   // the projection's gradient leaves the kernel where the caller reads it: as dx without
   // W_ih, and for the untied input masks' gradient (concrete dropout)
   Tensor dgx_out = !has(w_ih) || need_masks ? dgx.step_major() : Tensor();
-  std::vector<Tensor> out{dgx_out, Tensor(), Tensor(), Tensor(), Tensor(),  Tensor(),
-                          dh,      dc,       drec,     dcand,    dcell,     dzone_h,
-                          dzone_c, NX ? dex.sum(0) : Tensor()};
+  std::vector<Tensor> out{dgx_out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), dh, dc, drec};
+  out.insert(out.end(), dstep.begin(), dstep.end());
+  out.push_back(NX ? dex.sum(0) : Tensor());
   if (need_w) {
     out[4] = weight_hh_grad(dgh, h0, h_seq, hm_seq, reverse);
     if (has_bias_h) out[5] = dgh.bias_grad();
@@ -891,23 +890,31 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
 }
 
 // The entry points, one pair per cell (register_cell): the fields of LayerInputs and Saved
-// positionally, in the contract's order (rnndrop/kernels/cpp/__init__.py is the one caller).
+// positionally, in the contract's order (rnndrop/kernels/cpp/__init__.py is the one caller),
+// the step masks as one list (`steps`, step_masks.h's order).
+
+inline void check_steps(const std::vector<OptT>& steps, const char* who) {
+  TORCH_CHECK(steps.size() == static_cast<size_t>(step_mask::kCount), "rnndrop ", who,
+              ": expected ", step_mask::kCount, " step masks (LayerMasks.step_names()), got ",
+              steps.size(), "; the compiled kernel is out of date with rnndrop: rebuild it");
+}
+
 template <class Cell>
 std::vector<Tensor> layer_forward(const Tensor& x, const OptT& w_ih, const OptT& b_x,
                                   const OptT& in_mask, const Tensor& w_hh, const OptT& b_h,
                                   const Tensor& h0, const OptT& c0, const OptT& rec_mask,
-                                  const OptT& cand_mask, const OptT& cell_mask,
-                                  const OptT& zone_h, const OptT& zone_c, bool reverse,
+                                  const std::vector<OptT>& steps, bool reverse,
                                   const OptT& ex) {
   TORCH_CHECK(x.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() &&
                   (!has(c0) || c0->is_contiguous()),
               "rnndrop ", Cell::kName, "_forward: inputs must be contiguous");
   TORCH_CHECK(has(c0) == Cell::kHasC, "rnndrop ", Cell::kName, "_forward: c0 must be ",
               Cell::kHasC ? "given" : "None");
+  check_steps(steps, Cell::kName);
   FlushScope flush;
   return by_dtype(x, Cell::kName, [&](auto v) {
     return forward_impl<Cell, decltype(v)>(x, w_ih, b_x, in_mask, w_hh, b_h, h0, c0, rec_mask,
-                                           cand_mask, cell_mask, zone_h, zone_c, reverse, ex);
+                                           steps, reverse, ex);
   });
 }
 
@@ -918,9 +925,8 @@ std::vector<Tensor> layer_backward(const OptT& dh_seq, const OptT& dc_last, cons
                                    const OptT& c0, const Tensor& acts, const Tensor& h_seq,
                                    const OptT& c_seq, const OptT& ct_seq, const OptT& hm_seq,
                                    const OptT& hn_seq, const OptT& rec_mask,
-                                   const OptT& cand_mask, const OptT& cell_mask,
-                                   const OptT& zone_h, const OptT& zone_c, bool reverse,
-                                   bool need_x, bool need_w, bool need_masks, const OptT& ex,
+                                   const std::vector<OptT>& steps, bool reverse, bool need_x,
+                                   bool need_w, bool need_masks, const OptT& ex,
                                    const OptT& sv_seq) {
   TORCH_CHECK(!Cell::kHasC || (has(c0) && has(c_seq)), "rnndrop ", Cell::kName,
               "_backward: c0 and c_seq must be given");
@@ -928,13 +934,13 @@ std::vector<Tensor> layer_backward(const OptT& dh_seq, const OptT& dc_last, cons
               "_backward: hn_seq must be given");
   TORCH_CHECK(!SavedWidth<Cell>::of(1) || (has(ex) && has(sv_seq)), "rnndrop ", Cell::kName,
               "_backward: its extra parameters and saved rows must be given");
+  check_steps(steps, Cell::kName);
   FlushScope flush;
   return by_dtype(acts, Cell::kName, [&](auto v) {
     return backward_impl<Cell, decltype(v)>(dh_seq, dc_last, x, w_ih, has_bias_x, in_mask, w_hh,
                                             has_bias_h, h0, c0, acts, h_seq, c_seq, ct_seq,
-                                            hm_seq, hn_seq, rec_mask, cand_mask, cell_mask,
-                                            zone_h, zone_c, reverse, need_x, need_w, need_masks,
-                                            ex, sv_seq);
+                                            hm_seq, hn_seq, rec_mask, steps, reverse, need_x,
+                                            need_w, need_masks, ex, sv_seq);
   });
 }
 

@@ -48,8 +48,9 @@ class Cell:
         reference_step: the differentiable step of :mod:`rnndrop.kernels.reference`
             (out-of-place ops), ``(xp_t, rec_t, h, c, m, extra) -> (h̃_t, c_t)`` with ``m``
             the step's :class:`~rnndrop.kernels.LayerMasks` that act inside the step (all
-            but zoneout on ``h``, which the loop applies), for a cell whose math is not
-            written there.
+            but zoneout on ``h``, which the loop applies), ``rec_t`` with ``b_h`` added. Every
+            cell has one; a cell without it cannot run the reference loop (torch.func,
+            export, tracing, double backward).
     """
 
     name: str

@@ -116,6 +116,23 @@ def step_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor, d
     return State(carry)
 
 
+def reference_step(xp: Tensor, rec: Tensor, h: Tensor, c: None, m: LayerMasks,
+                   params: tuple[Tensor, ...] = ()) -> tuple[Tensor, None]:  # fmt: skip
+    """The plain-autograd loop's step (:mod:`rnndrop.kernels.reference`): ``(h̃_t, None)``.
+
+    :func:`step_forward`'s math in out-of-place ops; ``xp`` the input projection, ``rec`` =
+    ``hp_t`` (``b_hh`` included, so that it stays inside ``r ⊙ (W_hn h + b_hn)``), ``m`` the
+    step's masks but zoneout on ``h`` (the loop applies it). ``c``, ``params`` unused.
+    """
+    H = h.shape[-1]  # gates r, z, n
+    r = torch.sigmoid(xp[:, :H] + rec[:, :H])
+    z = torch.sigmoid(xp[:, H : 2 * H] + rec[:, H : 2 * H])
+    n = torch.tanh(xp[:, 2 * H :] + r * rec[:, 2 * H :])
+    if m.candidate is not None:
+        n = n * m.candidate
+    return n + z * (h - n), None
+
+
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, Tensor]:
     return b_ih, b_hh
 
@@ -131,4 +148,5 @@ GRU_CELL = Cell(
     split_bias=_split_bias,
     step_forward=step_forward,
     step_backward=step_backward,
+    reference_step=reference_step,
 )

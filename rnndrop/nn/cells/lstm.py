@@ -145,6 +145,30 @@ def gate_backward(d: State, prev: State, s: Saved, m: LayerMasks, dgx: Tensor,
     return State(None if zh is None else d.h * zh, dc_prev)
 
 
+def reference_step(xp: Tensor, rec: Tensor, h: Tensor, c: Tensor, m: LayerMasks,
+                   params: tuple[Tensor, ...] = ()) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The plain-autograd loop's step (:mod:`rnndrop.kernels.reference`): ``(h̃_t, c_t)``.
+
+    :func:`step_forward`'s math in out-of-place ops that every exporter records (zoneout
+    written out, not ``lerp``); ``xp`` the input projection, ``rec`` the recurrent product,
+    ``m`` the step's masks but zoneout on ``h`` (the loop applies it, after ``W_hr`` with a
+    projection). ``params`` unused (torch's LSTM has none of its own).
+    """
+    H = c.shape[-1]  # h has P units with a projection
+    a = xp + rec  # gates i, f, g, o
+    i = torch.sigmoid(a[:, :H])
+    f = torch.sigmoid(a[:, H : 2 * H])
+    g = torch.tanh(a[:, 2 * H : 3 * H])
+    o = torch.sigmoid(a[:, 3 * H :])
+    if m.candidate is not None:
+        g = g * m.candidate
+    ct = f * c + i * g
+    if m.cell is not None:
+        ct = ct * m.cell
+    h_new = o * torch.tanh(ct)
+    return h_new, ct if m.zoneout_c is None else ct + m.zoneout_c * (c - ct)
+
+
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
     return b_ih + b_hh, None
 
@@ -160,4 +184,5 @@ LSTM_CELL = Cell(
     split_bias=_split_bias,
     step_forward=step_forward,
     step_backward=step_backward,
+    reference_step=reference_step,
 )

@@ -97,6 +97,15 @@ def step_backward(relu: bool, d: State, prev: State, s: Saved, m: LayerMasks, dg
     return State(None if zh is None else d.h * zh)
 
 
+def reference_step(relu: bool, xp: Tensor, rec: Tensor, h: Tensor, c: None, m: LayerMasks,
+                   params: tuple[Tensor, ...] = ()) -> tuple[Tensor, None]:  # fmt: skip
+    """The plain-autograd loop's step (:mod:`rnndrop.kernels.reference`): ``(h̃_t, None)``,
+    ``h̃ = φ(xp + (h ⊙ m) W_hhᵀ)`` out of place; zoneout on ``h`` (the only step mask) is
+    the loop's. ``relu`` picks ``φ`` (bound per cell); ``h``, ``c``, ``m``, ``params`` unused."""
+    a = xp + rec
+    return (torch.relu(a) if relu else torch.tanh(a)), None
+
+
 def _split_bias(b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, None]:
     return b_ih + b_hh, None
 
@@ -114,6 +123,7 @@ def _cell(nonlinearity: str) -> Cell:
         split_bias=_split_bias,
         step_forward=partial(step_forward, relu),
         step_backward=partial(step_backward, relu),
+        reference_step=partial(reference_step, relu),
     )
 
 
