@@ -652,6 +652,7 @@ struct BwdRow {
   T* dex = nullptr;       // += this step's gradient of ex (this batch row's accumulator)
   std::array<const T*, step_mask::kCount> m{};  // the step masks' rows (step_masks.h)
   std::array<T*, step_mask::kCount> dm{};  // MG: their gradients of this step (scratch if absent)
+  bool masked = true;  // some step mask the cell reads is present (false: a cell may skip them)
 };
 
 // Cell::saved_width(H), or 0 for a cell that saves no row of its own.
@@ -852,6 +853,7 @@ std::vector<Tensor> backward_impl(const OptT& dh_seq, const OptT& dc_last, const
         row.sv = SV ? SV + (t * B + b) * W : nullptr;
         row.dex = DEX + b * NX;
         sm.rows(t, b, H, row.m);
+        row.masked = sm.any;
         if (need_masks) {
           for (int k = 0; k < K; ++k) row.dm[k] = out_row(dstep[k], k, r);
           Cell::template backward<T, true>(H, row);
