@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rnndrop import runtime
-from rnndrop.config import RecurrentDropout
+from rnndrop.config import SITES, RecurrentDropout
 from rnndrop.kernels import loop_backend
 from rnndrop.kernels.cpp import build
 from rnndrop.nn import GRU, LSTM, RNN, LayerNormLSTM
@@ -23,14 +23,17 @@ pytestmark = pytest.mark.skipif(
 # batch 96 x hidden 32: >= 2 chunks for every cell (an Elman row is 32 elements, an LSTM's 128)
 I, H, T, B = 8, 32, 6, 96
 
-MIXED = {  # every loop-path site a cell has, untied and per step where it can be
-    LSTM: dict(input=0.2, recurrent=0.3, output=0.1, candidate=0.2, cell=0.2,
-               zoneout_hidden=0.1, zoneout_cell=0.2, tied=False),
-    LayerNormLSTM: dict(input=0.2, recurrent=0.3, candidate=0.2, cell=0.2, zoneout_cell=0.2,
-                        tied=False),
-    GRU: dict(input=0.2, recurrent=0.3, candidate=0.2, zoneout_hidden=0.1, tied=False),
-    RNN: dict(input=0.2, recurrent=0.3, zoneout_hidden=0.1),
-}  # fmt: skip
+CELL_MODULES = [LSTM, LayerNormLSTM, GRU, RNN]
+
+
+def every_site(cls, concrete: bool, time: str = "per_step") -> RecurrentDropout:
+    """Every site the cell has that acts inside one layer (derived from SITES: a new site is
+    in this test without an edit), untied where the cell has gates to untie."""
+    cell = cls(1, 1).cell
+    rates = {name: 0.2 for name, site in SITES.items()
+             if site.path != "model" and site.layers != "inner"
+             and (site.cells is None or cell.name in site.cells)}  # fmt: skip
+    return RecurrentDropout(**rates, tied=cell.gates == 1, time=time, concrete=concrete)
 
 
 def run(cls, dropout: RecurrentDropout, backend: str, dtype=torch.float64):
@@ -46,10 +49,11 @@ def run(cls, dropout: RecurrentDropout, backend: str, dtype=torch.float64):
     return [out, *grads]
 
 
-@pytest.mark.parametrize("cls", list(MIXED), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", CELL_MODULES, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("time", ["per_step", "per_sequence"])
 @pytest.mark.parametrize("concrete", [False, True], ids=["masks", "concrete"])
-def test_split_rows_match_the_python_loop(cls, concrete, two_threads):
-    dropout = RecurrentDropout(**MIXED[cls], concrete=concrete)
+def test_split_rows_match_the_python_loop(cls, concrete, time, two_threads):
+    dropout = every_site(cls, concrete, time)
     got, want = run(cls, dropout, "cpp"), run(cls, dropout, "python")
     for g, w in zip(got, want, strict=True):
         assert g is not None and w is not None
