@@ -25,7 +25,10 @@ def test_every_config_is_covered():
     covered |= {f"long_range/{c}.yaml" for c in STUDIES}
     covered |= {"inference/delayed_recall.yaml"}  # run in tests/test_inference_study.py
     # run in tests/test_study_v3.py
-    covered |= {"long_range/tune_selective_copy.yaml", "long_range/tune_delayed_recall.yaml"}
+    covered |= {
+        f"long_range/tune_{c}.yaml"
+        for c in ("selective_copy", "delayed_recall", "delayed_recall_low")
+    }
     assert found == covered
 
 

@@ -436,7 +436,11 @@ def test_tune_without_optuna_names_the_extra():
 
 @pytest.mark.parametrize(
     ("config", "task", "train_size"),
-    [("tune_selective_copy", "selective_copy", 64), ("tune_delayed_recall", "delayed_recall", 128)],
+    [
+        ("tune_selective_copy", "selective_copy", 64),
+        ("tune_delayed_recall", "delayed_recall", 128),
+        ("tune_delayed_recall_low", "delayed_recall", 128),
+    ],
 )
 def test_tune_config_in_experiments_loads_and_runs_one_trial(tmp_path, config, task, train_size):
     """experiments/long_range/tune_*.yaml: a one-task study in a fixed-set regime, search
