@@ -54,6 +54,7 @@ class Site:
         scaled: inverted/classic scaling applies to it.
         layers: ``"first"`` (layer 0 only), ``"inner"`` (layers 1...), ``"last"``, or ``"all"``.
         cells: the cells it means something for; None: every cell.
+        lacks: with ``cells``, why another cell has no such site (the refusal's reason).
         doc: what it drops, for :class:`RecurrentDropout`'s docstring (its "Sites" list).
     """
 
@@ -63,6 +64,7 @@ class Site:
     scaled: bool = True
     layers: str = "all"
     cells: tuple[str, ...] | None = None
+    lacks: str = ""
     doc: str = ""
 
 
@@ -83,10 +85,11 @@ SITES: dict[str, Site] = {
         "``h_{t-1}`` where it enters ``W_hh`` (not where it is the output, nor a GRU's carry "
         "``z ⊙ h_{t-1}``).")),
     "output": Site("fused", layers="last", doc="``h_t`` leaving the last layer."),
-    "candidate": Site("loop", cells=("lstm", "gru", "layernorm_lstm"), doc=(  # gated candidate
+    "candidate": Site("loop", cells=("lstm", "gru", "layernorm_lstm"),
+                      lacks="it has no gated candidate", doc=(
         "the candidate in the state update only: the LSTM's ``tanh(g)``, the GRU's ``n`` "
         "(Semeniuta et al. 2016).")),
-    "cell": Site("loop", cells=("lstm", "layernorm_lstm"), doc=(  # cells with a cell state
+    "cell": Site("loop", cells=("lstm", "layernorm_lstm"), lacks="it has no cell state", doc=(
         "the LSTM's new cell state, ``c_t = d(f ⊙ c_{t-1} + i ⊙ g)``, which is both carried "
         "and read by ``h_t = o ⊙ tanh(c_t)`` (Moon et al. 2015, RnnDrop). Per sequence and "
         "inverted, a kept unit's ``c`` is multiplied by ``1/(1-p)`` at every step and grows "
@@ -98,7 +101,7 @@ SITES: dict[str, Site] = {
         "per unit and step, keep the previous ``h`` instead of the new one; eval uses the "
         "expectation ``z·prev + (1-z)·new`` (Krueger et al. 2016).")),
     "zoneout_cell": Site("loop_always", policy=False, scaled=False,
-                         cells=("lstm", "layernorm_lstm"),
+                         cells=("lstm", "layernorm_lstm"), lacks="it has no cell state",
                          doc="the same on the LSTM's cell state ``c`` (a GRU has none)."),
 }  # fmt: skip
 
@@ -316,16 +319,11 @@ class RecurrentDropout(_Rates):
                    if SITES[n].cells is not None and cell not in SITES[n].cells]  # fmt: skip
         if lacking:
             names = ", ".join(f"{n}={getattr(self, n):g}" for n in lacking)
-            why = {
-                "zoneout_cell": "it has no cell state",
-                "cell": "it has no cell state",
-                "candidate": "it has no gated candidate",
-            }
+            why = "; ".join(SITES[n].lacks for n in lacking)
             hint = " (zoneout_hidden acts on h)" if "zoneout_cell" in lacking else ""
             raise ValueError(
                 f"{owner + ': ' if owner else ''}the dropout site(s) {names} have no meaning "
-                f"for a {cell.upper()} ({'; '.join(why[n] for n in lacking)}); set them to "
-                f"0{hint}"
+                f"for a {cell.upper()} ({why}); set them to 0{hint}"
             )
 
     def warn_model_sites(self, owner: str, stacklevel: int = 2) -> None:
@@ -597,6 +595,10 @@ def _check_rate_fields(cls: type) -> None:
     A site added to :data:`SITES` without its field (or a field without its entry, or the two
     in another order) fails at import, before anything can run with a half-declared site.
     """
+    unexplained = [n for n, site in SITES.items() if site.cells is not None and not site.lacks]
+    if unexplained:  # check_cell's refusal names the reason
+        raise TypeError(f"SITES {unexplained} list their cells but not `lacks`, why the others "
+                        "have no such site")  # fmt: skip
     names = [f.name for f in fields(cls)]
     if tuple(names[: len(SITES)]) != RATE_FIELDS or any(
         f.type not in ("float", float) or f.default != 0.0 for f in fields(cls)[: len(SITES)]

@@ -138,6 +138,17 @@ def test_a_field_missing_from_sites_fails_at_import():
         _check_rate_fields(missing)
 
 
+def test_a_site_that_names_its_cells_must_say_why_others_lack_it(monkeypatch):
+    """check_cell's refusal gives each site's reason (Site.lacks): a site listing its cells
+    without one fails at import."""
+    from rnndrop import config
+
+    site = dataclasses.replace(config.SITES["cell"], lacks="")
+    monkeypatch.setitem(config.SITES, "cell", site)
+    with pytest.raises(TypeError, match=r"\['cell'\] list their cells but not `lacks`"):
+        config._check_rate_fields(RecurrentDropout)
+
+
 # --- the base class -------------------------------------------------------------------------
 
 
