@@ -46,6 +46,8 @@ def context_usage(
     n_targets: int = 500,
     batch_size: int = 64,
     seed: int = 0,
+    bootstrap: int = 0,
+    threshold: float = 0.01,
 ) -> dict[str, object]:
     """Loss increase when the context beyond each distance is perturbed.
 
@@ -59,11 +61,25 @@ def context_usage(
         modes: any of ``"shuffle"``, ``"replace"``, ``"cut"``.
         window: context length of the unperturbed reference.
         n_targets: targets sampled uniformly from the stream (seeded).
+        bootstrap: resamples of the targets for percentile bootstrap intervals (0: none).
+            One set of resampled targets serves every mode and ``d``, as the probe itself
+            scores the same targets for each.
+        threshold: the relative loss increase that counts as "still used", for the effective
+            context (:func:`effective_context` at ``threshold`` x the reference loss).
 
     Returns:
         ``{"loss": reference NLL, "increase": {mode: {d: mean NLL increase (nats)}},
-        "stderr": {mode: {d: standard error of that mean}}}``.
+        "stderr": {mode: {d: standard error of that mean}},
+        "effective": {mode: effective context or None}}``; with ``bootstrap``, also
+        ``"ci"`` (``{mode: {d: [low, high]}}``, 95% percentile intervals of the mean
+        increase), ``"loss_ci"`` and ``"effective_ci"`` (``{mode: [low, high]}``, the 2.5% and
+        97.5% quantiles of the resampled effective context; ``None`` stands for "beyond the
+        largest d").
     """
+    if bootstrap < 0:
+        raise ValueError(f"bootstrap must be >= 0 resamples, got {bootstrap}")
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold is a relative loss increase in (0, 1), got {threshold}")
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ValueError(f"unknown context perturbation(s) {bad}; choose from {list(MODES)}")
@@ -83,15 +99,53 @@ def context_usage(
         unigram = torch.bincount(stream, minlength=int(stream.max()) + 1).double()
         increase: dict[str, dict[int, float]] = {m: {} for m in modes}
         stderr: dict[str, dict[int, float]] = {m: {} for m in modes}
+        diffs: dict[str, dict[int, Tensor]] = {m: {} for m in modes}
         for mode in modes:
             for d in distances:
                 xp = _perturb(x, d, mode, unigram, gen)
                 diff = _last_step_nll(model, xp, y, batch_size) - ref
+                diffs[mode][d] = diff.double().cpu()
                 increase[mode][d] = float(diff.mean())
                 stderr[mode][d] = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
     finally:
         model.train(was)
-    return {"loss": float(ref.mean()), "increase": increase, "stderr": stderr}
+    loss = float(ref.mean())
+    out: dict[str, object] = {
+        "loss": loss, "increase": increase, "stderr": stderr,
+        "effective": {m: effective_context(increase[m], threshold * loss) for m in modes},
+    }  # fmt: skip
+    if bootstrap:
+        out.update(_bootstrap(ref.double().cpu(), diffs, threshold, bootstrap, seed))
+    return out
+
+
+def _bootstrap(
+    ref: Tensor, diffs: dict[str, dict[int, Tensor]], threshold: float, n: int, seed: int
+) -> dict[str, object]:
+    """Percentile intervals over resampled targets: each resample draws the targets with
+    replacement once and rescores every mode and distance (and the effective context, whose
+    threshold follows the resampled loss) on them."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    idx = torch.randint(len(ref), (n, len(ref)), generator=gen)
+    losses = ref[idx].mean(1)  # (n,)
+    ci: dict[str, dict[int, list[float]]] = {}
+    effective_ci: dict[str, list[int | None]] = {}
+    for mode, by_d in diffs.items():
+        ds = sorted(by_d)
+        means = torch.stack([by_d[d][idx].mean(1) for d in ds], 1)  # (n, len(ds))
+        lo, hi = means.quantile(0.025, 0), means.quantile(0.975, 0)
+        ci[mode] = {d: [float(lo[i]), float(hi[i])] for i, d in enumerate(ds)}
+        # smallest d from which on every mean stays below the threshold; len(ds): none does
+        below = means < threshold * losses[:, None]
+        tail = below.flip(1).cumprod(1).flip(1).bool()  # every d' >= d below
+        first = torch.where(tail.any(1), tail.float().argmax(1), torch.full((n,), len(ds)))
+        ranks = first.double()  # quantiles of a rank: outward to a probed d
+        q = [int(ranks.quantile(0.025, interpolation="lower")),
+             int(ranks.quantile(0.975, interpolation="higher"))]  # fmt: skip
+        effective_ci[mode] = [ds[i] if i < len(ds) else None for i in q]
+    lo, hi = losses.quantile(0.025), losses.quantile(0.975)
+    return {"ci": ci, "loss_ci": [float(lo), float(hi)], "effective_ci": effective_ci,
+            "bootstrap": n}  # fmt: skip
 
 
 def _perturb(x: Tensor, d: int, mode: str, unigram: Tensor, gen: torch.Generator) -> Tensor:

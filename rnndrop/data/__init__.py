@@ -35,9 +35,15 @@ with needs_train_extra("rnndrop.data"):  # numpy: an error naming the extra with
     )
     from .vocab import UnknownTokenError, Vocab
 
+#: data problems a user fixes (a missing or corrupt corpus): the CLIs print them in one line
+DATA_ERRORS: tuple[type[Exception], ...] = (
+    CorpusError, DownloadError, MNISTError, UnknownTokenError,
+)  # fmt: skip
+
 _LAZY = ("LanguageModelDataModule", "PixelMNISTDataModule", "SyntheticDataModule")
 
 __all__ = [
+    "DATA_ERRORS",
     "REGISTRY",
     "TASKS",
     "AddingTask",

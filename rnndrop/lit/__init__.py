@@ -14,6 +14,7 @@ with needs_train_extra("rnndrop.lit"):  # without Lightning: an error naming the
         MaskStatistics,
         NaNGuard,
         NonFiniteLossError,
+        PlateauStop,
         Preemption,
     )
     from .checkpoints import AtomicCheckpointIO, CheckpointError, CheckpointSaveError
@@ -51,6 +52,7 @@ __all__ = [
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",
+    "PlateauStop",
     "Preemption",
     "SequenceTask",
     "Task",

@@ -30,6 +30,7 @@ __all__ = [
     "MaskStatistics",
     "NaNGuard",
     "NonFiniteLossError",
+    "PlateauStop",
     "Preemption",
 ]
 
@@ -224,6 +225,61 @@ class Preemption(Callback):
 
         if isinstance(exception, SIGTERMException):  # not after a NaN or a failed save
             self._save(trainer)
+
+
+class PlateauStop(Callback):
+    """Train to convergence on the validation loss, then keep the best weights.
+
+    At each validation that does not improve on the best loss so far, the learning rate of
+    every parameter group is multiplied by ``factor``; after ``patience`` such validations in
+    a row training stops. When fit ends the weights of the best validation are loaded back,
+    so what is evaluated afterwards is the best model seen, not the last one.
+
+    Args:
+        patience: validations in a row without improvement before stopping (>= 1).
+        factor: learning-rate multiplier at each of them, in (0, 1] (1: keep the rate).
+        monitor: the logged metric to minimise.
+
+    After fit, :attr:`best` is the best value, :attr:`best_step` the global step it was
+    reached at, :attr:`stopped_step` the step training stopped at (None: it ran to its
+    ``max_steps``) and :attr:`history` every ``(step, value, lr)`` validated.
+    """
+
+    def __init__(self, patience: int, factor: float = 1.0, monitor: str = "val/loss") -> None:
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1 validations, got {patience}")
+        if not 0 < factor <= 1:
+            raise ValueError(f"factor must be in (0, 1], got {factor}")
+        self.patience, self.factor, self.monitor = patience, factor, monitor
+        self.best, self.best_step, self.stopped_step = math.inf, None, None
+        self.history: list[tuple[int, float, float]] = []
+        self._bad = 0
+        self._weights: dict[str, torch.Tensor] | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if self.monitor not in trainer.callback_metrics:
+            raise KeyError(f"PlateauStop monitors {self.monitor!r}, which the task did not log; "
+                           f"logged: {sorted(trainer.callback_metrics)}")  # fmt: skip
+        value = float(trainer.callback_metrics[self.monitor])
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.history.append((trainer.global_step, value, lr))
+        if value < self.best:
+            self.best, self.best_step, self._bad = value, trainer.global_step, 0
+            self._weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+            return
+        self._bad += 1
+        for opt in trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] *= self.factor
+        if self._bad >= self.patience:
+            self.stopped_step = trainer.global_step
+            trainer.should_stop = True
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._weights is not None:
+            pl_module.load_state_dict(self._weights)
 
 
 class LearningRateLogger(LearningRateMonitor):

@@ -160,9 +160,9 @@ class RnndropArgumentParser(LightningArgumentParser):
 
 def _data_errors() -> tuple[type[BaseException], ...]:
     """Data problems a user fixes (a missing or corrupt corpus): exit 2, not a traceback."""
-    from ..data import CorpusError, DownloadError, MNISTError, UnknownTokenError
+    from ..data import DATA_ERRORS
 
-    return (CorpusError, DownloadError, MNISTError, UnknownTokenError)
+    return DATA_ERRORS
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

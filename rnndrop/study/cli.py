@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", nargs="+", metavar="KEY=V1,V2", default=[],
         help="run a slice of the grid: cells whose task, scheme, rate, distance and seed are "
         "among the values given (e.g. --only scheme=none,zoneout seed=0,1,2); it has the "
-        "same results as the whole grid's cells, which a later run of the whole grid keeps",
+        "same results as the whole grid's cells, which a later run of the whole grid keeps "
+        "(context and inference studies: scheme, rate and seed)",
     )  # fmt: skip
     p.add_argument("--list-cells", action="store_true", help="print the numbered cells and exit")
     p.add_argument("--report-only", action="store_true", help="only write the report")
@@ -55,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def select_cells(cells: list, filters: list[str]) -> set[int]:
+def select_cells(
+    cells: list,
+    filters: list[str],
+    keys: tuple[str, ...] = ("task", "scheme", "rate", "distance", "seed"),
+) -> set[int]:
     """Numbers of the cells matching every ``key=v1,v2`` filter (a key's values are ORed)."""
-    keys = {"task", "scheme", "rate", "distance", "seed"}
     picked = set(range(len(cells)))
     for f in filters:
         key, sep, values = f.partition("=")
@@ -78,10 +82,12 @@ def _as_text(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ..data import DATA_ERRORS
+
     try:
         return _main(args)
-    except (ValueError, FileNotFoundError) as err:  # a bad config or cell number: say which
-        print(f"rnndrop study: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, *DATA_ERRORS) as err:  # a bad config, a cell
+        print(f"rnndrop study: error: {err}", file=sys.stderr)  # number, a missing corpus
         return 2
     except StudyInterrupted as err:  # workers stopped, finished cells kept
         print(f"rnndrop study: {err}", file=sys.stderr)
@@ -112,8 +118,10 @@ def _grid_study(args, kind: str, load, run, load_result, write_report) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     study = load(args.config, out_dir=args.out_dir, name=args.name)
+    # a slice (e.g. one scheme per process or machine); the report covers every finished run
+    only = select_cells(study.cells(), args.only, ("scheme", "rate", "seed")) if args.only else None
     if not args.report_only:
-        results = run(study, progress=not args.no_progress)
+        results = run(study, progress=not args.no_progress, only=only)
     else:
         results = [r for c in study.cells() if (r := load_result(study, c)) is not None]
     if not results:

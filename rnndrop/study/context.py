@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .base import Run, Study
 from .common import (
@@ -72,11 +72,39 @@ class ContextStudyConfig(Study):
     modes: list[str] = field(default_factory=lambda: ["shuffle", "replace", "cut"])
     n_targets: int = 1000
     context_threshold: float = 0.01  # relative loss increase that counts as "still used"
+    # training to convergence (all off by default: `steps` steps, no validation)
+    val_every: int = 0  # steps between validations on the validation split (0: none)
+    patience: int = 0  # stop after this many validations in a row without a new best
+    plateau_factor: float = 1.0  # learning-rate multiplier at each of those validations
+    bootstrap: int = 0  # resamples of the probed targets for percentile intervals
+
+    #: later fields, in a run's spec only when not at these defaults (published hashes)
+    _LATER: ClassVar[dict[str, Any]] = {
+        "val_every": 0, "patience": 0, "plateau_factor": 1.0, "bootstrap": 0,
+    }  # fmt: skip
 
     def __post_init__(self) -> None:
         from ..analysis.context import MODES
 
         self._check_study(("steps", "batch_size", "bptt", "n_targets"))
+        if self.val_every < 0 or self.patience < 0 or self.bootstrap < 0:
+            raise ValueError(f"val_every, patience and bootstrap must be >= 0, got "
+                             f"{self.val_every}, {self.patience}, {self.bootstrap}")  # fmt: skip
+        if self.patience and not self.val_every:
+            raise ValueError(
+                f"patience={self.patience} needs validations to count: set "
+                "val_every (steps between validations), e.g. one epoch's steps"
+            )
+        if not 0 < self.plateau_factor <= 1:
+            raise ValueError(f"plateau_factor must be in (0, 1], got {self.plateau_factor}")
+        if self.plateau_factor != 1 and not self.patience:
+            raise ValueError(
+                "plateau_factor acts at validations without improvement: set "
+                "patience (and val_every) too"
+            )
+        if not 0 < self.context_threshold < 1:
+            raise ValueError(f"context_threshold is a relative loss increase in (0, 1), got "
+                             f"{self.context_threshold}")  # fmt: skip
         if self.corpus not in ("ptb", "ptb_char", "wikitext2", "folder"):
             raise ValueError(f"corpus must be ptb, ptb_char, wikitext2 or folder, got "
                              f"{self.corpus!r}")  # fmt: skip
@@ -108,6 +136,9 @@ class ContextStudyConfig(Study):
         d = self.to_dict()
         for k in ("name", "schemes", "rates", "seeds", "custom_schemes", "out_dir", "data_dir"):
             d.pop(k)
+        for k, default in self._LATER.items():
+            if d[k] == default:
+                d.pop(k)
         cell_keys = {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed}
         return {**d, **cell_keys, "format": FORMAT, "encoder": encoder,
                 "dropout": self.dropout_spec(dropout),
@@ -129,9 +160,9 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from ..analysis import context_usage, effective_context
+    from ..analysis import context_usage
     from ..data import LanguageModelDataModule
-    from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError
+    from ..lit import LanguageModelTask, NaNGuard, NonFiniteLossError, PlateauStop
     from ..lit.cli import progress_display
     from ..models import LanguageModel
 
@@ -147,26 +178,38 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
     model = LanguageModel(dm.vocab_size, encoder=encoder, dropout=dropout, **spec["model"])
     task = LanguageModelTask(model, optimizer=study.optimizer, lr=study.lr)
     logger = TensorBoardLogger(str(out), name="", version="", default_hp_metric=False)
+    plateau = PlateauStop(study.patience, study.plateau_factor) if study.patience else None
+    validate = ({"val_check_interval": study.val_every, "check_val_every_n_epoch": None}
+                if study.val_every else {"limit_val_batches": 0})  # fmt: skip
     trainer = L.Trainer(
         max_steps=study.steps, max_epochs=-1, logger=logger, enable_checkpointing=False,
         gradient_clip_val=study.gradient_clip_val, enable_progress_bar=progress,
-        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        callbacks=[NaNGuard(save_every_n_steps=0)]
+        enable_model_summary=False, num_sanity_val_steps=0, **validate,
+        callbacks=[NaNGuard(save_every_n_steps=0)] + ([plateau] if plateau else [])
         + ([progress_display([], True)] if progress else []),  # plain lines off a terminal
         default_root_dir=str(out),
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
-    status, probe, effective = "ok", {}, {}
+    status, probe, effective, training = "ok", {}, {}, {}
     try:
         trainer.fit(task, dm)
     except NonFiniteLossError as err:
         status = f"diverged: {err}"
     if status == "ok":
+        training = {"steps": trainer.global_step}
+        if plateau is not None:  # the best validation's weights are back in the model
+            training.update(best_val_loss=plateau.best, best_step=plateau.best_step,
+                            stopped_step=plateau.stopped_step,
+                            converged=plateau.stopped_step is not None,
+                            history=[list(h) for h in plateau.history])  # fmt: skip
+        if study.val_every:  # the whole test split, carried state, as a PTB paper reports it
+            training["test_loss"] = float(trainer.test(task, dm, verbose=False)[0]["test/loss"])
         stream = dm.corpus["test"]
         probe = context_usage(model, stream, study.distances, modes=study.modes,
-                              window=study.window, n_targets=study.n_targets, seed=0)  # fmt: skip
-        threshold = study.context_threshold * probe["loss"]
-        effective = {m: effective_context(probe["increase"][m], threshold) for m in study.modes}
+                              window=study.window, n_targets=study.n_targets, seed=0,
+                              bootstrap=study.bootstrap,
+                              threshold=study.context_threshold)  # fmt: skip
+        effective = probe.pop("effective")
         hp = {"scheme": cell.scheme, "rate": cell.rate or 0.0, "seed": cell.seed}
         final = {f"final/effective_context_{m}": math.nan if v is None else float(v)
                  for m, v in effective.items()}  # fmt: skip
@@ -182,16 +225,22 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
         "config_hash": study.cell_hash(cell), "spec": spec, "status": status, "probe": probe,
         "effective_context": effective, "seconds": time.perf_counter() - start,
     }  # fmt: skip
+    if training:
+        result["training"] = training
     write_json(out / "result.json", result)
     return result
 
 
-def run_context_study(study: ContextStudyConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every unfinished cell in this process; return all finished results."""
+def run_context_study(
+    study: ContextStudyConfig, progress: bool = True, only: set[int] | None = None
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell in this process (``only``: of these cell numbers); return all
+    finished results."""
     from tqdm.auto import tqdm
 
     cells = study.cells()
-    todo = [c for c in cells if load_context_result(study, c) is None]
+    todo = [c for i, c in enumerate(cells)
+            if (only is None or i in only) and load_context_result(study, c) is None]  # fmt: skip
     print(f"context study {study.name}: {len(cells)} runs, {len(todo)} to run; results under "
           f"{study.root}", file=sys.stderr, flush=True)  # fmt: skip
     from .runner import on_terminal

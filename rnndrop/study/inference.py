@@ -324,12 +324,16 @@ def _log_cell(logger, study, cell, evaluation, rates, scaled, sampled, target) -
     w.flush()
 
 
-def run_inference_study(study: InferenceStudyConfig, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every unfinished cell in this process; return all finished results."""
+def run_inference_study(
+    study: InferenceStudyConfig, progress: bool = True, only: set[int] | None = None
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell in this process (``only``: of these cell numbers); return all
+    finished results."""
     from tqdm.auto import tqdm
 
     cells = study.cells()
-    todo = [c for c in cells if load_inference_result(study, c) is None]
+    todo = [c for i, c in enumerate(cells)
+            if (only is None or i in only) and load_inference_result(study, c) is None]  # fmt: skip
     print(f"inference study {study.name}: {len(cells)} runs, {len(todo)} to run; results under "
           f"{study.root}", file=sys.stderr, flush=True)  # fmt: skip
     from .runner import on_terminal
