@@ -283,34 +283,66 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
         writer.writerows(rows)
     labels = list(dict.fromkeys(r["cell"]["label"] for r in ok))
     by_label = group_by(ok, lambda r: r["cell"]["label"])
+    # one seed with bootstrap intervals: those are the intervals (over targets, not seeds)
+    boot = len(study.seeds) == 1 and all("ci" in r["probe"] for r in ok)
+    trained = all("training" in r for r in ok) and bool(ok)
+    spread = (f"[low, high]: 95% percentile bootstrap intervals over the probed targets "
+              f"({study.bootstrap} resamples; one seed)" if boot
+              else "Mean ± 95% interval over seeds")  # fmt: skip
     lines = [f"# {study.name}: context usage on {study.corpus}", "",
-             f"{len(ok)} runs, {study.steps} steps each, model {study.model}. Loss increase "
+             f"{len(ok)} runs, {study.steps} steps each" + (
+                 f" at most (validation every {study.val_every} steps; the learning rate "
+                 f"times {study.plateau_factor:g} at each validation without a new best, "
+                 f"{study.patience} in a row stop the run; the best validation's weights are "
+                 "tested and probed)" if study.patience else "")
+             + f", model {study.model}. Loss increase "
              "(nats) when the context beyond d is perturbed, on the same targets "
              f"(window {study.window}, {study.n_targets} targets); effective context: smallest d "
              f"beyond which the increase stays below {study.context_threshold:.0%} of the "
-             "loss. Mean ± 95% interval over seeds.", "",
-             "| scheme | test loss | " + " | ".join(f"eff. context ({m})" for m in study.modes)
-             + " |", "|---|---|" + "---|" * len(study.modes)]  # fmt: skip
+             f"loss. {spread}.", ""]  # fmt: skip
+    train_cols = ["steps", "best val ppl", "test ppl"] if trained else []
+    lines += ["| scheme | " + "".join(f"{c} | " for c in train_cols) + "probe loss | "
+              + " | ".join(f"eff. context ({m})" for m in study.modes) + " |",
+              "|---|" + "---|" * (len(train_cols) + 1 + len(study.modes))]  # fmt: skip
     for label in labels:
         group = by_label[label]
-        loss = format_ci(*mean_ci([r["probe"]["loss"] for r in group]), digits=3)
-        effs = []
+        row = [label]
+        if trained:
+            row.append(", ".join(_steps_text(r["training"]) for r in group))
+            for key in ("best_val_loss", "test_loss"):
+                vals = [math.exp(r["training"][key]) for r in group if key in r["training"]]
+                row.append(format_ci(*mean_ci(vals), digits=1) if vals else "–")
+        if boot:
+            (r,) = group
+            row.append(_with_ci(r["probe"]["loss"], r["probe"]["loss_ci"], 3))
+        else:
+            row.append(format_ci(*mean_ci([r["probe"]["loss"] for r in group]), digits=3))
         for m in study.modes:
             vals = [r["effective_context"][m] for r in group]
-            effs.append(
-                format_ci(*mean_ci([math.nan if v is None else float(v) for v in vals]), 1)
-                if any(v is not None for v in vals)
-                else f"> {max(study.distances)}"
-            )
-        lines.append(f"| {label} | {loss} | " + " | ".join(effs) + " |")
+            if boot:
+                lo, hi = group[0]["probe"]["effective_ci"][m]
+                row.append(f"{_d_text(vals[0], study)} [{_d_text(lo, study)}, "
+                           f"{_d_text(hi, study)}]")  # fmt: skip
+            elif any(v is not None for v in vals):
+                row.append(format_ci(*mean_ci([math.nan if v is None else float(v)
+                                               for v in vals]), 1))  # fmt: skip
+            else:
+                row.append(f"> {max(study.distances)}")
+        lines.append("| " + " | ".join(row) + " |")
     for m in study.modes:
         lines += ["", f"Loss increase, {m}:", "",
                   "| scheme | " + " | ".join(f"d={d}" for d in study.distances) + " |",
                   "|---|" + "---|" * len(study.distances)]  # fmt: skip
         for label in labels:
-            vals = [format_ci(*mean_ci([_get(r["probe"]["increase"][m], d)
-                                        for r in by_label[label]]), digits=3)
-                    for d in study.distances]  # fmt: skip
+            group = by_label[label]
+            if boot:
+                vals = [_with_ci(_get(group[0]["probe"]["increase"][m], d),
+                                 _get(group[0]["probe"]["ci"][m], d), 3)
+                        for d in study.distances]  # fmt: skip
+            else:
+                vals = [format_ci(*mean_ci([_get(r["probe"]["increase"][m], d)
+                                            for r in group]), digits=3)
+                        for d in study.distances]  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     md = "\n".join(lines) + "\n"
     paths["markdown"].write_text(md)
@@ -324,11 +356,19 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
                              squeeze=False)  # fmt: skip
     for ax, m in zip(axes[0], study.modes, strict=True):
         for label in labels:
-            stats = [mean_ci([_get(r["probe"]["increase"][m], d) for r in by_label[label]])
-                     for d in study.distances]  # fmt: skip
-            err = [0.0 if math.isnan(h) else h for _, h in stats]
-            ax.errorbar(study.distances, [s for s, _ in stats], yerr=err, marker="o", ms=3,
-                        capsize=2, label=label)  # fmt: skip
+            group = by_label[label]
+            if boot:  # asymmetric bootstrap intervals of the one seed
+                means = [_get(group[0]["probe"]["increase"][m], d) for d in study.distances]
+                cis = [_get(group[0]["probe"]["ci"][m], d) for d in study.distances]
+                err = [[v - lo for v, (lo, _) in zip(means, cis, strict=True)],
+                       [hi - v for v, (_, hi) in zip(means, cis, strict=True)]]  # fmt: skip
+            else:
+                stats = [mean_ci([_get(r["probe"]["increase"][m], d) for r in group])
+                         for d in study.distances]  # fmt: skip
+                means = [s for s, _ in stats]
+                err = [0.0 if math.isnan(h) else h for _, h in stats]
+            ax.errorbar(study.distances, means, yerr=err, marker="o", ms=3, capsize=2,
+                        label=label)  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel("d (tokens kept intact before the target)")
         ax.set_ylabel("loss increase (nats)")
@@ -342,6 +382,23 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
     return paths
 
 
-def _get(increase: dict, d: int) -> float:
-    """JSON turns the int keys into strings; results straight from a run keep ints."""
+def _with_ci(value: float, ci: list[float], digits: int) -> str:
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _d_text(d: int | None, study: ContextStudyConfig) -> str:
+    """An effective context; None: beyond the largest probed distance."""
+    return f"> {max(study.distances)}" if d is None else str(d)
+
+
+def _steps_text(training: dict[str, Any]) -> str:
+    """Steps trained, and whether the run stopped on its plateau (converged) or at the cap."""
+    if "converged" not in training:
+        return str(training["steps"])
+    how = "converged" if training["converged"] else "cap"
+    return f"{training['steps']} ({how}, best at {training['best_step']})"
+
+
+def _get(increase: dict, d: int):
+    """``increase[d]``: JSON turns the int keys into strings; a run's own result keeps ints."""
     return increase[str(d)] if str(d) in increase else increase[d]

@@ -1,0 +1,245 @@
+"""Issue 19 §4's pieces: training to convergence (PlateauStop), bootstrap intervals of the
+context probe, and the context study that uses both (sliced with --only)."""
+
+import json
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rnndrop.analysis import context_usage, effective_context
+from rnndrop.lit import PlateauStop
+from rnndrop.study.base import Run
+from rnndrop.study.cli import main as study_main
+from rnndrop.study.context import ContextStudyConfig
+from tests.test_study import LagModel, periodic_stream
+
+# --- PlateauStop ------------------------------------------------------------------------------
+
+
+class Scripted(L.LightningModule):
+    """Validation losses read from a script; the weight moves at every step (so each
+    validation's weights differ), and is recorded at each validation."""
+
+    def __init__(self, losses):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.losses, self.k, self.snapshots = list(losses), 0, {}
+
+    def training_step(self, batch, batch_idx):
+        return (self.w - 100.0).pow(2).sum()
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        self.log("val/loss", self.losses[self.k])
+        self.snapshots[self.global_step] = self.w.detach().clone()
+        self.k += 1
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(1000, 1)), batch_size=1)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+
+
+def _fit(module, callback, max_steps=100):
+    trainer = L.Trainer(max_steps=max_steps, val_check_interval=5, check_val_every_n_epoch=None,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[callback])  # fmt: skip
+    trainer.fit(module)
+    return trainer
+
+
+def test_plateau_stop_halves_the_rate_stops_and_restores_the_best_weights():
+    # validations at steps 5, 10, ...: best 1.9 at step 20; 15 and 25 do not improve (rate
+    # halved each time), 30 is the second in a row without a new best: stop there
+    module = Scripted([3.0, 2.0, 2.5, 1.9, 2.2, 2.3, 9.0, 9.0])
+    cb = PlateauStop(patience=2, factor=0.5)
+    trainer = _fit(module, cb)
+    assert trainer.global_step == 30 and cb.stopped_step == 30
+    assert cb.best == pytest.approx(1.9) and cb.best_step == 20  # logged as float32
+    assert [s for s, _, _ in cb.history] == [5, 10, 15, 20, 25, 30]
+    assert [lr for _, _, lr in cb.history] == [0.01, 0.01, 0.01, 0.005, 0.005, 0.0025]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.00125)
+    assert torch.equal(module.w.detach(), module.snapshots[20])  # not the last weights
+    assert not torch.equal(module.snapshots[20], module.snapshots[30])
+
+
+def test_plateau_stop_runs_to_the_cap_while_validation_improves():
+    module = Scripted([5.0 - i for i in range(20)])
+    cb = PlateauStop(patience=1, factor=0.5)
+    trainer = _fit(module, cb, max_steps=20)
+    assert trainer.global_step == 20 and cb.stopped_step is None and cb.best_step == 20
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.01
+
+
+def test_plateau_stop_rejects_bad_settings_and_a_metric_never_logged():
+    with pytest.raises(ValueError, match="patience"):
+        PlateauStop(patience=0)
+    with pytest.raises(ValueError, match="factor"):
+        PlateauStop(patience=1, factor=0.0)
+    with pytest.raises(KeyError, match="val/ppl"):
+        _fit(Scripted([1.0] * 4), PlateauStop(patience=1, monitor="val/ppl"))
+
+
+# --- bootstrap intervals of the context probe -----------------------------------------------
+
+
+def test_context_probe_bootstrap_intervals_match_the_normal_interval():
+    V, lag, n = 10, 4, 400
+    res = context_usage(LagModel(V, lag), periodic_stream(V, lag, 3000), [1, 2, 4, 5, 8],
+                        window=20, n_targets=n, bootstrap=2000)  # fmt: skip
+    assert res["bootstrap"] == 2000
+    for mode in ("shuffle", "replace", "cut"):
+        inc, se, ci = res["increase"][mode], res["stderr"][mode], res["ci"][mode]
+        assert res["effective"][mode] == effective_context(inc, 0.01 * res["loss"])
+        for d in (1, 2, 4):  # the source is perturbed
+            lo, hi = ci[d]
+            if mode == "cut":  # gone for every target: the same increase for each
+                assert se[d] < 1e-6 and hi - lo < 1e-5 and lo - 1e-5 < inc[d] < hi + 1e-5
+                continue
+            assert lo < inc[d] < hi, (mode, d)  # shuffle, replace: per-target chance
+            # a mean of 400 bounded values: the percentile interval is the normal one, to
+            # within the resampling error of 2000 resamples (~5%) and the skew (~5%)
+            assert (hi - lo) / 2 == pytest.approx(1.96 * se[d], rel=0.15), (mode, d)
+        for d in (5, 8):  # never touched: no increase in any resample
+            assert ci[d] == [0.0, 0.0], (mode, d)
+        assert res["effective_ci"][mode] == [5, 5]
+    lo, hi = res["loss_ci"]
+    assert lo <= res["loss"] <= hi
+
+
+class ReadBack(torch.nn.Module):
+    """Next-token logits ``sum_k weight_k * onehot(x_{-k})``: reads the tokens k back."""
+
+    def __init__(self, weights: dict[int, float], vocab: int):
+        super().__init__()
+        self.weights, self.vocab = weights, vocab
+        self.p = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, self.vocab)
+        for k, w in self.weights.items():
+            if tokens.shape[1] >= k:
+                logits[:, -1] += w * torch.nn.functional.one_hot(tokens[:, -k], self.vocab)
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+def test_context_probe_effective_interval_spans_a_borderline_distance():
+    """Token t repeats t-2 (p 0.4) or t-3 (p 0.3); the model reads both. With the threshold
+    set exactly at the increase at d=2, d=2 counts as used (not below), and about half the
+    resamples fall below it: the interval is [2, 3] around the estimate 3."""
+    V, n = 6, 4000
+    g = torch.Generator().manual_seed(0)
+    stream = torch.randint(0, V, (n,), generator=g)
+    u = torch.rand(n, generator=g)
+    for t in range(3, n):
+        if u[t] < 0.4:
+            stream[t] = stream[t - 2]
+        elif u[t] < 0.7:
+            stream[t] = stream[t - 3]
+    model = ReadBack({2: 1.5, 3: 1.0}, V)
+    kw = {"modes": ["cut"], "window": 8, "n_targets": 600}
+    probe = context_usage(model, stream, [1, 2, 3, 4], **kw)
+    inc = probe["increase"]["cut"]
+    assert inc[1] > inc[2] > 0 and inc[3] == inc[4] == 0  # d >= 3 keeps what it reads
+    res = context_usage(model, stream, [1, 2, 3, 4], **kw, bootstrap=400,
+                        threshold=inc[2] / probe["loss"])  # fmt: skip
+    assert res["effective"]["cut"] == 3 and res["effective_ci"]["cut"] == [2, 3]
+
+
+def test_context_probe_rejects_bad_bootstrap_settings():
+    stream, model = periodic_stream(5, 0, 100), LagModel(5, 0)
+    with pytest.raises(ValueError, match="bootstrap"):
+        context_usage(model, stream, [1], window=10, bootstrap=-1)
+    with pytest.raises(ValueError, match="threshold"):
+        context_usage(model, stream, [1], window=10, threshold=1.5)
+
+
+# --- the context study to convergence -------------------------------------------------------
+
+
+def _config(tmp_path, text_corpus, **kw) -> dict:
+    return {"name": "conv", "corpus": "folder", "data_dir": str(text_corpus),
+            "schemes": ["none", "variational"], "rates": [0.2], "seeds": [0],
+            "model": {"embedding_size": 8, "hidden_size": 8, "num_layers": 1}, "steps": 60,
+            "batch_size": 4, "bptt": 6, "window": 12, "distances": [1, 3, 6],
+            "n_targets": 30, "out_dir": str(tmp_path / "runs"), "lr": 0.05,
+            "val_every": 10, "patience": 1, "plateau_factor": 0.5, "bootstrap": 50,
+            **kw}  # fmt: skip
+
+
+def test_context_study_trains_to_convergence_one_slice_at_a_time(tmp_path, text_corpus, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, text_corpus)))
+    args = ["context", "--config", str(cfg), "--no-progress"]
+    assert study_main([*args, "--only", "scheme=none"]) == 0
+    out = capsys.readouterr().out
+    assert "| none |" in out and "variational" not in out  # only the finished slice
+    root = tmp_path / "runs" / "conv" / "folder"
+    assert not (root / "variational_p0.2").exists()
+    result = json.loads((root / "none" / "seed=0" / "result.json").read_text())
+    t = result["training"]
+    steps = [s for s, _, _ in t["history"]]
+    assert steps == list(range(10, t["steps"] + 1, 10))
+    losses = [v for _, v, _ in t["history"]]
+    assert t["best_val_loss"] == min(losses) and t["best_step"] == steps[losses.index(min(losses))]
+    # patience 1: a run stops at its first validation without a new best, or at the cap
+    assert t["converged"] == (t["stopped_step"] is not None)
+    assert t["converged"] == (losses[-1] > min(losses[:-1], default=math.inf))
+    assert math.isfinite(t["test_loss"])
+    for m, by_d in result["probe"]["ci"].items():
+        for d, (lo, hi) in by_d.items():
+            assert lo <= result["probe"]["increase"][m][d] + 1e-12 and lo <= hi, (m, d)
+    # the second slice, then the report of both with the training columns
+    assert study_main([*args, "--only", "scheme=variational"]) == 0
+    out = capsys.readouterr().out
+    assert "| none |" in out and "| variational_p0.2 |" in out and "best val ppl" in out
+    assert "bootstrap intervals over the probed targets" in out
+    assert study_main([*args, "--only", "distance=3"]) == 2  # no such key in this study
+    assert "KEY one of ['rate', 'scheme', 'seed']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [({"val_every": 0}, "needs validations"), ({"patience": 0}, "plateau_factor acts"),
+     ({"plateau_factor": 0.0}, "plateau_factor"), ({"bootstrap": -1}, ">= 0"),
+     ({"context_threshold": 2.0}, "context_threshold")],
+)  # fmt: skip
+def test_context_study_rejects_settings_that_make_no_sense(tmp_path, text_corpus, bad, match):
+    with pytest.raises(ValueError, match=match):
+        ContextStudyConfig(**_config(tmp_path, text_corpus, **bad))
+
+
+def test_context_study_hash_holds_the_convergence_settings_only_when_set(tmp_path, text_corpus):
+    base = {k: v for k, v in _config(tmp_path, text_corpus).items()
+            if k not in ContextStudyConfig._LATER}  # fmt: skip
+    run = Run("none", None, 0)
+    plain = ContextStudyConfig(**base).cell_spec(run)
+    assert not set(ContextStudyConfig._LATER) & set(plain)  # published hashes unchanged
+    converged = ContextStudyConfig(**base, val_every=10, patience=2, bootstrap=9).cell_spec(run)
+    assert {k: converged[k] for k in ("val_every", "patience", "bootstrap")} == {
+        "val_every": 10, "patience": 2, "bootstrap": 9}  # fmt: skip
+
+
+def test_context_study_names_a_missing_corpus_in_one_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"corpus": "ptb", "data_dir": str(tmp_path / "nothing"),
+                               "out_dir": str(tmp_path / "runs")}))  # fmt: skip
+    assert study_main(["context", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "ptb.train.txt" in err and "Traceback" not in err
