@@ -48,6 +48,7 @@ def context_usage(
     seed: int = 0,
     bootstrap: int = 0,
     threshold: float = 0.01,
+    per_target: bool = False,
 ) -> dict[str, object]:
     """Loss increase when the context beyond each distance is perturbed.
 
@@ -66,6 +67,9 @@ def context_usage(
             scores the same targets for each.
         threshold: the relative loss increase that counts as "still used", for the effective
             context (:func:`effective_context` at ``threshold`` x the reference loss).
+        per_target: also return ``"per_target"``: the targets' positions in ``stream``, their
+            reference NLL and each mode's and distance's per-target increase (tensors), for
+            paired comparisons between models probed with the same ``seed``.
 
     Returns:
         ``{"loss": reference NLL, "increase": {mode: {d: mean NLL increase (nats)}},
@@ -116,6 +120,8 @@ def context_usage(
     }  # fmt: skip
     if bootstrap:
         out.update(_bootstrap(ref.double().cpu(), diffs, threshold, bootstrap, seed))
+    if per_target:
+        out["per_target"] = {"positions": t, "loss": ref.double().cpu(), "increase": diffs}
     return out
 
 

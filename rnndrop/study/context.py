@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 FORMAT = 1
+TARGETS = "targets.pt"  # a run's per-target probe: positions, reference NLL, increases
+MODEL = "model.pt"  # the probed model's state dict
 
 
 ContextCell = Run  # the name before the studies shared a base class (kept: code imports it)
@@ -158,6 +160,7 @@ def load_context_result(study: ContextStudyConfig, cell: Run) -> dict[str, Any] 
 def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = False):
     """Train one language model and probe its use of context; write ``result.json``."""
     import lightning as L
+    import torch
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from ..analysis import context_usage
@@ -207,9 +210,12 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
         stream = dm.corpus["test"]
         probe = context_usage(model, stream, study.distances, modes=study.modes,
                               window=study.window, n_targets=study.n_targets, seed=0,
-                              bootstrap=study.bootstrap,
-                              threshold=study.context_threshold)  # fmt: skip
+                              bootstrap=study.bootstrap, threshold=study.context_threshold,
+                              per_target=True)  # fmt: skip
         effective = probe.pop("effective")
+        # for paired comparisons between runs (same targets) and probing again later
+        torch.save(probe.pop("per_target"), out / TARGETS)
+        torch.save(model.state_dict(), out / MODEL)
         hp = {"scheme": cell.scheme, "rate": cell.rate or 0.0, "seed": cell.seed}
         final = {f"final/effective_context_{m}": math.nan if v is None else float(v)
                  for m, v in effective.items()}  # fmt: skip
