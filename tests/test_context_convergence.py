@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from rnndrop.analysis import context_usage, effective_context
+from rnndrop.analysis import compare_probes, context_usage, effective_context
 from rnndrop.lit import PlateauStop
 from rnndrop.study.base import Run
 from rnndrop.study.cli import main as study_main
@@ -170,6 +170,29 @@ def test_context_probe_rejects_bad_bootstrap_settings():
         context_usage(model, stream, [1], window=10, threshold=1.5)
 
 
+def _fake_probe(positions, loss, increase):
+    return {"positions": positions, "loss": loss, "increase": {"cut": {1: increase}}}
+
+
+def test_compare_probes_pairs_the_targets():
+    n, g = 1000, torch.Generator().manual_seed(0)
+    pos = torch.arange(n)
+    base = torch.rand(n, generator=g, dtype=torch.double) * 3  # varies a lot across targets
+    # a constant shift on every target: the paired interval is that shift exactly, however
+    # much the targets themselves vary
+    diff = compare_probes(_fake_probe(pos, base + 0.25, base + 0.1), _fake_probe(pos, base, base))
+    assert diff["loss"] == pytest.approx([0.25] * 3)
+    assert diff["increase"]["cut"][1] == pytest.approx([0.1] * 3)
+    # a noisy difference: the percentile interval is mean +- 1.96 sd / sqrt(n) (to ~10%)
+    noise = torch.randn(n, generator=g, dtype=torch.double)
+    mean, lo, hi = compare_probes(_fake_probe(pos, base + noise, base),
+                                  _fake_probe(pos, base, base), 2000)["loss"]  # fmt: skip
+    assert mean == pytest.approx(float(noise.mean()))
+    assert (hi - lo) / 2 == pytest.approx(1.96 * float(noise.std()) / n**0.5, rel=0.1)
+    with pytest.raises(ValueError, match="different targets"):
+        compare_probes(_fake_probe(pos, base, base), _fake_probe(pos + 1, base, base))
+
+
 # --- the context study to convergence -------------------------------------------------------
 
 
@@ -210,6 +233,15 @@ def test_context_study_trains_to_convergence_one_slice_at_a_time(tmp_path, text_
     out = capsys.readouterr().out
     assert "| none |" in out and "| variational_p0.2 |" in out and "best val ppl" in out
     assert "bootstrap intervals over the probed targets" in out
+    # paired against none on the same targets, from each run's saved per-target probe
+    assert "Paired against none" in out
+    paired = out[out.index("Paired against none") :].splitlines()
+    row = next(line for line in paired if line.startswith("| variational_p0.2 | "))
+    mine = torch.load(root / "variational_p0.2" / "seed=0" / "targets.pt", weights_only=True)
+    ref = torch.load(root / "none" / "seed=0" / "targets.pt", weights_only=True)
+    assert torch.equal(mine["positions"], ref["positions"])
+    assert f"{float((mine['loss'] - ref['loss']).mean()):+.3f}" in row.split("|")[2]
+    assert (root / "none" / "seed=0" / "model.pt").is_file()
     assert study_main([*args, "--only", "distance=3"]) == 2  # no such key in this study
     assert "KEY one of ['rate', 'scheme', 'seed']" in capsys.readouterr().err
 

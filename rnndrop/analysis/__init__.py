@@ -5,7 +5,7 @@ extra) and are imported on first use, so the rest of this package needs torch al
 """
 
 from .context import MODES as CONTEXT_MODES
-from .context import context_usage, effective_context
+from .context import compare_probes, context_usage, effective_context
 from .ensembles import (
     Ensemble,
     categorical_kl,
@@ -45,6 +45,7 @@ __all__ = [
     "calibration_metrics",
     "categorical_kl",
     "collect_predictions",
+    "compare_probes",
     "context_usage",
     "default_distances",
     "effective_context",

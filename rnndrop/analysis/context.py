@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["MODES", "context_usage", "effective_context"]
+__all__ = ["MODES", "compare_probes", "context_usage", "effective_context"]
 
 MODES = ("shuffle", "replace", "cut")
 
@@ -179,3 +179,36 @@ def effective_context(increase: dict[int, float], threshold: float) -> int | Non
         if all(increase[e] < threshold for e in ds[i:]):
             return d
     return None
+
+
+def compare_probes(
+    a: dict[str, object], b: dict[str, object], bootstrap: int = 1000, seed: int = 0
+) -> dict[str, object]:
+    """Paired difference ``a - b`` between two models probed on the same targets.
+
+    ``a`` and ``b`` are :func:`context_usage`'s ``"per_target"`` results (``per_target=True``)
+    from the same stream, window, ``n_targets`` and ``seed``. The targets are resampled once
+    for every comparison (a percentile bootstrap over targets, ``bootstrap`` resamples).
+
+    Returns:
+        ``{"loss": [mean, low, high], "increase": {mode: {d: [mean, low, high]}}}``: the mean
+        difference of the reference NLL and of each increase, with its 95% interval.
+    """
+    if bootstrap < 1:
+        raise ValueError(f"bootstrap must be >= 1 resamples, got {bootstrap}")
+    if not torch.equal(a["positions"], b["positions"]):
+        raise ValueError("the probes scored different targets: probe both models with the "
+                         "same stream, window, n_targets and seed")  # fmt: skip
+    n = len(a["positions"])
+    idx = torch.randint(n, (bootstrap, n), generator=torch.Generator().manual_seed(seed))
+
+    def interval(diff: Tensor) -> list[float]:
+        means = diff.double()[idx].mean(1)
+        return [float(diff.double().mean()), float(means.quantile(0.025)),
+                float(means.quantile(0.975))]  # fmt: skip
+
+    common = [m for m in a["increase"] if m in b["increase"]]
+    return {"loss": interval(a["loss"] - b["loss"]),
+            "increase": {m: {d: interval(a["increase"][m][d] - b["increase"][m][d])
+                             for d in a["increase"][m] if d in b["increase"][m]}
+                         for m in common}}  # fmt: skip

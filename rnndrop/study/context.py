@@ -350,6 +350,7 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
                                             for r in group]), digits=3)
                         for d in study.distances]  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
+    lines += _paired_section(study, ok, labels)
     md = "\n".join(lines) + "\n"
     paths["markdown"].write_text(md)
 
@@ -386,6 +387,54 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
     plt.close(fig)
     tensorboard_summary(root, paths, md, images=("context_png",))
     return paths
+
+
+def _paired_section(study: ContextStudyConfig, ok: list[dict], labels: list[str]) -> list[str]:
+    """Each run minus the reference run (``none``'s, or the first scheme's) on the same
+    targets, with paired bootstrap intervals: one seed, runs that saved their per-target probe
+    (``targets.pt``); nothing otherwise."""
+    import torch
+
+    from ..analysis import compare_probes
+
+    if len(study.seeds) != 1 or len(labels) < 2:
+        return []
+    paths = {r["cell"]["label"]: study.cell_dir(Run(r["cell"]["scheme"], r["cell"]["rate"],
+                                                    r["cell"]["seed"])) / TARGETS
+             for r in ok}  # fmt: skip
+    if not all(p.is_file() for p in paths.values()):
+        return []
+    ref = "none" if "none" in labels else labels[0]
+    base = torch.load(paths[ref], weights_only=True)
+    n, ds = study.bootstrap or 1000, _paired_ds(study)
+    lines = ["", f"Paired against {ref} (the same {study.n_targets} targets): the run's value "
+             f"minus {ref}'s, [95% bootstrap interval over the targets, {n} resamples]; * where "
+             "the interval excludes 0.", "",
+             "| scheme | Δ probe loss | mode | " + " | ".join(f"Δ d={d}" for d in ds) + " |",
+             "|---|---|---|" + "---|" * len(ds)]  # fmt: skip
+    for label in labels:
+        if label == ref:
+            continue
+        diff = compare_probes(torch.load(paths[label], weights_only=True), base, n)
+        for i, m in enumerate(study.modes):
+            head = f"| {label} | {_diff_text(diff['loss'])} |" if i == 0 else "| | |"
+            lines.append(
+                f"{head} {m} | " + " | ".join(_diff_text(diff["increase"][m][d]) for d in ds) + " |"
+            )
+    return lines
+
+
+def _paired_ds(study: ContextStudyConfig) -> list[int]:
+    """The distances of the paired table: a few from near to far, not every probed one."""
+    ds = sorted(study.distances)
+    picks = {ds[0], ds[len(ds) // 3], ds[2 * len(ds) // 3], ds[-1]}
+    return sorted(picks)
+
+
+def _diff_text(d: list[float]) -> str:
+    mean, lo, hi = d
+    star = "*" if lo > 0 or hi < 0 else ""
+    return f"{mean:+.3f}{star} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def _with_ci(value: float, ci: list[float], digits: int) -> str:
