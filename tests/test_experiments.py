@@ -13,7 +13,7 @@ EXP = Path(__file__).resolve().parents[1] / "experiments"
 PTB = ["zaremba_small", "zaremba_medium", "zaremba_large", "gal_medium", "gal_large",
        "gal_medium_tied", "gal_large_tied", "awd", "transformer", "zoneout_char"]  # fmt: skip
 SYNTHETIC = ["copy", "delayed_recall", "adding", "pixel_mnist", "selective_copy"]
-STUDIES = ["full", "v2", "v3", "context_ptb", "context_ptb_short"]
+STUDIES = ["full", "v2", "v3", "context_ptb", "context_ptb_short", "context_ptb_converged"]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
          "--trainer.fast_dev_run=1", "--trainer.logger=false"]  # fmt: skip
 
@@ -27,7 +27,7 @@ def test_every_config_is_covered():
     # run in tests/test_study_v3.py
     covered |= {
         f"long_range/tune_{c}.yaml"
-        for c in ("selective_copy", "delayed_recall", "delayed_recall_low")
+        for c in ("selective_copy", "selective_copy_high", "delayed_recall", "delayed_recall_low")
     }
     assert found == covered
 
@@ -193,7 +193,7 @@ def test_study_configs_run_a_cell_of_every_encoder(which, tmp_path):
     assert [r["status"] for r in results] == ["ok"] * len(picks)
 
 
-@pytest.mark.parametrize("name", ["context_ptb", "context_ptb_short"])
+@pytest.mark.parametrize("name", ["context_ptb", "context_ptb_short", "context_ptb_converged"])
 def test_context_study_config_runs(name, tmp_path, text_corpus):
     from rnndrop.study.context import load_context_study, run_context_study
 

@@ -438,6 +438,7 @@ def test_tune_without_optuna_names_the_extra():
     ("config", "task", "train_size"),
     [
         ("tune_selective_copy", "selective_copy", 64),
+        ("tune_selective_copy_high", "selective_copy", 64),
         ("tune_delayed_recall", "delayed_recall", 128),
         ("tune_delayed_recall_low", "delayed_recall", 128),
     ],
