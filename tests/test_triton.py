@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
 
-from parity import assert_layer_agrees, make_leaves, make_masks, run_layer
+from parity import assert_layer_agrees, layer_call, make_leaves, make_masks, run_layer
 
 from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
@@ -126,6 +126,53 @@ def test_a_cell_file_may_not_shadow_the_loops_helpers(monkeypatch):
     monkeypatch.setitem(tb.CELLS, "shadowing", ("cell_shadowing", "forward", "forward"))
     with pytest.raises(ValueError, match=r"cell_shadowing defines \['tanh'\].*rename them"):
         tb._kernel("shadowing_step_fwd", True)
+
+
+def test_each_cell_kernel_applies_the_step_masks_of_its_sites():
+    """A cell's kernels apply the step mask of every site the cell has (SITES), as the cell
+    file's STEP_MASKS or the loops' own (zoneout), and of no site it lacks but the loops'
+    zoneout on c (which ``unavailable`` refuses for a cell without c): a site given to a
+    cell but left out of its STEP_MASKS would otherwise be dropped without a word."""
+    from rnndrop.config import SITES
+    from rnndrop.kernels.triton import _kernels, step_reads
+
+    for name in CELLS:
+        for field, read in zip(LayerMasks.step_names(), step_reads(name), strict=True):
+            site = SITES[LayerMasks.site(field)]
+            has = site.cells is None or name in site.cells
+            assert read or not has, f"{name}'s kernels drop {field}"
+            assert has or not read or field in _kernels.LOOP_MASKS, f"{name} reads {field}"
+
+
+def test_a_cell_file_naming_no_step_field_is_refused(monkeypatch):
+    from rnndrop.kernels import triton as tb
+    from rnndrop.kernels.triton import cell_gru
+
+    monkeypatch.setattr(cell_gru, "STEP_MASKS", ("candidate", "output_gate"))
+    monkeypatch.setattr(tb, "_READS", {})
+    with pytest.raises(ValueError, match=r"cell_gru.STEP_MASKS names \['output_gate'\], which "
+                                         r"are not step fields of LayerMasks"):  # fmt: skip
+        tb.step_reads("gru")
+
+
+@pytest.mark.parametrize("path", ["loop", "step"])
+def test_a_step_mask_the_cell_does_not_apply_is_ignored_and_gets_no_gradient(path, monkeypatch):
+    """The GRU given the LSTM's cell mask (which its layers refuse): the adapter hands the
+    kernels None for it, so the result is the GRU's without it, and the mask no gradient."""
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", path)
+    cell = CELLS["gru"]
+    T, B, I, H = 3, 2, 3, 4
+    torch.manual_seed(0)
+    leaves = make_leaves(cell, False, True, T, B, I, H)
+    weight = torch.randn(T, B, H)
+    masks = make_masks(cell, "everything_untied", T, B, I, H)
+    ref = run("triton", cell, leaves, masks, False, weight)
+    masks.cell = (torch.rand(T, B, H) < 0.5).float().requires_grad_()
+    ours = run("triton", cell, leaves, masks, False, weight)
+    for a, b in zip(ours, ref, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    h_seq, _ = layer_call(cell, leaves, masks, False, "triton")
+    assert torch.autograd.grad((h_seq * weight).sum(), masks.cell, allow_unused=True)[0] is None
 
 
 @pytest.mark.parametrize("cell", list(CELLS))

@@ -230,6 +230,14 @@ def _step_masks(cell: str, m: LayerMasks, shape: tuple[int, ...]) -> tuple:
     return (tuple(ptrs), *zip(*strides, strict=True))
 
 
+def _applied(cell: str, need_masks: tuple[bool, ...]) -> tuple[bool, ...]:
+    """``need_masks`` without the step masks the cell's kernels do not apply: those get no
+    gradient (None), as in the cpp loop, rather than a buffer nothing writes."""
+    reads = dict(zip(_STEP, step_reads(cell), strict=True))
+    return tuple(need and reads.get(name, True)
+                 for name, need in zip(LayerMasks.names(), need_masks, strict=False))  # fmt: skip
+
+
 def _mask_grads(ptrs: tuple, dm: LayerMasks | None) -> tuple:
     """``DSM``: the buffers of the step masks' gradients, None where not asked for (or the
     mask is absent, or not read)."""
@@ -379,6 +387,7 @@ class TritonBackend:
     def backward(
         self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()
     ) -> Grads:
+        need_masks = _applied(inp.cell.name, need_masks)
         if self._steps(inp):
             return _STEPS.backward(inp, s, dh_seq, dc_last, need_x, need_w, need_masks)
         cell, m = inp.cell, inp.masks
