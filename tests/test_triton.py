@@ -148,9 +148,9 @@ def test_a_cell_file_naming_no_step_field_is_refused(monkeypatch):
     from rnndrop.kernels import triton as tb
     from rnndrop.kernels.triton import cell_gru
 
-    monkeypatch.setattr(cell_gru, "STEP_MASKS", ("candidate", "output_gate"))
+    monkeypatch.setattr(cell_gru, "STEP_MASKS", ("candidate", "no_such_mask"))
     monkeypatch.setattr(tb, "_READS", {})
-    with pytest.raises(ValueError, match=r"cell_gru.STEP_MASKS names \['output_gate'\], which "
+    with pytest.raises(ValueError, match=r"cell_gru.STEP_MASKS names \['no_such_mask'\], which "
                                          r"are not step fields of LayerMasks"):  # fmt: skip
         tb.step_reads("gru")
 
