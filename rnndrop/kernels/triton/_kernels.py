@@ -99,8 +99,9 @@ from ..contract import LayerMasks
 
 # Each field's position is a constexpr named after it (CANDIDATE, CELL, ZONEOUT_H, ...),
 # generated, so that a new step field adds none here; the cells import those they read.
-globals().update({name.upper(): tl.constexpr(k) for k, name in enumerate(LayerMasks.step_names())})
-ZONEOUT_H, ZONEOUT_C = globals()["ZONEOUT_H"], globals()["ZONEOUT_C"]  # the loops' own
+_POSITIONS = {name.upper(): tl.constexpr(k) for k, name in enumerate(LayerMasks.step_names())}
+globals().update(_POSITIONS)
+ZONEOUT_H, ZONEOUT_C = _POSITIONS["ZONEOUT_H"], _POSITIONS["ZONEOUT_C"]  # the loops' own, named
 LOOP_MASKS = ("zoneout_h", "zoneout_c")  # the step masks the loops read (a cell: STEP_MASKS)
 
 # ---- helpers shared by the kernels and the cells -------------------------------------------
