@@ -22,11 +22,13 @@ wall time), in milliseconds, and the sums over all kernels and over the LSTM's a
 A first compilation, not counted, warms up. Before/after a change of the kernels' layout:
 run it with ``PYTHONPATH`` at each checkout; it compiles whichever layout it finds: the
 per-cell kernels (``lstm_fwd``, ..., before issue 21) or the template
-(``rnndrop.kernels.triton.KERNELS`` per cell of ``CELLS``, after).
+(``rnndrop.kernels.triton.KERNELS`` per cell of ``CELLS``, after), with each step mask its
+own argument or (``rnndrop.kernels.triton.compile_spec``) the step masks as one group.
 
     python scripts/triton_compile_time.py                 # every kernel, 5 repetitions
     python scripts/triton_compile_time.py --reps 5 --only lstm
     python scripts/triton_compile_time.py --json times.json
+    python scripts/triton_compile_time.py --reps 1 --ptx ptx/   # each kernel's PTX, to diff
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ FLAG_PREFIXES = ("HAS_", "MG")
 
 
 def kernel_specs():
-    """``[(label, JITFunction, constants)]`` for every kernel of the layout found."""
+    """``[(label, JITFunction, signature, constants)]`` for every kernel of the layout
+    found."""
     from triton.runtime.jit import JITFunction
 
     from rnndrop.kernels import triton as tb
@@ -57,7 +60,8 @@ def kernel_specs():
         for name in names:
             fn = JITFunction(getattr(_kernels, name))
             lstm = name.startswith("lstm")
-            specs.append((name, fn, constants(fn, gates[name.split("_")[0]], lstm, not lstm)))
+            consts = constants(fn, gates[name.split("_")[0]], lstm, not lstm)
+            specs.append((name, fn, signature(fn, consts), consts))
         return specs
     from rnndrop.nn.cells import CELLS
 
@@ -69,16 +73,20 @@ def kernel_specs():
             if rows and kind.startswith("loop"):  # a row cell has step kernels only
                 continue
             name = f"{cell_name}_{kind}"
-            fn = tb._kernel(name, False)
+            if hasattr(tb, "compile_spec"):  # the step masks as one group (tuples)
+                specs.append((name, *tb.compile_spec(cell, kind)))
+                continue
+            fn = tb._kernel(name, False)  # each step mask its own argument (before)
             consts = constants(fn, cell.gates, cell.has_cell, cell.split_recurrent, rows)
             consts.update(tb.cell_constants(cell))
-            specs.append((name, fn, consts))
+            specs.append((name, fn, signature(fn, consts), consts))
     return specs
 
 
 def constants(fn, gates: int, has_cell: bool, split: bool, rows: bool = False) -> dict:
-    """Every flag on (zoneout on c where the cell has c, b_h where it splits the recurrent
-    product, as the adapter passes them), untied masks, reverse, a row cell's layout."""
+    """For a layout without ``compile_spec`` (each step mask its own argument): every flag
+    on (zoneout on c where the cell has c, b_h where it splits the recurrent product, as the
+    adapter passes them), untied masks, reverse, a row cell's layout."""
     from rnndrop.kernels.triton import STEP_BLOCK
 
     consts = {}
@@ -111,7 +119,7 @@ def _cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
-def compile_once(fn, consts: dict) -> dict:
+def compile_once(fn, sig: dict, consts: dict) -> dict:
     """Stage -> milliseconds of one compilation into an empty cache."""
     import triton
     from triton import knobs
@@ -136,7 +144,7 @@ def compile_once(fn, consts: dict) -> dict:
         knobs.compilation.listener, knobs.compilation.always_compile = listener, True
         try:
             out = triton.compile(
-                ASTSource(fn, signature(fn, consts), consts),
+                ASTSource(fn, sig, consts),
                 target=GPUTarget("cuda", 90, 32),
                 options=dict(num_warps=4, num_stages=NUM_STAGES),
             )
@@ -145,6 +153,7 @@ def compile_once(fn, consts: dict) -> dict:
     times["cpu"] = (_cpu() - t0) * 1e3
     times["shared_bytes"] = out.metadata.shared
     times["ptx_lines"] = out.asm["ptx"].count("\n")
+    times["_ptx"] = out.asm["ptx"]
     return times
 
 
@@ -153,6 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps", type=int, default=5, help="compilations per kernel (the least)")
     p.add_argument("--only", default="", help="kernels whose name contains this")
     p.add_argument("--json", default="", help="also write the table here")
+    p.add_argument("--ptx", default="", help="also write each kernel's PTX into this folder")
     a = p.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # the compiler, not the interpreter
     import triton
@@ -160,9 +170,13 @@ def main(argv: list[str] | None = None) -> None:
     specs = [s for s in kernel_specs() if a.only in s[0]]
     compile_once(*specs[0][1:])  # warm-up: imports and LLVM's one-time set-up, not counted
     rows = {}
-    for name, fn, consts in specs:
-        runs = [compile_once(fn, consts) for _ in range(a.reps)]
-        rows[name] = {k: min(r[k] for r in runs) for k in runs[0]}
+    for name, *spec in specs:
+        runs = [compile_once(*spec) for _ in range(a.reps)]
+        rows[name] = {k: min(r[k] for r in runs) for k in runs[0] if not k.startswith("_")}
+        if a.ptx:
+            os.makedirs(a.ptx, exist_ok=True)
+            with open(os.path.join(a.ptx, f"{name}.ptx"), "w") as f:
+                f.write(runs[0]["_ptx"])
     head = f"{'kernel':<20}" + "".join(f"{s:>8}" for s in STAGES)
     print(f"triton {triton.__version__}, sm_90, least of {a.reps}, ms; shared memory "
           f"(bytes) and PTX lines of the compiled kernel")  # fmt: skip

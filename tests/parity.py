@@ -23,7 +23,7 @@ from functools import partial
 
 import torch
 from reference import reference_gru, reference_layernorm_lstm, reference_lstm, reference_rnn
-from torch import nn
+from torch import Tensor, nn
 
 from rnndrop.config import SITES
 from rnndrop.config import RecurrentDropout as RD
@@ -162,9 +162,6 @@ def backend_refusal(case: BackendCase, cell: str, dtype: torch.dtype | None = No
 #: The recurrent layer's sites (the model's, such as the embedding, act outside it).
 LAYER_SITES = [n for n, s in SITES.items() if s.path != "model"]
 MODEL_SITES = [n for n, s in SITES.items() if s.path == "model"]
-#: LayerMasks field -> the site whose masks it carries (the loop's sites).
-MASK_SITE = {"input": "input", "recurrent": "recurrent", "candidate": "candidate", "cell": "cell",
-             "zoneout_h": "zoneout_hidden", "zoneout_c": "zoneout_cell"}  # fmt: skip
 RATE = 0.5  # every site's rate in the one-site variants
 
 
@@ -250,39 +247,70 @@ def expected_keys(cfg: RD, layers: int, bidir: bool) -> set[str]:
 
 # ---- layer level: masks and leaves as the engine hands them to a backend ----------------------
 
-#: mask site -> options: rec (Tm, tied|untied); inp (Tm, batch); cand, cell Tm;
-#: zh / zc: "sampled" (0/1 per step, a padded step carrying exactly) or "eval" (z, shared)
-LAYER_CASES = {
-    "none": {},
-    "rec_tied_shared": dict(rec=("1", "tied")),
-    "rec_tied_per_step": dict(rec=("T", "tied")),
-    "rec_untied_shared": dict(rec=("1", "untied")),
-    "rec_untied_per_step": dict(rec=("T", "untied")),
-    "candidate": dict(cand="T"),
-    "candidate_shared": dict(cand="1"),
-    "cell": dict(cell="T"),
-    "cell_shared": dict(cell="1"),
-    "zoneout_h": dict(zh="sampled"),
-    "zoneout_c": dict(zc="sampled"),
-    "zoneout_eval": dict(zh="eval", zc="eval"),
-    "input_untied": dict(inp=("T", "B")),
-    "input_untied_shared": dict(inp=("1", "1")),
-    "everything_untied": dict(rec=("T", "untied"), inp=("T", "B"), cand="T", cell="T",
-                              zh="sampled", zc="sampled"),
-    "everything_tied": dict(rec=("1", "tied"), inp=("1", "B"), cand="1", cell="1", zh="eval",
-                            zc="eval"),
-}  # fmt: skip
-_CASE_SITES = {"rec": "recurrent", "inp": "input", "cand": "candidate", "cell": "cell",
-               "zh": "zoneout_hidden", "zc": "zoneout_cell"}  # fmt: skip
+#: A mask's layouts at the layer level, from where its LayerMasks field acts and its site's
+#: SITES options: ``time`` "T" (per step) or "1" (shared over time, where ``policy``
+#: applies); ``batch`` "B" or "1" (per sample / per batch: only the projection's masks reach
+#: a backend per batch); ``tie`` "tied" or "untied" (one mask per gate group, where
+#: ``gated`` applies; the projection's tied masks never reach a backend); a zoneout weight
+#: (a step field absent as 0): ``zone`` "sampled" (0/1 per step, a padded step carrying
+#: exactly) or "eval" (z, shared).
+_TIME = {"T": "per_step", "1": "shared"}
+_BATCH = {"B": "per_sample", "1": "per_batch"}
+
+
+def field_layouts(name: str) -> dict[str, dict[str, str]]:
+    """The layouts of one :class:`LayerMasks` field, by name; the first is per step, per
+    sample and untied (``everything_untied``'s), :func:`tied_layout` ``everything_tied``'s."""
+    where, site = LayerMasks.where(name), SITES[LayerMasks.site(name)]
+    times = ("T", "1") if site.policy else ("T",)
+    if where == "projection":
+        return {f"untied_{_TIME[t]}_{_BATCH[b]}": dict(time=t, batch=b, tie="untied")
+                for t in times for b in ("B", "1")}  # fmt: skip
+    if where == "recurrent":
+        ties = ("untied", "tied") if site.gated else ("tied",)
+        return {f"{tie}_{_TIME[t]}": dict(time=t, tie=tie) for tie in ties for t in times}
+    if LayerMasks.absent(name) == 0:  # zoneout's weight of the previous value
+        return {"sampled": dict(zone="sampled"), "eval": dict(zone="eval")}
+    return {_TIME[t]: dict(time=t) for t in times}
+
+
+def tied_layout(name: str) -> dict[str, str]:
+    """``everything_tied``'s layout of a field: shared over time, per sample, tied where it
+    can be; zoneout in eval."""
+    layouts = list(field_layouts(name).values())
+    shared = [lay for lay in layouts if lay.get("time", "1") == "1"
+              and lay.get("batch", "B") == "B" and lay.get("zone", "eval") == "eval"]  # fmt: skip
+    shared = shared or layouts
+    return next((lay for lay in shared if lay.get("tie") == "tied"), shared[0])
+
+
+def _layer_cases() -> dict[str, dict[str, dict[str, str]]]:
+    """case -> {LayerMasks field: layout}: no masks; each field alone in each of its layouts;
+    every zoneout weight in eval; every field together, per step and untied, and shared
+    and tied."""
+    names = LayerMasks.names()
+    cases: dict[str, dict] = {"none": {}}
+    for name in names:
+        for variant, layout in field_layouts(name).items():
+            cases[f"{name}_{variant}"] = {name: layout}
+    weights = [n for n in names if LayerMasks.where(n) == "step" and LayerMasks.absent(n) == 0]
+    cases["zoneout_eval"] = {n: dict(zone="eval") for n in weights}
+    cases["everything_untied"] = {n: next(iter(field_layouts(n).values())) for n in names}
+    cases["everything_tied"] = {n: tied_layout(n) for n in names}
+    return cases
+
+
+#: Every layer-level case (:func:`_layer_cases`), derived from LayerMasks and SITES.
+LAYER_CASES = _layer_cases()
 
 
 def layer_case_refusal(cell: str, case: str) -> str | None:
-    """A one-site case on a site the cell lacks: the library's reason (``everything`` cases
-    take the sites the cell has)."""
+    """A one-site case on a site the cell lacks: the library's reason (cases of several
+    masks take the sites the cell has)."""
     spec = LAYER_CASES[case]
-    if case.startswith("everything") or len(spec) != 1:
+    if len(spec) != 1:
         return None
-    return cell_refusal(cell, RD(**{_CASE_SITES[next(iter(spec))]: 0.3}))
+    return cell_refusal(cell, RD(**{LayerMasks.site(next(iter(spec))): 0.3}))
 
 
 def _drop(shape, p, dtype):
@@ -298,27 +326,35 @@ def _zone(kind, T, B, H, dtype):
     return torch.full((1, B, H), 0.3, dtype=dtype)
 
 
+def _mask(name: str, layout: dict, G: int, T: int, B: int, I: int, H: int, dtype) -> Tensor:
+    """One field's mask in ``layout``, shaped as LayerMasks documents it."""
+    if "zone" in layout:
+        return _zone(layout["zone"], T, B, H, dtype)
+    steps = T if layout["time"] == "T" else 1
+    where = LayerMasks.where(name)
+    if where == "projection":
+        return _drop((G, steps, B if layout["batch"] == "B" else 1, I), 0.3, dtype)
+    if where == "recurrent":
+        return _drop((steps, 1 if layout["tie"] == "tied" else G, B, H), 0.3, dtype)
+    return _drop((steps, B, H), 0.3, dtype)
+
+
+_DRAW_ORDER = ("recurrent", "projection", "step")
+
+
 def make_masks(cell, case: str, T: int, B: int, I: int, H: int, dtype=F32) -> LayerMasks:
     """The :class:`LayerMasks` of ``case`` for a :class:`~rnndrop.nn.cells.Cell`, leaving out
     the sites the cell lacks."""
-    spec, G = LAYER_CASES[case], cell.gates
-    has = {k: SITES[s].cells is None or cell.name in SITES[s].cells for k, s in _CASE_SITES.items()}
-    steps = {"T": T, "1": 1}
     m = LayerMasks()
-    if "rec" in spec:
-        tm, tie = spec["rec"]
-        m.recurrent = _drop((steps[tm], 1 if tie == "tied" else G, B, H), 0.3, dtype)
-    if "inp" in spec:
-        tm, batch = spec["inp"]
-        m.input = _drop((G, steps[tm], B if batch == "B" else 1, I), 0.3, dtype)
-    if "cand" in spec and has["cand"]:
-        m.candidate = _drop((steps[spec["cand"]], B, H), 0.3, dtype)
-    if "cell" in spec and has["cell"]:
-        m.cell = _drop((steps[spec["cell"]], B, H), 0.3, dtype)
-    if "zh" in spec:
-        m.zoneout_h = _zone(spec["zh"], T, B, H, dtype)
-    if "zc" in spec and has["zc"]:
-        m.zoneout_c = _zone(spec["zc"], T, B, H, dtype)
+    spec = LAYER_CASES[case]
+    # drawn recurrent first, then the projection's, then the step masks: the order the cases
+    # were written in before they were derived, so every case draws the masks it drew then
+    # (float16 / bfloat16 tolerances in test_triton.py were checked on those draws)
+    for name in sorted(spec, key=lambda n: _DRAW_ORDER.index(LayerMasks.where(n))):
+        layout = spec[name]
+        site = SITES[LayerMasks.site(name)]
+        if site.cells is None or cell.name in site.cells:
+            setattr(m, name, _mask(name, layout, cell.gates, T, B, I, H, dtype))
     return m
 
 

@@ -34,7 +34,6 @@ from parity import (
     F64,
     LAYER_CASES,
     LAYER_SITES,
-    MASK_SITE,
     MODEL_SITES,
     SCHEMES,
     assert_layer_agrees,
@@ -43,6 +42,7 @@ from parity import (
     eval_variants,
     every_site,
     expected_keys,
+    field_layouts,
     layer_call,
     layer_case_refusal,
     layer_tol,
@@ -807,7 +807,7 @@ def test_layer_gradient_through_the_last_cell_state_only(cell, backend, monkeypa
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("case_name", ["none", "rec_tied_shared", "everything_untied"])
+@pytest.mark.parametrize("case_name", ["none", "recurrent_tied_shared", "everything_untied"])
 @pytest.mark.parametrize("backend", [b for b in COMPILED if BACKEND_CASES[b].cheap])
 @pytest.mark.parametrize("cell", CELL_IDS)
 def test_layer_saved_tensors_match_the_contract(cell, backend, case_name, reverse, monkeypatch):
@@ -859,10 +859,16 @@ def test_layer_gradcheck(cell, backend, reverse, projected, monkeypatch):
 
 
 def test_layer_masks_cover_the_loop_sites():
-    """Every LayerMasks field is a loop site of SITES (so the cases above reach them all)."""
-    from dataclasses import fields
-
+    """Every LayerMasks field carries a layer site of SITES, every site that needs the loop
+    has a field, and the layer-level cases (derived from both) run each field alone in
+    each of its layouts."""
     from rnndrop.kernels import LayerMasks
 
-    assert {f.name for f in fields(LayerMasks)} == set(MASK_SITE)
-    assert set(MASK_SITE.values()) <= set(LAYER_SITES)
+    carried = {LayerMasks.site(n) for n in LayerMasks.names()}
+    assert carried <= set(LAYER_SITES)
+    assert {n for n, s in SITES.items() if s.path in ("loop", "loop_always")} <= carried
+    alone = [(next(iter(c)), next(iter(c.values()))) for c in LAYER_CASES.values() if len(c) == 1]
+    for name in LayerMasks.names():
+        assert field_layouts(name)
+        for layout in field_layouts(name).values():
+            assert (name, layout) in alone

@@ -18,7 +18,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (the 'triton' extra)")
 
-from parity import assert_layer_agrees, make_leaves, make_masks, run_layer
+from parity import assert_layer_agrees, layer_call, make_leaves, make_masks, run_layer
 
 from rnndrop import kernels
 from rnndrop.config import RecurrentDropout as RD
@@ -128,6 +128,53 @@ def test_a_cell_file_may_not_shadow_the_loops_helpers(monkeypatch):
         tb._kernel("shadowing_step_fwd", True)
 
 
+def test_each_cell_kernel_applies_the_step_masks_of_its_sites():
+    """A cell's kernels apply the step mask of every site the cell has (SITES), as the cell
+    file's STEP_MASKS or the loops' own (zoneout), and of no site it lacks but the loops'
+    zoneout on c (which ``unavailable`` refuses for a cell without c): a site given to a
+    cell but left out of its STEP_MASKS would otherwise be dropped without a word."""
+    from rnndrop.config import SITES
+    from rnndrop.kernels.triton import _kernels, step_reads
+
+    for name in CELLS:
+        for field, read in zip(LayerMasks.step_names(), step_reads(name), strict=True):
+            site = SITES[LayerMasks.site(field)]
+            has = site.cells is None or name in site.cells
+            assert read or not has, f"{name}'s kernels drop {field}"
+            assert has or not read or field in _kernels.LOOP_MASKS, f"{name} reads {field}"
+
+
+def test_a_cell_file_naming_no_step_field_is_refused(monkeypatch):
+    from rnndrop.kernels import triton as tb
+    from rnndrop.kernels.triton import cell_gru
+
+    monkeypatch.setattr(cell_gru, "STEP_MASKS", ("candidate", "no_such_mask"))
+    monkeypatch.setattr(tb, "_READS", {})
+    with pytest.raises(ValueError, match=r"cell_gru.STEP_MASKS names \['no_such_mask'\], which "
+                                         r"are not step fields of LayerMasks"):  # fmt: skip
+        tb.step_reads("gru")
+
+
+@pytest.mark.parametrize("path", ["loop", "step"])
+def test_a_step_mask_the_cell_does_not_apply_is_ignored_and_gets_no_gradient(path, monkeypatch):
+    """The GRU given the LSTM's cell mask (which its layers refuse): the adapter hands the
+    kernels None for it, so the result is the GRU's without it, and the mask no gradient."""
+    monkeypatch.setenv("RNNDROP_TRITON_PATH", path)
+    cell = CELLS["gru"]
+    T, B, I, H = 3, 2, 3, 4
+    torch.manual_seed(0)
+    leaves = make_leaves(cell, False, True, T, B, I, H)
+    weight = torch.randn(T, B, H)
+    masks = make_masks(cell, "everything_untied", T, B, I, H)
+    ref = run("triton", cell, leaves, masks, False, weight)
+    masks.cell = (torch.rand(T, B, H) < 0.5).float().requires_grad_()
+    ours = run("triton", cell, leaves, masks, False, weight)
+    for a, b in zip(ours, ref, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    h_seq, _ = layer_call(cell, leaves, masks, False, "triton")
+    assert torch.autograd.grad((h_seq * weight).sum(), masks.cell, allow_unused=True)[0] is None
+
+
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_auto_runs_hidden_sizes_beyond_the_one_launch_kernel_per_step(cell, monkeypatch):
     """H > MAX_H: the step kernels run (and not the one-launch ones), matching python."""
@@ -214,42 +261,19 @@ def test_kernels_compile_for_a_gpu_without_one(kernel, monkeypatch, tmp_path):
     site on, untied masks) within the shared memory of a block, the backward kernels with
     the mask gradients of concrete dropout on (MG); a row cell's step kernels only. No GPU
     is needed to compile."""
-    import inspect
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, STEP_BLOCK, _kernel
-    from rnndrop.kernels.triton import cell_constants as constants_of
+    from rnndrop.kernels.triton import _SHARED_BYTES, NUM_STAGES, compile_spec
 
     pytest.importorskip("triton.backends.nvidia", reason="triton has no CUDA backend here")
     monkeypatch.delenv("TRITON_INTERPRET")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # read when compiling
     cell = CELLS[next(c for c in CELLS if kernel.startswith(c + "_"))]
-    fn = _kernel(kernel, False)
-    flags = {"HAS_RM", "HAS_CM", "HAS_KM", "HAS_ZH", "HAS_ZC", "HAS_DH", "HAS_BH", "MG",
-             "MG_CM", "MG_KM", "MG_ZH", "MG_ZC", "HAS_NEXT", "HAS_REC", "HAS_MN"}  # fmt: skip
-    params = inspect.signature(fn.fn).parameters
-    assert {n for n in params if n.startswith(("HAS_", "MG"))} <= flags | {"HAS_C"}
-    consts, sig = constants_of(cell), {}
-    for name in params:
-        if name in flags:
-            # as the adapter passes them: zoneout and the cell mask on c with c, b_h with a
-            # split product
-            consts[name] = {"HAS_ZC": cell.has_cell, "MG_ZC": cell.has_cell,
-                            "HAS_KM": cell.has_cell, "MG_KM": cell.has_cell,
-                            "HAS_BH": cell.split_recurrent}.get(name, True)  # fmt: skip
-        elif name in ("GR", "REVERSE", "BB", "BH", "BLOCK", "ROWS"):
-            consts[name] = {"GR": cell.gates, "REVERSE": True, "BB": 16, "BH": 16,
-                            "BLOCK": STEP_BLOCK, "ROWS": row_cell(cell.name)}[name]  # fmt: skip
-        sig[name] = (
-            "constexpr"
-            if name in consts
-            else "i32"
-            if not name.isupper() or name in ("T", "B", "H", "N")
-            else "*fp32"
-        )
+    # every site the kernel applies on: derived from LayerMasks' step fields and the cell's
+    # STEP_MASKS (a new site's mask is compiled here without a line in this test)
+    fn, sig, consts = compile_spec(cell, kernel[len(cell.name) + 1 :])
     try:
         compiled = triton.compile(
             ASTSource(fn, sig, consts),
@@ -310,7 +334,7 @@ def test_step_path_cuda_graphs_match_python(cell, monkeypatch):
             assert_agree(cell, leaves, masks, reverse)
 
 
-@pytest.mark.parametrize("case", ["everything_untied", "cell"])
+@pytest.mark.parametrize("case", ["everything_untied", "cell_per_step"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("cell", list(CELLS))
 def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dtype, case):
@@ -323,12 +347,12 @@ def test_step_path_in_half_precision_is_as_exact_as_the_reference_loop(cell, dty
     this draw: one triton step from its own state is within an ulp of float32, yet its c_T
     is 4x further from float32 than python's), so one draw can favour either loop."""
     cell = CELLS[cell]
-    if case == "cell" and not cell.has_cell:
+    if case == "cell_per_step" and not cell.has_cell:
         pytest.skip(f"{cell.name} has no cell state")
     T, B, I, H = 6, 3, 4, 20
     torch.manual_seed(0)
     masks = make_masks(cell, case, T, B, I, H)
-    masks.cell = masks.cell if case == "cell" else None
+    masks.cell = masks.cell if case == "cell_per_step" else None
     leaves = make_leaves(cell, False, True, T, B, I, H)
     weight = torch.randn(T, B, H)
 

@@ -86,6 +86,8 @@ class LayerMasks:
     than count them. A ``"step"`` field also says which value stands for it when it is
     absent (``LayerMasks.absent(name)``): 1 for a mask that multiplies, 0 for zoneout's
     weight of the previous value (the compiled loop fills an absent mask's row with it).
+    ``LayerMasks.site(name)`` names the :data:`rnndrop.config.SITES` entry whose masks the
+    field carries (the field's own name unless its metadata says ``"site"``).
 
     Attributes:
         input: ``(G, Tm, B|1, I)`` per-gate (untied) masks on ``x``; tied input masks are
@@ -105,8 +107,12 @@ class LayerMasks:
     # "absent": the value that leaves the step as without the mask (step fields only)
     candidate: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 1})
     cell: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 1})
-    zoneout_h: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 0})
-    zoneout_c: Tensor | None = field(default=None, metadata={"acts": "step", "absent": 0})
+    zoneout_h: Tensor | None = field(
+        default=None, metadata={"acts": "step", "absent": 0, "site": "zoneout_hidden"}
+    )
+    zoneout_c: Tensor | None = field(
+        default=None, metadata={"acts": "step", "absent": 0, "site": "zoneout_cell"}
+    )
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         return tuple([getattr(self, name) for name in _MASK_NAMES])
@@ -133,6 +139,11 @@ class LayerMasks:
         (zoneout's weight of the previous value)."""
         return _STEP_ABSENT[name]
 
+    @staticmethod
+    def site(name: str) -> str:
+        """The site of :data:`rnndrop.config.SITES` whose masks the field carries."""
+        return _MASK_SITE[name]
+
     def at(self, t: int) -> LayerMasks:
         """Step ``t``'s masks: each mask without its time dim (input ``(G, B|1, I)``,
         recurrent ``(Gr, B, H)``, the others ``(B, H)``); a mask shared over time (time dim
@@ -145,6 +156,7 @@ class LayerMasks:
 
 _MASK_NAMES: tuple[str, ...] = tuple(f.name for f in fields(LayerMasks))
 _MASK_ACTS: dict[str, str] = {f.name: f.metadata["acts"] for f in fields(LayerMasks)}
+_MASK_SITE: dict[str, str] = {f.name: f.metadata.get("site", f.name) for f in fields(LayerMasks)}
 _MASK_TIME_DIMS: tuple[int, ...] = tuple(f.metadata.get("time_dim", 0) for f in fields(LayerMasks))
 _STEP_NAMES: tuple[str, ...] = tuple(n for n in _MASK_NAMES if _MASK_ACTS[n] == "step")
 _STEP_ABSENT: dict[str, int] = {f.name: f.metadata.get("absent", -1) for f in fields(LayerMasks)

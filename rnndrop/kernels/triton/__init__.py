@@ -194,6 +194,93 @@ def _or(t: Tensor | None, dummy: Tensor) -> Tensor:
     return dummy if t is None else t
 
 
+_STEP = LayerMasks.step_names()  # the kernels' step-mask group, in this order
+_READS: dict[str, tuple[bool, ...]] = {}
+
+
+def step_reads(cell: str) -> tuple[bool, ...]:
+    """Per step mask (``LayerMasks.step_names()``), whether the cell's kernels apply it:
+    the loops' own (``_kernels.LOOP_MASKS``: zoneout) or one its file names in
+    ``STEP_MASKS`` (as a C++ cell's ``kStepMasks``)."""
+    if cell not in _READS:
+        import importlib
+
+        from . import _kernels
+
+        names = importlib.import_module(f"{__name__}.{CELLS[cell][0]}").STEP_MASKS
+        unknown = sorted(set(names) - set(_STEP))
+        if unknown:
+            raise ValueError(f"{CELLS[cell][0]}.STEP_MASKS names {unknown}, which are not step "
+                             f"fields of LayerMasks ({list(_STEP)})")  # fmt: skip
+        _READS[cell] = tuple(n in names or n in _kernels.LOOP_MASKS for n in _STEP)
+    return _READS[cell]
+
+
+def _step_masks(cell: str, m: LayerMasks, shape: tuple[int, ...]) -> tuple:
+    """The step masks as the kernels take them (``SM``, then one stride tuple per dim of
+    ``shape``): each mask broadcast to ``shape``, None (strides 0) where it is absent or the
+    cell does not read it (an absent mask then costs the kernel nothing: Triton
+    specialises None)."""
+    ptrs, strides = [], []
+    for name, read in zip(_STEP, step_reads(cell), strict=True):
+        t = getattr(m, name) if read else None
+        e = None if t is None else t.expand(shape)
+        ptrs.append(e)
+        strides.append((0,) * len(shape) if e is None else e.stride())
+    return (tuple(ptrs), *zip(*strides, strict=True))
+
+
+def _applied(cell: str, need_masks: tuple[bool, ...]) -> tuple[bool, ...]:
+    """``need_masks`` without the step masks the cell's kernels do not apply: those get no
+    gradient (None), as in the cpp loop, rather than a buffer nothing writes."""
+    reads = dict(zip(_STEP, step_reads(cell), strict=True))
+    return tuple(need and reads.get(name, True)
+                 for name, need in zip(LayerMasks.names(), need_masks, strict=False))  # fmt: skip
+
+
+def _mask_grads(ptrs: tuple, dm: LayerMasks | None) -> tuple:
+    """``DSM``: the buffers of the step masks' gradients, None where not asked for (or the
+    mask is absent, or not read)."""
+    return tuple(None if dm is None or p is None else getattr(dm, n)
+                 for n, p in zip(_STEP, ptrs, strict=True))  # fmt: skip
+
+
+#: The step-mask group's parameters in the kernels (``_kernels.py``): pointers, strides.
+_GROUP_PARAMS = {"SM": "*fp32", "DSM": "*fp32", "sm_t": "i32", "sm_b": "i32", "sm_h": "i32"}
+
+
+def compile_spec(cell, loop: str) -> tuple[object, dict, dict]:
+    """``(kernel, signature, constexprs)`` of the cell's kernel ``loop`` (one of
+    :data:`KERNELS`) with every site of the cell on, compiled (not interpreted), for
+    ``triton.compile(ASTSource(kernel, signature, constexprs), target=...)`` without a GPU
+    (tests/test_triton.py, scripts/triton_compile_time.py): untied recurrent masks, every
+    step mask the cell's kernels apply (:func:`step_reads`; zoneout on ``c`` with a cell
+    state), their gradients and the recurrent mask's (concrete dropout), the output's
+    gradient, ``b_h`` where the cell splits the recurrent product, the next step's masked
+    ``h``, reverse; ``BB = BH = 16``, ``BLOCK = STEP_BLOCK`` (a row cell's: rows up to that
+    size). Pointers float32, sizes and strides int32."""
+    import inspect
+
+    fn = _kernel(f"{cell.name}_{loop}", False)
+    on = tuple(read and (name != "zoneout_c" or cell.has_cell)
+               for name, read in zip(_STEP, step_reads(cell.name), strict=True))  # fmt: skip
+    fixed = dict(GR=cell.gates, REVERSE=True, BB=16, BH=16, ROWS=row_cell(cell.name),
+                 BLOCK=STEP_BLOCK, HAS_BH=cell.split_recurrent, **cell_constants(cell))  # fmt: skip
+    sig, consts = {}, {}
+    for k, name in enumerate(inspect.signature(fn.fn).parameters):
+        if name in _GROUP_PARAMS:
+            pointer = _GROUP_PARAMS[name].startswith("*")
+            sig[name] = tuple(_GROUP_PARAMS[name] if o or not pointer else "constexpr"
+                              for o in on)  # fmt: skip
+            consts.update({(k, j): None for j, o in enumerate(on) if pointer and not o})
+        elif name in fixed or name.startswith("HAS_") or name == "MG":
+            sig[name] = "constexpr"
+            consts[name] = fixed.get(name, True)  # every other flag on
+        else:
+            sig[name] = "i32" if not name.isupper() or name in ("T", "B", "H", "N") else "*fp32"
+    return fn, sig, consts
+
+
 def _mask_args(m: Tensor | None, shape: tuple[int, ...], dummy: Tensor) -> tuple:
     """(pointer, strides...) of a mask broadcast to ``shape``: stride 0 where it is shared."""
     if m is None:
@@ -286,19 +373,13 @@ class TritonBackend:
         hm_seq = new(Gr, T, B, H) if m.recurrent is not None else None
         aux_seq = new(T, B, H) if cell.split_recurrent else None
         rm = _mask_args(m.recurrent, (T, Gr, B, H), acts)
-        cm = _mask_args(m.candidate, (T, B, H), acts)
-        km = _mask_args(m.cell, (T, B, H), acts)
-        zh = _mask_args(m.zoneout_h, (T, B, H), acts)
-        zc = _mask_args(m.zoneout_c, (T, B, H), acts)
+        sm = _step_masks(cell.name, m, (T, B, H))
         grid = (triton_cdiv(B, BLOCK_B),)
         _kernel(f"{cell.name}_loop_fwd", interpreting())[grid](
-            acts, inp.w_hh, _or(inp.b_h, acts), inp.h0, _or(inp.c0, acts), rm[0], cm[0], km[0],
-            zh[0], zc[0], h_seq, _or(c_seq, acts), _or(ct_seq, acts), _or(hm_seq, acts),
-            _or(aux_seq, acts), T, B, H, *rm[1:], *cm[1:], *km[1:], *zh[1:], *zc[1:],
-            HAS_BH=inp.b_h is not None, HAS_RM=m.recurrent is not None, GR=Gr,
-            HAS_CM=m.candidate is not None, HAS_KM=m.cell is not None,
-            HAS_ZH=m.zoneout_h is not None,
-            HAS_ZC=m.zoneout_c is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B,
+            acts, inp.w_hh, _or(inp.b_h, acts), inp.h0, _or(inp.c0, acts), rm[0], sm[0],
+            h_seq, _or(c_seq, acts), _or(ct_seq, acts), _or(hm_seq, acts), _or(aux_seq, acts),
+            T, B, H, *rm[1:], *sm[1:], HAS_BH=inp.b_h is not None,
+            HAS_RM=m.recurrent is not None, GR=Gr, REVERSE=bool(inp.reverse), BB=BLOCK_B,
             BH=_block_h(H), num_stages=NUM_STAGES, **cell_constants(cell),
         )  # fmt: skip
         return Saved(acts, h_seq, c_seq, ct_seq, hm_seq, aux_seq)
@@ -306,6 +387,7 @@ class TritonBackend:
     def backward(
         self, inp: LayerInputs, s: Saved, dh_seq, dc_last, need_x, need_w, need_masks=()
     ) -> Grads:
+        need_masks = _applied(inp.cell.name, need_masks)
         if self._steps(inp):
             return _STEPS.backward(inp, s, dh_seq, dc_last, need_x, need_w, need_masks)
         cell, m = inp.cell, inp.masks
@@ -316,10 +398,7 @@ class TritonBackend:
         Gr = m.recurrent.shape[1] if m.recurrent is not None else 1
         dummy = s.acts
         rm = _mask_args(m.recurrent, (T, Gr, B, H), dummy)
-        cm = _mask_args(m.candidate, (T, B, H), dummy)
-        km = _mask_args(m.cell, (T, B, H), dummy)
-        zh = _mask_args(m.zoneout_h, (T, B, H), dummy)
-        zc = _mask_args(m.zoneout_c, (T, B, H), dummy)
+        sm = _step_masks(cell.name, m, (T, B, H))
         dh0 = torch.empty_like(inp.h0)
         dc0 = torch.empty_like(inp.c0) if cell.has_cell else None
         dcl = None
@@ -329,19 +408,14 @@ class TritonBackend:
         dgh = torch.empty_like(s.acts) if cell.split_recurrent else dgx
         grid = (triton_cdiv(B, BLOCK_B),)
         dh = None if dh_seq is None else dh_seq.contiguous()
-        loop_masks = (inner.recurrent, inner.candidate, inner.cell, inner.zoneout_h,
-                      inner.zoneout_c)  # fmt: skip
-        per_step = [_or(b, dummy) for b in loop_masks]  # DRM, DCM, DKM, DZH, DZC
         _kernel(f"{cell.name}_loop_bwd", interpreting())[grid](
             s.acts, inp.w_hh, inp.h0, _or(inp.c0, dummy), s.h_seq, _or(s.c_seq, dummy),
-            _or(s.ct_seq, dummy), _or(s.hn_seq, dummy), rm[0], cm[0], km[0], zh[0], zc[0],
-            _or(dh, dummy), _or(dcl, dummy), dgx, dgh, dh0, _or(dc0, dummy),
-            *per_step, T, B, H, *rm[1:], *cm[1:], *km[1:], *zh[1:], *zc[1:],
-            HAS_RM=m.recurrent is not None, GR=Gr, HAS_CM=m.candidate is not None,
-            HAS_KM=m.cell is not None, HAS_ZH=m.zoneout_h is not None,
-            HAS_ZC=m.zoneout_c is not None,
-            HAS_DH=dh_seq is not None, REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H),
-            MG=any(need_masks), num_stages=NUM_STAGES, **cell_constants(cell),
+            _or(s.ct_seq, dummy), _or(s.hn_seq, dummy), rm[0], sm[0], _or(dh, dummy),
+            _or(dcl, dummy), dgx, dgh, dh0, _or(dc0, dummy), _or(inner.recurrent, dummy),
+            _mask_grads(sm[0], inner), T, B, H, *rm[1:], *sm[1:],
+            HAS_RM=m.recurrent is not None, GR=Gr, HAS_DH=dh_seq is not None,
+            REVERSE=bool(inp.reverse), BB=BLOCK_B, BH=_block_h(H), MG=any(need_masks),
+            num_stages=NUM_STAGES, **cell_constants(cell),
         )  # fmt: skip
         # weight and input gradients: GEMMs over all T·B rows, exactly the reference's
         return PythonBackend._grads(inp, s, dgx, dgh, dh0, dc0, inner, need_x, need_w,
@@ -394,29 +468,23 @@ class _TritonSteps(PythonBackend):
     @staticmethod
     def _step_forward(cell, rec, prev: State, m: LayerMasks, out: Saved, nxt,
                       params=()) -> bool:  # fmt: skip
-        a, h, c, cm, zh, zc = out.acts, prev.h, prev.c, m.candidate, m.zoneout_h, m.zoneout_c
-        km = m.cell
+        a, h, c = out.acts, prev.h, prev.c
         h_out, c_out, ct_out, extra = out.h_seq, out.c_seq, out.ct_seq, out.hn_seq
         B, H = h.shape
         N = B * H
         grid, layout = _step_grid(cell, B, H)
-        cma = _mask_args(cm, (B, H), a)
-        kma = _mask_args(km, (B, H), a)
-        zha = _mask_args(zh, (B, H), a)
+        sm = _step_masks(cell.name, m, (B, H))
         hm_next, rm_next = (a, None) if nxt is None else nxt
         Gr = 1 if nxt is None else hm_next.shape[0]
         rma = _mask_args(rm_next, (Gr, B, H), a)
         step = dict(HAS_NEXT=nxt is not None, GR=Gr, **layout)
         nexts = (hm_next, rma[0])
         next_strides = (0 if nxt is None else hm_next.stride(0), *rma[1:])
-        zca = _mask_args(zc, (B, H), a)
         sv = out.extra  # a row cell's saved row (B, W)
         _kernel(f"{cell.name}_step_fwd", interpreting())[grid](
-            a, _or(rec, a), h, _or(c, a), cma[0], kma[0], zha[0], zca[0], h_out, _or(c_out, a),
-            _or(ct_out, a), _or(extra, a), *nexts, params[0] if params else a, _or(sv, a),
-            N, H, *cma[1:], *kma[1:], *zha[1:], *zca[1:], *next_strides,
-            0 if sv is None else sv.stride(0), HAS_CM=cm is not None, HAS_KM=km is not None,
-            HAS_ZH=zh is not None, HAS_ZC=zc is not None,
+            a, _or(rec, a), h, _or(c, a), sm[0], h_out, _or(c_out, a), _or(ct_out, a),
+            _or(extra, a), *nexts, params[0] if params else a, _or(sv, a),
+            N, H, *sm[1:], *next_strides, 0 if sv is None else sv.stride(0),
             **step, **cell_constants(cell),
         )  # fmt: skip
         return nxt is not None
@@ -426,7 +494,6 @@ class _TritonSteps(PythonBackend):
                        dm: LayerMasks | None, params=(), dparams=()) -> State:  # fmt: skip
         acts, extra, h_prev, c_prev = s.acts, s.hn_seq, prev.h, prev.c
         ct = s.c_seq if s.ct_seq is None else s.ct_seq
-        cm, km, zh, zc = m.candidate, m.cell, m.zoneout_h, m.zoneout_c
         B, H = h_prev.shape
         N = B * H
         grid, layout = _step_grid(cell, B, H)
@@ -435,29 +502,19 @@ class _TritonSteps(PythonBackend):
         mna = _mask_args(m_next, (Gr, B, H), acts)
         gather = dict(HAS_DH=dh is not None, HAS_REC=dh_rec is not None,
                       HAS_MN=m_next is not None, GR=Gr)  # fmt: skip
-        cma = _mask_args(cm, (B, H), acts)
-        kma = _mask_args(km, (B, H), acts)
-        zha = _mask_args(zh, (B, H), acts)
-        dcm, dkm, dzh, dzc = (None,) * 4 if dm is None else (
-            dm.candidate, dm.cell, dm.zoneout_h, dm.zoneout_c)  # fmt: skip
+        sm = _step_masks(cell.name, m, (B, H))
         parts = (carry_in.contiguous(), acts if dh is None else dh.contiguous(),
                  acts if dh_rec is None else dh_rec.contiguous(), mna[0])  # fmt: skip
         carry = torch.empty_like(h_prev)
-        zca = _mask_args(zc, (B, H), acts)
         dc_prev = torch.empty_like(h_prev) if cell.has_cell else None
         sv, dex = s.extra, dparams[0] if dparams else None  # a row cell's saved row, its
         # parameters' gradient accumulator (B, Σ numel)
         _kernel(f"{cell.name}_step_bwd", interpreting())[grid](
-            acts, _or(extra, acts), h_prev, _or(c_prev, acts), _or(ct, acts), cma[0], kma[0],
-            zha[0], zca[0], *parts, acts if dc is None else dc.contiguous(), dgx, dgh, carry,
-            _or(dc_prev, acts), *(_or(t, acts) for t in (dcm, dkm, dzh, dzc)),
-            params[0] if params else acts, _or(sv, acts), _or(dex, acts),
-            N, H, *cma[1:], *kma[1:], *zha[1:], *zca[1:], *mna[1:],
-            0 if sv is None else sv.stride(0), 0 if dex is None else dex.stride(0),
-            HAS_CM=cm is not None, HAS_KM=km is not None, HAS_ZH=zh is not None,
-            HAS_ZC=zc is not None, **gather, MG_CM=dcm is not None, MG_KM=dkm is not None,
-            MG_ZH=dzh is not None, MG_ZC=dzc is not None,
-            **layout, **cell_constants(cell),
+            acts, _or(extra, acts), h_prev, _or(c_prev, acts), _or(ct, acts), sm[0], *parts,
+            acts if dc is None else dc.contiguous(), dgx, dgh, carry, _or(dc_prev, acts),
+            _mask_grads(sm[0], dm), params[0] if params else acts, _or(sv, acts),
+            _or(dex, acts), N, H, *sm[1:], *mna[1:], 0 if sv is None else sv.stride(0),
+            0 if dex is None else dex.stride(0), **gather, **layout, **cell_constants(cell),
         )  # fmt: skip
         return State(carry, dc_prev)
 

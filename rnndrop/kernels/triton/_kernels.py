@@ -28,25 +28,38 @@ a mask that is shared over time, gates or batch. Padded rows (``b ≥ B``) and c
 A cell's pointwise math, on tiles of any shape (``(BB, BH)`` in the loop kernels,
 ``(BLOCK,)`` in the step kernels), float32::
 
-    cell_forward(xs, ps, h, c, cm, km, HAS_CM, HAS_KM) -> (acts, h̃, c̃, aux)
-    cell_backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM, HAS_KM)
-        -> (dgx, dgh, dhp, dcp, h̃, dcm, dkm)
+    cell_forward(xs, ps, h, c, ms, SM) -> (acts, h̃, c̃, aux)
+    cell_backward(acts, aux, hp, cp, ct, dh, dc, ms, SM) -> (dgx, dgh, dhp, dcp, h̃, dms)
 
 Forward: ``xs`` the ``G`` pre-activation blocks (``x W_ihᵀ + b_x``, plus the recurrent
 product ``h W_hh,kᵀ`` unless the cell is ``SPLIT``; then ``ps`` holds the products, ``b_h``
 included, and is empty otherwise); ``h``, ``c`` the state before the step (``c`` a
-placeholder for a cell without one); ``cm`` the candidate mask (read only under
-``HAS_CM``), ``km`` the cell mask on ``c̃`` (only under ``HAS_KM``; a cell without a cell
-state ignores it). It returns the ``G`` activations saved for backward (``Saved.acts``), the new
-state before zoneout, and ``aux``, the tile a ``SPLIT`` cell saves per step
-(``Saved.hn_seq``). Backward: ``acts``, ``aux`` as saved; ``hp``, ``cp`` the state before
-the step, ``ct`` the cell state ``c̃`` before zoneout; ``dh`` dL/dh̃, ``dc`` dL/dc̃ (zoneout's
-shares already taken off). It returns dL/d(input pre-activations) and dL/d(recurrent
-product) per gate (the same tuple unless ``SPLIT``), the gradients into ``h_{t-1}`` and
-``c_{t-1}`` through the cell itself (not through ``W_hh``), ``h̃`` (for zoneout's mask
-gradient), dL/d(candidate mask) and dL/d(cell mask) (each used only with its mask and its
-gradient).
-The loops apply zoneout, the recurrent masks, the mask gradients and every load and store.
+placeholder for a cell without one); ``ms`` the step masks: this step's tile of each
+``"step"`` field of :class:`~rnndrop.kernels.contract.LayerMasks`, in
+``LayerMasks.step_names()`` order (a placeholder where absent); ``SM`` their pointers,
+None where absent, so ``SM[k] is not None`` is a constexpr (a bool kept in a tuple of its
+own would not be: Triton turns it into a tensor). A cell reads the masks its file names in
+``STEP_MASKS``, at their positions, which are the fields' names in capitals (imported from
+here): ``ms[CANDIDATE]`` under ``if SM[CANDIDATE] is not None``. The adapter hands it no
+other (the loops' own, zoneout, aside). It returns the ``G`` activations saved for
+backward (``Saved.acts``), the new state before zoneout, and ``aux``, the tile a ``SPLIT``
+cell saves per step (``Saved.hn_seq``). Backward: ``acts``, ``aux`` as saved; ``hp``,
+``cp`` the state before the step, ``ct`` the cell state ``c̃`` before zoneout; ``dh``
+dL/dh̃, ``dc`` dL/dc̃ (zoneout's shares already taken off). It returns dL/d(input
+pre-activations) and dL/d(recurrent product) per gate (the same tuple unless ``SPLIT``),
+the gradients into ``h_{t-1}`` and ``c_{t-1}`` through the cell itself (not through
+``W_hh``), ``h̃`` (for zoneout's mask gradient), and ``dms``: ``ms`` with dL/d(mask) put
+at the position of each mask the cell reads (:func:`put`; stored only where the mask's
+gradient is asked for).
+The loops apply zoneout (``ZONEOUT_H``, ``ZONEOUT_C``), the recurrent masks, and every load
+and store, the mask gradients included.
+
+The step masks travel as one group, as in the compiled CPU loop: ``SM`` a tuple of pointers
+in ``step_names()`` order, None where a mask is absent (or the cell does not read it), with
+their strides ``sm_t`` / ``sm_b`` / ``sm_h`` as tuples of the same length, and in backward
+``DSM`` the pointers of their per-step gradients (None where not asked for). Triton
+specialises each None to a constexpr, so an absent mask costs neither a parameter nor a
+branch, and a new step field of ``LayerMasks`` changes no kernel here.
 
 A ``ROWS`` cell (step kernels only) takes five more arguments in forward, ``EX, SV, n, m,
 H``, and six in backward, ``EX, SV, DEX, n, m, H``: its packed parameters
@@ -80,6 +93,17 @@ Designed around the interpreter's limits:
 
 import triton.language as tl
 
+from ..contract import LayerMasks
+
+# ---- the step masks: LayerMasks' "step" fields, one group in step_names() order ----------
+
+# Each field's position is a constexpr named after it (CANDIDATE, CELL, ZONEOUT_H, ...),
+# generated, so that a new step field adds none here; the cells import those they read.
+_POSITIONS = {name.upper(): tl.constexpr(k) for k, name in enumerate(LayerMasks.step_names())}
+globals().update(_POSITIONS)
+ZONEOUT_H, ZONEOUT_C = _POSITIONS["ZONEOUT_H"], _POSITIONS["ZONEOUT_C"]  # the loops' own, named
+LOOP_MASKS = ("zoneout_h", "zoneout_c")  # the step masks the loops read (a cell: STEP_MASKS)
+
 # ---- helpers shared by the kernels and the cells -------------------------------------------
 
 
@@ -107,6 +131,50 @@ def rows(B, H, BB: tl.constexpr, BH: tl.constexpr):
 def mask_tile(M, t, m_t, m_b, m_h, rb, rn, m2):
     """Step ``t``'s (BB, BH) tile of a mask with strides (time, batch, feature)."""
     return tl.load(M + t * m_t + rb[:, None] * m_b + rn[None, :] * m_h, mask=m2, other=0.0)
+
+
+def step_tiles(SM, t, sm_t, sm_b, sm_h, rb, rn, m2, fill):
+    """Step ``t``'s (BB, BH) tile of each step mask (``fill`` where absent)."""
+    ms = ()
+    for k in tl.static_range(len(SM)):
+        if SM[k] is not None:
+            ms = ms + (mask_tile(SM[k], t, sm_t[k], sm_b[k], sm_h[k], rb, rn, m2),)
+        else:
+            ms = ms + (fill,)
+    return ms
+
+
+def step_rows(SM, b, n, sm_b, sm_h, m, fill):
+    """This step's elements of each step mask, widened to float32 (``fill`` where absent)."""
+    ms = ()
+    for k in tl.static_range(len(SM)):
+        if SM[k] is not None:
+            ms = ms + (load32(SM[k] + b * sm_b[k] + n * sm_h[k], m),)
+        else:
+            ms = ms + (fill,)
+    return ms
+
+
+def put(t, k: tl.constexpr, v):
+    """The tuple ``t`` with entry ``k`` replaced by ``v`` (a cell's mask gradients, ``dms``)."""
+    out = ()
+    for j in tl.static_range(len(t)):
+        if j == k:  # noqa: SIM108 (a statement: the front end resolves it at compile time)
+            out = out + (v,)
+        else:
+            out = out + (t[j],)
+    return out
+
+
+def mask_grad(k: tl.constexpr, dms, d, hp, hn, dc, cp, ct):
+    """dL/d(step mask ``k``): zoneout's are the loops' (dL/dh_t ⊙ (h_{t-1} − h̃_t),
+    dL/dc_t ⊙ (c_{t-1} − c̃_t)), every other the cell's (``dms[k]``)."""
+    g = dms[k]
+    if k == ZONEOUT_H:
+        g = d * (hp - hn)
+    if k == ZONEOUT_C:
+        g = dc * (cp - ct)
+    return g
 
 
 def elements(N, H, BLOCK: tl.constexpr):
@@ -141,20 +209,19 @@ def row_sum(x):
 
 
 def loop_fwd(
-    ACT, W, BHH, H0, C0, RM, CM, KM, ZH, ZC, HSEQ, CSEQ, CTSEQ, HMSEQ, AUXSEQ,
+    ACT, W, BHH, H0, C0, RM, SM, HSEQ, CSEQ, CTSEQ, HMSEQ, AUXSEQ,
     T, B, H,
-    rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, km_t, km_b, km_h, zh_t, zh_b, zh_h,
-    zc_t, zc_b, zc_h,
+    rm_t, rm_g, rm_b, rm_h, sm_t, sm_b, sm_h,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_BH: tl.constexpr,
-    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr,
-    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr,
+    HAS_RM: tl.constexpr, GR: tl.constexpr, REVERSE: tl.constexpr, BB: tl.constexpr,
     BH: tl.constexpr,
 ):  # fmt: skip
     """ACT (T, B, G·H) holds the input projection; overwritten with the activations.
 
     Writes HSEQ (and CSEQ) (T, B, H) the states, CTSEQ c̃ (with zoneout on c), HMSEQ
     (GR, T, B, H) the masked h_{t-1} per gate group (with a recurrent mask), AUXSEQ the
-    cell's aux tile (SPLIT). BHH: b_h (HAS_BH), added to the recurrent products.
+    cell's aux tile (SPLIT). BHH: b_h (HAS_BH), added to the recurrent products. SM: the
+    step masks (T, B, H) with strides (sm_t, sm_b, sm_h), one per LayerMasks step field.
     """
     rb, rn, m2, bh = rows(B, H, BB, BH)
     mn = rn < H
@@ -197,24 +264,17 @@ def loop_fwd(
                 ps = ps + (p,)
             else:
                 xs = xs + (x + p,)
-        cm = h
-        if HAS_CM:
-            cm = mask_tile(CM, t, cm_t, cm_b, cm_h, rb, rn, m2)
-        km = h
-        if HAS_KM:
-            km = mask_tile(KM, t, km_t, km_b, km_h, rb, rn, m2)
-        acts, hn, cn, aux = cell_forward(  # noqa: F821 (bound per cell)
-            xs, ps, h, c, cm, km, HAS_CM, HAS_KM
-        )
+        ms = step_tiles(SM, t, sm_t, sm_b, sm_h, rb, rn, m2, h)
+        acts, hn, cn, aux = cell_forward(xs, ps, h, c, ms, SM)  # noqa: F821 (bound per cell)
         for k in tl.static_range(G):
             tl.store(a + k * H, acts[k], mask=m2)
         if SPLIT:
             tl.store(AUXSEQ + t * B * H + bh, aux, mask=m2)
-        if HAS_ZC:
+        if SM[ZONEOUT_C] is not None:
             tl.store(CTSEQ + t * B * H + bh, cn, mask=m2)
-            cn = cn + mask_tile(ZC, t, zc_t, zc_b, zc_h, rb, rn, m2) * (c - cn)
-        if HAS_ZH:
-            hn = hn + mask_tile(ZH, t, zh_t, zh_b, zh_h, rb, rn, m2) * (h - hn)
+            cn = cn + ms[ZONEOUT_C] * (c - cn)
+        if SM[ZONEOUT_H] is not None:
+            hn = hn + ms[ZONEOUT_H] * (h - hn)
         tl.store(HSEQ + t * B * H + bh, hn, mask=m2)
         h = hn
         if HAS_C:
@@ -223,24 +283,20 @@ def loop_fwd(
 
 
 def loop_bwd(
-    ACT, W, H0, C0, HSEQ, CSEQ, CTSEQ, AUXSEQ, RM, CM, KM, ZH, ZC, DHSEQ, DCLAST,
-    DGX, DGH, DH0, DC0, DRM, DCM, DKM, DZH, DZC,
+    ACT, W, H0, C0, HSEQ, CSEQ, CTSEQ, AUXSEQ, RM, SM, DHSEQ, DCLAST,
+    DGX, DGH, DH0, DC0, DRM, DSM,
     T, B, H,
-    rm_t, rm_g, rm_b, rm_h, cm_t, cm_b, cm_h, km_t, km_b, km_h, zh_t, zh_b, zh_h,
-    zc_t, zc_b, zc_h,
+    rm_t, rm_g, rm_b, rm_h, sm_t, sm_b, sm_h,
     G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr,
-    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr,
-    HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_DH: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_RM: tl.constexpr, GR: tl.constexpr, HAS_DH: tl.constexpr, REVERSE: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr, MG: tl.constexpr,
 ):  # fmt: skip
     """Backprop through time: DGX dL/d(input projection), DGH dL/d(recurrent product)
     (T, B, G·H; written only when SPLIT, else DGX is both), DH0 (and DC0) (B, H).
 
-    With MG (concrete dropout) also the per-step gradients of the masks applied in the loop:
-    DRM (T, GR, B, H) dL/d(recurrent mask) = dL/d(masked h_{t-1}) ⊙ h_{t-1}; (T, B, H):
-    DCM dL/d(candidate mask) and DKM dL/d(cell mask) (the cell's), DZH dL/dz_h = dL/dh_t ⊙
-    (h_{t-1} − h̃_t), DZC dL/dz_c = dL/dc_t ⊙ (c_{t-1} − c̃_t); each only where its mask is
-    (HAS_*).
+    The per-step gradients of the masks applied in the loop (concrete dropout): with MG,
+    DRM (T, GR, B, H) dL/d(recurrent mask) = dL/d(masked h_{t-1}) ⊙ h_{t-1}; and DSM, per
+    step mask (T, B, H), None where its gradient is not asked for (:func:`mask_grad`).
     """
     rb, rn, m2, bh = rows(B, H, BB, BH)
     mn = rn < H
@@ -273,7 +329,7 @@ def loop_bwd(
         ct = hp
         if HAS_C:
             cp = tl.where(first, c0, tl.load(CSEQ + tp * B * H + bh, mask=m2, other=0.0))
-            if HAS_ZC:
+            if SM[ZONEOUT_C] is not None:
                 ct = tl.load(CTSEQ + t * B * H + bh, mask=m2, other=0.0)
             else:
                 ct = tl.load(CSEQ + t * B * H + bh, mask=m2, other=0.0)
@@ -284,32 +340,20 @@ def loop_bwd(
         aux = hp
         if SPLIT:
             aux = tl.load(AUXSEQ + t * B * H + bh, mask=m2, other=0.0)
+        ms = step_tiles(SM, t, sm_t, sm_b, sm_h, rb, rn, m2, hp)
         dht = d
-        if HAS_ZH:
-            zh = mask_tile(ZH, t, zh_t, zh_b, zh_h, rb, rn, m2)
-            dht = d * (1.0 - zh)
+        if SM[ZONEOUT_H] is not None:
+            dht = d * (1.0 - ms[ZONEOUT_H])
         dcn = dc
-        if HAS_ZC:
-            zc = mask_tile(ZC, t, zc_t, zc_b, zc_h, rb, rn, m2)
-            dcn = dc * (1.0 - zc)
-        cm = hp
-        if HAS_CM:
-            cm = mask_tile(CM, t, cm_t, cm_b, cm_h, rb, rn, m2)
-        km = hp
-        if HAS_KM:
-            km = mask_tile(KM, t, km_t, km_b, km_h, rb, rn, m2)
-        dgx, dgh, dhp, dcp, hn, dcm, dkm = cell_backward(  # noqa: F821 (bound per cell)
-            acts, aux, hp, cp, ct, dht, dcn, cm, km, HAS_CM, HAS_KM
+        if SM[ZONEOUT_C] is not None:
+            dcn = dc * (1.0 - ms[ZONEOUT_C])
+        dgx, dgh, dhp, dcp, hn, dms = cell_backward(  # noqa: F821 (bound per cell)
+            acts, aux, hp, cp, ct, dht, dcn, ms, SM
         )
-        if MG:
-            if HAS_CM:
-                tl.store(DCM + t * B * H + bh, dcm, mask=m2)
-            if HAS_KM:
-                tl.store(DKM + t * B * H + bh, dkm, mask=m2)
-            if HAS_ZH:
-                tl.store(DZH + t * B * H + bh, d * (hp - hn), mask=m2)
-            if HAS_ZC:
-                tl.store(DZC + t * B * H + bh, dc * (cp - ct), mask=m2)
+        for k in tl.static_range(len(SM)):
+            if DSM[k] is not None:
+                tl.store(DSM[k] + t * B * H + bh, mask_grad(k, dms, d, hp, hn, dc, cp, ct),
+                         mask=m2)  # fmt: skip
         g = DGX + t * B * (G * H) + ba
         for k in tl.static_range(G):
             tl.store(g + k * H, dgx[k], mask=m2)
@@ -318,11 +362,11 @@ def loop_bwd(
             for k in tl.static_range(G):
                 tl.store(g + k * H, dgh[k], mask=m2)
         carry = dhp
-        if HAS_ZH:
-            carry = carry + d * zh
+        if SM[ZONEOUT_H] is not None:
+            carry = carry + d * ms[ZONEOUT_H]
         if HAS_C:
-            if HAS_ZC:
-                dcp = dcp + dc * zc
+            if SM[ZONEOUT_C] is not None:
+                dcp = dcp + dc * ms[ZONEOUT_C]
             dc = dcp
         # dL/d(masked h_{t-1}) per gate block, then through the recurrent mask into h_{t-1}
         rs = ()
@@ -357,18 +401,18 @@ def loop_bwd(
 
 
 def step_fwd(
-    A, REC, HP, CP, CM, KM, ZH, ZC, HOUT, COUT, CTOUT, AUX, HMN, RMN, EX, SV,
-    N, H, cm_b, cm_h, km_b, km_h, zh_b, zh_h, zc_b, zc_h, hmn_g, rmn_g, rmn_b, rmn_h, sv_b,
-    G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_CM: tl.constexpr,
-    HAS_KM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr, HAS_NEXT: tl.constexpr,
+    A, REC, HP, CP, SM, HOUT, COUT, CTOUT, AUX, HMN, RMN, EX, SV,
+    N, H, sm_b, sm_h, hmn_g, rmn_g, rmn_b, rmn_h, sv_b,
+    G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_NEXT: tl.constexpr,
     GR: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """A (B, G·H) pre-activations (the recurrent product added, unless SPLIT: then REC
     (B, G·H) holds it, b_h included) -> the activations in place; HOUT (and COUT) (B, H)
     h_t (c_t); CTOUT c̃_t (with zoneout on c); AUX the cell's aux tile (SPLIT); with
     HAS_NEXT, HMN (GR, B, H) ← h_t ⊙ RMN, the next step's masked h (the loop's GEMM input),
-    saving the loop a launch. ROWS: one program per batch row; EX the cell's packed
-    parameters, SV (B, W) its saved rows (row stride sv_b)."""
+    saving the loop a launch. SM: the step masks (B, H) with strides (sm_b, sm_h). ROWS:
+    one program per batch row; EX the cell's packed parameters, SV (B, W) its saved rows
+    (row stride sv_b)."""
     if ROWS:
         e, m, b, n = row(H, BLOCK)
     else:
@@ -385,27 +429,22 @@ def step_fwd(
     cp = hp
     if HAS_C:
         cp = load32(CP + e, m)
-    cm = hp
-    if HAS_CM:
-        cm = load32(CM + b * cm_b + n * cm_h, m)
-    km = hp
-    if HAS_KM:
-        km = load32(KM + b * km_b + n * km_h, m)
+    ms = step_rows(SM, b, n, sm_b, sm_h, m, hp)
     if ROWS:
         acts, h, c, aux = cell_forward(  # noqa: F821 (bound per cell)
-            xs, ps, hp, cp, cm, km, HAS_CM, HAS_KM, EX, SV + b * sv_b, n, m, H
+            xs, ps, hp, cp, ms, SM, EX, SV + b * sv_b, n, m, H
         )
     else:
-        acts, h, c, aux = cell_forward(xs, ps, hp, cp, cm, km, HAS_CM, HAS_KM)  # noqa: F821
+        acts, h, c, aux = cell_forward(xs, ps, hp, cp, ms, SM)  # noqa: F821
     for k in tl.static_range(G):
         tl.store(a + k * H, acts[k], mask=m)
     if SPLIT and not ROWS:  # a ROWS cell saved its own row
         tl.store(AUX + e, aux, mask=m)
-    if HAS_ZC:
+    if SM[ZONEOUT_C] is not None:
         tl.store(CTOUT + e, c, mask=m)
-        c = c + load32(ZC + b * zc_b + n * zc_h, m) * (cp - c)
-    if HAS_ZH:
-        h = h + load32(ZH + b * zh_b + n * zh_h, m) * (hp - h)
+        c = c + ms[ZONEOUT_C] * (cp - c)
+    if SM[ZONEOUT_H] is not None:
+        h = h + ms[ZONEOUT_H] * (hp - h)
     tl.store(HOUT + e, h, mask=m)
     if HAS_C:
         tl.store(COUT + e, c, mask=m)
@@ -417,13 +456,10 @@ def step_fwd(
 
 
 def step_bwd(
-    A, AUX, HP, CP, CT, CM, KM, ZH, ZC, CIN, DH, DHREC, MN, DC, DGX, DGH, CARRY, DCP, DCM,
-    DKM, DZH, DZC, EX, SV, DEX,
-    N, H, cm_b, cm_h, km_b, km_h, zh_b, zh_h, zc_b, zc_h, mn_g, mn_b, mn_h, sv_b, dex_b,
-    G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr, HAS_CM: tl.constexpr,
-    HAS_KM: tl.constexpr, HAS_ZH: tl.constexpr, HAS_ZC: tl.constexpr,
+    A, AUX, HP, CP, CT, SM, CIN, DH, DHREC, MN, DC, DGX, DGH, CARRY, DCP, DSM, EX, SV, DEX,
+    N, H, sm_b, sm_h, mn_g, mn_b, mn_h, sv_b, dex_b,
+    G: tl.constexpr, HAS_C: tl.constexpr, SPLIT: tl.constexpr,
     HAS_DH: tl.constexpr, HAS_REC: tl.constexpr, HAS_MN: tl.constexpr, GR: tl.constexpr,
-    MG_CM: tl.constexpr, MG_KM: tl.constexpr, MG_ZH: tl.constexpr, MG_ZC: tl.constexpr,
     ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Backward of step_fwd. dL/dh_t is gathered here from CIN (the direct gradient from
@@ -431,9 +467,8 @@ def step_bwd(
     (HAS_REC) times its recurrent mask MN (HAS_MN); DC dL/dc_t, CT c̃_t (c_t without zoneout
     on c), A the activations, AUX the cell's aux tile (SPLIT); writes DGX (B, G·H)
     dL/d(pre-activations) (DGH dL/d(recurrent product) when SPLIT), CARRY the direct
-    gradient into h_{t-1}, DCP dL/dc_{t-1}, and under MG_* the gradients of this step's
-    masks: DCM and DKM the cell's (candidate, cell mask), DZH dL/dh_t ⊙ (h_{t-1} − h̃_t),
-    DZC dL/dc_t ⊙ (c_{t-1} − c̃_t).
+    gradient into h_{t-1}, DCP dL/dc_{t-1}, and DSM the gradients of this step's masks
+    (None where not asked for; :func:`mask_grad`).
     ROWS: one program per batch row; EX, SV as in step_fwd, DEX (B, ·) the accumulator of
     the gradients of the cell's parameters (row stride dex_b)."""
     if ROWS:
@@ -470,28 +505,21 @@ def step_bwd(
         dc = load32(DC + e, m)
         ct = load32(CT + e, m)
         cp = load32(CP + e, m)
+    ms = step_rows(SM, b, n, sm_b, sm_h, m, hp)
     dht = d
-    if HAS_ZH:
-        zh = load32(ZH + b * zh_b + n * zh_h, m)
-        dht = d * (1.0 - zh)
+    if SM[ZONEOUT_H] is not None:
+        dht = d * (1.0 - ms[ZONEOUT_H])
     dcn = dc
-    if HAS_ZC:
-        zc = load32(ZC + b * zc_b + n * zc_h, m)
-        dcn = dc * (1.0 - zc)
-    cm = hp
-    if HAS_CM:
-        cm = load32(CM + b * cm_b + n * cm_h, m)
-    km = hp
-    if HAS_KM:
-        km = load32(KM + b * km_b + n * km_h, m)
+    if SM[ZONEOUT_C] is not None:
+        dcn = dc * (1.0 - ms[ZONEOUT_C])
     if ROWS:
-        dgx, dgh, dhp, dcp, hn, dcm, dkm = cell_backward(  # noqa: F821 (bound per cell)
-            acts, aux, hp, cp, ct, dht, dcn, cm, km, HAS_CM, HAS_KM, EX, SV + b * sv_b,
-            DEX + b * dex_b, n, m, H
+        dgx, dgh, dhp, dcp, hn, dms = cell_backward(  # noqa: F821 (bound per cell)
+            acts, aux, hp, cp, ct, dht, dcn, ms, SM, EX, SV + b * sv_b, DEX + b * dex_b, n,
+            m, H
         )  # fmt: skip
     else:
-        dgx, dgh, dhp, dcp, hn, dcm, dkm = cell_backward(  # noqa: F821
-            acts, aux, hp, cp, ct, dht, dcn, cm, km, HAS_CM, HAS_KM
+        dgx, dgh, dhp, dcp, hn, dms = cell_backward(  # noqa: F821
+            acts, aux, hp, cp, ct, dht, dcn, ms, SM
         )
     g = DGX + b * (G * H) + n
     for k in tl.static_range(G):
@@ -500,19 +528,14 @@ def step_bwd(
         g = DGH + b * (G * H) + n
         for k in tl.static_range(G):
             tl.store(g + k * H, dgh[k], mask=m)
-    if MG_CM:
-        tl.store(DCM + e, dcm, mask=m)
-    if MG_KM:
-        tl.store(DKM + e, dkm, mask=m)
-    if MG_ZH:
-        tl.store(DZH + e, d * (hp - hn), mask=m)
-    if MG_ZC:
-        tl.store(DZC + e, dc * (cp - ct), mask=m)
+    for k in tl.static_range(len(SM)):
+        if DSM[k] is not None:
+            tl.store(DSM[k] + e, mask_grad(k, dms, d, hp, hn, dc, cp, ct), mask=m)
     if HAS_C:
-        if HAS_ZC:
-            dcp = dcp + dc * zc
+        if SM[ZONEOUT_C] is not None:
+            dcp = dcp + dc * ms[ZONEOUT_C]
         tl.store(DCP + e, dcp, mask=m)
     carry = dhp
-    if HAS_ZH:
-        carry = carry + d * zh
+    if SM[ZONEOUT_H] is not None:
+        carry = carry + d * ms[ZONEOUT_H]
     tl.store(CARRY + e, carry, mask=m)

@@ -21,8 +21,10 @@ Padding lanes (``n ≥ H``) load as 0 and are kept out of every mean.
 
 import triton.language as tl
 
-from ._kernels import load32, row_sum, sigmoid, tanh, zeros_like
+from ._kernels import CANDIDATE, CELL, load32, put, row_sum, sigmoid, tanh, zeros_like
 from .cell_lstm import gate_backward
+
+STEP_MASKS = ("candidate", "cell")  # the step masks it reads (the loop applies zoneout)
 
 LN_EPS = tl.constexpr(1e-5)  # nn/cells/layernorm_lstm.py's EPS (haste, torch's default)
 
@@ -64,7 +66,7 @@ def _accumulate(P, v, m):
     tl.store(P, load32(P, m) + v, mask=m)  # the program's own row: no other program adds
 
 
-def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr, EX, SV, n, m, H):
+def forward(xs, ps, h, c, ms, SM, EX, SV, n, m, H):
     """xs: the input projection (no bias), ps: the recurrent product, per gate block."""
     xn, rx = _ln4(xs, m, H)
     hn, rh = _ln4(ps, m, H)
@@ -80,11 +82,11 @@ def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr, EX
     g = tanh(a[2])
     o = sigmoid(a[3])
     gm = g
-    if HAS_CM:
-        gm = g * cm
+    if SM[CANDIDATE] is not None:
+        gm = g * ms[CANDIDATE]
     ct = f * c + i * gm
-    if HAS_KM:
-        ct = ct * km
+    if SM[CELL] is not None:
+        ct = ct * ms[CELL]
     cn, rc = _ln1(ct, m, H)
     tl.store(SV + 8 * H + n, cn, mask=m)
     tl.store(SV + 9 * H + n, tl.where(n == 0, rx, tl.where(n == 1, rh, rc)), mask=n < 3)
@@ -92,8 +94,7 @@ def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr, EX
     return (i, f, g, o), o * tn, ct, ct
 
 
-def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr,
-             EX, SV, DEX, n, m, H):  # fmt: skip
+def backward(acts, aux, hp, cp, ct, dh, dc, ms, SM, EX, SV, DEX, n, m, H):
     """dh: dL/dh̃_t, dc: dL/dc̃_t from later steps (zoneout's shares taken off); adds this
     step's gradients of (b, γ_x, γ_h, γ_c, β_c) into DEX."""
     i = acts[0]
@@ -109,7 +110,7 @@ def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr, HAS_KM
     dy = dn * gc
     rc = tl.load(SV + 9 * H + 2).to(tl.float32)
     dck = rc * (dy - row_sum(dy) / H - cn * (row_sum(dy * cn) / H)) + dc  # dL/dc̃_t
-    da, dct, dkm = gate_backward(acts, cp, dck, dh, tn, cm, km, HAS_CM, HAS_KM)
+    da, dct, dkm = gate_backward(acts, cp, dck, dh, tn, ms, SM)
     xn = ()
     hn = ()
     dyx = ()
@@ -128,4 +129,5 @@ def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr, HAS_KM
     dgh = _ln4_backward(dyh, hn, tl.load(SV + 9 * H + 1).to(tl.float32), H)
     # no direct path into h_{t-1}; dL/dc_{t-1} = dL/du ⊙ f; dL/dm^g = dL/du ⊙ i ⊙ g, with
     # u = f ⊙ c_{t-1} + i ⊙ g ⊙ m^g (c̃ = u without a cell mask)
-    return dgx, dgh, zeros_like(dh), dct * f, o * tn, dct * i * g, dkm
+    dms = put(put(ms, CANDIDATE, dct * i * g), CELL, dkm)
+    return dgx, dgh, zeros_like(dh), dct * f, o * tn, dms

@@ -8,27 +8,27 @@ Hochreiter & Schmidhuber 1997, torch's gate order i, f, g, o; the step of
     h̃_t   = o ⊙ tanh(c̃_t)                              m^c: cell mask (Moon et al.)
 """
 
-import triton.language as tl
+from ._kernels import CANDIDATE, CELL, put, sigmoid, tanh, zeros_like
 
-from ._kernels import sigmoid, tanh, zeros_like
+STEP_MASKS = ("candidate", "cell")  # the step masks it reads (the loops apply zoneout)
 
 
-def forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
+def forward(xs, ps, h, c, ms, SM):
     """xs: the four pre-activations (recurrent product added); ps unused."""
     i = sigmoid(xs[0])
     f = sigmoid(xs[1])
     g = tanh(xs[2])
     o = sigmoid(xs[3])
     gm = g
-    if HAS_CM:
-        gm = g * cm
+    if SM[CANDIDATE] is not None:
+        gm = g * ms[CANDIDATE]
     ct = f * c + i * gm
-    if HAS_KM:
-        ct = ct * km
+    if SM[CELL] is not None:
+        ct = ct * ms[CELL]
     return (i, f, g, o), o * tanh(ct), ct, ct
 
 
-def gate_backward(acts, cp, dck, dh, tc, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
+def gate_backward(acts, cp, dck, dh, tc, ms, SM):
     """The gates' share of an LSTM step's backward, shared with the LayerNorm LSTM: from
     dck = dL/dc̃_t (every path) and tc, the value o multiplies in h̃_t (tanh(c̃_t), or
     tanh(LN(c̃_t))), to dL/da (the four pre-activations), dL/du and dL/dm^c, with
@@ -38,26 +38,26 @@ def gate_backward(acts, cp, dck, dh, tc, cm, km, HAS_CM: tl.constexpr, HAS_KM: t
     g = acts[2]
     o = acts[3]
     gm = g
-    if HAS_CM:
-        gm = g * cm
+    if SM[CANDIDATE] is not None:
+        gm = g * ms[CANDIDATE]
     du = dck
     dkm = dck
-    if HAS_KM:  # dL/dm^c = dL/dc̃ ⊙ u; du becomes dL/du
+    if SM[CELL] is not None:  # dL/dm^c = dL/dc̃ ⊙ u; du becomes dL/du
         dkm = dck * (f * cp + i * gm)
-        du = dck * km
+        du = dck * ms[CELL]
     dgg = du * i
-    if HAS_CM:
-        dgg = du * i * cm
+    if SM[CANDIDATE] is not None:
+        dgg = du * i * ms[CANDIDATE]
     da = (du * gm * (i * (1.0 - i)), du * cp * (f * (1.0 - f)), dgg * (1.0 - g * g),
           dh * tc * (o * (1.0 - o)))  # fmt: skip
     return da, du, dkm
 
 
-def backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
-             HAS_KM: tl.constexpr):  # fmt: skip
+def backward(acts, aux, hp, cp, ct, dh, dc, ms, SM):
     """dc: dL/dc̃_t from later steps; adds the path through h̃_t = o ⊙ tanh(c̃_t)."""
     tc = tanh(ct)
     dct = dc + dh * acts[3] * (1.0 - tc * tc)  # dL/dc̃_t
-    dg, du, dkm = gate_backward(acts, cp, dct, dh, tc, cm, km, HAS_CM, HAS_KM)
+    dg, du, dkm = gate_backward(acts, cp, dct, dh, tc, ms, SM)
     # no direct path into h_{t-1}; dL/dc_{t-1} = dL/du ⊙ f; dL/dm^g = dL/du ⊙ i ⊙ g
-    return dg, dg, zeros_like(dh), du * acts[1], acts[3] * tc, du * acts[0] * acts[2], dkm
+    dms = put(put(ms, CANDIDATE, du * acts[0] * acts[2]), CELL, dkm)
+    return dg, dg, zeros_like(dh), du * acts[1], acts[3] * tc, dms

@@ -5,12 +5,15 @@ the step of :mod:`rnndrop.nn.cells.rnn` without zoneout (the loops apply it)::
 
     h̃_t = φ(a_t)        a_t = xp_t + (h_{t-1} ⊙ m^h_t) W_hhᵀ
 
-No cell state and no candidate: ``c``, ``cm`` and ``km`` are never read.
+No cell state and no candidate: ``c`` is never read, and no step mask (the loop applies
+zoneout on ``h``).
 """
 
 import triton.language as tl
 
 from ._kernels import tanh, zeros_like
+
+STEP_MASKS = ()  # the step masks it reads
 
 
 def _forward(xs, RELU: tl.constexpr):
@@ -26,23 +29,21 @@ def _backward(acts, dh, RELU: tl.constexpr):
     return (dg,), hn
 
 
-def tanh_forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
+def tanh_forward(xs, ps, h, c, ms, SM):
     acts, hn = _forward(xs, False)
     return acts, hn, c, hn
 
 
-def tanh_backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
-                  HAS_KM: tl.constexpr):  # fmt: skip
+def tanh_backward(acts, aux, hp, cp, ct, dh, dc, ms, SM):
     dg, hn = _backward(acts, dh, False)
-    return dg, dg, zeros_like(dh), dc, hn, dh, dh
+    return dg, dg, zeros_like(dh), dc, hn, ms
 
 
-def relu_forward(xs, ps, h, c, cm, km, HAS_CM: tl.constexpr, HAS_KM: tl.constexpr):
+def relu_forward(xs, ps, h, c, ms, SM):
     acts, hn = _forward(xs, True)
     return acts, hn, c, hn
 
 
-def relu_backward(acts, aux, hp, cp, ct, dh, dc, cm, km, HAS_CM: tl.constexpr,
-                  HAS_KM: tl.constexpr):  # fmt: skip
+def relu_backward(acts, aux, hp, cp, ct, dh, dc, ms, SM):
     dg, hn = _backward(acts, dh, True)
-    return dg, dg, zeros_like(dh), dc, hn, dh, dh
+    return dg, dg, zeros_like(dh), dc, hn, ms
