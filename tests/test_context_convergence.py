@@ -90,6 +90,17 @@ def test_plateau_stop_rejects_bad_settings_and_a_metric_never_logged():
         _fit(Scripted([1.0] * 4), PlateauStop(patience=1, monitor="val/ppl"))
 
 
+def test_plateau_stop_takes_up_a_run_from_its_record():
+    """A checkpoint from before PlateauStop kept state: its history and best weights."""
+    cb = PlateauStop(patience=2, factor=0.5)
+    w = {"w": torch.ones(1)}
+    cb.restore([(10, 3.0, 0.1), (20, 2.0, 0.1), (30, 2.5, 0.1)], w)
+    assert (cb.best, cb.best_step, cb._bad) == (2.0, 20, 1)
+    restored = PlateauStop(patience=2)
+    restored.load_state_dict(cb.state_dict())
+    assert restored.state_dict() == cb.state_dict()
+
+
 # --- bootstrap intervals of the context probe -----------------------------------------------
 
 
@@ -275,3 +286,59 @@ def test_context_study_names_a_missing_corpus_in_one_line(tmp_path, capsys):
     assert study_main(["context", "--config", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "ptb.train.txt" in err and "Traceback" not in err
+
+
+# --- a higher cap and a killed run lose nothing ---------------------------------------------
+
+
+def _run(tmp_path, text_corpus, **kw):
+    from rnndrop.study.context import load_context_study, run_context_study
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps(_config(tmp_path, text_corpus, schemes=["variational"], **kw)))
+    (result,) = run_context_study(load_context_study(cfg), progress=False)
+    return result
+
+
+def test_a_higher_cap_resumes_the_run_where_it_stopped(tmp_path, text_corpus):
+    # patience 9: no stop on the plateau within these caps, so the first run ends at its cap
+    first = _run(tmp_path, text_corpus, steps=30, patience=9)
+    assert first["training"]["steps"] == 30 and not first["training"]["converged"]
+    second = _run(tmp_path, text_corpus, steps=50, patience=9)
+    t = second["training"]
+    assert t["resumed_from_step"] == 30 and t["steps"] == 50
+    # the validations before the old cap are the first run's, not redone
+    assert t["history"][:3] == first["training"]["history"]
+    assert [s for s, _, _ in t["history"]] == [10, 20, 30, 40, 50]
+    assert second["config_hash"] != first["config_hash"]
+    assert second["seconds"] > first["seconds"]  # counts the first run's time
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_result(tmp_path, text_corpus):
+    first = _run(tmp_path, text_corpus, steps=30, patience=9)
+    out = tmp_path / "runs" / "conv" / "folder" / "variational_p0.2" / "seed=0"
+    (out / "result.json").unlink()  # killed after training, before the result was written
+    again = _run(tmp_path, text_corpus, steps=30, patience=9)
+    assert again["training"]["resumed_from_step"] == 30
+    # the checkpoint's plateau state restores the best weights: the same model is probed
+    assert again["training"]["best_step"] == first["training"]["best_step"]
+    assert again["probe"]["increase"] == first["probe"]["increase"]
+    assert again["probe"]["loss"] == first["probe"]["loss"]
+
+
+def test_a_run_that_converged_below_its_cap_keeps_its_result_under_a_higher_cap(
+    tmp_path, text_corpus
+):
+    first = _run(tmp_path, text_corpus, steps=200, lr=0.3, patience=1)  # overfits fast
+    assert first["training"]["converged"] and first["training"]["steps"] < 200
+    raised = _run(tmp_path, text_corpus, steps=400, lr=0.3, patience=1)
+    assert raised["training"]["cap_raised_from"] == 200
+    assert raised["probe"] == first["probe"] and raised["spec"]["steps"] == 400
+    assert "resumed_from_step" not in raised["training"]
+
+
+def test_other_settings_start_the_run_afresh(tmp_path, text_corpus):
+    _run(tmp_path, text_corpus, steps=30, patience=9)
+    other = _run(tmp_path, text_corpus, steps=50, patience=9, lr=0.01)
+    assert "resumed_from_step" not in other["training"]
+    assert [s for s, _, _ in other["training"]["history"]] == [10, 20, 30, 40, 50]

@@ -256,6 +256,31 @@ class PlateauStop(Callback):
         self._bad = 0
         self._weights: dict[str, torch.Tensor] | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """Kept in checkpoints: a resumed run goes on with its best, its patience count and
+        its best weights."""
+        return {"best": self.best, "best_step": self.best_step, "bad": self._bad,
+                "stopped_step": self.stopped_step, "history": list(self.history),
+                "weights": self._weights}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best, self.best_step = state_dict["best"], state_dict["best_step"]
+        self._bad, self.stopped_step = state_dict["bad"], state_dict["stopped_step"]
+        self.history = [tuple(h) for h in state_dict["history"]]
+        self._weights = state_dict["weights"]
+
+    def restore(self, history: list, weights: dict[str, torch.Tensor] | None) -> None:
+        """Take up a run from its ``history`` of ``(step, value, lr)`` and its best weights
+        (a checkpoint written before this callback kept its state)."""
+        self.history = [tuple(h) for h in history]
+        self.best, self.best_step, self._bad = math.inf, None, 0
+        for step, value, _ in self.history:
+            if value < self.best:
+                self.best, self.best_step, self._bad = value, step, 0
+            else:
+                self._bad += 1
+        self._weights = weights
+
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return

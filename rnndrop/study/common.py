@@ -71,16 +71,19 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         f.write(text)
 
 
-def fresh_run_dir(out: Path, progress: bool) -> None:
+def fresh_run_dir(out: Path, progress: bool, keep_events: bool = False) -> None:
     """Prepare a cell's run directory; quiet Lightning unless ``progress``.
 
     A cell killed before writing result.json left a partial run here: its TensorBoard events
-    go, so the curves and an export read only the new run.
+    go, so the curves and an export read only the new run (``keep_events``: a run that
+    resumes the partial one keeps them).
     """
     if not progress:  # a summary line per cell instead of Lightning's banners
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
+    if keep_events:
+        return
     for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
         stale.unlink(missing_ok=True)
 

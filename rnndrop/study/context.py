@@ -42,6 +42,7 @@ __all__ = [
 FORMAT = 1
 TARGETS = "targets.pt"  # a run's per-target probe: positions, reference NLL, increases
 MODEL = "model.pt"  # the probed model's state dict
+RUN = "run.json"  # a started run's settings: what a resumed run must match
 
 
 ContextCell = Run  # the name before the studies shared a base class (kept: code imports it)
@@ -171,9 +172,17 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
 
     start = time.perf_counter()
     out = study.cell_dir(cell)
-    fresh_run_dir(out, progress)
-    L.seed_everything(cell.seed, verbose=False)
     spec = study.cell_spec(cell)
+    earlier = _earlier_run(out, spec)
+    if earlier and earlier.get("converged_below_cap"):  # a higher cap changes nothing
+        return _raise_cap(study, cell, out, spec, earlier["result"])
+    ckpt = earlier["checkpoint"] if earlier else None
+    if ckpt is None:
+        fresh_run_dir(out, progress)
+    else:  # keep its TensorBoard events: the resumed run adds to them
+        fresh_run_dir(out, progress, keep_events=True)
+    write_json(out / RUN, {"config_hash": study.cell_hash(cell), "spec": spec})
+    L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = study.resolve(cell.scheme, cell.rate)
     dm = LanguageModelDataModule(study.corpus, data_dir=study.data_dir,
                                  batch_size=study.batch_size, bptt=study.bptt)  # fmt: skip
@@ -194,12 +203,21 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
         log_every_n_steps=max(1, min(50, study.steps // 30)),
     )  # fmt: skip
     status, probe, effective, training = "ok", {}, {}, {}
+    if ckpt is not None and plateau is not None and earlier.get("history") is not None:
+        # a checkpoint from before PlateauStop kept its state: take it up from the record
+        weights = out / MODEL
+        plateau.restore(
+            earlier["history"],
+            torch.load(weights, weights_only=True) if weights.is_file() else None,
+        )
     try:
-        trainer.fit(task, dm)
+        trainer.fit(task, dm, ckpt_path=ckpt)
     except NonFiniteLossError as err:
         status = f"diverged: {err}"
     if status == "ok":
         training = {"steps": trainer.global_step}
+        if ckpt is not None:
+            training["resumed_from_step"] = earlier["step"]
         if plateau is not None:  # the best validation's weights are back in the model
             training.update(best_val_loss=plateau.best, best_step=plateau.best_step,
                             stopped_step=plateau.stopped_step,
@@ -229,10 +247,61 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
         "cell": {"scheme": cell.scheme, "rate": cell.rate, "seed": cell.seed,
                  "label": cell.label},
         "config_hash": study.cell_hash(cell), "spec": spec, "status": status, "probe": probe,
-        "effective_context": effective, "seconds": time.perf_counter() - start,
+        "effective_context": effective,
+        # a resumed run's time includes the finished run's it went on from
+        "seconds": time.perf_counter() - start + (earlier or {}).get("seconds", 0.0),
     }  # fmt: skip
     if training:
         result["training"] = training
+    write_json(out / "result.json", result)
+    return result
+
+
+def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """What an earlier run of this cell left to build on, or None.
+
+    A run with the same settings killed before its result (``run.json``, no result), or a
+    finished run whose only difference is a lower ``steps`` cap: training resumes from its
+    last good checkpoint (NaNGuard's, written at every epoch's end and when training ends)
+    to the new cap. A finished run that stopped on its plateau below its cap would have
+    stopped there under any higher cap: its result stands as this cell's (``converged_below_
+    cap``). The resumed run's dropout masks after the checkpoint come from a fresh random
+    stream, so it matches an uninterrupted run in distribution, not bit for bit.
+    """
+    import json
+
+    import torch
+
+    plain = json.loads(json.dumps(spec, default=str))  # as a saved spec reads back
+    without = {k: v for k, v in plain.items() if k != "steps"}
+    for name in ("result.json", RUN):
+        try:
+            saved = json.loads((out / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        prev = saved.get("spec") or {}
+        if {k: v for k, v in prev.items() if k != "steps"} != without:
+            return None  # other settings: start afresh
+        if prev.get("steps", math.inf) > plain["steps"]:
+            return None  # a lower cap than the earlier run's: train again from the start
+        training = saved.get("training") or {}
+        if name == "result.json" and saved.get("status") != "ok":
+            return None
+        if training.get("converged") and training["steps"] < prev["steps"]:
+            return {"converged_below_cap": True, "result": saved}
+        ckpt = out / "checkpoints" / "last_good.ckpt"
+        if not ckpt.is_file():
+            return None
+        step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
+        return {"checkpoint": ckpt, "step": step, "history": training.get("history"),
+                "seconds": saved.get("seconds", 0.0)}  # fmt: skip
+    return None
+
+
+def _raise_cap(study: ContextStudyConfig, cell: Run, out: Path, spec, result) -> dict[str, Any]:
+    """The earlier run's result under this cell's settings (same run, a cap it never met)."""
+    training = {**result["training"], "cap_raised_from": result["spec"]["steps"]}
+    result = {**result, "config_hash": study.cell_hash(cell), "spec": spec, "training": training}
     write_json(out / "result.json", result)
     return result
 
