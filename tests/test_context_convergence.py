@@ -312,6 +312,12 @@ def test_a_higher_cap_resumes_the_run_where_it_stopped(tmp_path, text_corpus):
     assert [s for s, _, _ in t["history"]] == [10, 20, 30, 40, 50]
     assert second["config_hash"] != first["config_hash"]
     assert second["seconds"] > first["seconds"]  # counts the first run's time
+    # the same as a run with the higher cap from the start, bit for bit (exact resume)
+    (tmp_path / "straight").mkdir()
+    straight = _run(tmp_path / "straight", text_corpus, steps=50, patience=9)
+    assert "resumed_from_step" not in straight["training"]
+    assert straight["training"]["history"] == t["history"]
+    assert straight["probe"]["increase"] == second["probe"]["increase"]
 
 
 def test_a_killed_run_resumes_from_its_checkpoint_with_the_same_result(tmp_path, text_corpus):

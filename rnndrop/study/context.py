@@ -265,8 +265,9 @@ def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     last good checkpoint (NaNGuard's, written at every epoch's end and when training ends)
     to the new cap. A finished run that stopped on its plateau below its cap would have
     stopped there under any higher cap: its result stands as this cell's (``converged_below_
-    cap``). The resumed run's dropout masks after the checkpoint come from a fresh random
-    stream, so it matches an uninterrupted run in distribution, not bit for bit.
+    cap``). The checkpoint holds the RNG states, the carried state and the data position
+    (the tasks' exact resume) and PlateauStop's state, so on CPU the resumed run is the
+    uninterrupted run bit for bit (tests/test_context_convergence.py).
     """
     import json
 
