@@ -476,7 +476,7 @@ def _paired_section(study: ContextStudyConfig, ok: list[dict], labels: list[str]
         return []
     ref = "none" if "none" in labels else labels[0]
     base = torch.load(paths[ref], weights_only=True)
-    n, ds = study.bootstrap or 1000, _paired_ds(study)
+    n, ds = study.bootstrap or 1000, sorted(study.distances)
     lines = ["", f"Paired against {ref} (the same {study.n_targets} targets): the run's value "
              f"minus {ref}'s, [95% bootstrap interval over the targets, {n} resamples]; * where "
              "the interval excludes 0.", "",
@@ -492,13 +492,6 @@ def _paired_section(study: ContextStudyConfig, ok: list[dict], labels: list[str]
                 f"{head} {m} | " + " | ".join(_diff_text(diff["increase"][m][d]) for d in ds) + " |"
             )
     return lines
-
-
-def _paired_ds(study: ContextStudyConfig) -> list[int]:
-    """The distances of the paired table: a few from near to far, not every probed one."""
-    ds = sorted(study.distances)
-    picks = {ds[0], ds[len(ds) // 3], ds[2 * len(ds) // 3], ds[-1]}
-    return sorted(picks)
 
 
 def _diff_text(d: list[float]) -> str:
