@@ -60,7 +60,14 @@ def test_published_v3_slice_matches_its_config():
     assert {f.name for f in folders} >= {"delayed_recall", "delayed_recall_n64"}
     for folder in folders:
         rows = list(csv.DictReader((folder / "results.csv").open()))
-        assert len(rows) in (30, 80), folder.name  # 6 or 16 scheme-rates x 5 seeds
+        # each measured (scheme-rate, distance) has all 5 paired seeds, none included
+        seeds: dict[tuple[str, str], set[str]] = {}
+        for r in rows:
+            seeds.setdefault((r["label"], r["distance"]), set()).add(r["seed"])
+        assert all(v == {"0", "1", "2", "3", "4"} for v in seeds.values()), folder.name
+        assert len(rows) == 5 * len(seeds), folder.name
+        for distance in {d for _, d in seeds}:
+            assert ("none", distance) in seeds, (folder.name, distance)
         for r in rows:
             key = f"{folder.name} {r['label']} d={r['distance']} seed={r['seed']}"
             assert hashes[key] == r["config_hash"], key
