@@ -348,3 +348,26 @@ def test_other_settings_start_the_run_afresh(tmp_path, text_corpus):
     other = _run(tmp_path, text_corpus, steps=50, patience=9, lr=0.01)
     assert "resumed_from_step" not in other["training"]
     assert [s for s, _, _ in other["training"]["history"]] == [10, 20, 30, 40, 50]
+
+
+def test_a_checkpoint_of_a_run_with_other_settings_is_never_resumed(tmp_path, text_corpus):
+    """A finished run A, then a run B with other settings started in the same folder: the
+    checkpoint there is B's (run.json names it), so raising A's cap starts afresh, and B's
+    fresh start removed A's checkpoint before writing its own."""
+    from rnndrop.study.common import fresh_run_dir
+    from rnndrop.study.context import RUN, _earlier_run, load_context_study
+
+    _run(tmp_path, text_corpus, steps=30, patience=9)  # A
+    out = tmp_path / "runs" / "conv" / "folder" / "variational_p0.2" / "seed=0"
+    ckpt = out / "checkpoints" / "last_good.ckpt"
+    assert ckpt.is_file()
+    cfg = tmp_path / "c.yaml"
+    a_higher = load_context_study(cfg, steps=50)  # c.yaml holds A's settings
+    (cell,) = a_higher.cells()
+    assert _earlier_run(out, a_higher.cell_spec(cell))["step"] == 30
+    b = load_context_study(cfg, lr=0.01)
+    (out / RUN).write_text(json.dumps({"spec": b.cell_spec(cell)}))  # B started
+    assert _earlier_run(out, a_higher.cell_spec(cell)) is None  # the checkpoint is B's
+    fresh_run_dir(out, progress=False)  # B starts afresh
+    assert not ckpt.exists() and not list(out.glob("events.out.tfevents.*"))
+    assert (out / "result.json").is_file()  # A's result stays until B writes its own

@@ -71,21 +71,24 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         f.write(text)
 
 
-def fresh_run_dir(out: Path, progress: bool, keep_events: bool = False) -> None:
+def fresh_run_dir(out: Path, progress: bool, resuming: bool = False) -> None:
     """Prepare a cell's run directory; quiet Lightning unless ``progress``.
 
     A cell killed before writing result.json left a partial run here: its TensorBoard events
-    go, so the curves and an export read only the new run (``keep_events``: a run that
-    resumes the partial one keeps them).
+    and its checkpoints go, so the curves and an export read only the new run and no later
+    resume mistakes the old run's checkpoint for the new one's (``resuming``: a run that goes
+    on from the partial one keeps them).
     """
     if not progress:  # a summary line per cell instead of Lightning's banners
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
     out.mkdir(parents=True, exist_ok=True)
-    if keep_events:
+    if resuming:
         return
-    for stale in [*out.glob("events.out.tfevents.*"), out / "hparams.yaml"]:
-        stale.unlink(missing_ok=True)
+    stale = [*out.glob("events.out.tfevents.*"), out / "hparams.yaml",
+             *out.glob("checkpoints/last_good*.ckpt")]  # fmt: skip
+    for path in stale:
+        path.unlink(missing_ok=True)
 
 
 def group_by(rows: Iterable[Any], key: Callable[[Any], Any]) -> dict[Any, list[Any]]:

@@ -14,6 +14,7 @@ the report is ``context.csv`` (a row per run, mode and ``d``), ``context.md`` an
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -177,10 +178,8 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
     if earlier and earlier.get("converged_below_cap"):  # a higher cap changes nothing
         return _raise_cap(study, cell, out, spec, earlier["result"])
     ckpt = earlier["checkpoint"] if earlier else None
-    if ckpt is None:
-        fresh_run_dir(out, progress)
-    else:  # keep its TensorBoard events: the resumed run adds to them
-        fresh_run_dir(out, progress, keep_events=True)
+    # a fresh run clears a partial run's events and checkpoint; a resumed run adds to them
+    fresh_run_dir(out, progress, resuming=ckpt is not None)
     write_json(out / RUN, {"config_hash": study.cell_hash(cell), "spec": spec})
     L.seed_everything(cell.seed, verbose=False)
     encoder, dropout = study.resolve(cell.scheme, cell.rate)
@@ -260,43 +259,50 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
 def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """What an earlier run of this cell left to build on, or None.
 
-    A run with the same settings killed before its result (``run.json``, no result), or a
-    finished run whose only difference is a lower ``steps`` cap: training resumes from its
-    last good checkpoint (NaNGuard's, written at every epoch's end and when training ends)
-    to the new cap. A finished run that stopped on its plateau below its cap would have
-    stopped there under any higher cap: its result stands as this cell's (``converged_below_
-    cap``). The checkpoint holds the RNG states, the carried state and the data position
-    (the tasks' exact resume) and PlateauStop's state, so on CPU the resumed run is the
-    uninterrupted run bit for bit (tests/test_context_convergence.py).
+    The checkpoint in ``out`` (NaNGuard's last good one, written at every epoch's end and
+    when training ends) belongs to the run that started last: ``run.json`` names it (a run
+    from before ``run.json`` existed: its ``result.json``). Training resumes from it to the
+    new cap when that run had this cell's settings but for a ``steps`` cap no higher than
+    this one's: a run killed before its result, or a finished run under a raised cap. A
+    finished run that stopped on its plateau below its cap would have stopped there under any
+    higher cap: its result stands as this cell's (``converged_below_cap``). The checkpoint
+    holds the RNG states, the carried state and the data position (the tasks' exact resume)
+    and PlateauStop's state, so on CPU the resumed run is the uninterrupted run bit for bit
+    (tests/test_context_convergence.py).
     """
-    import json
-
     import torch
 
     plain = json.loads(json.dumps(spec, default=str))  # as a saved spec reads back
-    without = {k: v for k, v in plain.items() if k != "steps"}
-    for name in ("result.json", RUN):
-        try:
-            saved = json.loads((out / name).read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        prev = saved.get("spec") or {}
-        if {k: v for k, v in prev.items() if k != "steps"} != without:
-            return None  # other settings: start afresh
-        if prev.get("steps", math.inf) > plain["steps"]:
-            return None  # a lower cap than the earlier run's: train again from the start
-        training = saved.get("training") or {}
-        if name == "result.json" and saved.get("status") != "ok":
-            return None
-        if training.get("converged") and training["steps"] < prev["steps"]:
-            return {"converged_below_cap": True, "result": saved}
-        ckpt = out / "checkpoints" / "last_good.ckpt"
-        if not ckpt.is_file():
-            return None
-        step = torch.load(ckpt, map_location="cpu", weights_only=False)["global_step"]
-        return {"checkpoint": ckpt, "step": step, "history": training.get("history"),
-                "seconds": saved.get("seconds", 0.0)}  # fmt: skip
-    return None
+    started, result = _read_json(out / RUN), _read_json(out / "result.json")
+    started = started or result
+    prev = (started or {}).get("spec") or {}
+    if {k: v for k, v in prev.items() if k != "steps"} != {
+        k: v for k, v in plain.items() if k != "steps"
+    }:
+        return None  # nothing started here, or with other settings: start afresh
+    if prev["steps"] > plain["steps"]:
+        return None  # a lower cap than the earlier run's: train again from the start
+    # the last started run's result, if it finished (a result of an older run does not count)
+    finished = result if result is not None and result.get("spec") == prev else None
+    if finished is not None and finished.get("status") != "ok":
+        return None
+    training = (finished or {}).get("training") or {}
+    if training.get("converged") and training["steps"] < prev["steps"]:
+        return {"converged_below_cap": True, "result": finished}
+    ckpt = out / "checkpoints" / "last_good.ckpt"
+    if not ckpt.is_file():
+        return None
+    # mmap: the step without reading the weights and optimiser state (Lightning reads them)
+    step = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+    return {"checkpoint": ckpt, "step": step, "history": training.get("history"),
+            "seconds": (finished or {}).get("seconds", 0.0)}  # fmt: skip
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def _raise_cap(study: ContextStudyConfig, cell: Run, out: Path, spec, result) -> dict[str, Any]:
