@@ -272,14 +272,19 @@ class PlateauStop(Callback):
     def restore(self, history: list, weights: dict[str, torch.Tensor] | None) -> None:
         """Take up a run from its ``history`` of ``(step, value, lr)`` and its best weights
         (a checkpoint written before this callback kept its state)."""
-        self.history = [tuple(h) for h in history]
-        self.best, self.best_step, self._bad = math.inf, None, 0
-        for step, value, _ in self.history:
-            if value < self.best:
-                self.best, self.best_step, self._bad = value, step, 0
-            else:
-                self._bad += 1
+        self.history, self.best, self.best_step, self._bad = [], math.inf, None, 0
+        for step, value, lr in history:
+            self._record(step, value, lr)
         self._weights = weights
+
+    def _record(self, step: int, value: float, lr: float) -> bool:
+        """Note a validation; True if it is a new best (else it counts toward patience)."""
+        self.history.append((step, value, lr))
+        if value < self.best:
+            self.best, self.best_step, self._bad = value, step, 0
+            return True
+        self._bad += 1
+        return False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -289,12 +294,9 @@ class PlateauStop(Callback):
                            f"logged: {sorted(trainer.callback_metrics)}")  # fmt: skip
         value = float(trainer.callback_metrics[self.monitor])
         lr = trainer.optimizers[0].param_groups[0]["lr"]
-        self.history.append((trainer.global_step, value, lr))
-        if value < self.best:
-            self.best, self.best_step, self._bad = value, trainer.global_step, 0
+        if self._record(trainer.global_step, value, lr):
             self._weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
             return
-        self._bad += 1
         for opt in trainer.optimizers:
             for group in opt.param_groups:
                 group["lr"] *= self.factor
