@@ -131,15 +131,14 @@ def _bootstrap(
     """Percentile intervals over resampled targets: each resample draws the targets with
     replacement once and rescores every mode and distance (and the effective context, whose
     threshold follows the resampled loss) on them."""
-    gen = torch.Generator().manual_seed(seed + 1)
-    idx = torch.randint(len(ref), (n, len(ref)), generator=gen)
+    idx = _resamples(len(ref), n, seed + 1)
     losses = ref[idx].mean(1)  # (n,)
     ci: dict[str, dict[int, list[float]]] = {}
     effective_ci: dict[str, list[int | None]] = {}
     for mode, by_d in diffs.items():
         ds = sorted(by_d)
         means = torch.stack([by_d[d][idx].mean(1) for d in ds], 1)  # (n, len(ds))
-        lo, hi = means.quantile(0.025, 0), means.quantile(0.975, 0)
+        lo, hi = _percentiles(means)
         ci[mode] = {d: [float(lo[i]), float(hi[i])] for i, d in enumerate(ds)}
         # smallest d from which on every mean stays below the threshold; len(ds): none does
         below = means < threshold * losses[:, None]
@@ -149,9 +148,20 @@ def _bootstrap(
         q = [int(ranks.quantile(0.025, interpolation="lower")),
              int(ranks.quantile(0.975, interpolation="higher"))]  # fmt: skip
         effective_ci[mode] = [ds[i] if i < len(ds) else None for i in q]
-    lo, hi = losses.quantile(0.025), losses.quantile(0.975)
+    lo, hi = _percentiles(losses)
     return {"ci": ci, "loss_ci": [float(lo), float(hi)], "effective_ci": effective_ci,
             "bootstrap": n}  # fmt: skip
+
+
+def _resamples(n_targets: int, n: int, seed: int) -> Tensor:
+    """``(n, n_targets)`` indices: ``n`` bootstrap resamples of the targets (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(n_targets, (n, n_targets), generator=gen)
+
+
+def _percentiles(means: Tensor) -> tuple[Tensor, Tensor]:
+    """The 95% percentile interval of resampled means (over dim 0)."""
+    return means.quantile(0.025, 0), means.quantile(0.975, 0)
 
 
 def _perturb(x: Tensor, d: int, mode: str, unigram: Tensor, gen: torch.Generator) -> Tensor:
@@ -199,13 +209,11 @@ def compare_probes(
     if not torch.equal(a["positions"], b["positions"]):
         raise ValueError("the probes scored different targets: probe both models with the "
                          "same stream, window, n_targets and seed")  # fmt: skip
-    n = len(a["positions"])
-    idx = torch.randint(n, (bootstrap, n), generator=torch.Generator().manual_seed(seed))
+    idx = _resamples(len(a["positions"]), bootstrap, seed)
 
     def interval(diff: Tensor) -> list[float]:
-        means = diff.double()[idx].mean(1)
-        return [float(diff.double().mean()), float(means.quantile(0.025)),
-                float(means.quantile(0.975))]  # fmt: skip
+        lo, hi = _percentiles(diff.double()[idx].mean(1))
+        return [float(diff.double().mean()), float(lo), float(hi)]
 
     common = [m for m in a["increase"] if m in b["increase"]]
     return {"loss": interval(a["loss"] - b["loss"]),
