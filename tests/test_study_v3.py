@@ -109,6 +109,89 @@ def test_regimes_as_tasks_of_one_study(tmp_path):
         tiny(tmp_path, task="copy", task_args={}, tasks={"sc": {**task, "train_size": 0}})
 
 
+def test_a_task_sweeps_rates_at_some_distances_only(tmp_path):
+    """A task's ``rates: {d: [...]}`` sweeps them at d and runs the study's rates elsewhere;
+    a list replaces the study's rates for the task; cells keep the hashes and folders they
+    have in the full rate x distance grid, so finished cells of that grid are reused."""
+    task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4},
+            "distances": [4, 6, 8]}  # fmt: skip
+    kw = dict(task="copy", task_args={}, distances=[10])
+    full = tiny(tmp_path, **kw, rates=[0.1, 0.25, 0.5], tasks={"sc": task})
+    swept = {**task, "rates": {6: [0.1, 0.25, 0.5]}}
+    study = tiny(tmp_path, **kw, rates=[0.25], tasks={"sc": swept, "own": {**task, "rates": [0.4]}})
+    got = {(c.task, c.scheme, c.rate, c.distance) for c in study.cells()}
+    want = {("sc", "none", None, d) for d in (4, 6, 8)}
+    want |= {("sc", "variational", 0.25, d) for d in (4, 6, 8)}
+    want |= {("sc", "variational", p, 6) for p in (0.1, 0.5)}
+    want |= {("own", s, p, d) for s, p in (("none", None), ("variational", 0.4)) for d in (4, 6, 8)}
+    assert got == want and len(study.cells()) == len(want)
+    assert study.for_task("sc").rates_for("variational") == [0.1, 0.25, 0.5]
+    assert study.for_task("sc").rates_for("variational", 4) == [0.25]
+    assert study.for_task("sc").rates_for("none", 6) == [None]
+    by_key = {(c.scheme, c.rate, c.distance): c for c in full.cells()}
+    for c in study.cells():
+        if c.task == "sc":
+            twin = by_key[c.scheme, c.rate, c.distance]
+            assert study.cell_hash(c) == full.cell_hash(twin)
+            assert study.cell_dir(c) == full.cell_dir(twin)
+
+
+def test_the_verdict_has_a_table_per_regime_and_names_partial_distances(tmp_path):
+    """Two regimes, the scarce one with a rate swept at one distance: one score table per
+    regime, only the (task, rate) columns that ran, an entry measured at fewer distances
+    than its task's names them, and each entry is the mean of its seeds' paired
+    differences, recomputed here from the results."""
+    from rnndrop.study.report import score
+
+    task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4},
+            "distances": [4, 6]}  # fmt: skip
+    study = tiny(tmp_path, task="copy", task_args={}, distances=[10], rates=[0.3], seeds=[0, 1],
+                 tasks={"sc": task, "sc_n8": {**task, "train_size": 8,
+                                              "rates": {6: [0.1, 0.3]}}})  # fmt: skip
+    results = run_study(study, progress=False)
+    assert len(results) == 18 and all(r["status"] == "ok" for r in results)
+    write_reports(study, results)
+    md = (study.study_root / "verdict.md").read_text()
+    head_u = "## Final score — unlimited data (fresh sequences every step)"
+    head_8 = "## Final score — 8 training sequences (fixed set, epochs over it)"
+    assert head_u in md and head_8 in md
+    table_u = md.split(head_u)[1].split("##")[0]
+    table_8 = md.split(head_8)[1].split("##")[0]
+    assert "| scheme | sc p=0.3 |" in table_u and "p=0.1" not in table_u
+    assert "| scheme | sc_n8 p=0.1 | sc_n8 p=0.3 |" in table_8
+    (row,) = [line for line in table_8.splitlines() if line.startswith("| variational |")]
+    swept, shared = row.split(" | ")[1:3]
+    assert swept.endswith("(d=6)") and "(d=" not in shared
+
+    def cell(rate, d, seed):
+        c = next(r for r in results if r["cell"]["task"] == "sc_n8" and r["cell"]["rate"] == rate
+                 and r["cell"]["distance"] == d and r["cell"]["seed"] == seed)  # fmt: skip
+        return score(c)
+
+    want = sum(cell(0.1, 6, s) - cell(None, 6, s) for s in (0, 1)) / 2
+    assert f"{want:+.2f}" in swept
+    want = sum(cell(0.3, d, s) - cell(None, d, s) for s in (0, 1) for d in (4, 6)) / 4
+    assert f"{want:+.2f}" in shared
+    assert "8 training sequences (fixed set, epochs over it): final score:" in md
+    assert "of 3 (scheme, rate, task) comparisons" in md
+
+
+@pytest.mark.parametrize("rates, match", [
+    ({5: [0.1]}, "5 is not one of the task's distances"),
+    ({"6": [0.1]}, "'6' is not one of the task's distances"),
+    ({6: 0.1}, r"rates\.6: give a non-empty list"),
+    ({6: []}, r"rates\.6: give a non-empty list"),
+    ({6: [1.5]}, "variational"),
+    ("0.1", "give a list of rates or"),
+    ([], "give a list of rates or"),
+])  # fmt: skip
+def test_bad_task_rates_are_refused_with_the_fix(tmp_path, rates, match):
+    task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4},
+            "distances": [4, 6], "rates": rates}  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        tiny(tmp_path, task="copy", task_args={}, distances=[10], tasks={"sc": task})
+
+
 # --- the finite regime overfits, on held-out data outside the training set ------------------
 
 

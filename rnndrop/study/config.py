@@ -178,8 +178,9 @@ Cell = LongRangeRun  # the name before study v3's base class (kept: code imports
 
 
 # what an entry of StudyConfig.tasks sets; train_size makes the data regime a per-task axis:
-# label the same task twice (`recall`, `recall_n256`) for the unlimited and a scarce regime
-TASK_KEYS = ("task", "task_args", "distances", "train_size")
+# label the same task twice (`recall`, `recall_n256`) for the unlimited and a scarce regime;
+# rates: the task's own rates, or {distance: rates} for a rate sweep at some distances only
+TASK_KEYS = ("task", "task_args", "distances", "train_size", "rates")
 
 
 @dataclass
@@ -195,6 +196,12 @@ class StudyConfig(Study):
     distance grid; every other setting is shared. ``variants`` adds schemes on another model:
     ``{h128: {model: {hidden_size: 128}, schemes: [none, variational]}}`` adds
     ``none_h128`` and ``variational_h128``.
+
+    A task's ``rates`` replaces the study's for that task; a mapping ``{distance: rates}``
+    replaces them at those distances only, so a rate sweep can run at one distance while
+    the other distances run the study's rates: ``rates: [0.25]`` with a task's
+    ``rates: {10: [0.1, 0.25, 0.5]}`` sweeps three rates at d = 10 and runs 0.25 elsewhere
+    (a third of the cells of the full rate x distance grid).
 
     The data regime: ``train_size: null`` (the default) draws fresh sequences for every step
     (``steps * batch_size`` distinct ones: nothing can overfit); ``train_size: N`` trains on a
@@ -228,6 +235,7 @@ class StudyConfig(Study):
         known = {**BUILTIN_SCHEMES, **self.custom_schemes}
         self._variant_schemes = self._expand_variants(known)
         self._label: str | None = None  # this task's label when made by for_task
+        self._rates_at: dict[int, list[float]] = {}  # a task's {distance: rates} (for_task)
         self._check_tasks()
         if self.train_size is not None and (
             isinstance(self.train_size, bool)
@@ -289,9 +297,30 @@ class StudyConfig(Study):
         if label not in self.tasks:
             raise ValueError(f"task {label!r} is not in this study; tasks: {list(self.tasks)}")
         spec = {"task": label, **self.tasks[label]}
-        sub = dataclasses.replace(self, tasks={}, **spec)
+        rates = spec.pop("rates", None)
+        at_distance: dict[int, list[float]] = {}
+        if isinstance(rates, Mapping):
+            at_distance = _rates_at(label, rates, spec.get("distances", self.distances))
+            rates = None
+        elif rates is not None and (isinstance(rates, (str, bytes)) or not isinstance(rates, list)
+                                    or not rates):  # fmt: skip
+            raise ValueError(f"tasks.{label}.rates: give a list of rates or {{distance: [rates]}}, "
+                             f"got {rates!r}")  # fmt: skip
+        sub = dataclasses.replace(self, tasks={}, **spec, **({"rates": rates} if rates else {}))
         sub._label = label
+        if at_distance:
+            sub._rates_at = at_distance
+            sub._check_all_schemes()  # the mapping's rates, checked before any run starts
         return sub
+
+    def rates_for(self, scheme: str, distance: int | None = None) -> list[float | None]:
+        """The rates a scheme runs at ``distance``; every rate the task runs when None."""
+        rates = super().rates_for(scheme)
+        if rates == [None] or not self._rates_at:
+            return rates
+        if distance is not None:
+            return list(self._rates_at.get(distance, rates))
+        return sorted({*rates, *(p for ps in self._rates_at.values() for p in ps)})
 
     def baseline(self, scheme: str) -> str | None:
         """The scheme a scheme is paired with: no dropout, same encoder and model settings.
@@ -318,6 +347,7 @@ class StudyConfig(Study):
             for s in self.all_schemes()
             for p in self.rates_for(s)
             for d in self.distances
+            if p in self.rates_for(s, d)
             for seed in self.seeds
         ]
 
@@ -356,6 +386,21 @@ class StudyConfig(Study):
         }  # fmt: skip
 
 
+def _rates_at(label: str, rates: Mapping[Any, Any], distances: list[int]) -> dict[int, list[float]]:
+    """A task's ``{distance: [rates]}``, checked: every distance is one of the task's."""
+    out: dict[int, list[float]] = {}
+    for key, ps in rates.items():
+        d = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if d not in distances:
+            raise ValueError(f"tasks.{label}.rates: {key!r} is not one of the task's distances "
+                             f"{distances}; give {{distance: [rates]}}")  # fmt: skip
+        if isinstance(ps, (str, bytes)) or not isinstance(ps, list) or not ps:
+            raise ValueError(f"tasks.{label}.rates.{d}: give a non-empty list of rates, got "
+                             f"{ps!r}")  # fmt: skip
+        out[d] = list(ps)
+    return out
+
+
 # RecurrentDropout's fields added after results were published, with their defaults: left out
 # of a run's spec at those defaults, so the hashes (and finished runs) of earlier studies stay
 # valid. Derived: every field not in base.V1_DROPOUT_FIELDS (a new site is one automatically).
@@ -389,6 +434,7 @@ def check_model_settings(model: Mapping[str, Any], where: str) -> None:
 def load_study(path: str | Path | None = None, **overrides: Any) -> StudyConfig:
     """A study from a YAML file (keys as :class:`StudyConfig`'s fields) plus overrides."""
     data = read_settings(path, overrides, StudyConfig, StudyConfig._SETTINGS)
-    if data.get("tasks") and (clash := [k for k in TASK_KEYS if k in data]):
+    # rates is both: the study's, and a task's own where it sets them
+    if data.get("tasks") and (clash := [k for k in TASK_KEYS if k in data and k != "rates"]):
         raise ValueError(f"{clash}: a study with `tasks` sets these per task, under tasks.<label>")
     return StudyConfig(**data)

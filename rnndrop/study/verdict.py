@@ -193,7 +193,8 @@ CALL = {"better": "better", "worse": "worse", "unresolved": "·", "n/a": "–"}
 
 
 def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
-    """The verdict table (scheme × task × rate), then each task's paired differences."""
+    """The verdict tables (scheme × task × rate, one per data regime), then each task's paired
+    differences."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     # [None]: every scheme at a fixed rate of its own (the tuned schemes), one column per task
     rates = sorted({v["rate"] for v in verdicts if v["rate"] is not None}) or [None]
@@ -205,7 +206,8 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
         f"Tasks: {', '.join(tasks)}; {_span(seeds)} paired seeds per comparison (same "
         "data, order and initial weights as the baseline). Each entry: the scheme's score minus "
         "its baseline's (no dropout, same encoder and model), averaged over the task's "
-        "distances, mean over seeds with its 95% t-interval; **better** / **worse** when the "
+        "distances (those it ran at are named when they are fewer, as for a rate swept at one "
+        "distance), mean over seeds with its 95% t-interval; **better** / **worse** when the "
         "interval excludes 0, `·` (unresolved) when it does not. Score: normalised accuracy "
         "(1 - loss/baseline for regression) after the budget. AUC: area under the validation "
         "learning curve, the budget-free measure: a scheme that learns later but higher loses "
@@ -223,28 +225,7 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
             "machine for a clean pairing.",
             "",
         ]
-    by = {(v["task"], v["scheme"], v["rate"]): v for v in verdicts}
-    cols = [(t, p) for t in tasks for p in rates]
-    for measure, title in (("score", "Final score"), ("auc", "Area under the learning curve")):
-        heads = [t if p is None else f"{t} p={p:g}" for t, p in cols]
-        lines += [f"## {title}", "", "| scheme | " + " | ".join(heads) + " |",
-                  "|---|" + "---|" * len(cols)]  # fmt: skip
-        for s in schemes:
-            cells = []
-            for t, p in cols:
-                v = by.get((t, s, p)) or by.get((t, s, None))
-                if v is None:
-                    cells.append("–")
-                    continue
-                mean, half = v[measure], v[f"{measure}_ci"]
-                cells.append(f"{CALL[v[f'{measure}_call']]} {_fmt(mean, half)}")
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
-        lines.append("")
-    counts = {c: sum(v["score_call"] == c for v in verdicts) for c in ("better", "worse",
-                                                                        "unresolved")}  # fmt: skip
-    lines += [f"Final score: {counts['better']} better, {counts['worse']} worse, "
-              f"{counts['unresolved']} unresolved of {len(verdicts)} (scheme, rate, task) "
-              "comparisons.", ""]  # fmt: skip
+    lines += _verdict_tables(study, tasks, rates, schemes, verdicts)
     for task in tasks:
         trows = [r for r in rows if r["task"] == task]
         dists = sorted({r["distance"] for r in trows})
@@ -270,6 +251,54 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
         lines.append("")
         lines += _fit_table(trows, dists, labels)
     return "\n".join(lines)
+
+
+def _verdict_tables(
+    study: StudyConfig, tasks: list[str], rates: list, schemes: list[str], verdicts
+) -> list[str]:
+    """Score and AUC tables of scheme x (task, rate), one pair per data regime when the study
+    has several (unlimited, each train_size), and the better / worse / unresolved counts.
+    An entry measured at some of its task's distances only (a rate swept at one distance)
+    names them."""
+    by = {(v["task"], v["scheme"], v["rate"]): v for v in verdicts}
+    sub = {t: study.for_task(t) if study.tasks else study for t in tasks}
+    regimes = group_by(tasks, lambda t: sub[t].train_size)
+    lines: list[str] = []
+    for rtasks in regimes.values():
+        cols = [(t, p) for t in rtasks for p in rates
+                if any(by.get((t, s, p)) for s in schemes) or p is None]  # fmt: skip
+        rverdicts = [v for v in verdicts if v["task"] in rtasks]
+        where = "" if len(regimes) == 1 else f" — {regime(sub[rtasks[0]])}"
+        for measure, title in (("score", "Final score"), ("auc", "Area under the learning curve")):
+            heads = [t if p is None else f"{t} p={p:g}" for t, p in cols]
+            lines += [f"## {title}{where}", "", "| scheme | " + " | ".join(heads) + " |",
+                      "|---|" + "---|" * len(cols)]  # fmt: skip
+            for s in schemes:
+                cells = []
+                for t, p in cols:
+                    v = by.get((t, s, p)) or by.get((t, s, None))
+                    if v is None:
+                        cells.append("–")
+                        continue
+                    mean, half = v[measure], v[f"{measure}_ci"]
+                    part = sorted(v["distances"]) != sorted(sub[t].distances)
+                    at = f" (d={', '.join(map(str, sorted(v['distances'])))})" if part else ""
+                    cells.append(f"{CALL[v[f'{measure}_call']]} {_fmt(mean, half)}{at}")
+                lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append("")
+        if len(regimes) > 1:
+            lines += [_counts(rverdicts, f"{regime(sub[rtasks[0]])}: final score"), ""]
+    return [*lines, _counts(verdicts, "Final score"), ""]
+
+
+def _counts(verdicts, what: str) -> str:
+    counts = {c: sum(v["score_call"] == c for v in verdicts) for c in ("better", "worse",
+                                                                        "unresolved")}  # fmt: skip
+    return (
+        f"{what}: {counts['better']} better, {counts['worse']} worse, "
+        f"{counts['unresolved']} unresolved of {len(verdicts)} (scheme, rate, task) "
+        "comparisons."
+    )
 
 
 def _fit(train: float, heldout: float) -> str:
