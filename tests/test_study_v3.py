@@ -174,6 +174,8 @@ def test_the_verdict_has_a_table_per_regime_and_names_partial_distances(tmp_path
     assert f"{want:+.2f}" in shared
     assert "8 training sequences (fixed set, epochs over it): final score:" in md
     assert "of 3 (scheme, rate, task) comparisons" in md
+    hours = sum(r["seconds"] for r in results) / 3600
+    assert f"Measured: 18 of the grid's 18 cells, {hours:.1f} hours of cell time" in md
 
 
 @pytest.mark.parametrize("rates, match", [

@@ -192,9 +192,9 @@ def _steps(x: float, budget: int) -> str:
 CALL = {"better": "better", "worse": "worse", "unresolved": "·", "n/a": "–"}
 
 
-def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
+def verdict_markdown(study: StudyConfig, rows, verdicts, results=None) -> str:
     """The verdict tables (scheme × task × rate, one per data regime), then each task's paired
-    differences."""
+    differences; with the cells' ``results``, how much of the grid they are and their cost."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     # [None]: every scheme at a fixed rate of its own (the tuned schemes), one column per task
     rates = sorted({v["rate"] for v in verdicts if v["rate"] is not None}) or [None]
@@ -214,6 +214,13 @@ def verdict_markdown(study: StudyConfig, rows, verdicts) -> str:
         "AUC and gains score.",
         "",
     ]
+    if results is not None:
+        ok = [r for r in results if r.get("status") == "ok"]
+        hours = sum(r.get("seconds", 0.0) for r in ok) / 3600
+        lines += [f"Measured: {len(ok)} of the grid's {len(study.cells())} cells, "
+                  f"{hours:.1f} hours of cell time (the cells' wall times summed, training and "
+                  "evaluation: CPU-hours where each cell ran on one thread, as with `--workers` "
+                  "= cores).", ""]  # fmt: skip
     mixed = sum(r.get("mixed_machines", 0) for r in rows)
     if mixed:
         pairs = sum(r["seeds"] for r in rows)
@@ -346,7 +353,7 @@ def write_verdict(study: StudyConfig, results: Sequence[dict[str, Any]]) -> dict
     root = study.study_root
     root.mkdir(parents=True, exist_ok=True)
     paths = {"verdict": root / "verdict.md", "paired_csv": root / "paired.csv"}
-    paths["verdict"].write_text(verdict_markdown(study, rows, verdicts))
+    paths["verdict"].write_text(verdict_markdown(study, rows, verdicts, results))
     with paths["paired_csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
