@@ -173,6 +173,35 @@ def test_context_probe_effective_interval_spans_a_borderline_distance():
     assert res["effective"]["cut"] == 3 and res["effective_ci"]["cut"] == [2, 3]
 
 
+@pytest.mark.parametrize("encoder", ["lstm", "transformer"])
+def test_context_probe_decodes_the_last_position_only_with_the_same_result(encoder):
+    """A LanguageModel is decoded at the target's position only; the probe's per-target
+    numbers equal those of the whole model's logits (a wrapper that hides the encoder, so
+    the probe must call it whole)."""
+    from rnndrop.models import LanguageModel
+
+    torch.manual_seed(0)
+    lm = LanguageModel(vocab_size=50, embedding_size=16, hidden_size=16, num_layers=2,
+                       encoder=encoder, num_heads=2, max_len=64)  # fmt: skip
+
+    class Whole(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    stream = torch.randint(0, 50, (600,), generator=torch.Generator().manual_seed(1))
+    kw = {"window": 24, "n_targets": 40, "batch_size": 16, "per_target": True}
+    fast = context_usage(lm, stream, [1, 4, 12], **kw)["per_target"]
+    whole = context_usage(Whole(lm), stream, [1, 4, 12], **kw)["per_target"]
+    torch.testing.assert_close(fast["loss"], whole["loss"], rtol=0, atol=1e-5)
+    for mode, per_d in whole["increase"].items():
+        for d, inc in per_d.items():
+            torch.testing.assert_close(fast["increase"][mode][d], inc, rtol=0, atol=1e-5)
+
+
 def test_context_probe_rejects_bad_bootstrap_settings():
     stream, model = periodic_stream(5, 0, 100), LagModel(5, 0)
     with pytest.raises(ValueError, match="bootstrap"):
