@@ -394,11 +394,8 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
             for key in ("best_val_loss", "test_loss"):
                 vals = [math.exp(r["training"][key]) for r in group if key in r["training"]]
                 row.append(format_ci(*mean_ci(vals), digits=1) if vals else "–")
-        if boot:
-            (r,) = group
-            row.append(_with_ci(r["probe"]["loss"], r["probe"]["loss_ci"], 3))
-        else:
-            row.append(format_ci(*mean_ci([r["probe"]["loss"] for r in group]), digits=3))
+        row.append(_interval_text(_interval(group, boot, lambda r: r["probe"]["loss"],
+                                            lambda r: r["probe"]["loss_ci"]), boot, 3))  # fmt: skip
         for m in study.modes:
             vals = [r["effective_context"][m] for r in group]
             if boot:
@@ -416,15 +413,8 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
                   "| scheme | " + " | ".join(f"d={d}" for d in study.distances) + " |",
                   "|---|" + "---|" * len(study.distances)]  # fmt: skip
         for label in labels:
-            group = by_label[label]
-            if boot:
-                vals = [_with_ci(_get(group[0]["probe"]["increase"][m], d),
-                                 _get(group[0]["probe"]["ci"][m], d), 3)
-                        for d in study.distances]  # fmt: skip
-            else:
-                vals = [format_ci(*mean_ci([_get(r["probe"]["increase"][m], d)
-                                            for r in group]), digits=3)
-                        for d in study.distances]  # fmt: skip
+            vals = [_interval_text(_increase(by_label[label], boot, m, d), boot, 3)
+                    for d in study.distances]  # fmt: skip
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
     lines += _paired_section(study, ok, labels)
     md = "\n".join(lines) + "\n"
@@ -439,17 +429,9 @@ def write_context_report(study: ContextStudyConfig, results: list[dict[str, Any]
                              squeeze=False)  # fmt: skip
     for ax, m in zip(axes[0], study.modes, strict=True):
         for label in labels:
-            group = by_label[label]
-            if boot:  # asymmetric bootstrap intervals of the one seed
-                means = [_get(group[0]["probe"]["increase"][m], d) for d in study.distances]
-                cis = [_get(group[0]["probe"]["ci"][m], d) for d in study.distances]
-                err = [[v - lo for v, (lo, _) in zip(means, cis, strict=True)],
-                       [hi - v for v, (_, hi) in zip(means, cis, strict=True)]]  # fmt: skip
-            else:
-                stats = [mean_ci([_get(r["probe"]["increase"][m], d) for r in group])
-                         for d in study.distances]  # fmt: skip
-                means = [s for s, _ in stats]
-                err = [0.0 if math.isnan(h) else h for _, h in stats]
+            stats = [_increase(by_label[label], boot, m, d) for d in study.distances]
+            means = [v for v, _, _ in stats]  # asymmetric bars: bootstrap intervals can be
+            err = [[_or0(v - lo) for v, lo, _ in stats], [_or0(hi - v) for v, _, hi in stats]]
             ax.errorbar(study.distances, means, yerr=err, marker="o", ms=3, capsize=2,
                         label=label)  # fmt: skip
         ax.set_xscale("log")
@@ -506,8 +488,35 @@ def _diff_text(d: list[float]) -> str:
     return f"{mean:+.3f}{star} [{lo:+.3f}, {hi:+.3f}]"
 
 
-def _with_ci(value: float, ci: list[float], digits: int) -> str:
-    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+def _interval(group: list[dict], boot: bool, value, ci) -> tuple[float, float, float]:
+    """``(estimate, low, high)``: the one seed's bootstrap interval over its probed targets
+    (``boot``), else the mean over the runs (seeds) with its 95% t-interval."""
+    if boot:
+        (r,) = group
+        low, high = ci(r)
+        return value(r), low, high
+    from ..analysis import mean_ci
+
+    mean, half = mean_ci([value(r) for r in group])
+    return mean, mean - half, mean + half
+
+
+def _increase(group: list[dict], boot: bool, mode: str, d: int) -> tuple[float, float, float]:
+    """:func:`_interval` of the loss increase at ``mode`` and ``d``."""
+    return _interval(group, boot, lambda r: _get(r["probe"]["increase"][mode], d),
+                     lambda r: _get(r["probe"]["ci"][mode], d))  # fmt: skip
+
+
+def _interval_text(interval: tuple[float, float, float], boot: bool, digits: int) -> str:
+    """``v [low, high]`` for a bootstrap interval, ``mean ± half`` for one over seeds."""
+    v, low, high = interval
+    if boot:
+        return f"{v:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return format_ci(v, (high - low) / 2, digits=digits)
+
+
+def _or0(x: float) -> float:
+    return 0.0 if math.isnan(x) else x
 
 
 def _d_text(d: int | None, study: ContextStudyConfig) -> str:
