@@ -145,9 +145,10 @@ def test_the_verdict_has_a_table_per_regime_and_names_partial_distances(tmp_path
 
     task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4},
             "distances": [4, 6]}  # fmt: skip
+    # every score counts as solved: "solved up to" then shows which distances were measured
     study = tiny(tmp_path, task="copy", task_args={}, distances=[10], rates=[0.3], seeds=[0, 1],
-                 tasks={"sc": task, "sc_n8": {**task, "train_size": 8,
-                                              "rates": {6: [0.1, 0.3]}}})  # fmt: skip
+                 solved_threshold=-99.0, tasks={"sc": task, "sc_n8": {
+                     **task, "train_size": 8, "rates": {6: [0.1, 0.3]}}})  # fmt: skip
     results = run_study(study, progress=False)
     assert len(results) == 18 and all(r["status"] == "ok" for r in results)
     write_reports(study, results)
@@ -174,6 +175,9 @@ def test_the_verdict_has_a_table_per_regime_and_names_partial_distances(tmp_path
     assert f"{want:+.2f}" in shared
     assert "8 training sequences (fixed set, epochs over it): final score:" in md
     assert "of 3 (scheme, rate, task) comparisons" in md
+    summary = (study.study_root / "sc_n8" / "summary.md").read_text()
+    assert re.search(r"^\| variational_p0\.3 \|.* \| 6 \|$", summary, re.M)
+    assert re.search(r"^\| variational_p0\.1 \| – \|.* \| – \|$", summary, re.M)  # d=4 unmeasured
     hours = sum(r["seconds"] for r in results) / 3600
     assert f"Measured: 18 of the grid's 18 cells, {hours:.1f} hours of cell time" in md
 
