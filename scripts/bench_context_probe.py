@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """The context probe's cost: decoding every position and keeping the last (the probe before)
-against decoding the target's position only (``rnndrop.analysis.context``), side by side.
+against decoding the target's position only (``LanguageModel.last_logits``, which the probe
+uses), side by side.
 
 Each round times both on the same windows and takes the ratio, so machine drift cancels; the
 table reports medians over rounds. The model is PTB's small LSTM (2x200, 10k words, random
@@ -18,7 +19,6 @@ import time
 
 import torch
 
-from rnndrop.analysis.context import _last_logits
 from rnndrop.models import LanguageModel
 from rnndrop.runtime import describe_machine
 
@@ -39,7 +39,7 @@ def main() -> None:
     x = torch.randint(0, args.vocab, (args.windows, args.window))
     paths = {
         "every position": lambda b: model(b).logits[:, -1],
-        "last only": lambda b: _last_logits(model, b),
+        "last only": model.last_logits,
     }
 
     def timed(f) -> float:

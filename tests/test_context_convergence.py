@@ -202,6 +202,28 @@ def test_context_probe_decodes_the_last_position_only_with_the_same_result(encod
             torch.testing.assert_close(fast["increase"][mode][d], inc, rtol=0, atol=1e-5)
 
 
+def test_last_logits_of_a_subclass_that_overrides_forward_is_its_forwards():
+    """The shortcut past the decoder's other positions must not skip a subclass's forward:
+    one that shifts its logits gets its own forward's last position from last_logits and
+    from the probe."""
+    from rnndrop.analysis.context import _last_logits
+    from rnndrop.models import LanguageModel
+
+    class Shifted(LanguageModel):
+        def forward(self, tokens, state=None):
+            out = super().forward(tokens, state)
+            return out._replace(logits=out.logits + torch.arange(out.logits.shape[-1]))
+
+    torch.manual_seed(0)
+    lm = Shifted(vocab_size=30, embedding_size=8, hidden_size=8).eval()
+    x = torch.randint(0, 30, (4, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(lm.last_logits(x), lm(x).logits[:, -1], rtol=0, atol=0)
+        torch.testing.assert_close(_last_logits(lm, x), lm(x).logits[:, -1], rtol=0, atol=0)
+        plain = LanguageModel.forward(lm, x).logits[:, -1]
+    assert not torch.allclose(lm.last_logits(x), plain)
+
+
 def test_context_probe_rejects_bad_bootstrap_settings():
     stream, model = periodic_stream(5, 0, 100), LagModel(5, 0)
     with pytest.raises(ValueError, match="bootstrap"):

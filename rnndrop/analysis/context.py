@@ -26,14 +26,11 @@ MODES = ("shuffle", "replace", "cut")
 
 
 def _last_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """The prediction after the last token, ``(B, V)``. A model with ``features``,
-    ``encoder`` and ``readout`` (:class:`~rnndrop.models.LanguageModel`) decodes that position
-    only: the decoder at every position is most of the cost with a large vocabulary (10k
-    words: 4 of the 5 MFLOP per token of a 2x200 LSTM) and all but one are thrown away."""
-    if all(hasattr(model, a) for a in ("features", "encoder", "readout")):
-        out = model.encoder(model.features(x))[0]  # (B, T, H)
-        return model.readout(out[:, -1])
-    return model(x).logits[:, -1]
+    """The prediction after the last token, ``(B, V)``: the model's own ``last_logits`` where
+    it has one (:meth:`~rnndrop.models.LanguageModel.last_logits` decodes that position only),
+    else the last position of its whole output."""
+    last = getattr(model, "last_logits", None)
+    return last(x) if callable(last) else model(x).logits[:, -1]
 
 
 @torch.no_grad()
