@@ -302,8 +302,7 @@ class StudyConfig(Study):
         if isinstance(rates, Mapping):
             at_distance = _rates_at(label, rates, spec.get("distances", self.distances))
             rates = None
-        elif rates is not None and (isinstance(rates, (str, bytes)) or not isinstance(rates, list)
-                                    or not rates):  # fmt: skip
+        elif rates is not None and (not isinstance(rates, list) or not rates):
             raise ValueError(f"tasks.{label}.rates: give a list of rates or {{distance: [rates]}}, "
                              f"got {rates!r}")  # fmt: skip
         sub = dataclasses.replace(self, tasks={}, **spec, **({"rates": rates} if rates else {}))
@@ -394,7 +393,7 @@ def _rates_at(label: str, rates: Mapping[Any, Any], distances: list[int]) -> dic
         if d not in distances:
             raise ValueError(f"tasks.{label}.rates: {key!r} is not one of the task's distances "
                              f"{distances}; give {{distance: [rates]}}")  # fmt: skip
-        if isinstance(ps, (str, bytes)) or not isinstance(ps, list) or not ps:
+        if not isinstance(ps, list) or not ps:
             raise ValueError(f"tasks.{label}.rates.{d}: give a non-empty list of rates, got "
                              f"{ps!r}")  # fmt: skip
         out[d] = list(ps)
