@@ -109,6 +109,23 @@ def test_regimes_as_tasks_of_one_study(tmp_path):
         tiny(tmp_path, task="copy", task_args={}, tasks={"sc": {**task, "train_size": 0}})
 
 
+def test_a_tasks_study_is_built_once_and_again_after_a_change(tmp_path):
+    """for_task is asked once per result by a report: it builds (and validates) a task's
+    study once, and builds it again when a setting of the whole study has changed."""
+    task = {"task": "selective_copy", "task_args": {"n_copy": 2, "n_symbols": 4},
+            "distances": [4]}  # fmt: skip
+    study = tiny(tmp_path, task="copy", task_args={}, distances=[10], tasks={"sc": task})
+    first = study.for_task("sc")
+    assert study.for_task("sc") is first
+    study.steps += 1
+    assert study.for_task("sc").steps == first.steps + 1
+    study.tasks["sc"]["distances"] = [5]  # a change inside a task's settings counts too
+    assert study.for_task("sc").distances == [5]
+    study.tasks["sc"]["distances"] = [0]
+    with pytest.raises(ValueError, match="distances"):
+        study.for_task("sc")
+
+
 def test_a_task_sweeps_rates_at_some_distances_only(tmp_path):
     """A task's ``rates: {d: [...]}`` sweeps them at d and runs the study's rates elsewhere;
     a list replaces the study's rates for the task; cells keep the hashes and folders they

@@ -296,6 +296,12 @@ class StudyConfig(Study):
             return self
         if label not in self.tasks:
             raise ValueError(f"task {label!r} is not in this study; tasks: {list(self.tasks)}")
+        # built and validated once per task (a report asks once per result); built again
+        # when a setting of this study has changed since
+        state = dataclasses.astuple(self)
+        cache = self.__dict__.setdefault("_for_task", {})
+        if label in cache and cache[label][0] == state:
+            return cache[label][1]
         spec = {"task": label, **self.tasks[label]}
         rates = spec.pop("rates", None)
         at_distance: dict[int, list[float]] = {}
@@ -310,6 +316,7 @@ class StudyConfig(Study):
         if at_distance:
             sub._rates_at = at_distance
             sub._check_all_schemes()  # the mapping's rates, checked before any run starts
+        cache[label] = (state, sub)
         return sub
 
     def rates_for(self, scheme: str, distance: int | None = None) -> list[float | None]:
