@@ -48,6 +48,22 @@ def test_line_progress_writes_plain_lines_with_the_metrics():
     assert len(vals) == 2 and "val/loss=" in vals[0] and "val/acc=" in vals[0]
 
 
+def test_line_progress_total_is_the_epochs_when_max_steps_ends_it():
+    """A run whose max_steps ends mid-epoch: every line of that epoch shows the same total,
+    the batches it will run (Lightning's own total shrinks with every step)."""
+    out = io.StringIO()
+    dm = SyntheticDataModule("delayed_recall", distance=3, train_size=64, val_size=16,
+                             batch_size=8)  # fmt: skip
+    net = SequenceModel("tokens", vocab_size=dm.vocab_size, output_size=dm.num_classes,
+                        hidden_size=8, embedding_size=4)  # fmt: skip
+    trainer = L.Trainer(max_steps=14, max_epochs=-1, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        callbacks=[LineProgress(every_n_steps=2, stream=out)])  # fmt: skip
+    trainer.fit(SequenceTask(net), dm)
+    steps = [ln.split()[:4] for ln in out.getvalue().splitlines() if " it/s " in ln]
+    assert [s[3] for s in steps] == ["2/8", "4/8", "6/8", "8/8", "2/6", "4/6", "6/6"]
+
+
 def test_cli_run_into_a_log_file_has_no_carriage_returns(tmp_path, capsys):
     cli = make_cli(["fit", f"--config={EXP / 'synthetic/base.yaml'}",
                     f"--config={EXP / 'synthetic/copy.yaml'}", "--trainer.max_steps=3",

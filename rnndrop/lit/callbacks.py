@@ -489,7 +489,12 @@ class LineProgress(ProgressBar):
         if step - last_step < self.every_n_steps and now - last_time < self.every_s:
             return
         rate = (step - last_step) / max(now - last_time, 1e-9)
-        total = self.total_train_batches
+        # Lightning's total_train_batches is min(epoch, steps left *now*): it shrinks during
+        # the last epoch of a max_steps run (batch 848/480); the epoch's total is fixed
+        total = trainer.num_training_batches
+        if isinstance(total, int) and trainer.max_steps > 0:  # the run ends at max_steps
+            left = (trainer.max_steps - step) * trainer.accumulate_grad_batches
+            total = min(total, batch_idx + 1 + left)
         of = f"/{total}" if isinstance(total, int) else ""
         metrics = self._format(self.get_metrics(trainer, pl_module))
         self._write(f"epoch {trainer.current_epoch} batch {batch_idx + 1}{of} step {step} "
