@@ -422,3 +422,15 @@ def test_a_checkpoint_of_a_run_with_other_settings_is_never_resumed(tmp_path, te
     fresh_run_dir(out, progress=False)  # B starts afresh
     assert not ckpt.exists() and not list(out.glob("events.out.tfevents.*"))
     assert (out / "result.json").is_file()  # A's result stays until B writes its own
+
+
+def test_the_steps_column_says_how_a_run_ended_and_how_far_its_rate_fell():
+    from rnndrop.study.context import _steps_text
+
+    capped = {"steps": 300, "converged": False, "best_step": 300,
+              "history": [[100, 5.0, 0.002], [200, 4.9, 0.001], [300, 4.8, 0.0005]]}  # fmt: skip
+    assert _steps_text(capped) == "300 (cap, best at 300, lr 0.002 → 0.0005)"
+    flat = {**capped, "converged": True, "steps": 200, "best_step": 100,
+            "history": [[100, 5.0, 0.002], [200, 5.1, 0.002]]}  # fmt: skip
+    assert _steps_text(flat) == "200 (converged, best at 100)"
+    assert _steps_text({"steps": 50}) == "50"

@@ -529,7 +529,11 @@ def _steps_text(training: dict[str, Any]) -> str:
     if "converged" not in training:
         return str(training["steps"])
     how = "converged" if training["converged"] else "cap"
-    return f"{training['steps']} ({how}, best at {training['best_step']})"
+    history = training.get("history") or []
+    # how far the rate fell says how near a run stopped at the cap was to its plateau
+    lr = (f", lr {history[0][2]:.3g} → {history[-1][2]:.3g}"
+          if history and history[-1][2] != history[0][2] else "")  # fmt: skip
+    return f"{training['steps']} ({how}, best at {training['best_step']}{lr})"
 
 
 def _get(increase: dict, d: int):
