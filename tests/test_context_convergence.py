@@ -394,6 +394,23 @@ def test_a_run_that_converged_below_its_cap_keeps_its_result_under_a_higher_cap(
     assert "resumed_from_step" not in raised["training"]
 
 
+def test_a_run_that_stopped_on_its_plateau_at_its_cap_keeps_its_result_under_a_higher_cap(
+    tmp_path, text_corpus
+):
+    """The plateau's stop falls on the cap's own step: converged, and a higher cap would have
+    stopped it there too, so the result stands (resuming it would train on past its stop)."""
+    free = _run(tmp_path, text_corpus, steps=200, lr=0.3, patience=1)
+    stop = free["training"]["steps"]
+    assert free["training"]["converged"] and stop < 200
+    (tmp_path / "at_cap").mkdir()
+    at_cap = _run(tmp_path / "at_cap", text_corpus, steps=stop, lr=0.3, patience=1)
+    assert at_cap["training"]["converged"] and at_cap["training"]["steps"] == stop
+    raised = _run(tmp_path / "at_cap", text_corpus, steps=400, lr=0.3, patience=1)
+    assert raised["training"]["cap_raised_from"] == stop
+    assert "resumed_from_step" not in raised["training"]
+    assert raised["probe"] == at_cap["probe"] == free["probe"]
+
+
 def test_other_settings_start_the_run_afresh(tmp_path, text_corpus):
     _run(tmp_path, text_corpus, steps=30, patience=9)
     other = _run(tmp_path, text_corpus, steps=50, patience=9, lr=0.01)

@@ -264,8 +264,8 @@ def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     from before ``run.json`` existed: its ``result.json``). Training resumes from it to the
     new cap when that run had this cell's settings but for a ``steps`` cap no higher than
     this one's: a run killed before its result, or a finished run under a raised cap. A
-    finished run that stopped on its plateau below its cap would have stopped there under any
-    higher cap: its result stands as this cell's (``converged_below_cap``). The checkpoint
+    finished run that stopped on its plateau (below its cap, or at it) would have stopped there
+    under any higher cap: its result stands as this cell's (``converged_below_cap``). The checkpoint
     holds the RNG states, the carried state and the data position (the tasks' exact resume)
     and PlateauStop's state, so on CPU the resumed run is the uninterrupted run bit for bit
     (tests/test_context_convergence.py).
@@ -287,7 +287,9 @@ def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     if finished is not None and finished.get("status") != "ok":
         return None
     training = (finished or {}).get("training") or {}
-    if training.get("converged") and training["steps"] < prev["steps"]:
+    # stopped on its plateau, below its cap or at it: a higher cap sees the same validations
+    # and stops at the same step (resuming would train on past the stop)
+    if training.get("converged"):
         return {"converged_below_cap": True, "result": finished}
     ckpt = out / "checkpoints" / "last_good.ckpt"
     if not ckpt.is_file():
