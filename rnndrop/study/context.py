@@ -175,7 +175,7 @@ def run_context_cell(study: ContextStudyConfig, cell: Run, progress: bool = Fals
     out = study.cell_dir(cell)
     spec = study.cell_spec(cell)
     earlier = _earlier_run(out, spec)
-    if earlier and earlier.get("converged_below_cap"):  # a higher cap changes nothing
+    if earlier and earlier.get("stopped_on_plateau"):  # a higher cap changes nothing
         return _raise_cap(study, cell, out, spec, earlier["result"])
     ckpt = earlier["checkpoint"] if earlier else None
     # a fresh run clears a partial run's events and checkpoint; a resumed run adds to them
@@ -265,7 +265,7 @@ def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     new cap when that run had this cell's settings but for a ``steps`` cap no higher than
     this one's: a run killed before its result, or a finished run under a raised cap. A
     finished run that stopped on its plateau (below its cap, or at it) would have stopped there
-    under any higher cap: its result stands as this cell's (``converged_below_cap``). The checkpoint
+    under any higher cap: its result stands as this cell's (``stopped_on_plateau``). The checkpoint
     holds the RNG states, the carried state and the data position (the tasks' exact resume)
     and PlateauStop's state, so on CPU the resumed run is the uninterrupted run bit for bit
     (tests/test_context_convergence.py).
@@ -290,7 +290,7 @@ def _earlier_run(out: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     # stopped on its plateau, below its cap or at it: a higher cap sees the same validations
     # and stops at the same step (resuming would train on past the stop)
     if training.get("converged"):
-        return {"converged_below_cap": True, "result": finished}
+        return {"stopped_on_plateau": True, "result": finished}
     ckpt = out / "checkpoints" / "last_good.ckpt"
     if not ckpt.is_file():
         return None
@@ -308,7 +308,8 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _raise_cap(study: ContextStudyConfig, cell: Run, out: Path, spec, result) -> dict[str, Any]:
-    """The earlier run's result under this cell's settings (same run, a cap it never met)."""
+    """The earlier run's result under this cell's settings: the same run, since its plateau
+    stop (at or below its cap) holds under any higher cap."""
     training = {**result["training"], "cap_raised_from": result["spec"]["steps"]}
     result = {**result, "config_hash": study.cell_hash(cell), "spec": spec, "training": training}
     write_json(out / "result.json", result)
